@@ -1,0 +1,117 @@
+"""The bus: exchanges, routing keys and queue declarations (DESIGN.md §3).
+
+Every process declares what it uses through these helpers, so that names,
+durability and dead-lettering are the same everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kombu import Exchange, Queue, binding
+from nameko.amqp.consume import Consumer as ConsumerCore
+from nameko.messaging import Consumer
+
+USAGE_EXCHANGE = Exchange("computenet.usage", type="topic", durable=True)
+FEDERATION_EXCHANGE = Exchange("computenet.federation", type="topic", durable=True)
+DEAD_EXCHANGE = Exchange("computenet.dead", type="topic", durable=True)
+
+# Messages a consumer rejects (not the ones it refuses for a reason it stores
+# itself) go to computenet.dead, keeping their routing key.
+_DEAD_LETTERED = {"x-dead-letter-exchange": DEAD_EXCHANGE.name}
+
+
+def usage_key(datacenter_id: str) -> str:
+    return f"{datacenter_id}.usage"
+
+
+def capacity_key(datacenter_id: str) -> str:
+    return f"{datacenter_id}.capacity"
+
+
+def federation_key(city: str, event: str) -> str:
+    return f"{city}.{event}"
+
+
+def durable_queue(name: str, exchange: Exchange, routing_keys: list[str]) -> Queue:
+    """A durable, dead-lettered queue bound to ``exchange`` by each key."""
+    return Queue(
+        name,
+        bindings=[binding(exchange, routing_key=key) for key in routing_keys],
+        durable=True,
+        queue_arguments=dict(_DEAD_LETTERED),
+    )
+
+
+def dead_letter_queue() -> Queue:
+    """Keeps everything dead-lettered on the bus, for operators to inspect."""
+    return Queue(
+        "computenet.dead",
+        exchange=DEAD_EXCHANGE,
+        routing_key="#",
+        durable=True,
+    )
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    """An AMQP message as received: exact body bytes, headers and properties.
+
+    Signature checks need the body exactly as signed, and a body that is not
+    JSON must still reach the handler (to become a dead letter with a reason),
+    so raw consumers skip kombu's decoding.
+    """
+
+    body: bytes
+    headers: dict
+    properties: dict
+    routing_key: str
+    redelivered: bool
+
+    @property
+    def content_type(self) -> str | None:
+        return self.properties.get("content_type")
+
+    @property
+    def message_id(self) -> str | None:
+        return self.properties.get("message_id")
+
+
+class _RawConsumerCore(ConsumerCore):
+    def get_consumers(self, consumer_cls, channel):
+        consumer = consumer_cls(
+            queues=self.queues,
+            on_message=lambda message: self.on_message(None, message),
+            accept=self.accept,
+            **self.consumer_options,
+        )
+        consumer.qos(prefetch_count=self.prefetch_count)
+        return [consumer]
+
+
+class RawConsumer(Consumer):
+    """``@consume_raw(queue)``: the handler receives a :class:`RawMessage`.
+
+    The message is acked when the worker returns; if the worker raises, it is
+    requeued when ``requeue_on_error`` is set (a transient fault such as the
+    database being down), so nothing is lost.
+    """
+
+    consumer_cls = _RawConsumerCore
+
+    def handle_message(self, body, message):
+        raw = message.body
+        if isinstance(raw, str):
+            raw = raw.encode()
+        delivery = message.delivery_info or {}
+        wrapped = RawMessage(
+            body=bytes(raw),
+            headers=dict(message.headers or {}),
+            properties=dict(message.properties or {}),
+            routing_key=delivery.get("routing_key", ""),
+            redelivered=bool(delivery.get("redelivered", False)),
+        )
+        super().handle_message(wrapped, message)
+
+
+consume_raw = RawConsumer.decorator

@@ -1,0 +1,262 @@
+"""The wire contracts of CONTRACTS.md §1–3 as marshmallow schemas.
+
+Every message that crosses a process boundary is loaded through one of these.
+Consumers exclude unknown fields so that producers may extend a message
+without breaking them ("extend, don't break"); producers dump with these same
+schemas so that what they send is what the contract says.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from marshmallow import (
+    EXCLUDE,
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    validate,
+    validates_schema,
+)
+
+from services.common.units import format_ts, parse_ts, utcnow
+
+MAX_SPAN = timedelta(days=31)
+MAX_FUTURE_SKEW = timedelta(minutes=5)
+SOURCES = ("slurm", "nvml", "dcgm", "kubernetes", "manual", "simulated")
+FEDERATION_EVENTS = (
+    "usage_rated",
+    "program_published",
+    "voucher_issued",
+    "voucher_redeemed",
+    "voucher_released",
+    "heartbeat",
+)
+# A stable namespace so that the same fact always gets the same event_id, and a
+# redelivered or re-published fact is recognised downstream.
+_EVENT_NAMESPACE = uuid.UUID("7f0b1a6e-4b7e-4c1e-9a43-2f5d0c9b8a11")
+
+
+class UtcTimestamp(fields.Field):
+    """ISO 8601 UTC timestamp on the wire (``Z``), aware datetime in Python."""
+
+    default_error_messages = {"invalid": "Not a UTC ISO 8601 timestamp."}
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if value is None:
+            return None
+        return format_ts(value) if not isinstance(value, str) else format_ts(parse_ts(value))
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        try:
+            return parse_ts(value)
+        except (TypeError, ValueError) as exc:
+            raise self.make_error("invalid") from exc
+
+
+def _strict_int(**kwargs: Any) -> fields.Integer:
+    return fields.Integer(strict=True, **kwargs)
+
+
+class UsageRecordSchema(Schema):
+    """CONTRACTS.md §1: one metered span of GPU use."""
+
+    class Meta:
+        unknown = RAISE
+
+    record_id = fields.String(required=True, validate=validate.Length(1, 128))
+    datacenter_id = fields.String(required=True, validate=validate.Length(1, 64))
+    tenant_id = fields.String(required=True, validate=validate.Length(1, 128))
+    voucher_code = fields.String(load_default=None, allow_none=True)
+    gpu_model = fields.String(required=True, validate=validate.Length(1, 64))
+    gpu_count = _strict_int(required=True, validate=validate.Range(min=1))
+    started_at = UtcTimestamp(required=True)
+    ended_at = UtcTimestamp(required=True)
+    gpu_seconds = _strict_int(required=True, validate=validate.Range(min=0))
+    source = fields.String(required=True, validate=validate.Length(1, 32))
+    job_id = fields.String(load_default=None, allow_none=True)
+    correction_of = fields.String(
+        load_default=None, allow_none=True, validate=validate.Length(1, 128)
+    )
+
+    @validates_schema
+    def check_times(self, data: dict, **kwargs: Any) -> None:
+        started, ended = data.get("started_at"), data.get("ended_at")
+        if started is None or ended is None:
+            return
+        if ended <= started:
+            raise ValidationError("ended_at must be after started_at", "ended_at")
+        if ended - started > MAX_SPAN:
+            raise ValidationError("span exceeds 31 days", "ended_at")
+        if ended > utcnow() + MAX_FUTURE_SKEW:
+            raise ValidationError("ended_at is more than 5 minutes in the future", "ended_at")
+        count, seconds = data.get("gpu_count"), data.get("gpu_seconds")
+        if count is not None and seconds is not None:
+            span = int((ended - started).total_seconds())
+            if seconds > count * span:
+                raise ValidationError(
+                    f"gpu_seconds {seconds} exceeds gpu_count × span = {count * span}",
+                    "gpu_seconds",
+                )
+
+
+class AgentUsageRecordSchema(UsageRecordSchema):
+    """What an agent POSTs to its data centre's gateway: no ``datacenter_id``."""
+
+    datacenter_id = fields.String(load_default=None, allow_none=True)
+
+
+class CapacityGpuSchema(Schema):
+    model = fields.String(required=True, validate=validate.Length(1, 64))
+    total = _strict_int(required=True, validate=validate.Range(min=0))
+    allocated = _strict_int(required=True, validate=validate.Range(min=0))
+
+    @validates_schema
+    def check_allocated(self, data: dict, **kwargs: Any) -> None:
+        if data.get("allocated", 0) > data.get("total", 0):
+            raise ValidationError("allocated exceeds total", "allocated")
+
+
+class CapacityReportSchema(Schema):
+    """CONTRACTS.md §2: how many GPUs a data centre has and how many are busy."""
+
+    class Meta:
+        unknown = RAISE
+
+    datacenter_id = fields.String(required=True, validate=validate.Length(1, 64))
+    reported_at = UtcTimestamp(required=True)
+    gpus = fields.List(fields.Nested(CapacityGpuSchema), required=True)
+
+
+class FederationEventSchema(Schema):
+    """CONTRACTS.md §3: every federation event carries these."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    event_id = fields.String(required=True, validate=validate.Length(1, 128))
+    city = fields.String(required=True, validate=validate.Regexp(r"^[a-z0-9_]+$"))
+    occurred_at = UtcTimestamp(required=True)
+
+
+class DatacenterAttributesSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    government_run = fields.Boolean(required=True)
+    hub_region = fields.String(required=True)
+    chip_origin = fields.String(required=True, validate=validate.OneOf(["domestic", "imported"]))
+
+
+class UsageRatedSchema(FederationEventSchema, UsageRecordSchema):
+    """metering → city: a usage record with its cost."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    cost_fen = _strict_int(required=True, validate=validate.Range(min=0))
+    unit_price_fen_per_gpu_hour = _strict_int(required=True, validate=validate.Range(min=0))
+    datacenter = fields.Nested(DatacenterAttributesSchema, required=True)
+
+    @validates_schema
+    def check_times(self, data: dict, **kwargs: Any) -> None:
+        # Rated usage was validated by metering on arrival; "not in the future"
+        # must not be re-judged by a consumer whose clock reads it later.
+        return
+
+
+class ProgramSummarySchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    id = fields.String(required=True)
+    kind = fields.String(required=True, validate=validate.OneOf(["compute", "training_data"]))
+    budget_fen = _strict_int(required=True, validate=validate.Range(min=1))
+    rate_bp = _strict_int(required=True, validate=validate.Range(min=0, max=10_000))
+    rules_version = fields.String(required=True)
+    rules_sha256 = fields.String(required=True, validate=validate.Length(equal=64))
+    # Extensions: the program's ledger state when it was published.
+    available_fen = _strict_int(load_default=None, allow_none=True)
+    committed_fen = _strict_int(load_default=None, allow_none=True)
+    redeemed_fen = _strict_int(load_default=None, allow_none=True)
+
+
+class ProgramPublishedSchema(FederationEventSchema):
+    name = fields.String(load_default=None, allow_none=True)  # extension
+    region = fields.String(load_default=None, allow_none=True)  # extension
+    voucher_prefix = fields.String(load_default=None, allow_none=True)  # extension
+    programs = fields.List(fields.Nested(ProgramSummarySchema), required=True)
+
+
+class VoucherIssuedSchema(FederationEventSchema):
+    voucher_code = fields.String(required=True)
+    program_id = fields.String(required=True)
+    face_value_fen = _strict_int(required=True, validate=validate.Range(min=1))
+    expires_at = UtcTimestamp(required=True)
+
+
+class VoucherRedeemedSchema(FederationEventSchema):
+    voucher_code = fields.String(required=True)
+    program_id = fields.String(load_default=None, allow_none=True)  # extension
+    record_id = fields.String(required=True)
+    datacenter_id = fields.String(required=True)
+    gpu_seconds = _strict_int(required=True)
+    cost_fen = _strict_int(required=True)
+    # Negative for the reversal half of a correction.
+    subsidy_fen = _strict_int(required=True)
+
+
+class VoucherReleasedSchema(FederationEventSchema):
+    voucher_code = fields.String(required=True)
+    program_id = fields.String(load_default=None, allow_none=True)  # extension
+    released_fen = _strict_int(required=True, validate=validate.Range(min=0))
+    reason = fields.String(required=True, validate=validate.OneOf(["expired", "revoked"]))
+
+
+class HeartbeatSchema(FederationEventSchema):
+    version = fields.String(required=True)
+    uptime_s = _strict_int(required=True, validate=validate.Range(min=0))
+
+
+EVENT_SCHEMAS: dict[str, type[FederationEventSchema]] = {
+    "usage_rated": UsageRatedSchema,
+    "program_published": ProgramPublishedSchema,
+    "voucher_issued": VoucherIssuedSchema,
+    "voucher_redeemed": VoucherRedeemedSchema,
+    "voucher_released": VoucherReleasedSchema,
+    "heartbeat": HeartbeatSchema,
+}
+
+
+def event_id(*parts: str) -> str:
+    """A deterministic event id: the same fact always yields the same id."""
+    return str(uuid.uuid5(_EVENT_NAMESPACE, "\x1f".join(parts)))
+
+
+def make_event(event: str, city: str, eid: str, **fields_: Any) -> dict[str, Any]:
+    """Build and validate a federation event body, ready to publish as JSON."""
+    body = {"event_id": eid, "city": city, "occurred_at": utcnow(), **fields_}
+    schema = EVENT_SCHEMAS[event]()
+    dumped = schema.dump(body)
+    errors = schema.validate(dumped)
+    if errors:
+        raise ValidationError(errors)
+    return dumped
+
+
+def load_event(event: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Load a received federation event; raises ValidationError."""
+    return EVENT_SCHEMAS[event]().load(body)
+
+
+def dump_record(record: dict[str, Any]) -> dict[str, Any]:
+    return UsageRecordSchema().dump(record)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The byte form a producer signs and sends: compact, sorted keys, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()

@@ -1,0 +1,79 @@
+"""SQLAlchemy 2 for every service: engines, the session dependency, migrations.
+
+PostgreSQL in deployment and CI (``postgresql://`` URLs use psycopg 3),
+SQLite files under ``var/`` as the embedded default for a one-machine run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from weakref import WeakKeyDictionary
+
+from nameko import config
+from nameko.extensions import DependencyProvider
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.common.config import DATABASE_URL
+
+
+def normalise_url(url: str) -> str:
+    """``postgresql://`` and ``postgres://`` mean psycopg 3 here."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def make_engine(url: str, **kwargs) -> Engine:
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+class Database(DependencyProvider):
+    """Injects one SQLAlchemy ``Session`` per worker, closed when it ends.
+
+    The engine is built in ``setup()`` from the ``DATABASE_URL`` config key and
+    disposed in ``stop()``.
+    """
+
+    def __init__(self, **engine_options):
+        self.engine_options = engine_options
+        self.engine: Engine | None = None
+        self.sessionmaker: sessionmaker[Session] | None = None
+        self.sessions: WeakKeyDictionary = WeakKeyDictionary()
+
+    def setup(self):
+        self.engine = make_engine(config[DATABASE_URL], **self.engine_options)
+        self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+
+    def stop(self):
+        if self.engine is not None:
+            self.engine.dispose()
+
+    def get_dependency(self, worker_ctx) -> Session:
+        session = self.sessionmaker()
+        self.sessions[worker_ctx] = session
+        return session
+
+    def worker_teardown(self, worker_ctx):
+        session = self.sessions.pop(worker_ctx, None)
+        if session is not None:
+            session.close()

@@ -1,0 +1,79 @@
+"""Money, GPU time, rates and timestamps: the one module that owns conversions.
+
+Money is integer fen (1/100 CNY), GPU time integer GPU-seconds, rates integer
+basis points (8000 = 80 %), timestamps timezone-aware UTC datetimes written as
+ISO 8601 with ``Z``. Floats never hold money.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+FEN_PER_CNY = 100
+SECONDS_PER_HOUR = 3600
+BP_DENOMINATOR = 10_000
+
+
+def cny_to_fen(cny: int) -> int:
+    """Whole CNY (as written in rules files) to fen."""
+    if isinstance(cny, bool) or not isinstance(cny, int):
+        raise TypeError("CNY amounts in configuration are whole numbers")
+    return cny * FEN_PER_CNY
+
+
+def percent_to_bp(percent: int | float) -> int:
+    """A percentage from a rules file (80, or 12.5) to basis points."""
+    bp = round(percent * 100)
+    if abs(bp - percent * 100) > 1e-9:
+        raise ValueError(f"{percent} % is finer than a basis point")
+    return int(bp)
+
+
+def format_cny(fen: int) -> str:
+    """``123456789`` → ``'CNY 1,234,567.89'``, for people only."""
+    sign = "-" if fen < 0 else ""
+    whole, cents = divmod(abs(fen), FEN_PER_CNY)
+    return f"{sign}CNY {whole:,}.{cents:02d}"
+
+
+def gpu_hours(gpu_seconds: int) -> float:
+    """GPU-hours, for display only."""
+    return gpu_seconds / SECONDS_PER_HOUR
+
+
+def rate_cost_fen(gpu_seconds: int, price_fen_per_gpu_hour: int) -> int:
+    """The rental cost of one usage record, in fen.
+
+    The rounding rule (documented in the README): the exact cost
+    ``gpu_seconds × price / 3600`` is rounded half up to a whole fen, once per
+    record. Integer arithmetic only.
+    """
+    if gpu_seconds < 0 or price_fen_per_gpu_hour < 0:
+        raise ValueError("gpu_seconds and price must be non-negative")
+    return (gpu_seconds * price_fen_per_gpu_hour + SECONDS_PER_HOUR // 2) // SECONDS_PER_HOUR
+
+
+def apply_rate_fen(cost_fen: int, rate_bp: int) -> int:
+    """``cost × rate``, rounded down: a subsidy never exceeds rate × cost."""
+    return cost_fen * rate_bp // BP_DENOMINATOR
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_ts(moment: datetime) -> str:
+    """A UTC datetime as ISO 8601 with ``Z`` and whole seconds."""
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime: computenet keeps every time in UTC")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_ts(text: str) -> datetime:
+    """ISO 8601 with ``Z`` or an explicit offset → aware UTC datetime."""
+    if not isinstance(text, str):
+        raise ValueError("timestamp must be a string")
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError(f"timestamp {text!r} has no timezone; write it in UTC with Z")
+    return moment.astimezone(UTC)
