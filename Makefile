@@ -22,7 +22,7 @@ run: $(STAMP)
 
 ## ruff, then the three rings of tests against the real RabbitMQ and PostgreSQL.
 test: $(STAMP)
-	$(BIN)/python -m deploy.localnet preflight
+	$(BIN)/python -m deploy.localnet preflight --postgres postgresql://postgres@127.0.0.1:5432/postgres
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q tests/unit tests/integration tests/e2e

@@ -1,0 +1,626 @@
+"""Run the whole computenet network on one machine (``make run``).
+
+Starts, each as its own process as in a deployment: the national registry,
+metering, one voucher service per city, one gateway per data centre with a
+simulated agent feeding it, and the portal. It provisions what a national
+admin would hand out (admin tokens, data-centre signing keys), issues demo
+vouchers to the simulated tenants, writes ``var/local-credentials.json``
+(CONTRACTS.md §8) and stays in the foreground; Ctrl-C stops everything.
+
+Databases are SQLite files under the var directory unless the environment
+says otherwise: ``<NAME>_DATABASE_URL`` for one process (``METERING_DATABASE_URL``,
+``VOUCHERS_SHANGHAI_DATABASE_URL`` …) or ``DATABASE_URL_TEMPLATE`` for all
+(``postgresql://postgres@127.0.0.1/computenet_{name}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_AMQP_URI = "amqp://guest:guest@localhost:5672/"
+DEFAULT_CITIES = ("shanghai", "chengdu", "shandong")
+DEFAULT_DATACENTERS = ("guian-gov-01", "lingang-com-01")
+CREDENTIALS_FILE = "local-credentials.json"
+
+# Demo companies, one or two per city, whose vouchers the simulated tenants
+# spend. Facts chosen to pass each preset's eligibility rules.
+DEMO_COMPANIES: dict[str, list[dict[str, Any]]] = {
+    "shanghai": [
+        {
+            "program_id": "sh-compute-2025",
+            "tenant": "aurora-ai",
+            "company": {
+                "registration_id": "91310000DEMO0001",
+                "name": "Aurora AI (demo)",
+                "registered_in": "shanghai",
+                "employees": 85,
+                "annual_revenue_cny": 12000000,
+                "government_research_project": False,
+                "founded_on": "2021-03-15",
+                "sector": "foundation_models",
+            },
+            "requested_face_value_cny": 1500000,
+        },
+        {
+            "program_id": "sh-compute-2025",
+            "tenant": "huangpu-vision",
+            "company": {
+                "registration_id": "91310000DEMO0002",
+                "name": "Huangpu Vision (demo)",
+                "registered_in": "shanghai",
+                "employees": 40,
+                "annual_revenue_cny": 6000000,
+                "government_research_project": False,
+                "founded_on": "2022-09-01",
+                "sector": "computer_vision",
+            },
+            "requested_face_value_cny": 1000000,
+        },
+    ],
+    "chengdu": [
+        {
+            "program_id": "cd-research-2023",
+            "tenant": "tianfu-lab",
+            "company": {
+                "registration_id": "91510100DEMO0001",
+                "name": "Tianfu Language Lab (demo)",
+                "registered_in": "chengdu",
+                "employees": 60,
+                "annual_revenue_cny": 3000000,
+                "government_research_project": True,
+                "founded_on": "2019-05-20",
+                "sector": "research_institute",
+            },
+            "requested_face_value_cny": 1200000,
+        }
+    ],
+    "shandong": [
+        {
+            "program_id": "sd-compute-2024",
+            "tenant": "qilu-robotics",
+            "company": {
+                "registration_id": "91370000DEMO0001",
+                "name": "Qilu Robotics (demo)",
+                "registered_in": "shandong",
+                "employees": 150,
+                "annual_revenue_cny": 20000000,
+                "government_research_project": False,
+                "founded_on": "2018-11-11",
+                "sector": "robotics",
+            },
+            "requested_face_value_cny": 1000000,
+        }
+    ],
+}
+# Which tenants each data centre's simulated agent runs jobs for.
+DEMO_TENANTS = {
+    "guian-gov-01": ["aurora-ai", "tianfu-lab", "qilu-robotics"],
+    "lingang-com-01": ["huangpu-vision", "aurora-ai"],
+}
+VOUCHERLESS_TENANT = "metered-only-corp"
+
+
+class NetworkError(Exception):
+    """The network could not start; the message says why in one line."""
+
+
+def log(message: str) -> None:
+    print(f"[localnet] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------
+# Pre-flight checks
+
+
+def broker_problem(amqp_uri: str, timeout: float = 3.0) -> str | None:
+    """One line saying why RabbitMQ cannot be used, or None if it can."""
+    from kombu import Connection
+
+    try:
+        with Connection(amqp_uri, connect_timeout=timeout) as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+        return (
+            f"RabbitMQ is not reachable at {_redact(amqp_uri)} ({exc.__class__.__name__}); "
+            "start it with: rabbitmq-server -detached"
+        )
+    return None
+
+
+def postgres_problem(url: str) -> str | None:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=3):
+            pass
+    except Exception as exc:  # noqa: BLE001
+        return (
+            f"PostgreSQL is not reachable at {url} ({exc.__class__.__name__}); start it with: "
+            "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+        )
+    return None
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _redact(uri: str) -> str:
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
+# --------------------------------------------------------------------------
+# Child processes
+
+
+class Child:
+    """One process of the network, its output prefixed and kept in a log file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, echo: bool):
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log_path = log_dir / f"{name}.log"
+        self.echo = echo
+        self.proc: subprocess.Popen | None = None
+        self._pump: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches the launcher, which stops us in order
+        )
+        self._pump = threading.Thread(target=self._copy_output, daemon=True)
+        self._pump.start()
+
+    def _copy_output(self) -> None:
+        assert self.proc and self.proc.stdout
+        with self.log_path.open("ab") as logfile:
+            for line in iter(self.proc.stdout.readline, b""):
+                logfile.write(line)
+                logfile.flush()
+                if self.echo:
+                    text = line.decode(errors="replace").rstrip()
+                    print(f"{self.name:>22} | {text}", flush=True)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if not self.running:
+            return
+        assert self.proc
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+# --------------------------------------------------------------------------
+# The network
+
+
+@dataclass
+class NetworkSpec:
+    var_dir: Path = ROOT / "var"
+    amqp_uri: str = DEFAULT_AMQP_URI
+    cities: tuple[str, ...] = DEFAULT_CITIES
+    datacenters: tuple[str, ...] = DEFAULT_DATACENTERS
+    portal_port: int = 8000
+    gateway_base_port: int = 8101
+    simulate: bool = True
+    simulate_rate_per_min: int = 60
+    heartbeat_interval_s: int = 15
+    capacity_interval_s: int = 60
+    echo: bool = True
+    environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    def database_url(self, name: str) -> str:
+        """The database of process ``name``: env override, template, or SQLite."""
+        override = self.environ.get(f"{name.upper()}_DATABASE_URL")
+        if override:
+            return override
+        template = self.environ.get("DATABASE_URL_TEMPLATE")
+        if template:
+            return template.format(name=name)
+        return f"sqlite:///{self.var_dir.resolve() / f'{name}.db'}"
+
+
+class Network:
+    def __init__(self, spec: NetworkSpec):
+        self.spec = spec
+        self.children: list[Child] = []
+        self.credentials_path = spec.var_dir / CREDENTIALS_FILE
+        self.previous = self._read_previous_credentials()
+        self.credentials: dict[str, Any] = {}
+        self.demo_vouchers: dict[str, str] = {}  # tenant → voucher code
+        self._rpc = None
+
+    # -- helpers ------------------------------------------------------------
+
+    @property
+    def rpc(self):
+        if self._rpc is None:
+            from services.common.rpc import RpcPool
+
+            self._rpc = RpcPool(self.spec.amqp_uri, size=2, timeout=10)
+        return self._rpc
+
+    def _read_previous_credentials(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.credentials_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        env = dict(self.spec.environ)
+        env.update(
+            AMQP_URI=self.spec.amqp_uri,
+            PYTHONUNBUFFERED="1",
+            HEARTBEAT_INTERVAL_S=str(self.spec.heartbeat_interval_s),
+            STALE_AFTER_S=str(self.spec.heartbeat_interval_s * 3),
+            CAPACITY_INTERVAL_S=str(self.spec.capacity_interval_s),
+        )
+        env.update(extra)
+        return env
+
+    def _spawn(self, name: str, argv: list[str], **env: str) -> Child:
+        child = Child(name, argv, self._env(**env), self.spec.var_dir / "log", self.spec.echo)
+        child.start()
+        self.children.append(child)
+        return child
+
+    def _service(self, name: str, package: str, **env: str) -> Child:
+        config = ROOT / "deploy" / "config" / f"{package}.yaml"
+        argv = [sys.executable, "-m", f"services.{package}", "--config", str(config)]
+        return self._spawn(name, argv, DATABASE_URL=self.spec.database_url(name), **env)
+
+    def _wait(self, what: str, probe: Callable[[], bool], child: Child | None, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if child is not None and not child.running:
+                raise NetworkError(f"{child.name} exited while starting:\n{child.tail()}")
+            try:
+                if probe():
+                    return
+            except Exception:  # noqa: BLE001 - not ready yet
+                pass
+            time.sleep(0.3)
+        tail = f":\n{child.tail()}" if child else ""
+        raise NetworkError(f"{what} did not become ready in {timeout:.0f} s{tail}")
+
+    def _rpc_ready(self, service: str, method: str, child: Child) -> None:
+        def answers() -> bool:
+            self.rpc.call(service, method)  # raises until the service listens
+            return True
+
+        self._wait(service, answers, child)
+
+    # -- start --------------------------------------------------------------
+
+    def start(self) -> None:
+        spec = self.spec
+        problem = broker_problem(spec.amqp_uri)
+        if problem:
+            raise NetworkError(problem)
+        ports = [spec.portal_port] + [
+            spec.gateway_base_port + i for i in range(len(spec.datacenters))
+        ]
+        busy = [p for p in ports if not port_free(p)]
+        if busy:
+            raise NetworkError(
+                f"port(s) {', '.join(map(str, busy))} already in use "
+                "(is another `make run` still running?)"
+            )
+        spec.var_dir.mkdir(parents=True, exist_ok=True)
+
+        registry = self._service("city_registry", "city_registry", DEPLOY_DIR=str(ROOT / "deploy"))
+        metering = self._service("metering", "metering")
+        cities = {
+            city: self._service(
+                f"vouchers_{city}",
+                "vouchers",
+                CITY_CODE=city,
+                RULES_FILE=str(ROOT / "deploy" / "cities" / f"{city}.yaml"),
+            )
+            for city in spec.cities
+        }
+        self._rpc_ready("city_registry", "list_cities", registry)
+        self._rpc_ready("metering", "usage_overview", metering)
+        for city, child in cities.items():
+            self._rpc_ready(f"vouchers_{city}", "program_states", child)
+        log("registry, metering and cities are up")
+
+        tokens = self._provision_tokens()
+        datacenters = {}
+        for index, dc in enumerate(spec.datacenters):
+            key = self._provision_key(dc)
+            port = spec.gateway_base_port + index
+            agent_token = (self.previous.get("datacenters", {}).get(dc) or {}).get(
+                "agent_token"
+            ) or os.urandom(16).hex()
+            child = self._service(
+                f"datacenter_gateway_{dc}",
+                "datacenter_gateway",
+                DATACENTER_ID=dc,
+                KEY_ID=key["key_id"],
+                KEY_SECRET=key["secret"],
+                HTTP_PORT=str(port),
+                AGENT_TOKEN=agent_token,
+                DATACENTERS_FILE=str(ROOT / "deploy" / "datacenters.yaml"),
+            )
+            url = f"http://127.0.0.1:{port}"
+            headers = {"Authorization": f"Bearer {agent_token}"}
+            self._wait(
+                f"gateway {dc}",
+                lambda url=url, headers=headers: requests.get(
+                    f"{url}/v1/status", headers=headers, timeout=2
+                ).ok,
+                child,
+            )
+            datacenters[dc] = {
+                "key_id": key["key_id"],
+                "secret": key["secret"],
+                "gateway_url": url,
+                "agent_token": agent_token,
+            }
+        log("data-centre gateways are up")
+
+        portal_url = f"http://localhost:{spec.portal_port}"
+        portal = self._spawn(
+            "portal",
+            [
+                str(Path(sys.executable).parent / "gunicorn"),
+                "--bind",
+                f"127.0.0.1:{spec.portal_port}",
+                "--workers",
+                "1",
+                "--threads",
+                "8",
+                "--graceful-timeout",
+                "5",
+                "gateway.app:create_app()",
+            ],
+        )
+        self._wait(
+            "portal",
+            lambda: requests.get(f"{portal_url}/healthz", timeout=2).ok,
+            portal,
+        )
+
+        self.credentials = {
+            "portal": portal_url,
+            "amqp_uri": spec.amqp_uri,
+            "national_admin_token": tokens["national_admin"],
+            "cities": {
+                city: {"admin_token": tokens[f"city_admin:{city}"]} for city in spec.cities
+            },
+            "datacenters": datacenters,
+        }
+        if spec.simulate:
+            self._issue_demo_vouchers()
+            self.credentials["demo_vouchers"] = dict(self.demo_vouchers)
+            self._start_simulators()
+        self.credentials_path.write_text(json.dumps(self.credentials, indent=2) + "\n")
+        os.chmod(self.credentials_path, 0o600)
+
+    def _provision_tokens(self) -> dict[str, str]:
+        """Reuse the tokens of the previous run when the registry still knows them."""
+        previous = {
+            "national_admin": self.previous.get("national_admin_token"),
+            **{
+                f"city_admin:{city}": (self.previous.get("cities", {}).get(city) or {}).get(
+                    "admin_token"
+                )
+                for city in self.spec.cities
+            },
+        }
+        tokens = {}
+        for role, token in previous.items():
+            known = token and self.rpc.call("city_registry", "authenticate", token)
+            if known and known.get("role") == role:
+                tokens[role] = token
+            else:
+                tokens[role] = self.rpc.call("city_registry", "issue_token", role)
+        return tokens
+
+    def _provision_key(self, dc: str) -> dict[str, str]:
+        old = (self.previous.get("datacenters", {}) or {}).get(dc) or {}
+        if old.get("key_id"):
+            active = self.rpc.call("city_registry", "datacenter_signing_keys", dc)
+            if any(k["key_id"] == old["key_id"] and k["secret"] == old.get("secret") for k in active):
+                return {"key_id": old["key_id"], "secret": old["secret"]}
+        return self.rpc.call("city_registry", "issue_datacenter_key", dc)
+
+    def _issue_demo_vouchers(self) -> None:
+        from services.common.errors import Conflict, NotFound
+
+        previous = self.previous.get("demo_vouchers", {}) or {}
+        for city in self.spec.cities:
+            for demo in DEMO_COMPANIES.get(city, []):
+                tenant = demo["tenant"]
+                code = previous.get(tenant)
+                if code:
+                    try:
+                        self.rpc.call(f"vouchers_{city}", "get_voucher", code)
+                        self.demo_vouchers[tenant] = code
+                        continue
+                    except NotFound:
+                        pass
+                application = {k: v for k, v in demo.items() if k != "tenant"}
+                try:
+                    result = self.rpc.call(f"vouchers_{city}", "apply", application)
+                except Conflict as exc:
+                    # The city's database outlived the credentials file: apply
+                    # under a fresh registration id rather than give up.
+                    log(f"demo voucher for {tenant}: {exc}; applying as a new company")
+                    application["company"] = dict(
+                        application["company"],
+                        registration_id=application["company"]["registration_id"]
+                        + os.urandom(2).hex().upper(),
+                    )
+                    result = self.rpc.call(f"vouchers_{city}", "apply", application)
+                if result.get("voucher"):
+                    self.demo_vouchers[tenant] = result["voucher"]["code"]
+                else:
+                    log(f"demo application for {tenant} was {result.get('decision')}")
+
+    def _start_simulators(self) -> None:
+        for dc in self.spec.datacenters:
+            creds = self.credentials["datacenters"][dc]
+            argv = [
+                sys.executable,
+                "-m",
+                "services.datacenter_gateway.simulate",
+                "--gateway-url",
+                creds["gateway_url"],
+                "--token",
+                creds["agent_token"],
+                "--rate",
+                str(self.spec.simulate_rate_per_min),
+                "--tenant-without-voucher",
+                VOUCHERLESS_TENANT,
+            ]
+            for tenant in DEMO_TENANTS.get(dc, []):
+                if tenant in self.demo_vouchers:
+                    argv += ["--tenant", f"{tenant}={self.demo_vouchers[tenant]}"]
+            argv += ["--gpu-model", *self._gpu_models(dc)]
+            self._spawn(f"agent_{dc}", argv)
+
+    @staticmethod
+    def _gpu_models(dc: str) -> list[str]:
+        data = yaml.safe_load((ROOT / "deploy" / "datacenters.yaml").read_text())
+        for entry in data["datacenters"]:
+            if entry["id"] == dc:
+                return [item["gpu_model"] for item in entry["inventory"]]
+        raise NetworkError(f"data centre {dc} is not in deploy/datacenters.yaml")
+
+    # -- run and stop -------------------------------------------------------
+
+    def watch(self, stop: threading.Event) -> int:
+        """Block until ``stop`` is set or a process dies; returns an exit code."""
+        while not stop.wait(0.5):
+            for child in self.children:
+                if not child.running:
+                    log(f"{child.name} exited with code {child.proc.returncode}; stopping")
+                    return 1
+        return 0
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        if self._rpc is not None:
+            self._rpc.close()
+
+
+# --------------------------------------------------------------------------
+# Command line
+
+
+def _run(args: argparse.Namespace) -> int:
+    spec = NetworkSpec(
+        var_dir=Path(args.var_dir).resolve(),
+        amqp_uri=args.amqp_uri,
+        cities=tuple(args.cities.split(",")),
+        portal_port=args.portal_port,
+        gateway_base_port=args.gateway_port,
+        simulate=not args.no_simulate,
+        heartbeat_interval_s=args.heartbeat_interval,
+        echo=not args.quiet,
+    )
+    network = Network(spec)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    code = 0
+    try:
+        network.start()
+        log(f"the network is up: portal {network.credentials['portal']}")
+        log(f"credentials: {network.credentials_path}")
+        log("Ctrl-C stops everything")
+        code = network.watch(stop)
+    except NetworkError as exc:
+        print(f"computenet: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        log("stopping")
+        network.stop()
+        log("stopped")
+    return code
+
+
+def _preflight(args: argparse.Namespace) -> int:
+    problems = [broker_problem(args.amqp_uri)]
+    if args.postgres:
+        problems.append(postgres_problem(args.postgres))
+    problems = [p for p in problems if p]
+    for problem in problems:
+        print(f"computenet: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.localnet")
+    parser.add_argument("--amqp-uri", default=os.environ.get("AMQP_URI", DEFAULT_AMQP_URI))
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="start the whole network in the foreground")
+    run.add_argument("--var-dir", default=str(ROOT / "var"))
+    run.add_argument("--cities", default=",".join(DEFAULT_CITIES))
+    run.add_argument("--portal-port", type=int, default=8000)
+    run.add_argument("--gateway-port", type=int, default=8101, help="first gateway's port")
+    run.add_argument("--no-simulate", action="store_true", help="no simulated agents")
+    run.add_argument("--heartbeat-interval", type=int, default=15)
+    run.add_argument("--quiet", action="store_true", help="logs to files only")
+    pre = sub.add_parser("preflight", help="check that RabbitMQ (and PostgreSQL) answer")
+    pre.add_argument("--postgres", default=None, help="also check this PostgreSQL URL")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    return _preflight(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

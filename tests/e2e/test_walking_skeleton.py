@@ -1,0 +1,292 @@
+"""One GPU-hour the whole way: agent → gateway → bus → metering → city → registry.
+
+The network runs as processes (``python -m deploy.localnet run``) against the
+real RabbitMQ (a fresh vhost) and real PostgreSQL databases (one per process).
+The test drives it only through its public contracts: the portal's HTTP API,
+the data-centre gateway's HTTP API, and the AMQP usage exchange. Every expected
+figure is computed here, independently of the product's code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+import requests
+from kombu import Connection, Exchange, Producer
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+PROCESS_DATABASES = [
+    "city_registry",
+    "metering",
+    "vouchers_shanghai",
+    "vouchers_chengdu",
+    "vouchers_shandong",
+    "datacenter_gateway_guian-gov-01",
+    "datacenter_gateway_lingang-com-01",
+]
+ADMIN_PG = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+# Facts from deploy/ that the expectations depend on, restated here on purpose.
+GUIAN = "guian-gov-01"  # government-run: Shanghai adds 10 points, capped at 90 %
+H800_PRICE_FEN = 1800
+SHANGHAI_RATE_BP_AT_GOVERNMENT_DC = 9000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(what, probe, timeout=90.0, interval=0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+            if last:
+                return last
+        except (requests.RequestException, ValueError, KeyError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+@pytest.fixture
+def network(rabbit_uri, tmp_path):
+    """The whole network as processes; yields the local credentials."""
+    prefix = f"cn_e2e_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(ADMIN_PG, autocommit=True) as conn:
+        for name in PROCESS_DATABASES:
+            conn.execute(f'CREATE DATABASE "{prefix}_{name}"')
+    base = ADMIN_PG.rsplit("/", 1)[0]
+    env = dict(
+        os.environ,
+        AMQP_URI=rabbit_uri,
+        DATABASE_URL_TEMPLATE=f"{base}/{prefix}_{{name}}",
+        PYTHONUNBUFFERED="1",
+    )
+    var_dir = tmp_path / "var"
+    cmd = [
+        sys.executable,
+        "-m",
+        "deploy.localnet",
+        "run",
+        "--var-dir",
+        str(var_dir),
+        "--no-simulate",
+        "--quiet",
+        "--portal-port",
+        str(free_port()),
+        "--gateway-port",
+        str(free_port()),
+    ]
+    launcher = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    creds_file = var_dir / "local-credentials.json"
+    try:
+        wait_for(
+            "the network to start",
+            lambda: launcher.poll() is None and creds_file.exists(),
+            timeout=120,
+        )
+        assert launcher.poll() is None, launcher.stdout.read().decode()
+        yield json.loads(creds_file.read_text())
+    finally:
+        launcher.terminate()
+        try:
+            out, _ = launcher.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            out, _ = launcher.communicate()
+        print(out.decode(errors="replace")[-5000:])
+        for log in sorted((var_dir / "log").glob("*.log")):
+            print(f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-30:]))
+        with psycopg.connect(ADMIN_PG, autocommit=True) as conn:
+            for name in PROCESS_DATABASES:
+                conn.execute(f'DROP DATABASE IF EXISTS "{prefix}_{name}" WITH (FORCE)')
+
+
+def make_records(n, tenant, rng, start, voucher_code=None):
+    records = []
+    for i in range(n):
+        gpus = rng.choice([1, 2, 4, 8, 16, 64])
+        duration = rng.randint(60, 6 * 3600)
+        began = start + timedelta(seconds=rng.randint(0, 3600))
+        records.append(
+            {
+                "record_id": f"{tenant}-{uuid.uuid4().hex[:12]}-{i}",
+                "tenant_id": tenant,
+                "voucher_code": voucher_code,
+                "gpu_model": "H800",
+                "gpu_count": gpus,
+                "started_at": began.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "ended_at": (began + timedelta(seconds=duration)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "gpu_seconds": gpus * duration * rng.randint(50, 100) // 100,
+                "source": "slurm",
+                "job_id": str(rng.randint(10_000, 99_999)),
+                "correction_of": None,
+            }
+        )
+    return records
+
+
+def cost_fen(gpu_seconds: int, price: int) -> int:
+    exact_numerator = gpu_seconds * price
+    whole, remainder = divmod(exact_numerator, 3600)
+    return whole + (1 if remainder * 2 >= 3600 else 0)  # half up
+
+
+def test_one_gpu_hour_travels_the_whole_way(network):
+    portal = network["portal"]
+    national = {"Authorization": f"Bearer {network['national_admin_token']}"}
+    shanghai_admin = {"Authorization": f"Bearer {network['cities']['shanghai']['admin_token']}"}
+    dc = network["datacenters"][GUIAN]
+    agent = {"Authorization": f"Bearer {dc['agent_token']}"}
+    gateway = dc["gateway_url"]
+
+    # 1. A Shanghai company applies and receives a voucher.
+    application = {
+        "program_id": "sh-compute-2025",
+        "company": {
+            "registration_id": f"91310000E2E{uuid.uuid4().hex[:6].upper()}",
+            "name": "E2E Test Models Ltd",
+            "registered_in": "shanghai",
+            "employees": 42,
+            "annual_revenue_cny": 9_000_000,
+            "government_research_project": False,
+            "founded_on": "2020-01-01",
+            "sector": "foundation_models",
+        },
+        "requested_face_value_cny": 1_000_000,
+    }
+    response = requests.post(
+        f"{portal}/api/v1/cities/shanghai/applications",
+        json=application,
+        headers=shanghai_admin,
+        timeout=15,
+    )
+    assert response.status_code == 201, response.text
+    decision = response.json()
+    assert decision["decision"] == "approved", decision
+    voucher = decision["voucher"]
+    code = voucher["code"]
+    face_value_fen = 1_000_000 * 100
+    assert voucher["face_value_fen"] == face_value_fen
+
+    # 2. The company hands the voucher to the data centre for its tenant.
+    response = requests.put(
+        f"{gateway}/v1/tenants/e2e-tenant/voucher",
+        json={"voucher_code": code},
+        headers=agent,
+        timeout=10,
+    )
+    assert response.status_code in (200, 204), response.text
+
+    # 3. 1 000 usage records: 600 carry the voucher through the tenant mapping,
+    #    200 name it explicitly, 200 belong to a tenant with no voucher; 100 of
+    #    them are posted twice.
+    rng = random.Random(20261122)
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2)
+    with_voucher = make_records(600, "e2e-tenant", rng, start)
+    explicit = make_records(200, "e2e-other", rng, start, voucher_code=code)
+    metered_only = make_records(200, "e2e-no-voucher", rng, start)
+    records = with_voucher + explicit + metered_only
+    assert len(records) == 1000
+    for offset in range(0, len(records), 250):
+        response = requests.post(
+            f"{gateway}/v1/usage", json=records[offset : offset + 250], headers=agent, timeout=30
+        )
+        assert response.status_code == 202, response.text
+    duplicates = rng.sample(records, 100)
+    response = requests.post(f"{gateway}/v1/usage", json=duplicates, headers=agent, timeout=30)
+    assert response.status_code == 202, response.text
+
+    # 4. Bad input straight onto the bus: a forged signature and a body that
+    #    is not JSON. Neither may be applied, nor stop the stream.
+    forged = make_records(1, "e2e-tenant", rng, start, voucher_code=code)[0]
+    forged["datacenter_id"] = GUIAN
+    forged_body = json.dumps(forged).encode()
+    exchange = Exchange("computenet.usage", type="topic", durable=True)
+    with Connection(network["amqp_uri"]) as conn:
+        producer = Producer(conn.channel(), exchange=exchange)
+        for body, signature in [
+            (forged_body, hmac.new(b"not-the-secret", forged_body, hashlib.sha256).hexdigest()),
+            (b"{not json", hmac.new(dc["secret"].encode(), b"{not json", hashlib.sha256).hexdigest()),
+        ]:
+            producer.publish(
+                body,
+                routing_key=f"{GUIAN}.usage",
+                content_type="application/json",
+                content_encoding="utf-8",
+                delivery_mode=2,
+                headers={"x-key-id": dc["key_id"], "x-signature": signature},
+            )
+
+    # 5. More good records after the bad ones: the stream goes on.
+    tail = make_records(20, "e2e-tenant", rng, start)
+    response = requests.post(f"{gateway}/v1/usage", json=tail, headers=agent, timeout=30)
+    assert response.status_code == 202, response.text
+    records += tail
+    subsidised = with_voucher + explicit + tail
+
+    # Expected figures, computed here.
+    costs = {r["record_id"]: cost_fen(r["gpu_seconds"], H800_PRICE_FEN) for r in records}
+    expected_subsidy = sum(
+        costs[r["record_id"]] * SHANGHAI_RATE_BP_AT_GOVERNMENT_DC // 10_000 for r in subsidised
+    )
+    assert 0 < expected_subsidy < face_value_fen  # no record is capped by the balance
+    expected_gpu_seconds = sum(r["gpu_seconds"] for r in records)
+
+    def voucher_settled():
+        body = requests.get(f"{portal}/api/v1/vouchers/{code}", headers=national, timeout=10)
+        body.raise_for_status()
+        data = body.json()
+        return data if data["redeemed_fen"] == expected_subsidy else None
+
+    final = wait_for("every subsidy to be booked", voucher_settled, timeout=120)
+    assert final["balance_fen"] == face_value_fen - expected_subsidy
+    assert final["released_fen"] == 0
+
+    def city_settled():
+        data = requests.get(f"{portal}/api/v1/cities/shanghai", timeout=10).json()
+        return data if data["redeemed_fen"] == expected_subsidy else None
+
+    city = wait_for("the registry to see Shanghai's redemptions", city_settled)
+    program = next(p for p in city["programs"] if p["id"] == "sh-compute-2025")
+    assert program["redeemed_fen"] == expected_subsidy
+    assert program["available_fen"] + program["committed_fen"] + program["redeemed_fen"] == (
+        program["budget_fen"]
+    )
+
+    def summary_settled():
+        data = requests.get(f"{portal}/api/v1/network/summary", timeout=10).json()
+        return data if data["gpu_seconds"] == expected_gpu_seconds else None
+
+    summary = wait_for("the national summary to count every GPU-second", summary_settled)
+    assert summary["redeemed_fen"] == expected_subsidy
+    assert summary["cities"] == 3
+    assert summary["datacenters"] == 2
+
+    # The bad messages are dead letters with their reasons; nothing else is.
+    letters = requests.get(
+        f"{portal}/api/v1/dead-letters", params={"datacenter_id": GUIAN}, headers=national, timeout=10
+    )
+    assert letters.status_code == 200, letters.text
+    reasons = sorted(letter["reason"] for letter in letters.json()["items"])
+    assert reasons == ["bad_signature", "schema"], reasons

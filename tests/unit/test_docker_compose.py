@@ -1,0 +1,76 @@
+"""docker-compose.yml cannot be run here (no Docker engine), so it is checked:
+every service it names exists, every module it runs imports, every config
+file it points at exists, and every database it uses is created."""
+
+import importlib
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+APP_SERVICES = {name: spec for name, spec in SERVICES.items() if "build" in spec}
+INIT_SQL = (ROOT / "deploy" / "postgres" / "init.sql").read_text()
+
+
+def test_topology_has_broker_database_every_service_and_the_portal():
+    assert {"rabbitmq", "postgres", "city_registry", "metering", "portal"} <= set(SERVICES)
+    cities = {n for n in SERVICES if n.startswith("vouchers_")}
+    assert cities == {"vouchers_shanghai", "vouchers_chengdu", "vouchers_shandong"}
+    assert len([n for n in SERVICES if n.startswith("datacenter_gateway_")]) == 2
+
+
+@pytest.mark.parametrize("name", sorted(APP_SERVICES))
+def test_each_command_runs_a_module_that_imports(name):
+    argv = shlex.split(APP_SERVICES[name]["command"])
+    if argv[0] == "gunicorn":
+        module, _, factory = argv[-1].partition(":")
+        app_module = importlib.import_module(module)
+        assert callable(getattr(app_module, factory.removesuffix("()")))
+        return
+    assert argv[:2] == ["python", "-m"], argv
+    module = argv[2]
+    assert importlib.util.find_spec(f"{module}.__main__") is not None, module
+    importlib.import_module(module)
+    config = argv[argv.index("--config") + 1]
+    assert (ROOT / config).is_file(), config
+
+
+@pytest.mark.parametrize("name", sorted(APP_SERVICES))
+def test_each_service_depends_on_what_exists(name):
+    for dependency in APP_SERVICES[name].get("depends_on", {}):
+        assert dependency in SERVICES
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n, s in APP_SERVICES.items() if "DATABASE_URL" in s["environment"])
+)
+def test_each_database_is_its_own_and_is_created(name):
+    url = APP_SERVICES[name]["environment"]["DATABASE_URL"]
+    database = url.rsplit("/", 1)[1]
+    assert re.search(rf"CREATE DATABASE {re.escape(database)};", INIT_SQL), database
+    others = [
+        s["environment"]["DATABASE_URL"]
+        for n, s in APP_SERVICES.items()
+        if n != name and "DATABASE_URL" in s["environment"]
+    ]
+    assert url not in others
+
+
+def test_city_services_have_a_rules_file():
+    for name, spec in APP_SERVICES.items():
+        if name.startswith("vouchers_"):
+            city = spec["environment"]["CITY_CODE"]
+            assert (ROOT / "deploy" / "cities" / f"{city}.yaml").is_file()
+
+
+def test_dockerfile_copies_what_exists():
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY"):
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), source
