@@ -13,7 +13,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from amqp.exceptions import ConnectionError as AmqpConnectionError
+from kombu.exceptions import OperationalError
 from nameko.standalone.rpc import ClusterRpcClient
+
+# A client that failed with one of these has lost its connection: drop it
+# rather than hand it to the next caller.
+_BROKEN = (OSError, ConnectionError, AmqpConnectionError, OperationalError)
 
 
 class RpcPool:
@@ -51,7 +57,7 @@ class RpcPool:
         broken = False
         try:
             yield entry[1]
-        except (OSError, ConnectionError):
+        except _BROKEN:
             broken = True
             raise
         finally:

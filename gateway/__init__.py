@@ -1,0 +1,1 @@
+"""The national portal (Flask): ``gateway.app:create_app()``."""

@@ -1,0 +1,143 @@
+"""Who is calling: ``Authorization: Bearer <token>`` → a :class:`Role`.
+
+Tokens are issued and checked by ``city_registry`` (``authenticate(token) ->
+{"role": role} | None``); the answer is cached for ``AUTH_CACHE_TTL_S`` so
+that a page of requests costs one RPC, at the price of a revoked token living
+up to that long. Roles (CONTRACTS.md §7): ``national_admin``,
+``city_admin:<city>``, ``company:<city>:<company_id>``, ``datacenter:<id>``.
+
+Views call :func:`require_role` (401 without a valid token) and then the
+small predicates below; a refused, authenticated caller gets 403.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from flask import current_app, g, request
+
+from services.common.errors import Forbidden, Unauthorized
+
+AUTH_CACHE_TTL_S = 30.0
+AUTH_CACHE_NEGATIVE_TTL_S = 5.0  # an unknown token may be issued a moment later
+AUTH_CACHE_MAX = 10_000
+AUTH_CACHE = "auth_cache"  # key in app.extensions
+
+NATIONAL_ADMIN = "national_admin"
+CITY_ADMIN = "city_admin"
+COMPANY = "company"
+DATACENTER = "datacenter"
+
+
+class TtlCache:
+    """A small thread-safe cache whose entries expire; cleared when full."""
+
+    def __init__(self, max_entries: int = AUTH_CACHE_MAX):
+        self.max_entries = max_entries
+        self._entries: dict[Hashable, tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get_or_load(
+        self, key: Hashable, load: Callable[[], Any], ttl: Callable[[Any], float]
+    ):
+        now = time.monotonic()
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        value = load()  # outside the lock: an RPC must not serialise requests
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[key] = (now + ttl(value), value)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+@dataclass(frozen=True)
+class Role:
+    kind: str  # national_admin | city_admin | company | datacenter
+    city: str | None = None
+    company_id: str | None = None
+    datacenter_id: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Role | None:
+        """``"company:shanghai:91310000X"`` → Role; None for an unknown shape."""
+        if text == NATIONAL_ADMIN:
+            return cls(NATIONAL_ADMIN)
+        kind, _, rest = text.partition(":")
+        if kind == CITY_ADMIN and rest:
+            return cls(CITY_ADMIN, city=rest)
+        if kind == DATACENTER and rest:
+            return cls(DATACENTER, datacenter_id=rest)
+        if kind == COMPANY:
+            city, _, company_id = rest.partition(":")
+            if city and company_id:
+                return cls(COMPANY, city=city, company_id=company_id)
+        return None
+
+    @property
+    def is_national_admin(self) -> bool:
+        return self.kind == NATIONAL_ADMIN
+
+    def is_city_admin(self, city: str) -> bool:
+        return self.kind == CITY_ADMIN and self.city == city
+
+    def is_company(self, city: str, company_id: str | None = None) -> bool:
+        """A company of ``city`` (and, when given, exactly that company)."""
+        if self.kind != COMPANY or self.city != city:
+            return False
+        return company_id is None or self.company_id == company_id
+
+    def is_datacenter(self, datacenter_id: str | None = None) -> bool:
+        if self.kind != DATACENTER:
+            return False
+        return datacenter_id is None or self.datacenter_id == datacenter_id
+
+
+def _bearer_token() -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise Unauthorized("unauthorized", "this endpoint needs a bearer token")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("unauthorized", "expected 'Authorization: Bearer <token>'")
+    return token.strip()
+
+
+def _authenticate(token: str) -> Role | None:
+    rpc = current_app.extensions["rpc"]
+    cache: TtlCache = current_app.extensions[AUTH_CACHE]
+    # The cache keys on a digest, so raw tokens do not sit in memory.
+    key = hashlib.sha256(token.encode()).hexdigest()
+    answer = cache.get_or_load(
+        key,
+        lambda: rpc.call("city_registry", "authenticate", token),
+        lambda found: AUTH_CACHE_TTL_S if found else AUTH_CACHE_NEGATIVE_TTL_S,
+    )
+    if not answer or not isinstance(answer.get("role"), str):
+        return None
+    return Role.parse(answer["role"])
+
+
+def require_role() -> Role:
+    """The caller's role; raises Unauthorized without a valid token."""
+    if "role" not in g:
+        role = _authenticate(_bearer_token())
+        if role is None:
+            raise Unauthorized("invalid_token", "the bearer token is not valid")
+        g.role = role
+    return g.role
+
+
+def forbid(message: str = "your role may not do this") -> Forbidden:
+    return Forbidden("forbidden", message)

@@ -1,0 +1,180 @@
+"""The OpenAPI 3 document of ``/api/v1``, built from the marshmallow schemas.
+
+Served at ``/api/v1/openapi.json`` so that a city's IT department or an
+analyst's script can generate a client without reading our code. Paths are
+declared here, next to each other, rather than in view docstrings, so the
+whole public surface reads as one page.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+from typing import Any
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+
+from gateway import schemas
+from services.common.contracts import UtcTimestamp
+
+API_TITLE = "computenet national portal"
+API_VERSION = "1.0.0"
+
+_SCHEMAS = {
+    "Error": schemas.ErrorSchema,
+    "Health": schemas.HealthSchema,
+    "Summary": schemas.SummarySchema,
+    "City": schemas.CitySchema,
+    "Datacenter": schemas.DatacenterSchema,
+    # Nested schemas are registered under their own names on first use, so a
+    # schema comes before the ones that nest it.
+    "Voucher": schemas.VoucherSchema,
+    "ApplicationRequest": schemas.ApplicationRequestSchema,
+    "ApplicationResponse": schemas.ApplicationResponseSchema,
+    "DeadLetter": schemas.DeadLetterSchema,
+}
+
+_AUTH = [{"bearer": []}]
+
+
+def _json(schema: Any, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    text = {
+        400: "invalid request",
+        401: "no or invalid bearer token",
+        403: "the caller's role may not do this",
+        404: "not found",
+        409: "conflict (e.g. budget_exhausted)",
+        503: "a service behind the portal is unavailable",
+    }
+    return {str(s): _json("Error", text[s]) for s in (*statuses, 503)}
+
+
+def _path_param(name: str, description: str) -> dict[str, Any]:
+    return {
+        "in": "path",
+        "name": name,
+        "required": True,
+        "schema": {"type": "string"},
+        "description": description,
+    }
+
+
+def _list(ref: str) -> dict[str, Any]:
+    return {"type": "array", "items": {"$ref": f"#/components/schemas/{ref}"}}
+
+
+def _collection(ref: str) -> dict[str, Any]:
+    """A collection object: ``{"items": [...]}``, room for pagination fields."""
+    return {"type": "object", "required": ["items"], "properties": {"items": _list(ref)}}
+
+
+_PATHS: dict[str, dict[str, Any]] = {
+    "/healthz": {
+        "get": {
+            "summary": "200 when the portal can reach the bus",
+            "responses": {"200": _json("Health", "ok"), **_errors()},
+        }
+    },
+    "/api/v1/network/summary": {
+        "get": {
+            "summary": "National totals: budgets, GPU-seconds, utilisation",
+            "responses": {"200": _json("Summary", "the national view")},
+        }
+    },
+    "/api/v1/cities": {
+        "get": {
+            "summary": "Every city: programs, budget states, live or not",
+            "responses": {"200": _json(_list("City"), "cities")},
+        }
+    },
+    "/api/v1/cities/{city}": {
+        "get": {
+            "summary": "One city",
+            "parameters": [_path_param("city", "city code, e.g. shanghai")],
+            "responses": {"200": _json("City", "the city"), **_errors(404)},
+        }
+    },
+    "/api/v1/cities/{city}/applications": {
+        "post": {
+            "summary": "Apply for a voucher (the company itself, its city, national)",
+            "security": _AUTH,
+            "parameters": [_path_param("city", "city code")],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": "ApplicationRequest"}},
+            },
+            "responses": {
+                "201": _json("ApplicationResponse", "the decision, with reasons"),
+                **_errors(400, 401, 403, 404, 409),
+            },
+        }
+    },
+    "/api/v1/vouchers/{code}": {
+        "get": {
+            "summary": "A voucher: balance, face value, expiry, redemptions",
+            "security": _AUTH,
+            "parameters": [_path_param("code", "e.g. SH-7K3F9QXD2M4A-R")],
+            "responses": {
+                "200": _json("Voucher", "the voucher"),
+                **_errors(400, 401, 403, 404),
+            },
+        }
+    },
+    "/api/v1/datacenters": {
+        "get": {
+            "summary": "Every data centre: inventory, price, utilisation",
+            "responses": {"200": _json(_list("Datacenter"), "data centres")},
+        }
+    },
+    "/api/v1/datacenters/{datacenter_id}": {
+        "get": {
+            "summary": "One data centre",
+            "parameters": [_path_param("datacenter_id", "data centre id")],
+            "responses": {
+                "200": _json("Datacenter", "the data centre"),
+                **_errors(404),
+            },
+        }
+    },
+    "/api/v1/dead-letters": {
+        "get": {
+            "summary": "Rejected usage records: national admin, or a data centre's own",
+            "security": _AUTH,
+            "parameters": [
+                {"in": "query", "schema": schemas.DeadLetterQuerySchema},
+            ],
+            "responses": {
+                "200": _json(_collection("DeadLetter"), "dead letters"),
+                **_errors(400, 401, 403),
+            },
+        }
+    },
+}
+
+
+@lru_cache(maxsize=1)
+def build_spec() -> APISpec:
+    marshmallow_plugin = MarshmallowPlugin()
+    spec = APISpec(
+        title=API_TITLE,
+        version=API_VERSION,
+        openapi_version="3.0.3",
+        plugins=[marshmallow_plugin],
+        info={"description": "CONTRACTS.md §7: the national compute-voucher network"},
+    )
+    marshmallow_plugin.map_to_openapi_type(UtcTimestamp, "string", "date-time")
+    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    for name, schema in _SCHEMAS.items():
+        spec.components.schema(name, schema=schema)
+    for path, operations in _PATHS.items():
+        # apispec resolves schemas in place: keep the table above pristine.
+        spec.path(path=path, operations=copy.deepcopy(operations))
+    return spec
