@@ -1,0 +1,109 @@
+"""The capacity report (CONTRACTS.md §2): GPUs installed and busy, every interval.
+
+Sent once at start and then every ``CAPACITY_INTERVAL_S``; if the broker is
+down the round is skipped (the next report supersedes it), not queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services.common.amqp import capacity_key
+from services.common.config import DATACENTER_ID, DATACENTERS_FILE, INVENTORY
+from services.common.units import format_ts, utcnow
+from services.datacenter_gateway import domain
+from services.datacenter_gateway.outbox import Outbox
+from services.datacenter_gateway.relay import open_producer, publish_signed
+
+log = logging.getLogger("computenet.datacenter_gateway.capacity")
+
+
+class CapacityReporter:
+    def __init__(
+        self,
+        outbox: Outbox,
+        amqp_uri: str,
+        datacenter_id: str,
+        key_id: str,
+        secret: str,
+        inventory: list[domain.InventoryItem],
+        interval_s: float = 60.0,
+    ):
+        self.outbox = outbox
+        self.amqp_uri = amqp_uri
+        self.datacenter_id = datacenter_id
+        self.key_id = key_id
+        self.secret = secret
+        self.inventory = list(inventory)
+        self.interval_s = float(interval_s)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if not self.inventory:
+            log.warning(
+                "capacity: no inventory for %s in the data-centre list; not reporting",
+                self.datacenter_id,
+            )
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.run, name="capacity", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.report_once()
+            except Exception as exc:  # noqa: BLE001 - skip this round, try the next
+                log.warning(
+                    "capacity: report skipped (%s: %s)", type(exc).__name__, exc
+                )
+            self._stop.wait(self.interval_s)
+
+    def report_once(self) -> bytes:
+        """Build, sign and publish one report; returns the body sent."""
+        now = utcnow()
+        body = domain.capacity_report(
+            self.datacenter_id, self.inventory, self.outbox.allocated_gpus(now), now
+        )
+        conn, producer = open_producer(self.amqp_uri)
+        try:
+            publish_signed(
+                producer,
+                body,
+                capacity_key(self.datacenter_id),
+                f"{self.datacenter_id}.capacity.{format_ts(now)}",
+                self.key_id,
+                self.secret,
+            )
+        finally:
+            conn.release()
+        return body
+
+
+def load_inventory(settings: Mapping[str, Any]) -> list[domain.InventoryItem]:
+    """This data centre's GPUs: ``INVENTORY`` if configured, else its entry in
+    ``DATACENTERS_FILE``; empty when neither knows it."""
+    if settings.get(INVENTORY):
+        return domain.inventory_items(settings[INVENTORY])
+    path = settings.get(DATACENTERS_FILE)
+    if not path:
+        return []
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        log.warning("capacity: cannot read %s: %s", path, exc)
+        return []
+    return domain.parse_inventory(data, settings[DATACENTER_ID])

@@ -1,0 +1,342 @@
+"""The outbox: every record the gateway acknowledged, durably, until published.
+
+SQLite (WAL) by default, PostgreSQL when ``DATABASE_URL`` says so. A record is
+acknowledged to the agent only after its row is committed here; the relay
+publishes rows in insertion order and marks them published afterwards, so a
+crash in between publishes a row twice (metering drops the duplicate by
+``record_id``), never zero times.
+
+The tenant → voucher hand-over of CONTRACTS.md §6 lives here too: it is part
+of what turns an agent's record into the body that is signed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    TypeDecorator,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from services.common.units import utcnow
+from services.datacenter_gateway.domain import PreparedRecord
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UtcDateTime(TypeDecorator):
+    """Aware UTC datetimes in, aware UTC datetimes out (SQLite forgets the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime: computenet keeps every time in UTC")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC) if value is not None else None
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class OutboxRecord(Base):
+    """One usage record as it will be published: ``body`` is the signed bytes."""
+
+    __tablename__ = "outbox_records"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    )
+    record_id: Mapped[str] = mapped_column(String(128), unique=True, nullable=False)
+    body: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    # sha256 of the record as the agent sent it, before the tenant's voucher
+    # was added: a retried POST is a duplicate, a changed record a conflict.
+    agent_digest: Mapped[str] = mapped_column(String(64), nullable=False)
+    tenant_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    # Copied out of the body for the capacity report (GPUs busy right now).
+    gpu_model: Mapped[str] = mapped_column(String(64), nullable=False)
+    gpu_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    ended_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    # W3C trace context of the POST that stored it, continued by the relay.
+    traceparent: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    published_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+    __table_args__ = (
+        Index("ix_outbox_records_unpublished", "published_at", "id"),
+        Index("ix_outbox_records_ended_at", "ended_at"),
+    )
+
+
+class TenantVoucher(Base):
+    """The voucher a tenant handed to this data centre (PUT …/voucher)."""
+
+    __tablename__ = "tenant_vouchers"
+
+    tenant_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    voucher_code: Mapped[str] = mapped_column(String(64), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    accepted: int
+    duplicates: int
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Records of a batch whose record_id is stored with a different body."""
+
+    indexes: dict[str, str]
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    id: int
+    record_id: str
+    body: bytes
+    traceparent: str | None
+
+
+class Outbox:
+    """The durable store behind the agent API, the relay and the capacity report."""
+
+    def __init__(self, engine: Engine, backlog_cache_s: float = 1.0):
+        self.engine = engine
+        self.sessions = sessionmaker(engine, expire_on_commit=False)
+        self._backlog_cache_s = backlog_cache_s
+        self._backlog: tuple[float, int] | None = None
+        self._lock = threading.Lock()
+
+    # -- ingest ---------------------------------------------------------------
+
+    def ingest(
+        self,
+        records: Sequence[PreparedRecord],
+        datacenter_id: str,
+        traceparent: str | None = None,
+        attempts: int = 3,
+    ) -> IngestResult | Conflict:
+        """Store a validated batch in one transaction, or nothing at all."""
+        for attempt in range(attempts):
+            try:
+                return self._ingest_once(records, datacenter_id, traceparent)
+            except IntegrityError:
+                # Another request stored one of these record_ids between our
+                # read and our insert: read again and decide again.
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _ingest_once(
+        self,
+        records: Sequence[PreparedRecord],
+        datacenter_id: str,
+        traceparent: str | None,
+    ) -> IngestResult | Conflict:
+        ids = list({r.record_id for r in records})
+        tenants = list({r.tenant_id for r in records if r.voucher_code is None})
+        now = utcnow()
+        with self.sessions.begin() as session:
+            stored: dict[str, str] = {}
+            for chunk in _chunks(ids, 500):
+                rows = session.execute(
+                    select(OutboxRecord.record_id, OutboxRecord.agent_digest).where(
+                        OutboxRecord.record_id.in_(chunk)
+                    )
+                )
+                stored.update(dict(rows.all()))
+            vouchers: dict[str, str] = {}
+            if tenants:
+                rows = session.execute(
+                    select(TenantVoucher.tenant_id, TenantVoucher.voucher_code).where(
+                        TenantVoucher.tenant_id.in_(tenants)
+                    )
+                )
+                vouchers = dict(rows.all())
+            conflicts: dict[str, str] = {}
+            fresh: list[PreparedRecord] = []
+            duplicates = 0
+            for index, record in enumerate(records):
+                digest = stored.get(record.record_id)
+                if digest is None:
+                    stored[record.record_id] = record.agent_digest
+                    fresh.append(record)
+                elif digest == record.agent_digest:
+                    duplicates += 1
+                else:
+                    conflicts[str(index)] = (
+                        f"record_id {record.record_id!r} was already accepted "
+                        "with a different body"
+                    )
+            if conflicts:
+                return Conflict(conflicts)
+            for record in fresh:
+                fields = record.fields
+                session.add(
+                    OutboxRecord(
+                        record_id=record.record_id,
+                        body=record.body(datacenter_id, vouchers.get(record.tenant_id)),
+                        agent_digest=record.agent_digest,
+                        tenant_id=record.tenant_id,
+                        gpu_model=fields["gpu_model"],
+                        gpu_count=fields["gpu_count"],
+                        started_at=fields["started_at"],
+                        ended_at=fields["ended_at"],
+                        traceparent=traceparent,
+                        created_at=now,
+                    )
+                )
+        accepted = len(fresh)
+        with self._lock:
+            if self._backlog is not None:
+                self._backlog = (self._backlog[0], self._backlog[1] + accepted)
+        return IngestResult(accepted, duplicates)
+
+    # -- tenant vouchers ------------------------------------------------------
+
+    def set_voucher(self, tenant_id: str, voucher_code: str) -> None:
+        with self.sessions.begin() as session:
+            row = session.get(TenantVoucher, tenant_id)
+            if row is None:
+                session.add(
+                    TenantVoucher(
+                        tenant_id=tenant_id,
+                        voucher_code=voucher_code,
+                        updated_at=utcnow(),
+                    )
+                )
+            else:
+                row.voucher_code = voucher_code
+                row.updated_at = utcnow()
+
+    def get_voucher(self, tenant_id: str) -> str | None:
+        with self.sessions() as session:
+            row = session.get(TenantVoucher, tenant_id)
+            return row.voucher_code if row else None
+
+    def clear_voucher(self, tenant_id: str) -> bool:
+        with self.sessions.begin() as session:
+            row = session.get(TenantVoucher, tenant_id)
+            if row is None:
+                return False
+            session.delete(row)
+            return True
+
+    # -- relay ----------------------------------------------------------------
+
+    def pending(self, limit: int) -> list[PendingRow]:
+        """Up to ``limit`` unpublished rows, oldest first.
+
+        The transaction ends before the caller publishes: no lock is held
+        while the broker is slow.
+        """
+        with self.sessions() as session:
+            rows = session.execute(
+                select(
+                    OutboxRecord.id,
+                    OutboxRecord.record_id,
+                    OutboxRecord.body,
+                    OutboxRecord.traceparent,
+                )
+                .where(OutboxRecord.published_at.is_(None))
+                .order_by(OutboxRecord.id)
+                .limit(limit)
+            ).all()
+        return [
+            PendingRow(r.id, r.record_id, bytes(r.body), r.traceparent) for r in rows
+        ]
+
+    def mark_published(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        now = utcnow()
+        with self.sessions.begin() as session:
+            for chunk in _chunks(list(ids), 500):
+                session.execute(
+                    update(OutboxRecord)
+                    .where(OutboxRecord.id.in_(chunk))
+                    .values(published_at=now)
+                )
+        with self._lock:
+            self._backlog = None
+
+    # -- status and capacity --------------------------------------------------
+
+    def backlog(self, fresh: bool = False) -> int:
+        """Unpublished rows; cached briefly, since every POST asks."""
+        with self._lock:
+            cached = self._backlog
+        if (
+            not fresh
+            and cached
+            and time.monotonic() - cached[0] < self._backlog_cache_s
+        ):
+            return cached[1]
+        with self.sessions() as session:
+            count = session.scalar(
+                select(func.count())
+                .select_from(OutboxRecord)
+                .where(OutboxRecord.published_at.is_(None))
+            )
+        with self._lock:
+            self._backlog = (time.monotonic(), int(count or 0))
+        return int(count or 0)
+
+    def oldest_unsent_at(self) -> datetime | None:
+        with self.sessions() as session:
+            return session.scalar(
+                select(OutboxRecord.created_at)
+                .where(OutboxRecord.published_at.is_(None))
+                .order_by(OutboxRecord.id)
+                .limit(1)
+            )
+
+    def allocated_gpus(self, now: datetime) -> dict[str, int]:
+        """GPUs per model of the records whose span covers ``now``."""
+        with self.sessions() as session:
+            rows = session.execute(
+                select(OutboxRecord.gpu_model, func.sum(OutboxRecord.gpu_count))
+                .where(OutboxRecord.ended_at >= now, OutboxRecord.started_at <= now)
+                .group_by(OutboxRecord.gpu_model)
+            ).all()
+        return {model: int(total or 0) for model, total in rows}
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,226 @@
+"""A simulated agent: realistic finished GPU jobs, POSTed to a gateway.
+
+``python -m services.datacenter_gateway.simulate --gateway-url URL [--token T]
+--tenant TENANT=VOUCHER_CODE … [--tenant-without-voucher TENANT …]
+[--rate RECORDS_PER_MIN] [--gpu-model M …] [--count N]``
+
+It first hands each tenant's voucher to the gateway, then sends a batch every
+few seconds. A batch the gateway did not acknowledge is sent again, the same
+records with the same ids, until it is (the gateway absorbs duplicates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import requests
+
+from services.common.units import SECONDS_PER_HOUR, format_ts, utcnow
+
+log = logging.getLogger("computenet.simulate")
+
+# Most jobs are small; a few take a whole pod.
+GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+GPU_COUNT_WEIGHTS = (30, 20, 18, 16, 7, 4, 2, 1.5, 1, 0.5)
+DEFAULT_GPU_MODELS = ("H800", "Ascend-910B")
+BATCH_INTERVAL_S = 3.0
+
+
+@dataclass(frozen=True)
+class Tenant:
+    tenant_id: str
+    voucher_code: str | None
+
+
+def make_job(
+    rng: random.Random,
+    tenant: Tenant,
+    gpu_models: dict[str, int | None],
+) -> dict[str, Any]:
+    """One finished job as an agent reports it (voucher left to the gateway)."""
+    model = rng.choice(sorted(gpu_models))
+    limit = gpu_models[model] or GPU_COUNTS[-1]
+    choices = [
+        (c, w) for c, w in zip(GPU_COUNTS, GPU_COUNT_WEIGHTS, strict=True) if c <= limit
+    ]
+    count = rng.choices([c for c, _ in choices], [w for _, w in choices])[0]
+    # Log-uniform from 5 minutes to 12 hours: many short jobs, some long runs.
+    duration_s = int(round(300 * (144 ** rng.random())))
+    ended = utcnow() - timedelta(seconds=rng.randint(0, 120))
+    started = ended - timedelta(seconds=duration_s)
+    utilisation = rng.uniform(0.35, 0.98)
+    return {
+        "record_id": f"sim-{uuid.uuid4().hex}",
+        "tenant_id": tenant.tenant_id,
+        "voucher_code": None,
+        "gpu_model": model,
+        "gpu_count": count,
+        "started_at": format_ts(started),
+        "ended_at": format_ts(ended),
+        "gpu_seconds": int(count * duration_s * utilisation),
+        "source": "simulated",
+        "job_id": f"job-{rng.randrange(10**7):07d}",
+        "correction_of": None,
+    }
+
+
+class GatewayClient:
+    def __init__(self, url: str, token: str | None, timeout: float = 10.0):
+        self.url = url.rstrip("/")
+        self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        self.timeout = timeout
+
+    def send(
+        self, method: str, path: str, body: Any, stop_at: float
+    ) -> requests.Response:
+        """Send until the gateway answers something other than 'try later'."""
+        delay = 0.5
+        while True:
+            try:
+                response = self.session.request(
+                    method, self.url + path, json=body, timeout=self.timeout
+                )
+                if response.status_code not in (502, 503, 504):
+                    return response
+                wait = float(response.headers.get("Retry-After") or delay)
+                reason = f"HTTP {response.status_code}"
+            except requests.RequestException as exc:
+                wait, reason = delay, type(exc).__name__
+            if time.monotonic() + wait > stop_at:
+                raise TimeoutError(f"{method} {path}: gateway unreachable ({reason})")
+            log.warning("%s %s: %s; retrying in %.1f s", method, path, reason, wait)
+            time.sleep(wait)
+            delay = min(delay * 2, 30.0)
+
+
+def _tenant(text: str) -> Tenant:
+    tenant_id, sep, code = text.partition("=")
+    if not sep or not tenant_id or not code:
+        raise argparse.ArgumentTypeError("write TENANT=VOUCHER_CODE")
+    return Tenant(tenant_id, code)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.datacenter_gateway.simulate"
+    )
+    parser.add_argument("--gateway-url", required=True)
+    parser.add_argument("--token", default=None, help="the gateway's AGENT_TOKEN")
+    parser.add_argument("--tenant", type=_tenant, action="append", default=[])
+    parser.add_argument("--tenant-without-voucher", action="append", default=[])
+    parser.add_argument("--rate", type=float, default=60.0, help="records per minute")
+    parser.add_argument(
+        "--gpu-model",
+        action="append",
+        default=[],
+        help="default: the gateway's inventory",
+    )
+    parser.add_argument("--count", type=int, default=None, help="stop after N records")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--give-up-after",
+        type=float,
+        default=300.0,
+        help="seconds unreachable before exit",
+    )
+    args = parser.parse_args(argv)
+    if not args.tenant and not args.tenant_without_voucher:
+        parser.error("name at least one --tenant or --tenant-without-voucher")
+    if args.rate <= 0:
+        parser.error("--rate must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s simulate %(levelname)s: %(message)s"
+    )
+    rng = random.Random(args.seed)
+    client = GatewayClient(args.gateway_url, args.token)
+    tenants = list(args.tenant) + [Tenant(t, None) for t in args.tenant_without_voucher]
+    try:
+        for tenant in args.tenant:
+            response = client.send(
+                "PUT",
+                f"/v1/tenants/{tenant.tenant_id}/voucher",
+                {"voucher_code": tenant.voucher_code},
+                time.monotonic() + args.give_up_after,
+            )
+            if response.status_code != 200:
+                log.error("voucher of %s refused: %s", tenant.tenant_id, response.text)
+                return 1
+            log.info(
+                "tenant %s handed over voucher %s",
+                tenant.tenant_id,
+                tenant.voucher_code,
+            )
+        gpu_models: dict[str, int | None] = {m: None for m in args.gpu_model}
+        if not gpu_models:
+            status = client.send(
+                "GET", "/v1/status", None, time.monotonic() + args.give_up_after
+            ).json()
+            gpu_models = {
+                i["gpu_model"]: i["count"] for i in status.get("inventory") or []
+            }
+            gpu_models = gpu_models or {m: None for m in DEFAULT_GPU_MODELS}
+        sent = batch_no = 0
+        per_batch = args.rate * BATCH_INTERVAL_S / 60.0
+        carry = 0.0
+        while args.count is None or sent < args.count:
+            carry += per_batch
+            size = int(carry)
+            carry -= size
+            if args.count is not None:
+                size = min(size, args.count - sent)
+            if size > 0:
+                batch = [
+                    make_job(rng, rng.choice(tenants), gpu_models) for _ in range(size)
+                ]
+                response = client.send(
+                    "POST", "/v1/usage", batch, time.monotonic() + args.give_up_after
+                )
+                batch_no += 1
+                if response.status_code != 202:
+                    log.error(
+                        "batch %d refused: %s %s",
+                        batch_no,
+                        response.status_code,
+                        response.text[:500],
+                    )
+                    return 1
+                result = response.json()
+                sent += size
+                gpu_h = sum(r["gpu_seconds"] for r in batch) / SECONDS_PER_HOUR
+                log.info(
+                    "batch %d: %d records, accepted=%d dup=%d, %.1f GPU-h, total %d",
+                    batch_no,
+                    size,
+                    result["accepted"],
+                    result["duplicates"],
+                    gpu_h,
+                    sent,
+                )
+                if args.count is not None and sent >= args.count:
+                    break
+            time.sleep(BATCH_INTERVAL_S)
+    except TimeoutError as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
