@@ -1,0 +1,1 @@
+"""One city's voucher service (``vouchers_<city>``): rules, vouchers, ledger."""

@@ -1,0 +1,72 @@
+"""Dependency providers of the voucher service: its ledger and its clock."""
+
+from __future__ import annotations
+
+import time
+
+from nameko import config
+from nameko.extensions import DependencyProvider
+from sqlalchemy.exc import IntegrityError
+
+from services.common.config import CITY_CODE, RULES_FILE
+from services.common.db import Database
+from services.vouchers.ledger import CityLedger, sync_programs
+from services.vouchers.rules import load_rules
+
+
+class Ledger(Database):
+    """Injects a :class:`CityLedger`: a session per worker and the city's rules.
+
+    ``setup()`` loads the rules file and brings the program rows in line with
+    it, so the service never runs on rules its database has not seen.
+    """
+
+    def setup(self):
+        super().setup()
+        self.rules = load_rules(config[RULES_FILE], config[CITY_CODE])
+        for attempt in range(2):
+            session = self.sessionmaker()
+            try:
+                sync_programs(session, self.rules)
+                break
+            except IntegrityError:
+                # Another copy of this city's service funded the programs at
+                # the same moment: its rows are there now, sync against them.
+                if attempt:
+                    raise
+            finally:
+                session.close()
+
+    def get_dependency(self, worker_ctx) -> CityLedger:
+        return CityLedger(super().get_dependency(worker_ctx), self.rules)
+
+
+class Clock:
+    def __init__(self, provider: Uptime):
+        self._provider = provider
+
+    @property
+    def uptime_s(self) -> int:
+        return int(time.monotonic() - self._provider.started)
+
+    @property
+    def started_at(self) -> float:
+        return self._provider.started_wall
+
+    def next_tick(self) -> int:
+        """0 for the first tick, then 1, 2 …"""
+        tick = self._provider.ticks
+        self._provider.ticks += 1
+        return tick
+
+
+class Uptime(DependencyProvider):
+    """Counts the service's timer ticks and its uptime."""
+
+    def setup(self):
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.ticks = 0
+
+    def get_dependency(self, worker_ctx) -> Clock:
+        return Clock(self)

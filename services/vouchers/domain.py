@@ -1,0 +1,355 @@
+"""A city's voucher rules, pure Python: eligibility, subsidy and ledger arithmetic.
+
+No nameko, no SQLAlchemy, no I/O. ``rules.py`` turns a rules file into the
+types defined here; ``ledger.py`` applies the decisions taken here to the
+database. Money is integer fen, rates integer basis points (``units.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from services.common.units import apply_rate_fen
+
+KINDS = ("compute", "training_data")
+REVIEWS = ("auto", "manual")
+
+APPROVED = "approved"
+REJECTED = "rejected"
+PENDING_REVIEW = "pending_review"
+
+ACTIVE = "active"
+
+# Why a rated usage record was not booked (CONTRACTS.md §1 reasons).
+UNKNOWN_VOUCHER = "unknown_voucher"
+VOUCHER_EXPIRED = "voucher_expired"
+VOUCHER_WRONG_DATACENTER = "voucher_wrong_datacenter"
+# A correction of this record arrived (and was booked) before the record.
+SUPERSEDED = "superseded"
+
+
+# --------------------------------------------------------------------------
+# Eligibility: a tree of all_of / any_of / not over named predicates.
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One rule's verdict, as stored with the decision and shown to the company."""
+
+    rule: str
+    passed: bool
+    evidence: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "passed": self.passed, "evidence": self.evidence}
+
+
+@dataclass(frozen=True)
+class PredicateSpec:
+    """A named test of an applicant: what its argument must be, and the test.
+
+    ``check(company, argument)`` returns ``(passed, evidence)``.
+    """
+
+    name: str
+    argument: str  # for error messages: "a string", "a whole number ≥ 0" …
+    accepts: Callable[[Any], bool]
+    check: Callable[[Mapping[str, Any], Any], tuple[bool, str]]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _registered_in(company: Mapping[str, Any], city: str) -> tuple[bool, str]:
+    actual = company.get("registered_in")
+    if actual is None:
+        return False, "registered_in not given"
+    return str(actual).lower() == city.lower(), f"registered_in={actual}"
+
+
+def _max_employees(company: Mapping[str, Any], limit: int) -> tuple[bool, str]:
+    employees = company.get("employees")
+    if employees is None:
+        return False, "employees not given"
+    return employees <= limit, f"employees={employees} (at most {limit})"
+
+
+def _min_revenue(company: Mapping[str, Any], floor: int) -> tuple[bool, str]:
+    revenue = company.get("annual_revenue_cny")
+    if revenue is None:
+        return False, "annual_revenue_cny not given"
+    return revenue >= floor, f"annual_revenue_cny={revenue} (at least {floor})"
+
+
+def _research_project(company: Mapping[str, Any], wanted: bool) -> tuple[bool, str]:
+    actual = company.get("government_research_project")
+    if actual is None:
+        actual = False
+        evidence = "government_research_project not declared"
+    else:
+        evidence = f"government_research_project={str(actual).lower()}"
+    return bool(actual) == wanted, evidence
+
+
+PREDICATES: dict[str, PredicateSpec] = {
+    spec.name: spec
+    for spec in (
+        PredicateSpec(
+            "registered_in",
+            "a city code",
+            lambda v: isinstance(v, str) and bool(v),
+            _registered_in,
+        ),
+        PredicateSpec(
+            "max_employees",
+            "a whole number ≥ 0",
+            lambda v: _is_int(v) and v >= 0,
+            _max_employees,
+        ),
+        PredicateSpec(
+            "min_annual_revenue_cny",
+            "a whole number of CNY ≥ 0",
+            lambda v: _is_int(v) and v >= 0,
+            _min_revenue,
+        ),
+        PredicateSpec(
+            "government_research_project",
+            "true or false",
+            lambda v: isinstance(v, bool),
+            _research_project,
+        ),
+    )
+}
+COMBINATORS = ("all_of", "any_of", "not")
+
+
+@dataclass(frozen=True)
+class Predicate:
+    name: str
+    argument: Any
+
+    def describe(self) -> str:
+        arg = (
+            str(self.argument).lower()
+            if isinstance(self.argument, bool)
+            else self.argument
+        )
+        return f"{self.name}: {arg}"
+
+
+@dataclass(frozen=True)
+class AllOf:
+    rules: tuple[Rule, ...]
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    rules: tuple[Rule, ...]
+
+
+@dataclass(frozen=True)
+class Not:
+    rule: Rule
+
+
+Rule = Union[Predicate, AllOf, AnyOf, Not]  # noqa: UP007 - a forward-referenced alias
+
+ALWAYS = AllOf(())
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    reasons: tuple[Reason, ...]
+
+
+def evaluate(rule: Rule, company: Mapping[str, Any]) -> Verdict:
+    """Decide ``rule`` for ``company``; every node gives a reason, depth first.
+
+    All branches are evaluated (no short circuit), so the applicant sees every
+    rule they failed, not just the first.
+    """
+    if isinstance(rule, Predicate):
+        passed, evidence = PREDICATES[rule.name].check(company, rule.argument)
+        return Verdict(passed, (Reason(rule.describe(), passed, evidence),))
+    if isinstance(rule, Not):
+        inner = evaluate(rule.rule, company)
+        passed = not inner.passed
+        own = Reason(
+            "not", passed, f"inner rule {'passed' if inner.passed else 'failed'}"
+        )
+        return Verdict(passed, (own, *inner.reasons))
+    verdicts = [evaluate(child, company) for child in rule.rules]
+    hits = sum(v.passed for v in verdicts)
+    if isinstance(rule, AllOf):
+        name, passed = "all_of", hits == len(verdicts)
+    else:
+        name, passed = "any_of", hits > 0
+    own = Reason(name, passed, f"{hits} of {len(verdicts)} passed")
+    return Verdict(passed, (own, *(r for v in verdicts for r in v.reasons)))
+
+
+# --------------------------------------------------------------------------
+# Programs: rates, bonuses, where a voucher may be spent.
+
+DATACENTER_ATTRIBUTES = ("government_run", "chip_origin", "hub_region")
+
+
+@dataclass(frozen=True)
+class Bonus:
+    """``add_bp`` more subsidy when every attribute in ``when`` matches."""
+
+    when: tuple[tuple[str, Any], ...]
+    add_bp: int
+
+    def applies(self, datacenter: Mapping[str, Any]) -> bool:
+        return all(datacenter.get(key) == value for key, value in self.when)
+
+
+@dataclass(frozen=True)
+class DatacenterScope:
+    """Where a program's vouchers may be spent: anywhere, listed ids, a hub."""
+
+    ids: frozenset[str] | None = None
+    hub_region: str | None = None
+
+    def admits(self, datacenter_id: str, datacenter: Mapping[str, Any]) -> bool:
+        if self.ids is not None and datacenter_id not in self.ids:
+            return False
+        if (
+            self.hub_region is not None
+            and datacenter.get("hub_region") != self.hub_region
+        ):
+            return False
+        return True
+
+
+ANYWHERE = DatacenterScope()
+
+
+@dataclass(frozen=True)
+class Program:
+    id: str
+    kind: str
+    budget_fen: int
+    rate_bp: int
+    max_rate_bp: int
+    face_min_fen: int
+    face_max_fen: int
+    valid_days: int
+    review: str = "auto"
+    eligibility: Rule = ALWAYS
+    bonuses: tuple[Bonus, ...] = ()
+    datacenters: DatacenterScope = ANYWHERE
+
+
+@dataclass(frozen=True)
+class CityRules:
+    city: str
+    name: str
+    region: str
+    voucher_prefix: str
+    programs: tuple[Program, ...]
+    version: str
+    sha256: str
+    source: str = ""
+
+    def program(self, program_id: str) -> Program | None:
+        return next((p for p in self.programs if p.id == program_id), None)
+
+
+@dataclass(frozen=True)
+class Decision:
+    decision: str  # approved | rejected | pending_review
+    reasons: tuple[Reason, ...] = field(default_factory=tuple)
+
+
+def decide(program: Program, company: Mapping[str, Any]) -> Decision:
+    """Eligibility, then review: approved only when every rule passes."""
+    verdict = evaluate(program.eligibility, company)
+    if not verdict.passed:
+        return Decision(REJECTED, verdict.reasons)
+    if program.review == "manual":
+        return Decision(PENDING_REVIEW, verdict.reasons)
+    return Decision(APPROVED, verdict.reasons)
+
+
+def face_value_problem(program: Program, face_value_fen: int) -> str | None:
+    """Why a requested face value is not allowed, or None."""
+    if not program.face_min_fen <= face_value_fen <= program.face_max_fen:
+        return (
+            f"must be between {program.face_min_fen // 100} and "
+            f"{program.face_max_fen // 100} CNY for program {program.id}"
+        )
+    return None
+
+
+def effective_rate_bp(program: Program, datacenter: Mapping[str, Any]) -> int:
+    """Program rate plus every bonus that applies, capped by the maximum rate."""
+    bonus = sum(b.add_bp for b in program.bonuses if b.applies(datacenter))
+    return min(program.rate_bp + bonus, program.max_rate_bp)
+
+
+def subsidy_fen(
+    cost_fen: int, rate_bp: int, balance_fen: int, committed_fen: int
+) -> int:
+    """min(cost × rate rounded down, voucher balance, program's committed funds)."""
+    if cost_fen < 0:
+        raise ValueError("cost must be non-negative")
+    return max(0, min(apply_rate_fen(cost_fen, rate_bp), balance_fen, committed_fen))
+
+
+def usage_problem(
+    program: Program | None,
+    voucher_status: str | None,
+    expires_at: Any,
+    started_at: Any,
+    datacenter_id: str,
+    datacenter: Mapping[str, Any],
+) -> str | None:
+    """Why a rated record cannot be booked against this voucher, or None."""
+    if voucher_status is None:
+        return UNKNOWN_VOUCHER
+    if voucher_status != ACTIVE or started_at >= expires_at:
+        return VOUCHER_EXPIRED
+    scope = program.datacenters if program is not None else ANYWHERE
+    if not scope.admits(datacenter_id, datacenter):
+        return VOUCHER_WRONG_DATACENTER
+    return None
+
+
+# --------------------------------------------------------------------------
+# Ledger accounts: every balance kept on a row is the sum of one account.
+
+
+def program_account(program_id: str, column: str) -> str:
+    """``available``, ``committed``, ``redeemed`` or ``released`` of a program."""
+    return f"program:{program_id}:{column}"
+
+
+def voucher_account(code: str, column: str) -> str:
+    """``face``, ``redeemed`` or ``released`` of a voucher."""
+    return f"voucher:{code}:{column}"
+
+
+def issue_entries(program_id: str, code: str, face_fen: int) -> list[tuple[str, int]]:
+    """Face value moves from the program's available funds to committed."""
+    return [
+        (program_account(program_id, "available"), -face_fen),
+        (program_account(program_id, "committed"), face_fen),
+        (voucher_account(code, "face"), face_fen),
+    ]
+
+
+def redemption_entries(
+    program_id: str, code: str, subsidy: int
+) -> list[tuple[str, int]]:
+    """A subsidy (negative for a reversal) moves committed funds to redeemed."""
+    return [
+        (program_account(program_id, "committed"), -subsidy),
+        (program_account(program_id, "redeemed"), subsidy),
+        (voucher_account(code, "redeemed"), subsidy),
+    ]

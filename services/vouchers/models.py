@@ -1,0 +1,206 @@
+"""The tables of one city's voucher service (its own database).
+
+``ledger_entries`` is append-only; the balances kept on ``programs`` and
+``vouchers`` rows are caches of its sums (``ledger.check_ledger`` proves it),
+and CHECK constraints keep them from going negative.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UtcDateTime(TypeDecorator):
+    """An aware UTC datetime in Python, whatever the database keeps."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: computenet keeps every time in UTC")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Program(Base):
+    """A program's budget state: available + committed + redeemed = budget."""
+
+    __tablename__ = "programs"
+    __table_args__ = (
+        CheckConstraint("available_fen >= 0", name="available_non_negative"),
+        CheckConstraint("committed_fen >= 0", name="committed_non_negative"),
+        CheckConstraint("redeemed_fen >= 0", name="redeemed_non_negative"),
+        CheckConstraint(
+            "available_fen + committed_fen + redeemed_fen = budget_fen",
+            name="budget_balances",
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    budget_fen: Mapped[int] = mapped_column(BigInteger)
+    available_fen: Mapped[int] = mapped_column(BigInteger)
+    committed_fen: Mapped[int] = mapped_column(BigInteger)
+    redeemed_fen: Mapped[int] = mapped_column(BigInteger)
+    released_fen: Mapped[int] = mapped_column(BigInteger)
+    rate_bp: Mapped[int] = mapped_column(Integer)
+    max_rate_bp: Mapped[int] = mapped_column(Integer)
+    rules_version: Mapped[str] = mapped_column(String(64))
+    rules_sha256: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Application(Base):
+    """One decision, with the rules version and the evidence it used."""
+
+    __tablename__ = "applications"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    program_id: Mapped[str] = mapped_column(ForeignKey("programs.id"))
+    company_id: Mapped[str] = mapped_column(String(64), index=True)
+    company: Mapped[dict] = mapped_column(JSON)
+    requested_face_value_fen: Mapped[int] = mapped_column(BigInteger)
+    decision: Mapped[str] = mapped_column(String(16))
+    reasons: Mapped[list] = mapped_column(JSON)
+    rules_version: Mapped[str] = mapped_column(String(64))
+    rules_sha256: Mapped[str] = mapped_column(String(64))
+    voucher_code: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    decided_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Voucher(Base):
+    """balance = face value − redeemed − released ≥ 0."""
+
+    __tablename__ = "vouchers"
+    __table_args__ = (
+        CheckConstraint("redeemed_fen >= 0", name="redeemed_non_negative"),
+        CheckConstraint("released_fen >= 0", name="released_non_negative"),
+        CheckConstraint(
+            "redeemed_fen + released_fen <= face_value_fen", name="balance_non_negative"
+        ),
+        # One company holds at most one active voucher per program.
+        Index(
+            "uq_vouchers_active_company_program",
+            "company_id",
+            "program_id",
+            unique=True,
+            postgresql_where=text("status = 'active'"),
+            sqlite_where=text("status = 'active'"),
+        ),
+    )
+
+    code: Mapped[str] = mapped_column(String(32), primary_key=True)
+    program_id: Mapped[str] = mapped_column(ForeignKey("programs.id"))
+    company_id: Mapped[str] = mapped_column(String(64))
+    application_id: Mapped[str] = mapped_column(ForeignKey("applications.id"))
+    status: Mapped[str] = mapped_column(String(16))
+    face_value_fen: Mapped[int] = mapped_column(BigInteger)
+    redeemed_fen: Mapped[int] = mapped_column(BigInteger)
+    released_fen: Mapped[int] = mapped_column(BigInteger)
+    issued_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+    @property
+    def balance_fen(self) -> int:
+        return self.face_value_fen - self.redeemed_fen - self.released_fen
+
+
+class Redemption(Base):
+    """A booked usage record (``kind=usage``) or the reversal of one.
+
+    A usage record is booked at most once per (datacenter_id, record_id), and
+    reversed at most once; ``source_record_id`` is the record whose arrival
+    wrote the row (the correcting record, for a reversal), so a redelivery
+    finds every event it must publish again.
+    """
+
+    __tablename__ = "redemptions"
+    __table_args__ = (
+        UniqueConstraint("datacenter_id", "record_id", "kind"),
+        Index("ix_redemptions_source", "datacenter_id", "source_record_id"),
+        Index("ix_redemptions_correction_of", "datacenter_id", "correction_of"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    datacenter_id: Mapped[str] = mapped_column(String(64))
+    record_id: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))  # usage | reversal
+    source_record_id: Mapped[str] = mapped_column(String(128))
+    correction_of: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    voucher_code: Mapped[str] = mapped_column(ForeignKey("vouchers.code"), index=True)
+    program_id: Mapped[str] = mapped_column(ForeignKey("programs.id"))
+    gpu_seconds: Mapped[int] = mapped_column(BigInteger)
+    cost_fen: Mapped[int] = mapped_column(BigInteger)
+    rate_bp: Mapped[int] = mapped_column(Integer)
+    subsidy_fen: Mapped[int] = mapped_column(BigInteger)
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    booked_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class RejectedUsage(Base):
+    """A rated record that was not booked, with the reason (once per record)."""
+
+    __tablename__ = "rejected_usage"
+    __table_args__ = (UniqueConstraint("datacenter_id", "record_id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    datacenter_id: Mapped[str] = mapped_column(String(64))
+    record_id: Mapped[str] = mapped_column(String(128))
+    voucher_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reason: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(String(512))
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class LedgerEntry(Base):
+    """Append-only: one movement of money on one account."""
+
+    __tablename__ = "ledger_entries"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    account: Mapped[str] = mapped_column(String(128), index=True)
+    amount_fen: Mapped[int] = mapped_column(BigInteger)
+    reference: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)

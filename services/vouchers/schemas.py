@@ -1,0 +1,93 @@
+"""What enters and leaves a city's voucher service (CONTRACTS.md §7 bodies)."""
+
+from __future__ import annotations
+
+from marshmallow import RAISE, Schema, fields, validate
+
+from services.common.contracts import UtcTimestamp
+
+
+class CompanySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    registration_id = fields.String(required=True, validate=validate.Length(1, 64))
+    name = fields.String(required=True, validate=validate.Length(1, 256))
+    registered_in = fields.String(required=True, validate=validate.Length(1, 64))
+    employees = fields.Integer(
+        strict=True, load_default=None, allow_none=True, validate=validate.Range(min=0)
+    )
+    annual_revenue_cny = fields.Integer(
+        strict=True, load_default=None, allow_none=True, validate=validate.Range(min=0)
+    )
+    government_research_project = fields.Boolean(load_default=None, allow_none=True)
+    founded_on = fields.Date(load_default=None, allow_none=True)
+    sector = fields.String(
+        load_default=None, allow_none=True, validate=validate.Length(max=64)
+    )
+
+
+class ApplicationRequestSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    program_id = fields.String(required=True, validate=validate.Length(1, 64))
+    company = fields.Nested(CompanySchema, required=True)
+    requested_face_value_cny = fields.Integer(
+        strict=True, required=True, validate=validate.Range(min=1)
+    )
+
+
+class ReasonSchema(Schema):
+    rule = fields.String()
+    passed = fields.Boolean()
+    evidence = fields.String()
+
+
+class RedemptionSchema(Schema):
+    record_id = fields.String()
+    datacenter_id = fields.String()
+    kind = fields.String()  # extension: usage | reversal
+    gpu_seconds = fields.Integer()
+    cost_fen = fields.Integer()
+    rate_bp = fields.Integer()  # extension
+    subsidy_fen = fields.Integer()
+    booked_at = UtcTimestamp()  # extension
+
+
+class VoucherSchema(Schema):
+    code = fields.String()
+    city = fields.String()
+    program_id = fields.String()
+    company_id = fields.String()
+    status = fields.String()
+    face_value_fen = fields.Integer()
+    balance_fen = fields.Integer()
+    redeemed_fen = fields.Integer()
+    released_fen = fields.Integer()
+    issued_at = UtcTimestamp()
+    expires_at = UtcTimestamp()
+    redemptions = fields.List(fields.Nested(RedemptionSchema))
+    redemptions_total = fields.Integer()  # extension: the list holds the latest 100
+
+
+class ApplicationResponseSchema(Schema):
+    application_id = fields.String()
+    decision = fields.String()
+    reasons = fields.List(fields.Nested(ReasonSchema))
+    rules_version = fields.String()
+    voucher = fields.Nested(VoucherSchema, allow_none=True)
+
+
+class ProgramStateSchema(Schema):
+    program_id = fields.String()
+    kind = fields.String()
+    budget_fen = fields.Integer()
+    rate_bp = fields.Integer()
+    max_rate_bp = fields.Integer()  # extension
+    available_fen = fields.Integer()
+    committed_fen = fields.Integer()
+    redeemed_fen = fields.Integer()
+    released_fen = fields.Integer()
+    rules_version = fields.String()  # extension
+    rules_sha256 = fields.String()  # extension

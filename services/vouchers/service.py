@@ -1,0 +1,251 @@
+"""``vouchers_<city>``: one city's voucher service — nameko entrypoints only.
+
+Applications arrive by RPC, rated usage on ``vouchers_<city>.usage_rated``;
+decisions come from ``domain``, money moves in ``ledger``, and the facts are
+published on ``computenet.federation`` after they are committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from marshmallow import ValidationError
+from nameko.messaging import Publisher, consume
+from nameko.rpc import rpc
+from nameko.timer import timer
+
+from services.common import vouchercode
+from services.common.amqp import FEDERATION_EXCHANGE, durable_queue, federation_key
+from services.common.config import (
+    CITY_CODE,
+    HEARTBEAT_INTERVAL_S,
+    RULES_FILE,
+    ConfigError,
+)
+from services.common.contracts import event_id, load_event, make_event
+from services.common.errors import EXPECTED, InvalidRequest, NotFound
+from services.common.units import cny_to_fen
+from services.vouchers import domain
+from services.vouchers.dependencies import Ledger, Uptime
+from services.vouchers.rules import load_rules
+from services.vouchers.schemas import (
+    ApplicationRequestSchema,
+    ApplicationResponseSchema,
+    ProgramStateSchema,
+    VoucherSchema,
+)
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+PUBLISH_PROGRAMS_EVERY = 10  # ticks: program_published on the first and every 10th
+DEFAULT_HEARTBEAT_INTERVAL_S = 30.0
+_CITY = re.compile(r"^[a-z0-9_]+$")
+
+
+def _voucher_body(city: str, voucher, redemptions=(), total: int = 0) -> dict[str, Any]:
+    return VoucherSchema().dump(
+        {
+            "code": voucher.code,
+            "city": city,
+            "program_id": voucher.program_id,
+            "company_id": voucher.company_id,
+            "status": voucher.status,
+            "face_value_fen": voucher.face_value_fen,
+            "balance_fen": voucher.balance_fen,
+            "redeemed_fen": voucher.redeemed_fen,
+            "released_fen": voucher.released_fen,
+            "issued_at": voucher.issued_at,
+            "expires_at": voucher.expires_at,
+            "redemptions": list(redemptions),
+            "redemptions_total": total,
+        }
+    )
+
+
+class VouchersService:
+    """The entrypoints; :func:`build` names an instance for its city.
+
+    ``publish`` (a nameko ``Publisher``), the usage queue and the timer are
+    added by :func:`build`, because they depend on the configuration.
+    """
+
+    name = "vouchers"
+
+    ledger = Ledger()
+    clock = Uptime()
+    publish: Any
+
+    @property
+    def city(self) -> str:
+        return self.ledger.rules.city
+
+    def _publish(self, event: str, eid: str, **fields: Any) -> None:
+        body = make_event(event, self.city, eid, **fields)
+        self.publish(body, routing_key=federation_key(self.city, event), message_id=eid)
+
+    @rpc(expected_exceptions=EXPECTED)
+    def apply(self, application: dict) -> dict:
+        try:
+            request = ApplicationRequestSchema().load(application)
+        except ValidationError as err:
+            raise InvalidRequest(
+                "invalid_application", "the application is invalid", err.messages
+            ) from None
+        program = self.ledger.rules.program(request["program_id"])
+        if program is None:
+            raise NotFound(
+                "program_not_found",
+                f"{self.city} has no program {request['program_id']}",
+            )
+        face_value_fen = cny_to_fen(request["requested_face_value_cny"])
+        problem = domain.face_value_problem(program, face_value_fen)
+        if problem is not None:
+            raise InvalidRequest(
+                "invalid_application", problem, {"requested_face_value_cny": [problem]}
+            )
+        decision = domain.decide(program, request["company"])
+        result = self.ledger.apply(
+            program, request["company"], face_value_fen, decision
+        )
+        voucher = result.voucher
+        if voucher is not None:
+            self._publish(
+                "voucher_issued",
+                event_id("voucher_issued", self.city, voucher.code),
+                voucher_code=voucher.code,
+                program_id=voucher.program_id,
+                face_value_fen=voucher.face_value_fen,
+                expires_at=voucher.expires_at,
+            )
+        return ApplicationResponseSchema().dump(
+            {
+                "application_id": result.application.id,
+                "decision": decision.decision,
+                "reasons": [r.as_dict() for r in decision.reasons],
+                "rules_version": self.ledger.rules.version,
+                "voucher": _voucher_body(self.city, voucher)
+                if voucher is not None
+                else None,
+            }
+        )
+
+    @rpc(expected_exceptions=EXPECTED)
+    def get_voucher(self, code: str) -> dict:
+        try:
+            vouchercode.parse(code)
+        except vouchercode.InvalidVoucherCode as exc:
+            raise InvalidRequest("invalid_voucher_code", str(exc)) from None
+        voucher, redemptions, total = self.ledger.get_voucher(code.strip().upper())
+        return _voucher_body(self.city, voucher, redemptions, total)
+
+    @rpc(expected_exceptions=EXPECTED)
+    def program_states(self) -> list[dict]:
+        return ProgramStateSchema(many=True).dump(self.ledger.program_states())
+
+    def handle_usage_rated(self, body: dict) -> None:
+        """Book one rated usage record; publish ``voucher_redeemed`` after commit."""
+        try:
+            record = load_event("usage_rated", body)
+        except ValidationError as err:
+            # Requeueing could never make it valid: log it and let it go.
+            log.error(
+                "malformed usage_rated %r: %s", body.get("event_id"), err.messages
+            )
+            return
+        outcome = self.ledger.book_usage(record)
+        if outcome.rejected is not None and not outcome.duplicate:
+            log.info(
+                "usage %s/%s not booked: %s",
+                record["datacenter_id"],
+                record["record_id"],
+                outcome.rejected,
+            )
+        for row in outcome.redemptions:
+            self._publish(
+                "voucher_redeemed",
+                row.event_id,
+                voucher_code=row.voucher_code,
+                program_id=row.program_id,
+                record_id=row.record_id,
+                datacenter_id=row.datacenter_id,
+                gpu_seconds=row.gpu_seconds,
+                cost_fen=row.cost_fen,
+                subsidy_fen=row.subsidy_fen,
+            )
+
+    def publish_state(self) -> None:
+        """Heartbeat every tick; the programs on the first and every 10th."""
+        tick = self.clock.next_tick()
+        instance = f"{self.clock.started_at:.6f}"
+        if tick % PUBLISH_PROGRAMS_EVERY == 0:
+            rules = self.ledger.rules
+            self._publish(
+                "program_published",
+                event_id("program_published", self.city, instance, str(tick)),
+                name=rules.name,
+                region=rules.region,
+                voucher_prefix=rules.voucher_prefix,
+                programs=[
+                    {
+                        "id": state["program_id"],
+                        "kind": state["kind"],
+                        "budget_fen": state["budget_fen"],
+                        "rate_bp": state["rate_bp"],
+                        "rules_version": rules.version,
+                        "rules_sha256": rules.sha256,
+                        "available_fen": state["available_fen"],
+                        "committed_fen": state["committed_fen"],
+                        "redeemed_fen": state["redeemed_fen"],
+                    }
+                    for state in self.ledger.program_states()
+                ],
+            )
+        self._publish(
+            "heartbeat",
+            event_id("heartbeat", self.city, instance, str(tick)),
+            version=VERSION,
+            uptime_s=self.clock.uptime_s,
+        )
+
+
+def build(config: dict) -> type:
+    """The service class for ``config[CITY_CODE]``, named ``vouchers_<city>``.
+
+    Loads the rules file first, so that an invalid one stops the process with
+    a message naming the file, the line and the problem (a ``ValueError``).
+    """
+    city = config.get(CITY_CODE)
+    if not isinstance(city, str) or not _CITY.match(city):
+        raise ConfigError(f"{CITY_CODE} must be a city code ([a-z0-9_]+), not {city!r}")
+    if not config.get(RULES_FILE):
+        raise ConfigError(f"{RULES_FILE} is not set")
+    load_rules(config[RULES_FILE], city)
+    queue = durable_queue(
+        f"vouchers_{city}.usage_rated",
+        FEDERATION_EXCHANGE,
+        [federation_key(city, "usage_rated")],
+    )
+    interval = float(config.get(HEARTBEAT_INTERVAL_S) or DEFAULT_HEARTBEAT_INTERVAL_S)
+
+    # Fresh functions per class: nameko records entrypoints on the function.
+    def handle_usage_rated(self, body: dict) -> None:
+        VouchersService.handle_usage_rated(self, body)
+
+    def publish_state(self) -> None:
+        VouchersService.publish_state(self)
+
+    return type(
+        f"VouchersService_{city}",
+        (VouchersService,),
+        {
+            "name": f"vouchers_{city}",
+            "publish": Publisher(exchange=FEDERATION_EXCHANGE),
+            "handle_usage_rated": consume(queue, requeue_on_error=True)(
+                handle_usage_rated
+            ),
+            "publish_state": timer(interval=interval, eager=True)(publish_state),
+        },
+    )

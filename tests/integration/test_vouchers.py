@@ -1,0 +1,244 @@
+"""vouchers_<city> against a real RabbitMQ and PostgreSQL.
+
+Apply over RPC, feed rated usage on the bus (one record twice, a correction,
+an unknown voucher, and a burst on one voucher), then check the ledger and the
+federation events to the fen.
+"""
+
+from datetime import timedelta
+from pathlib import Path
+
+import nameko
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from kombu import Connection, Queue, binding
+from kombu.simple import SimpleQueue
+from nameko.standalone.rpc import ClusterRpcClient
+from sqlalchemy.orm import Session
+
+from services.common import vouchercode
+from services.common.amqp import FEDERATION_EXCHANGE, federation_key
+from services.common.config import (
+    CITY_CODE,
+    DATABASE_URL,
+    HEARTBEAT_INTERVAL_S,
+    RULES_FILE,
+)
+from services.common.contracts import make_event
+from services.common.db import make_engine
+from services.common.errors import Conflict, InvalidRequest, NotFound
+from services.common.migrations import upgrade
+from services.common.units import utcnow
+from services.vouchers import ledger
+from services.vouchers.models import Base
+from services.vouchers.service import build
+
+pytestmark = pytest.mark.integration
+
+RULES = Path(__file__).resolve().parents[2] / "deploy" / "cities" / "shanghai.yaml"
+CITY = "shanghai"
+FACE_FEN = 1_000_000_00
+COMMERCIAL = {"government_run": False, "hub_region": "east", "chip_origin": "imported"}
+GOVERNMENT = {"government_run": True, "hub_region": "west", "chip_origin": "domestic"}
+
+
+@pytest.fixture
+def database(pg_url_factory):
+    url = pg_url_factory("vouchers")
+    upgrade("vouchers", url)
+    return url
+
+
+@pytest.fixture
+def federation(rabbit_config):
+    """A test queue seeing everything the city publishes."""
+    uri = nameko.config["AMQP_URI"]
+    with Connection(uri) as connection:
+        queue = Queue(
+            "test.federation",
+            bindings=[binding(FEDERATION_EXCHANGE, routing_key=f"{CITY}.#")],
+        )
+        queue(connection.channel()).declare()
+        simple = SimpleQueue(connection, queue)
+        yield connection, simple
+        simple.close()
+
+
+@pytest.fixture
+def city(database, federation, container_factory):
+    config = {
+        DATABASE_URL: database,
+        CITY_CODE: CITY,
+        RULES_FILE: str(RULES),
+        HEARTBEAT_INTERVAL_S: 0.5,
+    }
+    with nameko.config.patch(config):
+        service_cls = build(dict(nameko.config))
+    container = container_factory(service_cls, config)
+    container.start()
+    with ClusterRpcClient(uri=nameko.config["AMQP_URI"], timeout=10) as rpc:
+        yield getattr(rpc, f"vouchers_{CITY}")
+
+
+def application(**company):
+    body = {
+        "registration_id": f"913100{utcnow().timestamp():.6f}".replace(".", ""),
+        "name": "Deep Thought AI",
+        "registered_in": CITY,
+        "employees": 42,
+        "annual_revenue_cny": 9_000_000,
+        "government_research_project": False,
+    }
+    body.update(company)
+    return {
+        "program_id": "sh-compute-2025",
+        "company": body,
+        "requested_face_value_cny": FACE_FEN // 100,
+    }
+
+
+def rated(code, record_id, cost_fen, datacenter, **extra):
+    ended = utcnow() - timedelta(minutes=1)
+    return make_event(
+        "usage_rated",
+        CITY,
+        f"rated-{record_id}",
+        record_id=record_id,
+        datacenter_id="dc-test-01",
+        tenant_id="tenant-1",
+        voucher_code=code,
+        gpu_model="H800",
+        gpu_count=1,
+        started_at=ended - timedelta(hours=1),
+        ended_at=ended,
+        gpu_seconds=3600,
+        source="slurm",
+        job_id=None,
+        correction_of=extra.get("correction_of"),
+        cost_fen=cost_fen,
+        unit_price_fen_per_gpu_hour=cost_fen,
+        datacenter=datacenter,
+    )
+
+
+def drain(simple, until, timeout=15.0):
+    """Collect (routing_key, body) until ``until(messages)`` holds."""
+    messages = []
+    deadline = utcnow() + timedelta(seconds=timeout)
+    while not until(messages):
+        if utcnow() > deadline:
+            raise AssertionError(f"timed out; got {[m[0] for m in messages]}")
+        try:
+            message = simple.get(block=True, timeout=0.5)
+        except simple.Empty:
+            continue
+        messages.append((message.delivery_info["routing_key"], message.payload))
+        message.ack()
+    return messages
+
+
+def test_apply_redeem_and_publish(city, federation, database):
+    connection, simple = federation
+
+    # Rejected: not registered in the city; every rule says why.
+    rejected = city.apply(application(registered_in="beijing"))
+    assert rejected["decision"] == "rejected" and rejected["voucher"] is None
+    assert {"rule": "registered_in: shanghai", "passed": False} == {
+        k: v for k, v in rejected["reasons"][1].items() if k != "evidence"
+    }
+    with pytest.raises(InvalidRequest) as err:
+        city.apply({**application(), "requested_face_value_cny": 5})
+    assert err.value.code == "invalid_application"
+    with pytest.raises(NotFound):
+        city.apply({**application(), "program_id": "nope"})
+
+    approved = city.apply(application())
+    assert approved["decision"] == "approved"
+    code = approved["voucher"]["code"]
+    assert approved["voucher"]["balance_fen"] == FACE_FEN
+    with pytest.raises(Conflict):
+        city.apply(application(registration_id=approved["voucher"]["company_id"]))
+
+    records = [
+        rated(code, "r1", 100_000, COMMERCIAL),  # 80 % → 80 000
+        rated(code, "r1", 100_000, COMMERCIAL),  # redelivered: same event, no change
+        rated(code, "r2", 50_000, GOVERNMENT),  # 90 % → 45 000
+        rated(code, "r3", 20_000, GOVERNMENT, correction_of="r2"),  # −45 000, +18 000
+        rated("SH-AAAAAAAAAAAA-0", "r4", 10_000, COMMERCIAL),  # unknown voucher
+    ]
+    burst = [rated(code, f"b{i}", 1_000, COMMERCIAL) for i in range(20)]  # 800 each
+    producer = connection.Producer()
+    for body in records[:3] + burst + records[3:]:
+        producer.publish(
+            body,
+            exchange=FEDERATION_EXCHANGE,
+            routing_key=federation_key(CITY, "usage_rated"),
+            serializer="json",
+            delivery_mode=2,
+        )
+
+    def redeemed(messages):
+        return [b for k, b in messages if k == f"{CITY}.voucher_redeemed"]
+
+    messages = drain(simple, lambda m: len(redeemed(m)) >= 25)
+    issued = [b for k, b in messages if k == f"{CITY}.voucher_issued"]
+    assert [(b["voucher_code"], b["face_value_fen"]) for b in issued] == [
+        (code, FACE_FEN)
+    ]
+    by_id = {}
+    for body in redeemed(messages):
+        by_id.setdefault(body["event_id"], []).append(body)
+    assert len(by_id) == 24  # r1, r2, r2's reversal, r3, 20 × burst
+    assert len(redeemed(messages)) == 25  # r1 twice, with the same id and amounts
+    for copies in by_id.values():
+        assert len({(c["record_id"], c["subsidy_fen"]) for c in copies}) == 1
+    subsidies = sorted(
+        (c[0]["record_id"], c[0]["subsidy_fen"])
+        for c in by_id.values()
+        if c[0]["record_id"][0] == "r"
+    )
+    assert subsidies == [
+        ("r1", 80_000),
+        ("r2", -45_000),
+        ("r2", 45_000),
+        ("r3", 18_000),
+    ]
+    assert all(c[0]["program_id"] == "sh-compute-2025" for c in by_id.values())
+
+    redeemed_fen = 80_000 + 18_000 + 20 * 800
+    voucher = city.get_voucher(code)
+    assert voucher["redeemed_fen"] == redeemed_fen
+    assert voucher["balance_fen"] == FACE_FEN - redeemed_fen
+    assert voucher["redemptions_total"] == 24
+    states = {s["program_id"]: s for s in city.program_states()}
+    compute = states["sh-compute-2025"]
+    assert compute["budget_fen"] == 600_000_000_00
+    assert compute["available_fen"] == 600_000_000_00 - FACE_FEN
+    assert compute["committed_fen"] == FACE_FEN - redeemed_fen
+    assert compute["redeemed_fen"] == redeemed_fen
+    with pytest.raises(NotFound):
+        city.get_voucher(vouchercode.generate("SH"))
+    with pytest.raises(InvalidRequest):
+        city.get_voucher("SH-AAAAAAAAAAAA-0")  # wrong check character
+
+    # The start-up facts were published too.
+    published = [b for k, b in messages if k == f"{CITY}.program_published"]
+    heartbeats = [b for k, b in messages if k == f"{CITY}.heartbeat"]
+    assert published and heartbeats and heartbeats[0]["version"] == "0.1.0"
+    programs = {p["id"]: p for p in published[0]["programs"]}
+    assert programs["sh-compute-2025"]["rate_bp"] == 8000
+    assert published[0]["voucher_prefix"] == "SH"
+
+    engine = make_engine(database)
+    with Session(engine) as session:
+        assert ledger.check_ledger(session) == []
+    with engine.connect() as connection_:
+        context = MigrationContext.configure(connection_, opts={"compare_type": True})
+        diff = [
+            d
+            for d in compare_metadata(context, Base.metadata)
+            if not (d[0] == "remove_table" and d[1].name == "alembic_version_vouchers")
+        ]
+    engine.dispose()
+    assert diff == []

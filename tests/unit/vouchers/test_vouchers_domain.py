@@ -1,0 +1,153 @@
+"""Eligibility and subsidy rules, without a database."""
+
+import pytest
+
+from services.vouchers import domain
+
+
+def test_eligible_company_is_approved_with_a_reason_per_rule(city_rules, make_company):
+    program = city_rules.program("tc-compute")
+    decision = domain.decide(program, make_company())
+    assert decision.decision == domain.APPROVED
+    rules = [r.rule for r in decision.reasons]
+    assert rules == [
+        "all_of",
+        "registered_in: testcity",
+        "max_employees: 300",
+        "any_of",
+        "min_annual_revenue_cny: 5000000",
+        "government_research_project: true",
+    ]
+    by_rule = {r.rule: r for r in decision.reasons}
+    assert by_rule["max_employees: 300"].evidence == "employees=40 (at most 300)"
+    assert by_rule["any_of"].passed and by_rule["any_of"].evidence == "1 of 2 passed"
+    assert not by_rule["government_research_project: true"].passed
+
+
+def test_every_failed_rule_is_reported(city_rules, make_company):
+    applicant = make_company(
+        registered_in="beijing", employees=5000, annual_revenue_cny=0
+    )
+    decision = domain.decide(city_rules.program("tc-compute"), applicant)
+    assert decision.decision == domain.REJECTED
+    failed = {r.rule for r in decision.reasons if not r.passed}
+    assert failed == {
+        "all_of",
+        "registered_in: testcity",
+        "max_employees: 300",
+        "any_of",
+        "min_annual_revenue_cny: 5000000",
+        "government_research_project: true",
+    }
+
+
+def test_research_project_is_an_alternative_to_revenue(city_rules, make_company):
+    applicant = make_company(annual_revenue_cny=None, government_research_project=True)
+    decision = domain.decide(city_rules.program("tc-compute"), applicant)
+    assert decision.decision == domain.APPROVED
+    evidence = {r.rule: r.evidence for r in decision.reasons}
+    assert evidence["min_annual_revenue_cny: 5000000"] == "annual_revenue_cny not given"
+
+
+def test_not_inverts_and_missing_facts_fail():
+    rule = domain.Not(domain.Predicate("registered_in", "beijing"))
+    assert domain.evaluate(rule, {"registered_in": "shanghai"}).passed
+    assert not domain.evaluate(rule, {"registered_in": "beijing"}).passed
+    assert not domain.evaluate(domain.Predicate("max_employees", 10), {}).passed
+
+
+def test_manual_review_programs_are_pending(city_rules, make_company):
+    decision = domain.decide(city_rules.program("tc-manual"), make_company())
+    assert decision.decision == domain.PENDING_REVIEW
+
+
+def test_face_value_within_program_range(city_rules):
+    program = city_rules.program("tc-compute")
+    assert domain.face_value_problem(program, 100_00) is None
+    assert domain.face_value_problem(program, 1000_00) is None
+    assert "between 100 and 1000 CNY" in domain.face_value_problem(program, 99_99)
+    assert domain.face_value_problem(program, 1000_01) is not None
+
+
+@pytest.mark.parametrize(
+    "datacenter, rate_bp",
+    [
+        (
+            {"government_run": False, "chip_origin": "imported", "hub_region": "east"},
+            8000,
+        ),
+        (
+            {"government_run": True, "chip_origin": "imported", "hub_region": "east"},
+            9000,
+        ),
+        (
+            {"government_run": False, "chip_origin": "domestic", "hub_region": "east"},
+            8500,
+        ),
+        # 80 + 10 + 5 = 95, capped at 90.
+        (
+            {"government_run": True, "chip_origin": "domestic", "hub_region": "west"},
+            9000,
+        ),
+    ],
+)
+def test_effective_rate_adds_bonuses_up_to_the_cap(city_rules, datacenter, rate_bp):
+    assert (
+        domain.effective_rate_bp(city_rules.program("tc-compute"), datacenter)
+        == rate_bp
+    )
+
+
+@pytest.mark.parametrize(
+    "cost, rate_bp, balance, committed, subsidy",
+    [
+        (10_000, 8000, 1_000_000, 1_000_000, 8_000),
+        (9_999, 8000, 1_000_000, 1_000_000, 7_999),  # 7999.2 rounded down
+        (1, 8000, 1_000_000, 1_000_000, 0),  # 0.8 fen rounds down to nothing
+        (10_000, 8000, 5_000, 1_000_000, 5_000),  # the balance caps it
+        (10_000, 8000, 5_000, 3_000, 3_000),  # the program's commitment caps it
+        (0, 8000, 5_000, 5_000, 0),
+        (10_000, 8000, 0, 0, 0),
+    ],
+)
+def test_subsidy_arithmetic(cost, rate_bp, balance, committed, subsidy):
+    assert domain.subsidy_fen(cost, rate_bp, balance, committed) == subsidy
+
+
+def test_datacenter_scope(city_rules):
+    west = city_rules.program("tc-west").datacenters
+    assert west.admits("dc-x", {"hub_region": "west"})
+    assert not west.admits("dc-x", {"hub_region": "east"})
+    listed = city_rules.program("tc-manual").datacenters
+    assert listed.admits("dc-a", {}) and not listed.admits("dc-b", {})
+
+
+def test_usage_problem_reasons(city_rules):
+    from datetime import UTC, datetime, timedelta
+
+    program = city_rules.program("tc-west")
+    now = datetime.now(UTC)
+    later = now + timedelta(days=1)
+    west = {"hub_region": "west"}
+    assert domain.usage_problem(None, None, None, now, "dc", west) == "unknown_voucher"
+    assert (
+        domain.usage_problem(program, "active", now, now, "dc", west)
+        == "voucher_expired"
+    )
+    assert domain.usage_problem(program, "expired", later, now, "dc", west) == (
+        "voucher_expired"
+    )
+    assert domain.usage_problem(
+        program, "active", later, now, "dc", {"hub_region": "east"}
+    ) == ("voucher_wrong_datacenter")
+    assert domain.usage_problem(program, "active", later, now, "dc", west) is None
+
+
+def test_predicate_table_drives_the_rules_loader():
+    # A predicate the domain does not know cannot be written in a rules file.
+    assert set(domain.PREDICATES) == {
+        "registered_in",
+        "max_employees",
+        "min_annual_revenue_cny",
+        "government_research_project",
+    }
