@@ -1,0 +1,164 @@
+"""The registry's tables: cities, programs, data centres, keys, tokens, and the
+read model's bookkeeping (vouchers seen, events processed).
+
+Money columns are integer fen (BigInteger: a national total exceeds 2³¹ fen).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UtcDateTime(TypeDecorator):
+    """Aware UTC datetimes in Python, whatever the database keeps.
+
+    SQLite has no time zones: values go in as naive UTC and come back marked
+    UTC, so that comparisons in SQL and in Python agree.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: computenet keeps every time in UTC")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class City(Base):
+    """A city or province: from deploy/ or its first ``program_published``.
+
+    Its money columns count every event of the city, including those whose
+    program the registry does not know (yet).
+    """
+
+    __tablename__ = "cities"
+
+    code: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    region: Mapped[str | None] = mapped_column(String(64))
+    voucher_prefix: Mapped[str | None] = mapped_column(String(8))
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    committed_fen: Mapped[int] = mapped_column(BigInteger, default=0)
+    redeemed_fen: Mapped[int] = mapped_column(BigInteger, default=0)
+    released_fen: Mapped[int] = mapped_column(BigInteger, default=0)
+    vouchers_issued: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=_now)
+
+
+class Program(Base):
+    """A voucher program of a city, as last published, with its read-model money."""
+
+    __tablename__ = "programs"
+
+    city_code: Mapped[str] = mapped_column(
+        String(64), ForeignKey("cities.code"), primary_key=True
+    )
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # Null until the program is published (an issue may arrive first).
+    kind: Mapped[str | None] = mapped_column(String(32))
+    budget_fen: Mapped[int] = mapped_column(BigInteger, default=0)
+    rate_bp: Mapped[int | None] = mapped_column(Integer)
+    rules_version: Mapped[str | None] = mapped_column(String(64))
+    rules_sha256: Mapped[str | None] = mapped_column(String(64))
+    committed_fen: Mapped[int] = mapped_column(BigInteger, default=0)
+    redeemed_fen: Mapped[int] = mapped_column(BigInteger, default=0)
+    released_fen: Mapped[int] = mapped_column(BigInteger, default=0)
+    vouchers_issued: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Voucher(Base):
+    """Which program a voucher belongs to, so that a redemption or release that
+    does not name its program is still booked against it."""
+
+    __tablename__ = "vouchers"
+
+    code: Mapped[str] = mapped_column(String(64), primary_key=True)
+    city_code: Mapped[str] = mapped_column(String(64))
+    program_id: Mapped[str] = mapped_column(String(128))
+
+
+class ProcessedEvent(Base):
+    """Federation events already applied: a redelivered one is dropped.
+
+    Keyed by city too, so that no city can shadow another's events by
+    reusing their ids.
+    """
+
+    __tablename__ = "processed_events"
+
+    city_code: Mapped[str] = mapped_column(String(64), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    event: Mapped[str] = mapped_column(String(32))
+    processed_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=_now)
+
+
+class Datacenter(Base):
+    __tablename__ = "datacenters"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    operator: Mapped[str] = mapped_column(String(200))
+    city: Mapped[str] = mapped_column(String(64))
+    hub_region: Mapped[str] = mapped_column(String(64))
+    government_run: Mapped[bool] = mapped_column(Boolean, default=False)
+    # [{gpu_model, count, chip_origin, price_fen_per_gpu_hour}]
+    inventory: Mapped[list] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=_now)
+
+
+class DatacenterKey(Base):
+    """An HMAC secret a data centre signs usage with; at most two active."""
+
+    __tablename__ = "datacenter_keys"
+
+    # The sequence orders keys by issue, even within one clock tick.
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key_id: Mapped[str] = mapped_column(String(100), unique=True)
+    datacenter_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("datacenters.id"), index=True
+    )
+    secret: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=_now)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class Token(Base):
+    """A bearer token, kept as its SHA-256 only, and the role it grants."""
+
+    __tablename__ = "tokens"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=_now)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())

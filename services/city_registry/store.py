@@ -1,0 +1,435 @@
+"""The registry's database, behind the one wrapper its entrypoints use.
+
+:class:`RegistryStore` turns the domain's decisions into SQL. Counters move by
+``UPDATE … SET x = x + :delta`` and rows appear by insert-if-absent, so that
+competing consumers (several registry copies, several workers) never lose an
+update; a federation event is claimed in ``processed_events`` in the same
+transaction as its effects, so it is applied at most once.
+
+:class:`RegistryDatabase` is the nameko dependency: one store per worker, and
+the deploy/ seed applied in ``setup()``, before any entrypoint starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from nameko import config
+from sqlalchemy import or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from services.city_registry import domain
+from services.city_registry.domain import (
+    CityState,
+    DatacenterState,
+    InventoryItem,
+    ProgramState,
+    SeedError,
+)
+from services.city_registry.models import (
+    City,
+    Datacenter,
+    DatacenterKey,
+    ProcessedEvent,
+    Program,
+    Token,
+    Voucher,
+)
+from services.common.config import DEPLOY_DIR
+from services.common.db import Database
+
+log = logging.getLogger("computenet.city_registry")
+
+
+def read_deploy_dir(
+    deploy_dir: str | Path,
+) -> tuple[list[CityState], list[DatacenterState]]:
+    """Cities from ``cities/*.yaml``, data centres from ``datacenters.yaml``."""
+    root = Path(deploy_dir)
+    if not root.is_dir():
+        raise SeedError(f"{root}: DEPLOY_DIR is not a directory")
+
+    def load(path: Path) -> Any:
+        try:
+            return yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise SeedError(f"{path}: {exc}") from exc
+
+    cities = [
+        domain.parse_city_seed(load(path), str(path))
+        for path in sorted((root / "cities").glob("*.yaml"))
+    ]
+    dc_file = root / "datacenters.yaml"
+    datacenters = (
+        domain.parse_datacenter_seeds(load(dc_file), str(dc_file))
+        if dc_file.is_file()
+        else []
+    )
+    return cities, datacenters
+
+
+class RegistryStore:
+    """Queries and updates of the registry's tables, on one session."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    # ------------------------------------------------------------ helpers
+
+    def _insert_absent(self, model: type, **values: Any) -> bool:
+        """INSERT … ON CONFLICT DO NOTHING; True if the row is new."""
+        dialect = self.session.get_bind().dialect.name
+        module = postgresql if dialect == "postgresql" else sqlite
+        statement = (
+            module.insert(model)
+            .values(**values)
+            .on_conflict_do_nothing()
+            # RETURNING, not rowcount: drivers do not all report rowcount here.
+            .returning(*model.__table__.primary_key.columns)
+        )
+        return self.session.execute(statement).first() is not None
+
+    def _ensure_city(self, code: str) -> None:
+        self._insert_absent(City, code=code, name=code)
+
+    def _ensure_program(self, city: str, program_id: str) -> None:
+        self._insert_absent(Program, city_code=city, id=program_id)
+
+    # ------------------------------------------------------------ seed
+
+    def seed(self, cities: list[CityState], datacenters: list[DatacenterState]) -> None:
+        """Upsert what deploy/ lists; idempotent, and keys and money untouched."""
+        try:
+            for city in cities:
+                self._ensure_city(city.code)
+                self.session.execute(
+                    update(City)
+                    .where(City.code == city.code)
+                    .values(
+                        name=city.name,
+                        region=city.region,
+                        voucher_prefix=city.voucher_prefix,
+                    )
+                )
+            for dc in datacenters:
+                values = {
+                    "name": dc.name,
+                    "operator": dc.operator,
+                    "city": dc.city,
+                    "hub_region": dc.hub_region,
+                    "government_run": dc.government_run,
+                    "inventory": [vars(item) for item in dc.inventory],
+                }
+                if not self._insert_absent(Datacenter, id=dc.id, **values):
+                    self.session.execute(
+                        update(Datacenter)
+                        .where(Datacenter.id == dc.id)
+                        .values(**values)
+                    )
+            self.session.commit()
+        except Exception:
+            self.session.rollback()
+            raise
+
+    # ------------------------------------------------------------ read model
+
+    def apply_event(
+        self, event: str, body: dict[str, Any], received_at: datetime
+    ) -> bool:
+        """Apply one loaded federation event; False if it was seen before."""
+        city = body["city"]
+        try:
+            # Heartbeats are not claimed: applying one twice changes nothing
+            # (the latest moment wins), and at one per city every few seconds
+            # they would be most of processed_events.
+            if event != "heartbeat" and not self._insert_absent(
+                ProcessedEvent,
+                event_id=body["event_id"],
+                event=event,
+                city_code=city,
+                processed_at=received_at,
+            ):
+                self.session.rollback()
+                return False
+            self._ensure_city(city)
+            if event == "heartbeat":
+                self._heartbeat(
+                    city, domain.heartbeat_moment(body["occurred_at"], received_at)
+                )
+            elif event == "program_published":
+                self._publish(city, body)
+            else:
+                self._book(city, event, body)
+            self.session.commit()
+            return True
+        except Exception:
+            self.session.rollback()
+            raise
+
+    def _heartbeat(self, city: str, moment: datetime) -> None:
+        self.session.execute(
+            update(City)
+            .where(
+                City.code == city,
+                or_(City.last_heartbeat_at.is_(None), City.last_heartbeat_at < moment),
+            )
+            .values(last_heartbeat_at=moment)
+        )
+
+    def _publish(self, city: str, body: dict[str, Any]) -> None:
+        details = {
+            key: body[key] for key in ("name", "region") if body.get(key) is not None
+        }
+        prefix = body.get("voucher_prefix")
+        if prefix:
+            owner = self.session.scalar(
+                select(City.code).where(
+                    City.voucher_prefix == prefix, City.code != city
+                )
+            )
+            if owner is None:
+                details["voucher_prefix"] = prefix
+            else:
+                log.warning(
+                    "%s claims voucher prefix %s of %s: prefix ignored",
+                    city,
+                    prefix,
+                    owner,
+                )
+        if details:
+            self.session.execute(
+                update(City).where(City.code == city).values(**details)
+            )
+        for program in body["programs"]:
+            self._ensure_program(city, program["id"])
+            self.session.execute(
+                update(Program)
+                .where(Program.city_code == city, Program.id == program["id"])
+                .values(
+                    kind=program["kind"],
+                    budget_fen=program["budget_fen"],
+                    rate_bp=program["rate_bp"],
+                    rules_version=program["rules_version"],
+                    rules_sha256=program["rules_sha256"],
+                )
+            )
+
+    def _book(self, city: str, event: str, body: dict[str, Any]) -> None:
+        delta = domain.ledger_delta(event, body)
+        program_id = body.get("program_id")
+        if event == "voucher_issued":
+            self._insert_absent(
+                Voucher,
+                code=body["voucher_code"],
+                city_code=city,
+                program_id=program_id,
+            )
+        elif program_id is None:
+            program_id = self.session.scalar(
+                select(Voucher.program_id).where(
+                    Voucher.code == body["voucher_code"], Voucher.city_code == city
+                )
+            )
+        if delta.is_zero:
+            return
+        self.session.execute(
+            update(City).where(City.code == city).values(**_increments(City, delta))
+        )
+        if program_id is None:
+            # Still counted for the city; the program is named when its
+            # voucher_issued arrives, which an unordered replay may deliver later.
+            log.warning(
+                "%s %s of voucher %s: program unknown, booked to the city only",
+                city,
+                event,
+                body["voucher_code"],
+            )
+            return
+        self._ensure_program(city, program_id)
+        self.session.execute(
+            update(Program)
+            .where(Program.city_code == city, Program.id == program_id)
+            .values(**_increments(Program, delta))
+        )
+
+    def cities(self) -> list[CityState]:
+        programs: dict[str, list[ProgramState]] = {}
+        for row in self.session.scalars(select(Program)):
+            programs.setdefault(row.city_code, []).append(_program_state(row))
+        return [
+            _city_state(row, programs.get(row.code, []))
+            for row in self.session.scalars(select(City).order_by(City.code))
+        ]
+
+    def city(self, code: str) -> CityState | None:
+        row = self.session.get(City, code)
+        if row is None:
+            return None
+        programs = self.session.scalars(
+            select(Program).where(Program.city_code == code)
+        )
+        return _city_state(row, [_program_state(p) for p in programs])
+
+    # ------------------------------------------------------------ data centres
+
+    def datacenters(self) -> list[DatacenterState]:
+        rows = self.session.scalars(select(Datacenter).order_by(Datacenter.id))
+        return [_datacenter_state(row) for row in rows]
+
+    def datacenter(self, datacenter_id: str) -> DatacenterState | None:
+        row = self.session.get(Datacenter, datacenter_id)
+        return _datacenter_state(row) if row is not None else None
+
+    def active_keys(self, datacenter_id: str) -> list[dict[str, str]]:
+        """Active keys, newest first."""
+        rows = self.session.scalars(
+            select(DatacenterKey)
+            .where(
+                DatacenterKey.datacenter_id == datacenter_id,
+                DatacenterKey.revoked_at.is_(None),
+            )
+            .order_by(DatacenterKey.seq.desc())
+        )
+        return [{"key_id": row.key_id, "secret": row.secret} for row in rows]
+
+    def add_key(
+        self, datacenter_id: str, key_id: str, secret: str, now: datetime
+    ) -> bool:
+        """Store a new active key and revoke all but the newest two.
+
+        False if the data centre is unknown. The data centre's row is locked
+        (PostgreSQL) so that two rotations at once cannot leave three active.
+        """
+        try:
+            locked = self.session.scalar(
+                select(Datacenter.id)
+                .where(Datacenter.id == datacenter_id)
+                .with_for_update()
+            )
+            if locked is None:
+                self.session.rollback()
+                return False
+            self.session.add(
+                DatacenterKey(
+                    key_id=key_id,
+                    datacenter_id=datacenter_id,
+                    secret=secret,
+                    created_at=now,
+                )
+            )
+            self.session.flush()
+            active = [key["key_id"] for key in self.active_keys(datacenter_id)]
+            revoke = domain.keys_to_revoke(active)
+            if revoke:
+                self.session.execute(
+                    update(DatacenterKey)
+                    .where(DatacenterKey.key_id.in_(revoke))
+                    .values(revoked_at=now)
+                )
+            self.session.commit()
+            return True
+        except Exception:
+            self.session.rollback()
+            raise
+
+    # ------------------------------------------------------------ tokens
+
+    def add_token(self, digest: str, role: str, now: datetime) -> None:
+        try:
+            self.session.add(Token(token_sha256=digest, role=role, created_at=now))
+            self.session.commit()
+        except Exception:
+            self.session.rollback()
+            raise
+
+    def role_for(self, digest: str) -> str | None:
+        return self.session.scalar(
+            select(Token.role).where(
+                Token.token_sha256 == digest, Token.revoked_at.is_(None)
+            )
+        )
+
+
+def _increments(model: type, delta: domain.LedgerDelta) -> dict[str, Any]:
+    return {
+        "committed_fen": model.committed_fen + delta.committed_fen,
+        "redeemed_fen": model.redeemed_fen + delta.redeemed_fen,
+        "released_fen": model.released_fen + delta.released_fen,
+        "vouchers_issued": model.vouchers_issued + delta.vouchers_issued,
+    }
+
+
+def _program_state(row: Program) -> ProgramState:
+    return ProgramState(
+        id=row.id,
+        kind=row.kind,
+        budget_fen=row.budget_fen,
+        rate_bp=row.rate_bp,
+        rules_version=row.rules_version,
+        rules_sha256=row.rules_sha256,
+        committed_fen=row.committed_fen,
+        redeemed_fen=row.redeemed_fen,
+        released_fen=row.released_fen,
+    )
+
+
+def _city_state(row: City, programs: list[ProgramState]) -> CityState:
+    return CityState(
+        code=row.code,
+        name=row.name,
+        region=row.region,
+        voucher_prefix=row.voucher_prefix,
+        last_heartbeat_at=row.last_heartbeat_at,
+        committed_fen=row.committed_fen,
+        redeemed_fen=row.redeemed_fen,
+        released_fen=row.released_fen,
+        vouchers_issued=row.vouchers_issued,
+        programs=programs,
+    )
+
+
+def _datacenter_state(row: Datacenter) -> DatacenterState:
+    return DatacenterState(
+        id=row.id,
+        name=row.name,
+        operator=row.operator,
+        city=row.city,
+        hub_region=row.hub_region,
+        government_run=row.government_run,
+        inventory=[InventoryItem(**item) for item in row.inventory or []],
+    )
+
+
+class RegistryDatabase(Database):
+    """Injects a :class:`RegistryStore`; seeds from DEPLOY_DIR in ``setup()``.
+
+    nameko sets up every extension before it starts any, so the seed is in
+    place before the first RPC or event is handled.
+    """
+
+    def setup(self):
+        super().setup()
+        deploy_dir = config.get(DEPLOY_DIR)
+        if not deploy_dir:
+            log.info("DEPLOY_DIR not set: nothing to seed")
+            return
+        cities, datacenters = read_deploy_dir(deploy_dir)
+        session = self.sessionmaker()
+        try:
+            RegistryStore(session).seed(cities, datacenters)
+        finally:
+            session.close()
+        log.info(
+            "seeded %d cities and %d data centres from %s",
+            len(cities),
+            len(datacenters),
+            deploy_dir,
+        )
+
+    def get_dependency(self, worker_ctx) -> RegistryStore:
+        return RegistryStore(super().get_dependency(worker_ctx))

@@ -1,0 +1,1 @@
+"""metering: verifies, validates, deduplicates and rates data centres' usage."""

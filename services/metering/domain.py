@@ -1,0 +1,335 @@
+"""Metering rules, pure Python: validate, rate and roll up usage (no I/O).
+
+A message from a data centre is checked in this order, and the first rule it
+breaks is the dead-letter reason it is stored under:
+
+1. the envelope: body at most 64 KiB, ``content_type`` application/json
+   (``schema``);
+2. the routing key's data centre is registered (``unknown_datacenter``);
+3. ``x-key-id`` is an active key of that data centre and ``x-signature`` is
+   the HMAC of the exact body bytes (``bad_signature``);
+4. the body is a JSON object that loads through the contract's schema
+   (``schema``);
+5. its ``datacenter_id`` is the routing key's (``datacenter_mismatch``);
+6. its ``gpu_model`` is in the data centre's inventory (``unknown_gpu_model``);
+7. its ``voucher_code``, when present, is well formed and names a known city
+   (``unknown_voucher``).
+
+A usage record that passes is rated: ``cost_fen = round_half_up(gpu_seconds ×
+price_fen_per_gpu_hour / 3600)`` (``services.common.units.rate_cost_fen``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from marshmallow import ValidationError
+
+from services.common import contracts, signing, vouchercode
+from services.common.units import rate_cost_fen
+
+MAX_BODY_BYTES = 64 * 1024
+JSON_CONTENT_TYPE = "application/json"
+# Capacity reports come at least every 5 minutes; one report stands for at
+# most this long, so a data centre that stops reporting stops counting.
+CAPACITY_SLICE = timedelta(seconds=300)
+# No single job uses a million GPUs; the bound keeps every product of the
+# record's integers far inside a 64-bit column.
+MAX_GPU_COUNT = 1_000_000
+
+USAGE = "usage"
+CAPACITY = "capacity"
+
+
+class Reason:
+    """Machine-readable dead-letter reasons (CONTRACTS.md §1)."""
+
+    BAD_SIGNATURE = "bad_signature"
+    SCHEMA = "schema"
+    UNKNOWN_DATACENTER = "unknown_datacenter"
+    DATACENTER_MISMATCH = "datacenter_mismatch"
+    UNKNOWN_GPU_MODEL = "unknown_gpu_model"
+    UNKNOWN_VOUCHER = "unknown_voucher"
+    CONFLICTING_DUPLICATE = "conflicting_duplicate"
+
+
+class Refused(Exception):
+    """A message breaks a rule: it is stored as a dead letter, never applied."""
+
+    def __init__(self, reason: str, detail: Any = ""):
+        self.reason = reason
+        self.detail = detail
+        super().__init__(reason, detail)
+
+    @property
+    def detail_text(self) -> str:
+        if isinstance(self.detail, str):
+            return self.detail
+        return json.dumps(self.detail, sort_keys=True, default=str)
+
+
+@dataclass(frozen=True)
+class Rating:
+    """What rating a record adds to it."""
+
+    cost_fen: int
+    unit_price_fen_per_gpu_hour: int
+    datacenter: dict[str, Any] = field(default_factory=dict)
+
+
+# -- the envelope -----------------------------------------------------------
+
+
+def split_routing_key(routing_key: str) -> tuple[str, str]:
+    """``"guian-gov-01.usage"`` → ``("guian-gov-01", "usage")``."""
+    datacenter_id, _, kind = (routing_key or "").rpartition(".")
+    return datacenter_id, kind
+
+
+def check_envelope(body: bytes, content_type: str | None) -> None:
+    if len(body) > MAX_BODY_BYTES:
+        raise Refused(
+            Reason.SCHEMA, f"body is {len(body)} bytes; at most {MAX_BODY_BYTES}"
+        )
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if media_type != JSON_CONTENT_TYPE:
+        raise Refused(
+            Reason.SCHEMA, f"content_type {content_type!r} is not {JSON_CONTENT_TYPE}"
+        )
+
+
+def header_text(headers: Mapping[str, Any], name: str) -> str | None:
+    value = headers.get(name)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
+def check_signature(
+    body: bytes, headers: Mapping[str, Any], active_keys: Mapping[str, str]
+) -> None:
+    """The body must be signed with one of the data centre's active keys."""
+    key_id = header_text(headers, signing.KEY_ID_HEADER)
+    if not key_id:
+        raise Refused(Reason.BAD_SIGNATURE, "no x-key-id header")
+    secret = active_keys.get(key_id)
+    if secret is None:
+        raise Refused(
+            Reason.BAD_SIGNATURE,
+            f"key id {key_id[:128]!r} is not an active key of this data centre",
+        )
+    if not signing.verify(body, secret, header_text(headers, signing.SIGNATURE_HEADER)):
+        raise Refused(Reason.BAD_SIGNATURE, "signature does not match the body")
+
+
+# -- the body ----------------------------------------------------------------
+
+
+def _storable(value: Any) -> bool:
+    """True if every string in a parsed JSON value can go into a database.
+
+    PostgreSQL text cannot hold NUL, and a lone surrogate (``"\\ud800"``) is
+    not UTF-8; either would fail the insert on every redelivery.
+    """
+    if isinstance(value, str):
+        if "\x00" in value:
+            return False
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_storable(k) and _storable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_storable(v) for v in value)
+    return True
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or :class:`Refused` ``schema``."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise Refused(Reason.SCHEMA, f"body is not JSON: {str(exc)[:200]}") from exc
+    if not isinstance(data, dict):
+        raise Refused(Reason.SCHEMA, "body is not a JSON object")
+    if not _storable(data):
+        raise Refused(Reason.SCHEMA, "a string holds NUL or is not valid UTF-8")
+    return data
+
+
+def readable_record_id(body: bytes) -> str | None:
+    """The ``record_id`` of a refused body, when it has one, for the listing."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    record_id = data.get("record_id") if isinstance(data, dict) else None
+    if not isinstance(record_id, str) or not _storable(record_id):
+        return None
+    return record_id[:128]
+
+
+def _check_datacenter(data: Mapping[str, Any], routing_datacenter_id: str) -> None:
+    if data["datacenter_id"] != routing_datacenter_id:
+        raise Refused(
+            Reason.DATACENTER_MISMATCH,
+            f"datacenter_id {data['datacenter_id']!r} but routing key names "
+            f"{routing_datacenter_id!r}",
+        )
+
+
+def load_usage(data: Mapping[str, Any], routing_datacenter_id: str) -> dict[str, Any]:
+    """Load a usage record through the contract (CONTRACTS.md §1)."""
+    try:
+        record = contracts.UsageRecordSchema().load(data)
+    except ValidationError as exc:
+        raise Refused(Reason.SCHEMA, exc.messages) from exc
+    if record["gpu_count"] > MAX_GPU_COUNT:
+        raise Refused(
+            Reason.SCHEMA, {"gpu_count": [f"must be at most {MAX_GPU_COUNT}"]}
+        )
+    _check_datacenter(record, routing_datacenter_id)
+    return record
+
+
+def load_capacity(
+    data: Mapping[str, Any], routing_datacenter_id: str
+) -> dict[str, Any]:
+    """Load a capacity report through the contract (CONTRACTS.md §2)."""
+    try:
+        report = contracts.CapacityReportSchema().load(data)
+    except ValidationError as exc:
+        raise Refused(Reason.SCHEMA, exc.messages) from exc
+    if any(gpu["total"] > MAX_GPU_COUNT for gpu in report["gpus"]):
+        raise Refused(Reason.SCHEMA, {"gpus": [f"total at most {MAX_GPU_COUNT}"]})
+    _check_datacenter(report, routing_datacenter_id)
+    return report
+
+
+def inventory_item(datacenter: Mapping[str, Any], gpu_model: str) -> dict[str, Any]:
+    """The data centre's inventory line for ``gpu_model``."""
+    for item in datacenter.get("inventory") or ():
+        if item.get("gpu_model") == gpu_model:
+            return dict(item)
+    raise Refused(
+        Reason.UNKNOWN_GPU_MODEL,
+        f"{gpu_model!r} is not in the inventory of {datacenter.get('id')!r}",
+    )
+
+
+def voucher_prefix(voucher_code: str) -> str:
+    """The issuing city's prefix of a well-formed code, or ``unknown_voucher``."""
+    try:
+        return vouchercode.parse(voucher_code)
+    except vouchercode.InvalidVoucherCode as exc:
+        raise Refused(Reason.UNKNOWN_VOUCHER, str(exc)[:300]) from exc
+
+
+def normalise_voucher_code(voucher_code: str) -> str:
+    return voucher_code.strip().upper()
+
+
+def unknown_prefix(prefix: str) -> Refused:
+    return Refused(Reason.UNKNOWN_VOUCHER, f"no city issues vouchers {prefix}-…")
+
+
+# -- rating and dedup ----------------------------------------------------------
+
+
+def rate(record: Mapping[str, Any], datacenter: Mapping[str, Any]) -> Rating:
+    """Price a validated record with its data centre's price for its GPU model."""
+    item = inventory_item(datacenter, record["gpu_model"])
+    price = int(item["price_fen_per_gpu_hour"])
+    return Rating(
+        cost_fen=rate_cost_fen(record["gpu_seconds"], price),
+        unit_price_fen_per_gpu_hour=price,
+        datacenter={
+            "government_run": bool(datacenter.get("government_run")),
+            "hub_region": datacenter.get("hub_region") or "",
+            "chip_origin": item.get("chip_origin") or "imported",
+        },
+    )
+
+
+def canonical_sha256(message: Mapping[str, Any], schema_cls=None) -> str:
+    """sha256 of the canonical form of a loaded message.
+
+    Two bodies that load to the same record (key order, spacing, ``+00:00``
+    versus ``Z``) have the same digest; any difference in a field changes it.
+    """
+    schema = (schema_cls or contracts.UsageRecordSchema)()
+    return hashlib.sha256(contracts.canonical_json(schema.dump(message))).hexdigest()
+
+
+def usage_rated_event_id(datacenter_id: str, record_id: str) -> str:
+    return contracts.event_id("usage_rated", datacenter_id, record_id)
+
+
+def usage_rated_event(
+    record: Mapping[str, Any], city: str, rating: Rating, rated_at: datetime
+) -> dict[str, Any]:
+    """The ``<city>.usage_rated`` body; the same record always yields the same one.
+
+    ``occurred_at`` is when the record was rated (stored), so a re-publish after
+    a crash is byte-for-byte the first publish.
+    """
+    fields = {name: record.get(name) for name in contracts.UsageRecordSchema().fields}
+    return contracts.make_event(
+        "usage_rated",
+        city,
+        usage_rated_event_id(record["datacenter_id"], record["record_id"]),
+        **fields,
+        cost_fen=rating.cost_fen,
+        unit_price_fen_per_gpu_hour=rating.unit_price_fen_per_gpu_hour,
+        datacenter=dict(rating.datacenter),
+        occurred_at=rated_at,
+    )
+
+
+def hour_of(moment: datetime) -> datetime:
+    """The start of the UTC hour a record's span began in: its rollup bucket."""
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
+# -- capacity and utilisation --------------------------------------------------
+
+
+def capacity_gpu_seconds(
+    reports: Iterable[tuple[datetime, int]], start: datetime, end: datetime
+) -> int:
+    """GPU-seconds of capacity a data centre reported within ``[start, end)``.
+
+    ``reports`` are ``(reported_at, total GPUs)`` in time order. Each report
+    stands for its total GPUs from its ``reported_at`` until the next report,
+    but for at most 300 s (reports are due every 5 minutes; a silent data
+    centre stops counting); the last one stands until ``end`` ("now"), also at
+    most 300 s. Only the part of each slice inside the window counts, so pass
+    the reports from ``start − 300 s`` on. Linear in the number of reports.
+    """
+    total = 0
+    reports = list(reports)
+    for index, (reported_at, gpus) in enumerate(reports):
+        following = reports[index + 1][0] if index + 1 < len(reports) else end
+        until = min(following, reported_at + CAPACITY_SLICE, end)
+        since = max(reported_at, start)
+        if until > since:
+            total += gpus * int((until - since).total_seconds())
+    return total
+
+
+def utilisation(used_gpu_seconds: int, capacity_gpu_seconds_: int) -> float | None:
+    """Used ÷ capacity, capped at 1.0; None when no capacity was reported.
+
+    Usage is bucketed by the hour its span started, capacity by the second, so
+    the ratio can overshoot slightly at the edge of a window: it is capped.
+    """
+    if capacity_gpu_seconds_ <= 0:
+        return None
+    return min(1.0, used_gpu_seconds / capacity_gpu_seconds_)

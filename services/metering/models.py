@@ -1,0 +1,142 @@
+"""metering's tables: rated usage records, hourly rollups, capacity, dead letters.
+
+``migrations/versions/0001_initial.py`` creates exactly these; change both
+together.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+Timestamp = DateTime(timezone=True)
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class UsageRecord(Base):
+    """One rated usage record; (datacenter_id, record_id) is unique forever."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (UniqueConstraint("datacenter_id", "record_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    datacenter_id: Mapped[str] = mapped_column(String(64))
+    record_id: Mapped[str] = mapped_column(String(128))
+    # sha256 of the canonical record: tells a redelivery from a conflicting one.
+    record_sha256: Mapped[str] = mapped_column(String(64))
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    voucher_code: Mapped[str | None] = mapped_column(String(32))
+    # The city that issued the voucher (null when there is none).
+    city: Mapped[str | None] = mapped_column(String(64))
+    gpu_model: Mapped[str] = mapped_column(String(64))
+    gpu_count: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(Timestamp)
+    ended_at: Mapped[datetime] = mapped_column(Timestamp)
+    gpu_seconds: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[str | None] = mapped_column(Text)
+    correction_of: Mapped[str | None] = mapped_column(String(128))
+    cost_fen: Mapped[int] = mapped_column(BigInteger)
+    unit_price_fen_per_gpu_hour: Mapped[int] = mapped_column(BigInteger)
+    # The data centre's attributes when rated, so a re-published event is the same.
+    government_run: Mapped[bool] = mapped_column(Boolean)
+    hub_region: Mapped[str] = mapped_column(String(64))
+    chip_origin: Mapped[str] = mapped_column(String(16))
+    rated_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class UsageRollup(Base):
+    """Usage per data centre, city, tenant, voucher, GPU model and hour.
+
+    ``city`` and ``voucher_code`` are ``""`` for voucher-less usage, because a
+    NULL would make the unique key (and the upsert on it) never match.
+    """
+
+    __tablename__ = "usage_rollups_hourly"
+    __table_args__ = (
+        UniqueConstraint(
+            "datacenter_id",
+            "city",
+            "tenant_id",
+            "voucher_code",
+            "gpu_model",
+            "hour",
+            name="uq_usage_rollups_hourly_bucket",  # the long default is > 63 chars
+        ),
+        Index(None, "hour"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    datacenter_id: Mapped[str] = mapped_column(String(64))
+    city: Mapped[str] = mapped_column(String(64))
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    voucher_code: Mapped[str] = mapped_column(String(32))
+    gpu_model: Mapped[str] = mapped_column(String(64))
+    hour: Mapped[datetime] = mapped_column(Timestamp)
+    records: Mapped[int] = mapped_column(BigInteger)
+    gpu_seconds: Mapped[int] = mapped_column(BigInteger)
+    cost_fen: Mapped[int] = mapped_column(BigInteger)
+
+
+class CapacityReport(Base):
+    """One capacity report (CONTRACTS.md §2), with its totals for the overview."""
+
+    __tablename__ = "capacity_reports"
+    __table_args__ = (
+        UniqueConstraint("datacenter_id", "reported_at"),
+        Index(None, "reported_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    datacenter_id: Mapped[str] = mapped_column(String(64))
+    reported_at: Mapped[datetime] = mapped_column(Timestamp)
+    received_at: Mapped[datetime] = mapped_column(Timestamp)
+    report_sha256: Mapped[str] = mapped_column(String(64))
+    total_gpus: Mapped[int] = mapped_column(BigInteger)
+    allocated_gpus: Mapped[int] = mapped_column(BigInteger)
+    gpus: Mapped[list] = mapped_column(JSON)
+
+
+class DeadLetter(Base):
+    """A message refused for a reason; stored whole so an operator can act on it."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (
+        Index(None, "datacenter_id", "received_at"),
+        Index(None, "reason", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    received_at: Mapped[datetime] = mapped_column(Timestamp)
+    routing_key: Mapped[str] = mapped_column(String(255))
+    datacenter_id: Mapped[str] = mapped_column(String(255))
+    record_id: Mapped[str | None] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text)
+    headers: Mapped[dict] = mapped_column(JSON)
+    # The raw body as UTF-8 text, undecodable bytes replaced (U+FFFD).
+    body: Mapped[str] = mapped_column(Text)

@@ -1,0 +1,227 @@
+"""metering against a real RabbitMQ and PostgreSQL, city_registry replaced.
+
+Signed usage records go in through ``computenet.usage`` exactly as a data
+centre's gateway sends them (duplicates, a conflicting duplicate, a forged
+signature, a body that is not JSON); ``<city>.usage_rated`` events come out on
+``computenet.federation`` once per unique record, and the RPC reads agree.
+"""
+
+import time
+from datetime import timedelta
+
+import nameko
+import pytest
+from kombu import Connection, Exchange, Queue
+from nameko.rpc import rpc
+from nameko.standalone.rpc import ServiceRpcClient
+
+from services.common.amqp import FEDERATION_EXCHANGE, USAGE_EXCHANGE
+from services.common.config import AMQP_URI, DATABASE_URL, REGISTRY_CACHE_TTL_S
+from services.common.contracts import canonical_json
+from services.common.errors import EXPECTED, NotFound
+from services.common.migrations import upgrade
+from services.common.units import rate_cost_fen, utcnow
+from services.metering.domain import usage_rated_event_id
+from services.metering.service import MeteringService
+from services.metering.testing import (
+    DATACENTER,
+    DATACENTER_ID,
+    KEY_ID,
+    PREFIXES,
+    PRICE_H800,
+    SECRET,
+    capacity,
+    signed_headers,
+    usage,
+    voucher,
+)
+
+pytestmark = pytest.mark.integration
+
+DEADLINE_S = 15
+
+
+class FakeCityRegistry:
+    """Just what metering asks the registry, answering for one data centre."""
+
+    name = "city_registry"
+
+    @rpc(expected_exceptions=EXPECTED)
+    def get_datacenter(self, datacenter_id):
+        if datacenter_id != DATACENTER_ID:
+            raise NotFound("datacenter_not_found", datacenter_id)
+        return DATACENTER
+
+    @rpc(expected_exceptions=EXPECTED)
+    def datacenter_signing_keys(self, datacenter_id):
+        return [{"key_id": KEY_ID, "secret": SECRET}]
+
+    @rpc
+    def voucher_prefixes(self):
+        return PREFIXES
+
+
+@pytest.fixture
+def metering(rabbit_config, pg_url_factory, container_factory):
+    url = pg_url_factory("metering")
+    upgrade("metering", url)
+    with nameko.config.patch({DATABASE_URL: url, REGISTRY_CACHE_TTL_S: 30}):
+        container_factory(FakeCityRegistry).start()
+        container_factory(MeteringService).start()
+        yield nameko.config[AMQP_URI]
+
+
+@pytest.fixture
+def bus(metering):
+    """A kombu connection with a test queue bound to ``*.usage_rated``."""
+    with Connection(metering) as connection:
+        events = Queue(
+            "test.usage_rated",
+            exchange=FEDERATION_EXCHANGE,
+            routing_key="*.usage_rated",
+            auto_delete=True,
+        )
+        events(connection.default_channel).declare()
+        yield connection, events
+
+
+def publish(connection, body: bytes, routing_key: str, headers: dict | None = None):
+    with connection.Producer() as producer:
+        producer.publish(
+            body,
+            exchange=USAGE_EXCHANGE,
+            routing_key=routing_key,
+            headers=signed_headers(body) if headers is None else headers,
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=2,
+            declare=[Exchange(USAGE_EXCHANGE.name, type="topic", durable=True)],
+        )
+
+
+def publish_record(connection, record: dict, **kwargs) -> None:
+    publish(connection, canonical_json(record), f"{DATACENTER_ID}.usage", **kwargs)
+
+
+def collect_events(connection, events: Queue, expected_ids: set, received: dict):
+    """Drain the test queue until every expected event_id was seen, then a bit."""
+    deadline = time.monotonic() + DEADLINE_S
+    with connection.SimpleQueue(events) as simple:
+        while not expected_ids <= set(received) and time.monotonic() < deadline:
+            try:
+                _keep(simple.get(timeout=0.2), received)
+            except simple.Empty:
+                continue
+        _quiet_for(simple, received, 0.5)  # stray extra events would show here
+
+
+def _quiet_for(simple, received: dict, seconds: float) -> None:
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        try:
+            message = simple.get(timeout=0.1)
+        except simple.Empty:
+            continue
+        _keep(message, received)
+
+
+def _keep(message, received: dict) -> None:
+    payload = message.payload
+    received.setdefault(payload["event_id"], []).append(
+        (message.delivery_info["routing_key"], payload, message.properties)
+    )
+    message.ack()
+
+
+def wait_for(check, timeout: float = DEADLINE_S):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.1)
+
+
+def test_usage_is_rated_once_announced_once_and_refusals_kept(bus):
+    connection, events = bus
+    sh_code, cd_code = voucher("SH"), voucher("CD")
+    subsidised = [
+        usage(voucher_code=sh_code),
+        usage(voucher_code=cd_code, gpu_model="Ascend-910B", gpu_seconds=3601),
+        usage(voucher_code=sh_code, gpu_count=1, gpu_seconds=1),
+    ]
+    plain = [usage(tenant_id="tenant-b"), usage(tenant_id="tenant-b", gpu_seconds=5)]
+    for record in subsidised + plain:
+        publish_record(connection, record)
+    for record in subsidised + plain:  # redelivered by an at-least-once producer
+        publish_record(connection, record)
+    report = capacity(utcnow().replace(microsecond=0) - timedelta(seconds=60), 64, 8)
+    publish(connection, canonical_json(report), f"{DATACENTER_ID}.capacity")
+
+    received: dict = {}
+    expected = {
+        usage_rated_event_id(DATACENTER_ID, r["record_id"]): r for r in subsidised
+    }
+    collect_events(connection, events, set(expected), received)
+    assert set(received) == set(expected)
+    for event_id, deliveries in received.items():
+        record = expected[event_id]
+        # Published again for the redelivered copy: the same fact, same body.
+        assert len(deliveries) == 2
+        assert len({canonical_json(payload) for _, payload, _ in deliveries}) == 1
+        routing_key, payload, properties = deliveries[0]
+        city = PREFIXES[record["voucher_code"][:2]]
+        assert routing_key == f"{city}.usage_rated"
+        assert properties["message_id"] == event_id
+        assert payload["record_id"] == record["record_id"]
+        assert payload["voucher_code"] == record["voucher_code"]
+        assert payload["datacenter"]["government_run"] is True
+
+    # Now the refusals: a changed body under a stored id, a forged signature,
+    # a body that is not JSON, a GPU model the data centre does not have.
+    conflicting = dict(subsidised[0], gpu_seconds=subsidised[0]["gpu_seconds"] - 1)
+    publish_record(connection, conflicting)
+    forged = usage()
+    publish_record(connection, forged, headers=signed_headers(b"x", KEY_ID, "wrong"))
+    publish(connection, b"{not json", f"{DATACENTER_ID}.usage")
+    unknown_gpu = usage(gpu_model="B200")
+    publish_record(connection, unknown_gpu)
+
+    with ServiceRpcClient("metering") as metering:
+        letters = wait_for(
+            lambda: (
+                len(metering.list_dead_letters(datacenter_id=DATACENTER_ID)) >= 4
+                and metering.list_dead_letters(datacenter_id=DATACENTER_ID)
+            )
+        )
+        reasons = {letter["record_id"]: letter["reason"] for letter in letters}
+        assert reasons == {
+            conflicting["record_id"]: "conflicting_duplicate",
+            forged["record_id"]: "bad_signature",
+            None: "schema",
+            unknown_gpu["record_id"]: "unknown_gpu_model",
+        }
+        schema_only = metering.list_dead_letters(reason="schema")
+        assert [letter["reason"] for letter in schema_only] == ["schema"]
+
+        overview = metering.usage_overview(window_hours=24)
+    row = overview["datacenters"][DATACENTER_ID]
+    stored = subsidised + plain
+    assert row["records_total"] == len(stored)
+    assert row["gpu_seconds_total"] == sum(r["gpu_seconds"] for r in stored)
+    assert row["gpu_seconds_window"] == row["gpu_seconds_total"]
+    price = {"H800": PRICE_H800, "Ascend-910B": 1100}
+    assert row["cost_fen_total"] == sum(
+        rate_cost_fen(r["gpu_seconds"], price[r["gpu_model"]]) for r in stored
+    )
+    assert row["capacity_gpu_seconds_window"] == pytest.approx(64 * 60, abs=64 * 5)
+    assert 0 <= row["utilisation_window"] <= 1
+    # Nothing more arrived for the refused records.
+    late: dict = {}
+    _drain(connection, events, late)
+    assert set(late) <= set(expected)
+
+
+def _drain(connection, events: Queue, received: dict) -> None:
+    with connection.SimpleQueue(events) as simple:
+        _quiet_for(simple, received, 0.5)

@@ -1,0 +1,115 @@
+"""The entrypoints, through nameko's worker_factory: no broker, SQLite store."""
+
+import json
+from unittest.mock import Mock
+
+import pytest
+from nameko.exceptions import UnknownService
+from nameko.testing.services import worker_factory
+from sqlalchemy.orm import Session
+
+from services.city_registry.service import CityRegistryService
+from services.city_registry.store import RegistryStore
+from services.common.amqp import RawMessage
+from services.common.contracts import make_event
+from services.common.db import make_engine
+from services.common.errors import InvalidRequest, NotFound
+from services.common.migrations import upgrade
+
+
+@pytest.fixture
+def store(sqlite_url):
+    upgrade("city_registry", sqlite_url)
+    engine = make_engine(sqlite_url)
+    with Session(engine, expire_on_commit=False) as session:
+        yield RegistryStore(session)
+    engine.dispose()
+
+
+@pytest.fixture
+def metering():
+    return Mock()
+
+
+@pytest.fixture
+def service(store, metering):
+    return worker_factory(CityRegistryService, store=store, metering_rpc=metering)
+
+
+def _message(routing_key, body):
+    return RawMessage(json.dumps(body).encode(), {}, {}, routing_key, False)
+
+
+def _heartbeat(city, eid):
+    return make_event("heartbeat", city, eid, version="1", uptime_s=3)
+
+
+def test_federation_event_is_projected(service):
+    service.handle_federation_event(
+        _message("shanghai.heartbeat", _heartbeat("shanghai", "h1"))
+    )
+    assert service.get_city("shanghai")["status"] == "live"
+
+
+def test_event_of_another_city_is_dropped(service):
+    service.handle_federation_event(
+        _message("shanghai.heartbeat", _heartbeat("chengdu", "h1"))
+    )
+    assert service.list_cities() == []
+
+
+def test_same_event_id_from_two_cities_counts_for_both(service):
+    for city in ("shanghai", "chengdu"):
+        body = make_event(
+            "program_published",
+            city,
+            "same-id",
+            programs=[
+                {
+                    "id": f"{city}-p",
+                    "kind": "compute",
+                    "budget_fen": 100,
+                    "rate_bp": 5000,
+                    "rules_version": "v1",
+                    "rules_sha256": "d" * 64,
+                }
+            ],
+        )
+        service.handle_federation_event(_message(f"{city}.program_published", body))
+    assert [c["budget_fen"] for c in service.list_cities()] == [100, 100]
+
+
+@pytest.mark.parametrize(
+    "failure", [UnknownService("metering"), ConnectionError("broker gone")]
+)
+def test_summary_survives_metering_failure(service, metering, failure):
+    metering.usage_overview.side_effect = failure
+    summary = service.network_summary()
+    assert summary["gpu_seconds"] is None and summary["utilisation"] is None
+    assert summary["budget_fen"] == 0
+
+
+def test_summary_uses_the_24_hour_window(service, metering):
+    metering.usage_overview.return_value = {"datacenters": {}}
+    assert service.network_summary()["gpu_seconds"] == 0
+    metering.usage_overview.assert_called_once_with(window_hours=24)
+
+
+def test_unknown_city_and_datacenter(service):
+    with pytest.raises(NotFound) as info:
+        service.get_city("atlantis")
+    assert info.value.code == "city_not_found"
+    with pytest.raises(NotFound) as info:
+        service.get_datacenter("nowhere")
+    assert info.value.code == "datacenter_not_found"
+    with pytest.raises(NotFound):
+        service.datacenter_signing_keys("nowhere")
+
+
+def test_token_round_trip(service):
+    token = service.issue_token("city_admin:shanghai")
+    assert service.authenticate(token) == {"role": "city_admin:shanghai"}
+    assert service.authenticate(None) is None
+    assert service.authenticate("") is None
+    with pytest.raises(InvalidRequest):
+        service.issue_token("city_admin:")

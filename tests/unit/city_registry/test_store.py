@@ -1,0 +1,298 @@
+"""The registry's store on an embedded SQLite database, migrated as in production:
+seed, the read model's arithmetic and idempotency, keys and tokens."""
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.city_registry import domain
+from services.city_registry.models import Base
+from services.city_registry.store import RegistryStore, read_deploy_dir
+from services.common.contracts import load_event, make_event
+from services.common.db import make_engine
+from services.common.migrations import upgrade
+
+DEPLOY_DIR = Path(__file__).resolve().parents[3] / "deploy"
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+SHA = "b" * 64
+
+
+@pytest.fixture
+def engine(sqlite_url):
+    upgrade("city_registry", sqlite_url)
+    engine = make_engine(sqlite_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(engine):
+    from sqlalchemy.orm import Session
+
+    with Session(engine, expire_on_commit=False) as session:
+        yield RegistryStore(session)
+
+
+def _event(event_name, city, eid, **fields):
+    return load_event(event_name, make_event(event_name, city, eid, **fields))
+
+
+def _published(city="shanghai", eid="p1", budget=1_000_000, **extra):
+    programs = [
+        {
+            "id": f"{city}-compute",
+            "kind": "compute",
+            "budget_fen": budget,
+            "rate_bp": 8000,
+            "rules_version": "v1",
+            "rules_sha256": SHA,
+        }
+    ]
+    return _event("program_published", city, eid, programs=programs, **extra)
+
+
+def _issued(eid, face, code="SH-AAAAAAAAAAAA-0", city="shanghai", program=None):
+    return _event(
+        "voucher_issued",
+        city,
+        eid,
+        voucher_code=code,
+        program_id=program or f"{city}-compute",
+        face_value_fen=face,
+        expires_at=NOW + timedelta(days=365),
+    )
+
+
+def _redeemed(eid, subsidy, code="SH-AAAAAAAAAAAA-0", city="shanghai", program=None):
+    return _event(
+        "voucher_redeemed",
+        city,
+        eid,
+        voucher_code=code,
+        program_id=program,
+        record_id=eid,
+        datacenter_id="dc-1",
+        gpu_seconds=3600,
+        cost_fen=abs(subsidy) * 2,
+        subsidy_fen=subsidy,
+    )
+
+
+def _released(eid, amount, code="SH-AAAAAAAAAAAA-0", city="shanghai", program=None):
+    return _event(
+        "voucher_released",
+        city,
+        eid,
+        voucher_code=code,
+        program_id=program,
+        released_fen=amount,
+        reason="expired",
+    )
+
+
+def _view(store, code="shanghai"):
+    return domain.city_view(store.city(code), NOW, 90)
+
+
+def test_migration_matches_models(engine):
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        diff = compare_metadata(context, Base.metadata)
+    assert [d for d in diff if "alembic_version_city_registry" not in str(d)] == []
+
+
+def test_seed_from_deploy_is_idempotent(store):
+    cities, datacenters = read_deploy_dir(DEPLOY_DIR)
+    store.seed(cities, datacenters)
+    store.seed(cities, datacenters)
+    codes = [city.code for city in store.cities()]
+    assert {"shanghai", "chengdu", "shandong"} <= set(codes)
+    assert len(codes) == len(set(codes))
+    guian = store.datacenter("guian-gov-01")
+    assert guian.hub_region == "west" and guian.government_run is True
+    assert {item.gpu_model for item in guian.inventory} == {"H800", "Ascend-910B"}
+    assert store.active_keys("guian-gov-01") == []
+    assert store.city("shanghai").voucher_prefix == "SH"
+
+
+def test_seed_does_not_touch_money_or_keys(store):
+    cities, datacenters = read_deploy_dir(DEPLOY_DIR)
+    store.seed(cities, datacenters)
+    store.apply_event("program_published", _published(), NOW)
+    store.apply_event("voucher_issued", _issued("i1", 500), NOW)
+    store.add_key("guian-gov-01", "guian-gov-01-k1", "s1", NOW)
+    store.seed(cities, datacenters)
+    assert _view(store)["committed_fen"] == 500
+    assert store.active_keys("guian-gov-01") == [
+        {"key_id": "guian-gov-01-k1", "secret": "s1"}
+    ]
+
+
+def test_read_model_arithmetic(store):
+    store.apply_event("program_published", _published(budget=10_000), NOW)
+    store.apply_event("voucher_issued", _issued("i1", 3_000), NOW)
+    store.apply_event("voucher_issued", _issued("i2", 2_000, code="SH-B"), NOW)
+    store.apply_event("voucher_redeemed", _redeemed("r1", 700), NOW)
+    store.apply_event("voucher_redeemed", _redeemed("r2", -200), NOW)  # reversal
+    store.apply_event("voucher_released", _released("x1", 1_500, code="SH-B"), NOW)
+    view = _view(store)
+    assert view["budget_fen"] == 10_000
+    assert view["committed_fen"] == 5_000 - 500 - 1_500
+    assert view["redeemed_fen"] == 500
+    assert view["released_fen"] == 1_500
+    assert view["available_fen"] == 10_000 - 3_000 - 500
+    assert view["vouchers_issued"] == 2
+    (program,) = view["programs"]
+    # redemptions and releases without program_id are booked by voucher code
+    for key in ("committed_fen", "redeemed_fen", "released_fen", "available_fen"):
+        assert program[key] == view[key]
+    assert program["rate_bp"] == 8000 and program["rules_sha256"] == SHA
+
+
+def test_duplicate_event_is_applied_once(store):
+    store.apply_event("program_published", _published(), NOW)
+    assert store.apply_event("voucher_issued", _issued("i1", 300), NOW) is True
+    assert store.apply_event("voucher_issued", _issued("i1", 300), NOW) is False
+    view = _view(store)
+    assert view["committed_fen"] == 300 and view["vouchers_issued"] == 1
+
+
+def test_city_joins_by_its_first_program_published(store):
+    store.apply_event(
+        "program_published",
+        _published("wuhan", name="Wuhan", region="central", voucher_prefix="WH"),
+        NOW,
+    )
+    view = _view(store, "wuhan")
+    assert (view["name"], view["region"], view["voucher_prefix"]) == (
+        "Wuhan",
+        "central",
+        "WH",
+    )
+    assert view["status"] == "unknown"
+
+
+def test_prefix_of_another_city_is_not_taken(store):
+    store.apply_event("program_published", _published(voucher_prefix="SH"), NOW)
+    store.apply_event(
+        "program_published", _published("fake", "p2", voucher_prefix="SH"), NOW
+    )
+    assert domain.voucher_prefixes(store.cities()) == {"SH": "shanghai"}
+
+
+def test_events_before_program_published_still_count(store):
+    store.apply_event("voucher_issued", _issued("i1", 400, city="hefei"), NOW)
+    store.apply_event("program_published", _published("hefei", "p1", budget=900), NOW)
+    view = _view(store, "hefei")
+    assert view["committed_fen"] == 400 and view["available_fen"] == 500
+    assert view["programs"][0]["available_fen"] == 500
+
+
+def test_redemption_of_unknown_voucher_counts_for_the_city(store):
+    store.apply_event("voucher_redeemed", _redeemed("r1", 50, code="SH-Z"), NOW)
+    view = _view(store)
+    assert view["redeemed_fen"] == 50 and view["programs"] == []
+
+
+def test_heartbeat_keeps_the_latest_moment(store):
+    late, early = NOW - timedelta(seconds=5), NOW - timedelta(seconds=500)
+    store.apply_event(
+        "heartbeat",
+        _event("heartbeat", "shanghai", "h1", version="1", uptime_s=1),
+        late,
+    )
+    store.apply_event(
+        "heartbeat",
+        _event("heartbeat", "shanghai", "h2", version="1", uptime_s=1),
+        early,
+    )
+    assert store.city("shanghai").last_heartbeat_at == late
+    assert (
+        domain.city_status(store.city("shanghai").last_heartbeat_at, NOW, 90) == "live"
+    )
+
+
+def test_key_rotation_keeps_two_active(store):
+    store.seed(*read_deploy_dir(DEPLOY_DIR))
+    for n in (1, 2, 3):
+        assert store.add_key("guian-gov-01", f"k{n}", f"s{n}", NOW)
+    assert [k["key_id"] for k in store.active_keys("guian-gov-01")] == ["k3", "k2"]
+    assert store.add_key("nowhere", "k9", "s9", NOW) is False
+
+
+def test_tokens(store):
+    store.add_token(domain.token_digest("tok"), "city_admin:shanghai", NOW)
+    assert store.role_for(domain.token_digest("tok")) == "city_admin:shanghai"
+    assert store.role_for(domain.token_digest("other")) is None
+
+
+_events = st.lists(
+    st.tuples(
+        st.sampled_from(["issued", "redeemed", "released"]),
+        st.integers(min_value=0, max_value=15),  # event number: repeats = duplicates
+        st.integers(min_value=1, max_value=10_000),
+    ),
+    max_size=30,
+)
+
+
+@pytest.fixture(scope="module")
+def shared_engine(tmp_path_factory):
+    url = f"sqlite:///{tmp_path_factory.mktemp('hypothesis') / 'registry.db'}"
+    upgrade("city_registry", url)
+    engine = make_engine(url)
+    yield engine
+    engine.dispose()
+
+
+_examples = iter(range(10**9))
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events=_events, attributed=st.booleans())
+def test_totals_equal_the_sum_of_distinct_events(shared_engine, events, attributed):
+    """Whatever the order and repetition, each distinct event counts once.
+
+    With ``program_id`` on every event (the vouchers service sends it) the
+    program's figures equal the city's even when a redemption overtakes its
+    issue; without it such a redemption counts for the city only.
+    """
+    from sqlalchemy.orm import Session
+
+    city = f"c{next(_examples)}"
+    code, program = f"{city.upper()}-V", f"{city}-compute"
+    expected = {"committed_fen": 0, "redeemed_fen": 0, "released_fen": 0}
+    seen = set()
+    build = {"issued": _issued, "redeemed": _redeemed, "released": _released}
+    with Session(shared_engine) as session:
+        store = RegistryStore(session)
+        store.apply_event(
+            "program_published", _published(city, f"{city}-p1", budget=10**9), NOW
+        )
+        for kind, number, amount in events:
+            eid = f"{city}-{kind}-{number}"
+            body = build[kind](
+                eid,
+                amount,
+                code=code,
+                city=city,
+                program=program if attributed else None,
+            )
+            store.apply_event(f"voucher_{kind}", body, NOW)
+            if eid not in seen:
+                seen.add(eid)
+                delta = domain.ledger_delta(f"voucher_{kind}", body)
+                expected["committed_fen"] += delta.committed_fen
+                expected["redeemed_fen"] += delta.redeemed_fen
+                expected["released_fen"] += delta.released_fen
+        view = _view(store, city)
+    for key, value in expected.items():
+        assert view[key] == value
+        if attributed:
+            assert view["programs"][0][key] == value
+    assert view["available_fen"] + view["committed_fen"] + view["redeemed_fen"] == 10**9

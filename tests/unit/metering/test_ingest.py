@@ -1,0 +1,195 @@
+"""metering's use cases on SQLite with a fake registry: dedup, rollups, reads."""
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import sessionmaker
+
+from services.common.contracts import canonical_json
+from services.common.db import make_engine
+from services.common.errors import InvalidRequest, NotFound
+from services.common.migrations import upgrade
+from services.common.units import utcnow
+from services.metering import ingest, reports
+from services.metering.domain import Reason, Refused
+from services.metering.models import DeadLetter, UsageRecord, UsageRollup
+from services.metering.registry import CachedRegistry, RegistryCacheState
+from services.metering.testing import (
+    DATACENTER,
+    DATACENTER_ID,
+    KEY_ID,
+    PREFIXES,
+    SECRET,
+    capacity,
+    raw_message,
+    signed_headers,
+    usage,
+    voucher,
+)
+
+
+class FakeRegistry:
+    def __init__(self):
+        self.calls: list[str] = []
+        self.keys = [{"key_id": KEY_ID, "secret": SECRET}]
+
+    def get_datacenter(self, datacenter_id):
+        self.calls.append("get_datacenter")
+        if datacenter_id != DATACENTER_ID:
+            raise NotFound("datacenter_not_found")
+        return DATACENTER
+
+    def datacenter_signing_keys(self, datacenter_id):
+        self.calls.append("datacenter_signing_keys")
+        return self.keys
+
+    def voucher_prefixes(self):
+        self.calls.append("voucher_prefixes")
+        return PREFIXES
+
+
+@pytest.fixture
+def session(sqlite_url):
+    upgrade("metering", sqlite_url)
+    engine = make_engine(sqlite_url)
+    with sessionmaker(engine, expire_on_commit=False)() as session:
+        yield session
+    engine.dispose()
+
+
+@pytest.fixture
+def fake():
+    return FakeRegistry()
+
+
+@pytest.fixture
+def registry(fake):
+    return CachedRegistry(RegistryCacheState(ttl_s=30), fake)
+
+
+def process(session, registry, message):
+    try:
+        return ingest.process(session, registry, message)
+    except Refused as refused:
+        ingest.store_dead_letter(session, message, refused)
+        return refused.reason
+
+
+def test_voucher_record_is_rated_stored_rolled_up_and_announced(session, registry):
+    record = usage(voucher_code=voucher("SH"))
+    [event] = process(session, registry, raw_message(record))
+    assert event.routing_key == "shanghai.usage_rated"
+    assert event.payload["cost_fen"] == 2 * 1800
+    assert event.payload["record_id"] == record["record_id"]
+    row = session.scalar(select(UsageRecord))
+    assert (row.city, row.cost_fen, row.unit_price_fen_per_gpu_hour) == (
+        "shanghai",
+        3600,
+        1800,
+    )
+    rollup = session.scalar(select(UsageRollup))
+    assert (rollup.records, rollup.gpu_seconds, rollup.cost_fen) == (1, 7200, 3600)
+
+
+def test_voucherless_record_is_rated_without_an_event(session, registry):
+    assert process(session, registry, raw_message(usage())) == []
+    assert session.scalar(select(func.count()).select_from(UsageRecord)) == 1
+
+
+def test_same_record_again_changes_nothing_and_repeats_the_same_event(
+    session, registry
+):
+    record = usage(voucher_code=voucher("CD"))
+    [first] = process(session, registry, raw_message(record))
+    [again] = process(session, registry, raw_message(record))
+    assert again.payload == first.payload
+    assert session.scalar(select(func.count()).select_from(UsageRecord)) == 1
+    assert session.scalar(select(UsageRollup.records)) == 1
+
+
+def test_same_id_with_another_body_is_a_conflicting_duplicate(session, registry):
+    record = usage()
+    process(session, registry, raw_message(record))
+    changed = dict(record, gpu_seconds=record["gpu_seconds"] - 1)
+    assert process(session, registry, raw_message(changed)) == (
+        Reason.CONFLICTING_DUPLICATE
+    )
+    letter = session.scalar(select(DeadLetter))
+    assert letter.record_id == record["record_id"]
+    assert session.scalar(select(UsageRollup.gpu_seconds)) == 7200
+
+
+def test_rollup_adds_records_of_the_same_bucket(session, registry):
+    code = voucher("SH")
+    template = usage(voucher_code=code)
+    for _ in range(3):
+        record = dict(template, record_id=usage()["record_id"])
+        process(session, registry, raw_message(record))
+    rollup = session.scalar(select(UsageRollup))
+    assert (rollup.records, rollup.gpu_seconds, rollup.voucher_code) == (3, 21600, code)
+
+
+@pytest.mark.parametrize(
+    "message, reason",
+    [
+        (
+            lambda: raw_message(usage(), routing_key="nowhere-01.usage"),
+            "unknown_datacenter",
+        ),
+        (lambda: raw_message(usage(), headers={"x-key-id": KEY_ID}), "bad_signature"),
+        (lambda: raw_message(body=b"\x00not json"), "schema"),
+        (lambda: raw_message(usage(gpu_count=0)), "schema"),
+        (lambda: raw_message(usage(), content_type="text/plain"), "schema"),
+        (lambda: raw_message(usage(datacenter_id="other")), "datacenter_mismatch"),
+        (lambda: raw_message(usage(gpu_model="B200")), "unknown_gpu_model"),
+        (lambda: raw_message(usage(voucher_code="SH-NOPE")), "unknown_voucher"),
+        (lambda: raw_message(usage(voucher_code=voucher("ZZ"))), "unknown_voucher"),
+    ],
+)
+def test_refused_message_is_stored_as_a_dead_letter(session, registry, message, reason):
+    raw = message()
+    assert process(session, registry, raw) == reason
+    [listed] = reports.list_dead_letters(session)
+    assert listed["reason"] == reason
+    assert listed["datacenter_id"] == raw.routing_key.split(".")[0]
+    letter = session.scalar(select(DeadLetter))
+    assert letter.body == raw.body.decode("utf-8", "replace").replace("\x00", "\ufffd")
+    assert session.scalar(select(func.count()).select_from(UsageRecord)) == 0
+
+
+def test_registry_is_cached_and_refetched_for_an_unknown_key(session, registry, fake):
+    process(session, registry, raw_message(usage()))
+    process(session, registry, raw_message(usage()))
+    assert fake.calls.count("get_datacenter") == 1
+    assert fake.calls.count("datacenter_signing_keys") == 1
+    fake.keys = fake.keys + [{"key_id": "k2", "secret": "new"}]
+
+    body = canonical_json(usage())
+    message = raw_message(body=body, headers=signed_headers(body, "k2", "new"))
+    assert process(session, registry, message) == []
+    assert fake.calls.count("datacenter_signing_keys") == 2
+
+
+def test_capacity_report_is_stored_once_and_feeds_utilisation(session, registry):
+    now = utcnow().replace(microsecond=0)
+    for seconds_ago in (600, 300):
+        report = capacity(now - timedelta(seconds=seconds_ago), total=4, allocated=1)
+        message = raw_message(report, routing_key=f"{DATACENTER_ID}.capacity")
+        assert process(session, registry, message) == []
+        assert process(session, registry, message) == []  # duplicate: ignored
+    process(session, registry, raw_message(usage(gpu_seconds=1200, gpu_count=1)))
+    overview = reports.usage_overview(session, 24, now=now)
+    row = overview["datacenters"][DATACENTER_ID]
+    assert row["capacity_gpu_seconds_window"] == 4 * 600
+    assert row["gpu_seconds_window"] == 1200
+    assert row["utilisation_window"] == 0.5
+    assert row["records_total"] == 1
+
+
+def test_overview_and_listing_validate_their_arguments(session):
+    with pytest.raises(InvalidRequest):
+        reports.usage_overview(session, 0)
+    with pytest.raises(InvalidRequest):
+        reports.list_dead_letters(session, limit=0)
+    assert reports.usage_overview(session) == {"datacenters": {}}
