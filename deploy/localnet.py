@@ -137,7 +137,8 @@ def broker_problem(amqp_uri: str, timeout: float = 3.0) -> str | None:
             conn.ensure_connection(max_retries=1, timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
         return (
-            f"RabbitMQ is not reachable at {_redact(amqp_uri)} ({exc.__class__.__name__}); "
+            f"RabbitMQ is not reachable at {_redact(amqp_uri)} "
+            f"({exc.__class__.__name__}); "
             "start it with: rabbitmq-server -detached"
         )
     return None
@@ -151,7 +152,8 @@ def postgres_problem(url: str) -> str | None:
             pass
     except Exception as exc:  # noqa: BLE001
         return (
-            f"PostgreSQL is not reachable at {url} ({exc.__class__.__name__}); start it with: "
+            f"PostgreSQL is not reachable at {url} ({exc.__class__.__name__}); "
+            "start it with: "
             "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
         )
     return None
@@ -181,7 +183,9 @@ def _redact(uri: str) -> str:
 class Child:
     """One process of the network, its output prefixed and kept in a log file."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, echo: bool):
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, echo: bool
+    ):
         self.name = name
         self.argv = argv
         self.env = env
@@ -199,7 +203,8 @@ class Child:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches the launcher, which stops us in order
+            # Ctrl-C reaches the launcher only, which stops the children in order.
+            start_new_session=True,
         )
         self._pump = threading.Thread(target=self._copy_output, daemon=True)
         self._pump.start()
@@ -234,7 +239,9 @@ class Child:
 
     def tail(self, lines: int = 20) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join(
+                self.log_path.read_text(errors="replace").splitlines()[-lines:]
+            )
         except OSError:
             return ""
 
@@ -308,7 +315,9 @@ class Network:
         return env
 
     def _spawn(self, name: str, argv: list[str], **env: str) -> Child:
-        child = Child(name, argv, self._env(**env), self.spec.var_dir / "log", self.spec.echo)
+        child = Child(
+            name, argv, self._env(**env), self.spec.var_dir / "log", self.spec.echo
+        )
         child.start()
         self.children.append(child)
         return child
@@ -318,11 +327,19 @@ class Network:
         argv = [sys.executable, "-m", f"services.{package}", "--config", str(config)]
         return self._spawn(name, argv, DATABASE_URL=self.spec.database_url(name), **env)
 
-    def _wait(self, what: str, probe: Callable[[], bool], child: Child | None, timeout: float = 60):
+    def _wait(
+        self,
+        what: str,
+        probe: Callable[[], bool],
+        child: Child | None,
+        timeout: float = 60,
+    ):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if child is not None and not child.running:
-                raise NetworkError(f"{child.name} exited while starting:\n{child.tail()}")
+                raise NetworkError(
+                    f"{child.name} exited while starting:\n{child.tail()}"
+                )
             try:
                 if probe():
                     return
@@ -357,7 +374,9 @@ class Network:
             )
         spec.var_dir.mkdir(parents=True, exist_ok=True)
 
-        registry = self._service("city_registry", "city_registry", DEPLOY_DIR=str(ROOT / "deploy"))
+        registry = self._service(
+            "city_registry", "city_registry", DEPLOY_DIR=str(ROOT / "deploy")
+        )
         metering = self._service("metering", "metering")
         cities = {
             city: self._service(
@@ -396,9 +415,9 @@ class Network:
             headers = {"Authorization": f"Bearer {agent_token}"}
             self._wait(
                 f"gateway {dc}",
-                lambda url=url, headers=headers: requests.get(
-                    f"{url}/v1/status", headers=headers, timeout=2
-                ).ok,
+                lambda url=url, headers=headers: (
+                    requests.get(f"{url}/v1/status", headers=headers, timeout=2).ok
+                ),
                 child,
             )
             datacenters[dc] = {
@@ -436,7 +455,8 @@ class Network:
             "amqp_uri": spec.amqp_uri,
             "national_admin_token": tokens["national_admin"],
             "cities": {
-                city: {"admin_token": tokens[f"city_admin:{city}"]} for city in spec.cities
+                city: {"admin_token": tokens[f"city_admin:{city}"]}
+                for city in spec.cities
             },
             "datacenters": datacenters,
         }
@@ -452,9 +472,9 @@ class Network:
         previous = {
             "national_admin": self.previous.get("national_admin_token"),
             **{
-                f"city_admin:{city}": (self.previous.get("cities", {}).get(city) or {}).get(
-                    "admin_token"
-                )
+                f"city_admin:{city}": (
+                    self.previous.get("cities", {}).get(city) or {}
+                ).get("admin_token")
                 for city in self.spec.cities
             },
         }
@@ -471,7 +491,10 @@ class Network:
         old = (self.previous.get("datacenters", {}) or {}).get(dc) or {}
         if old.get("key_id"):
             active = self.rpc.call("city_registry", "datacenter_signing_keys", dc)
-            if any(k["key_id"] == old["key_id"] and k["secret"] == old.get("secret") for k in active):
+            if any(
+                k["key_id"] == old["key_id"] and k["secret"] == old.get("secret")
+                for k in active
+            ):
                 return {"key_id": old["key_id"], "secret": old["secret"]}
         return self.rpc.call("city_registry", "issue_datacenter_key", dc)
 
@@ -545,7 +568,10 @@ class Network:
         while not stop.wait(0.5):
             for child in self.children:
                 if not child.running:
-                    log(f"{child.name} exited with code {child.proc.returncode}; stopping")
+                    log(
+                        f"{child.name} exited with code "
+                        f"{child.proc.returncode}; stopping"
+                    )
                     return 1
         return 0
 
@@ -604,17 +630,23 @@ def _preflight(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.localnet")
-    parser.add_argument("--amqp-uri", default=os.environ.get("AMQP_URI", DEFAULT_AMQP_URI))
+    parser.add_argument(
+        "--amqp-uri", default=os.environ.get("AMQP_URI", DEFAULT_AMQP_URI)
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start the whole network in the foreground")
     run.add_argument("--var-dir", default=str(ROOT / "var"))
     run.add_argument("--cities", default=",".join(DEFAULT_CITIES))
     run.add_argument("--portal-port", type=int, default=8000)
-    run.add_argument("--gateway-port", type=int, default=8101, help="first gateway's port")
+    run.add_argument(
+        "--gateway-port", type=int, default=8101, help="first gateway's port"
+    )
     run.add_argument("--no-simulate", action="store_true", help="no simulated agents")
     run.add_argument("--heartbeat-interval", type=int, default=15)
     run.add_argument("--quiet", action="store_true", help="logs to files only")
-    pre = sub.add_parser("preflight", help="check that RabbitMQ (and PostgreSQL) answer")
+    pre = sub.add_parser(
+        "preflight", help="check that RabbitMQ (and PostgreSQL) answer"
+    )
     pre.add_argument("--postgres", default=None, help="also check this PostgreSQL URL")
     args = parser.parse_args(argv)
     if args.command == "run":

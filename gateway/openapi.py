@@ -73,7 +73,11 @@ def _list(ref: str) -> dict[str, Any]:
 
 def _collection(ref: str) -> dict[str, Any]:
     """A collection object: ``{"items": [...]}``, room for pagination fields."""
-    return {"type": "object", "required": ["items"], "properties": {"items": _list(ref)}}
+    return {
+        "type": "object",
+        "required": ["items"],
+        "properties": {"items": _list(ref)},
+    }
 
 
 _PATHS: dict[str, dict[str, Any]] = {

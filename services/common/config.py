@@ -81,7 +81,9 @@ def substitute(text: str, env: Mapping[str, str] | None = None) -> str:
         text = new
 
 
-def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+def load_config(
+    path: str | Path, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Read one YAML configuration file, substituting environment variables."""
     path = Path(path)
     try:

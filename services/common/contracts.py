@@ -49,7 +49,11 @@ class UtcTimestamp(fields.Field):
     def _serialize(self, value, attr, obj, **kwargs):
         if value is None:
             return None
-        return format_ts(value) if not isinstance(value, str) else format_ts(parse_ts(value))
+        return (
+            format_ts(value)
+            if not isinstance(value, str)
+            else format_ts(parse_ts(value))
+        )
 
     def _deserialize(self, value, attr, data, **kwargs):
         try:
@@ -93,7 +97,9 @@ class UsageRecordSchema(Schema):
         if ended - started > MAX_SPAN:
             raise ValidationError("span exceeds 31 days", "ended_at")
         if ended > utcnow() + MAX_FUTURE_SKEW:
-            raise ValidationError("ended_at is more than 5 minutes in the future", "ended_at")
+            raise ValidationError(
+                "ended_at is more than 5 minutes in the future", "ended_at"
+            )
         count, seconds = data.get("gpu_count"), data.get("gpu_seconds")
         if count is not None and seconds is not None:
             span = int((ended - started).total_seconds())
@@ -149,7 +155,9 @@ class DatacenterAttributesSchema(Schema):
 
     government_run = fields.Boolean(required=True)
     hub_region = fields.String(required=True)
-    chip_origin = fields.String(required=True, validate=validate.OneOf(["domestic", "imported"]))
+    chip_origin = fields.String(
+        required=True, validate=validate.OneOf(["domestic", "imported"])
+    )
 
 
 class UsageRatedSchema(FederationEventSchema, UsageRecordSchema):
@@ -159,7 +167,9 @@ class UsageRatedSchema(FederationEventSchema, UsageRecordSchema):
         unknown = EXCLUDE
 
     cost_fen = _strict_int(required=True, validate=validate.Range(min=0))
-    unit_price_fen_per_gpu_hour = _strict_int(required=True, validate=validate.Range(min=0))
+    unit_price_fen_per_gpu_hour = _strict_int(
+        required=True, validate=validate.Range(min=0)
+    )
     datacenter = fields.Nested(DatacenterAttributesSchema, required=True)
 
     @validates_schema
@@ -174,7 +184,9 @@ class ProgramSummarySchema(Schema):
         unknown = EXCLUDE
 
     id = fields.String(required=True)
-    kind = fields.String(required=True, validate=validate.OneOf(["compute", "training_data"]))
+    kind = fields.String(
+        required=True, validate=validate.OneOf(["compute", "training_data"])
+    )
     budget_fen = _strict_int(required=True, validate=validate.Range(min=1))
     rate_bp = _strict_int(required=True, validate=validate.Range(min=0, max=10_000))
     rules_version = fields.String(required=True)
@@ -214,7 +226,9 @@ class VoucherReleasedSchema(FederationEventSchema):
     voucher_code = fields.String(required=True)
     program_id = fields.String(load_default=None, allow_none=True)  # extension
     released_fen = _strict_int(required=True, validate=validate.Range(min=0))
-    reason = fields.String(required=True, validate=validate.OneOf(["expired", "revoked"]))
+    reason = fields.String(
+        required=True, validate=validate.OneOf(["expired", "revoked"])
+    )
 
 
 class HeartbeatSchema(FederationEventSchema):
@@ -259,4 +273,6 @@ def dump_record(record: dict[str, Any]) -> dict[str, Any]:
 
 def canonical_json(obj: Any) -> bytes:
     """The byte form a producer signs and sends: compact, sorted keys, UTF-8."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode()

@@ -31,7 +31,9 @@ def make_exporter(settings: Mapping[str, Any] | None) -> SpanExporter | None:
     if kind == "console":
         return ConsoleSpanExporter()
     if kind == "otlp":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter,
+        )
 
         endpoint = settings.get("endpoint") or "http://localhost:4318/v1/traces"
         return OTLPSpanExporter(endpoint=endpoint)

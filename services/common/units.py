@@ -50,7 +50,9 @@ def rate_cost_fen(gpu_seconds: int, price_fen_per_gpu_hour: int) -> int:
     """
     if gpu_seconds < 0 or price_fen_per_gpu_hour < 0:
         raise ValueError("gpu_seconds and price must be non-negative")
-    return (gpu_seconds * price_fen_per_gpu_hour + SECONDS_PER_HOUR // 2) // SECONDS_PER_HOUR
+    return (
+        gpu_seconds * price_fen_per_gpu_hour + SECONDS_PER_HOUR // 2
+    ) // SECONDS_PER_HOUR
 
 
 def apply_rate_fen(cost_fen: int, rate_bp: int) -> int:

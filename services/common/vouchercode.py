@@ -45,5 +45,7 @@ def parse(code: str) -> str:
         raise InvalidVoucherCode(f"{code!r} is not of the form XX-XXXXXXXXXXXX-C")
     prefix, body, check = match.groups()
     if _check_char(prefix + body) != check:
-        raise InvalidVoucherCode(f"{code!r}: check character does not match (mistyped?)")
+        raise InvalidVoucherCode(
+            f"{code!r}: check character does not match (mistyped?)"
+        )
     return prefix

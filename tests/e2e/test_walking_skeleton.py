@@ -39,7 +39,9 @@ PROCESS_DATABASES = [
     "datacenter_gateway_guian-gov-01",
     "datacenter_gateway_lingang-com-01",
 ]
-ADMIN_PG = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_PG = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 # Facts from deploy/ that the expectations depend on, restated here on purpose.
 GUIAN = "guian-gov-01"  # government-run: Shanghai adds 10 points, capped at 90 %
 H800_PRICE_FEN = 1800
@@ -136,7 +138,9 @@ def make_records(n, tenant, rng, start, voucher_code=None):
                 "gpu_model": "H800",
                 "gpu_count": gpus,
                 "started_at": began.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "ended_at": (began + timedelta(seconds=duration)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "ended_at": (began + timedelta(seconds=duration)).strftime(
+                    "%Y-%m-%dT%H:%M:%SZ"
+                ),
                 "gpu_seconds": gpus * duration * rng.randint(50, 100) // 100,
                 "source": "slurm",
                 "job_id": str(rng.randint(10_000, 99_999)),
@@ -155,7 +159,9 @@ def cost_fen(gpu_seconds: int, price: int) -> int:
 def test_one_gpu_hour_travels_the_whole_way(network):
     portal = network["portal"]
     national = {"Authorization": f"Bearer {network['national_admin_token']}"}
-    shanghai_admin = {"Authorization": f"Bearer {network['cities']['shanghai']['admin_token']}"}
+    shanghai_admin = {
+        "Authorization": f"Bearer {network['cities']['shanghai']['admin_token']}"
+    }
     dc = network["datacenters"][GUIAN]
     agent = {"Authorization": f"Bearer {dc['agent_token']}"}
     gateway = dc["gateway_url"]
@@ -210,11 +216,16 @@ def test_one_gpu_hour_travels_the_whole_way(network):
     assert len(records) == 1000
     for offset in range(0, len(records), 250):
         response = requests.post(
-            f"{gateway}/v1/usage", json=records[offset : offset + 250], headers=agent, timeout=30
+            f"{gateway}/v1/usage",
+            json=records[offset : offset + 250],
+            headers=agent,
+            timeout=30,
         )
         assert response.status_code == 202, response.text
     duplicates = rng.sample(records, 100)
-    response = requests.post(f"{gateway}/v1/usage", json=duplicates, headers=agent, timeout=30)
+    response = requests.post(
+        f"{gateway}/v1/usage", json=duplicates, headers=agent, timeout=30
+    )
     assert response.status_code == 202, response.text
 
     # 4. Bad input straight onto the bus: a forged signature and a body that
@@ -226,8 +237,16 @@ def test_one_gpu_hour_travels_the_whole_way(network):
     with Connection(network["amqp_uri"]) as conn:
         producer = Producer(conn.channel(), exchange=exchange)
         for body, signature in [
-            (forged_body, hmac.new(b"not-the-secret", forged_body, hashlib.sha256).hexdigest()),
-            (b"{not json", hmac.new(dc["secret"].encode(), b"{not json", hashlib.sha256).hexdigest()),
+            (
+                forged_body,
+                hmac.new(b"not-the-secret", forged_body, hashlib.sha256).hexdigest(),
+            ),
+            (
+                b"{not json",
+                hmac.new(
+                    dc["secret"].encode(), b"{not json", hashlib.sha256
+                ).hexdigest(),
+            ),
         ]:
             producer.publish(
                 body,
@@ -240,21 +259,28 @@ def test_one_gpu_hour_travels_the_whole_way(network):
 
     # 5. More good records after the bad ones: the stream goes on.
     tail = make_records(20, "e2e-tenant", rng, start)
-    response = requests.post(f"{gateway}/v1/usage", json=tail, headers=agent, timeout=30)
+    response = requests.post(
+        f"{gateway}/v1/usage", json=tail, headers=agent, timeout=30
+    )
     assert response.status_code == 202, response.text
     records += tail
     subsidised = with_voucher + explicit + tail
 
     # Expected figures, computed here.
-    costs = {r["record_id"]: cost_fen(r["gpu_seconds"], H800_PRICE_FEN) for r in records}
+    costs = {
+        r["record_id"]: cost_fen(r["gpu_seconds"], H800_PRICE_FEN) for r in records
+    }
     expected_subsidy = sum(
-        costs[r["record_id"]] * SHANGHAI_RATE_BP_AT_GOVERNMENT_DC // 10_000 for r in subsidised
+        costs[r["record_id"]] * SHANGHAI_RATE_BP_AT_GOVERNMENT_DC // 10_000
+        for r in subsidised
     )
     assert 0 < expected_subsidy < face_value_fen  # no record is capped by the balance
     expected_gpu_seconds = sum(r["gpu_seconds"] for r in records)
 
     def voucher_settled():
-        body = requests.get(f"{portal}/api/v1/vouchers/{code}", headers=national, timeout=10)
+        body = requests.get(
+            f"{portal}/api/v1/vouchers/{code}", headers=national, timeout=10
+        )
         body.raise_for_status()
         data = body.json()
         return data if data["redeemed_fen"] == expected_subsidy else None
@@ -270,22 +296,28 @@ def test_one_gpu_hour_travels_the_whole_way(network):
     city = wait_for("the registry to see Shanghai's redemptions", city_settled)
     program = next(p for p in city["programs"] if p["id"] == "sh-compute-2025")
     assert program["redeemed_fen"] == expected_subsidy
-    assert program["available_fen"] + program["committed_fen"] + program["redeemed_fen"] == (
-        program["budget_fen"]
+    assert (
+        program["available_fen"] + program["committed_fen"] + program["redeemed_fen"]
+        == (program["budget_fen"])
     )
 
     def summary_settled():
         data = requests.get(f"{portal}/api/v1/network/summary", timeout=10).json()
         return data if data["gpu_seconds"] == expected_gpu_seconds else None
 
-    summary = wait_for("the national summary to count every GPU-second", summary_settled)
+    summary = wait_for(
+        "the national summary to count every GPU-second", summary_settled
+    )
     assert summary["redeemed_fen"] == expected_subsidy
     assert summary["cities"] == 3
     assert summary["datacenters"] == 2
 
     # The bad messages are dead letters with their reasons; nothing else is.
     letters = requests.get(
-        f"{portal}/api/v1/dead-letters", params={"datacenter_id": GUIAN}, headers=national, timeout=10
+        f"{portal}/api/v1/dead-letters",
+        params={"datacenter_id": GUIAN},
+        headers=national,
+        timeout=10,
     )
     assert letters.status_code == 200, letters.text
     reasons = sorted(letter["reason"] for letter in letters.json()["items"])

@@ -33,13 +33,20 @@ def test_migrations_match_models(service, backend, sqlite_url, pg_url_factory):
     try:
         with engine.connect() as connection:
             context = MigrationContext.configure(
-                connection, opts={"version_table": f"alembic_version_{service}", "compare_type": True}
+                connection,
+                opts={
+                    "version_table": f"alembic_version_{service}",
+                    "compare_type": True,
+                },
             )
             diff = [
                 change
                 for change in compare_metadata(context, metadata)
                 # the version table belongs to Alembic, not to the models
-                if not (change[0] == "remove_table" and change[1].name.startswith("alembic_version"))
+                if not (
+                    change[0] == "remove_table"
+                    and change[1].name.startswith("alembic_version")
+                )
             ]
         assert diff == [], diff
         tables = set(inspect(engine).get_table_names())

@@ -24,9 +24,9 @@ class EchoService:
         raise NotFound("thing_not_found", f"no thing {code}", {"code": code})
 
 
-
-
-def test_pool_serves_concurrent_callers_and_typed_errors(rabbit_config, rabbit_uri, container_factory):
+def test_pool_serves_concurrent_callers_and_typed_errors(
+    rabbit_config, rabbit_uri, container_factory
+):
     container = container_factory(EchoService)
     container.start()
     pool = RpcPool(rabbit_uri, size=3, timeout=10)

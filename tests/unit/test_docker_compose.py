@@ -19,7 +19,9 @@ INIT_SQL = (ROOT / "deploy" / "postgres" / "init.sql").read_text()
 
 
 def test_topology_has_broker_database_every_service_and_the_portal():
-    assert {"rabbitmq", "postgres", "city_registry", "metering", "portal"} <= set(SERVICES)
+    assert {"rabbitmq", "postgres", "city_registry", "metering", "portal"} <= set(
+        SERVICES
+    )
     cities = {n for n in SERVICES if n.startswith("vouchers_")}
     assert cities == {"vouchers_shanghai", "vouchers_chengdu", "vouchers_shandong"}
     assert len([n for n in SERVICES if n.startswith("datacenter_gateway_")]) == 2
@@ -48,7 +50,8 @@ def test_each_service_depends_on_what_exists(name):
 
 
 @pytest.mark.parametrize(
-    "name", sorted(n for n, s in APP_SERVICES.items() if "DATABASE_URL" in s["environment"])
+    "name",
+    sorted(n for n, s in APP_SERVICES.items() if "DATABASE_URL" in s["environment"]),
 )
 def test_each_database_is_its_own_and_is_created(name):
     url = APP_SERVICES[name]["environment"]["DATABASE_URL"]

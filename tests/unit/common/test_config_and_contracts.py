@@ -11,14 +11,28 @@ def test_substitution_uses_env_then_default_and_nests():
     env = {"CITY_CODE": "chengdu"}
     text = "url: ${DATABASE_URL:sqlite:///var/vouchers_${CITY_CODE}.db}"
     assert substitute(text, env) == "url: sqlite:///var/vouchers_chengdu.db"
-    assert substitute(text, {**env, "DATABASE_URL": "postgresql://x/y"}) == "url: postgresql://x/y"
+    assert (
+        substitute(text, {**env, "DATABASE_URL": "postgresql://x/y"})
+        == "url: postgresql://x/y"
+    )
     with pytest.raises(ConfigError, match="CITY_CODE"):
         substitute("code: ${CITY_CODE}", {})
 
 
 def test_config_files_of_every_process_load(tmp_path):
-    env = {"CITY_CODE": "shanghai", "DATACENTER_ID": "x", "KEY_ID": "k", "KEY_SECRET": "s"}
-    for name in ("city_registry", "metering", "vouchers", "datacenter_gateway", "gateway"):
+    env = {
+        "CITY_CODE": "shanghai",
+        "DATACENTER_ID": "x",
+        "KEY_ID": "k",
+        "KEY_SECRET": "s",
+    }
+    for name in (
+        "city_registry",
+        "metering",
+        "vouchers",
+        "datacenter_gateway",
+        "gateway",
+    ):
         config = load_config(f"deploy/config/{name}.yaml", env)
         assert config["AMQP_URI"].startswith("amqp://")
     assert load_config("deploy/config/vouchers.yaml", env)["DATABASE_URL"].endswith(
@@ -98,7 +112,10 @@ def test_events_have_deterministic_ids_and_validate():
         expires_at=datetime(2026, 1, 1, tzinfo=UTC),
     )
     assert event["expires_at"] == "2026-01-01T00:00:00Z"
-    assert contracts.load_event("voucher_issued", {**event, "extra": 1})["face_value_fen"] == 100
+    assert (
+        contracts.load_event("voucher_issued", {**event, "extra": 1})["face_value_fen"]
+        == 100
+    )
     with pytest.raises(ValidationError):
         contracts.make_event("heartbeat", "Bad City", "e", version="1", uptime_s=1)
 

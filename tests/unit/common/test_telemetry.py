@@ -11,8 +11,12 @@ def test_tracing_is_off_unless_configured():
 
 
 def test_exporter_is_chosen_by_configuration():
-    assert isinstance(telemetry.make_exporter({"exporter": "console"}), ConsoleSpanExporter)
-    otlp = telemetry.make_exporter({"exporter": "otlp", "endpoint": "http://127.0.0.1:4318/v1/traces"})
+    assert isinstance(
+        telemetry.make_exporter({"exporter": "console"}), ConsoleSpanExporter
+    )
+    otlp = telemetry.make_exporter(
+        {"exporter": "otlp", "endpoint": "http://127.0.0.1:4318/v1/traces"}
+    )
     assert otlp.__class__.__name__ == "OTLPSpanExporter"
     with pytest.raises(ValueError, match="unknown tracing exporter"):
         telemetry.make_exporter({"exporter": "zipkin"})
