@@ -550,7 +550,8 @@ class Network:
             for tenant in DEMO_TENANTS.get(dc, []):
                 if tenant in self.demo_vouchers:
                     argv += ["--tenant", f"{tenant}={self.demo_vouchers[tenant]}"]
-            argv += ["--gpu-model", *self._gpu_models(dc)]
+            for model in self._gpu_models(dc):
+                argv += ["--gpu-model", model]
             self._spawn(f"agent_{dc}", argv)
 
     @staticmethod
