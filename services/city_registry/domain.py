@@ -306,6 +306,19 @@ def _ratio(used: int, capacity: int) -> float | None:
     return used / capacity if capacity > 0 else None
 
 
+def _used_within_capacity(figures: Mapping[str, Any]) -> int:
+    """A data centre's used GPU-seconds in the window, at most its capacity.
+
+    Metering caps each data centre's utilisation at 1 (usage is bucketed by
+    the hour a job started, capacity by the second, so a window's edge can
+    overshoot); the sums over a region or the nation must agree with that, or
+    one data centre's overshoot would inflate everyone's figure.
+    """
+    used = figures.get("gpu_seconds_window") or 0
+    capacity = figures.get("capacity_gpu_seconds_window") or 0
+    return min(used, capacity)
+
+
 def datacenter_view(
     datacenter: DatacenterState, overview: Mapping[str, Any] | None
 ) -> dict[str, Any]:
@@ -358,7 +371,7 @@ def network_summary(
         region["gpus"] += datacenter.gpus
         figures = (usage or {}).get(datacenter.id) or {}
         region["_total"] += figures.get("gpu_seconds_total") or 0
-        region["_used"] += figures.get("gpu_seconds_window") or 0
+        region["_used"] += _used_within_capacity(figures)
         region["_capacity"] += figures.get("capacity_gpu_seconds_window") or 0
 
     def finish(region: dict[str, Any]) -> dict[str, Any]:
@@ -377,7 +390,7 @@ def network_summary(
         gpu_seconds = sum(
             (f or {}).get("gpu_seconds_total") or 0 for f in usage.values()
         )
-        used = sum((f or {}).get("gpu_seconds_window") or 0 for f in usage.values())
+        used = sum(_used_within_capacity(f or {}) for f in usage.values())
         capacity = sum(
             (f or {}).get("capacity_gpu_seconds_window") or 0 for f in usage.values()
         )

@@ -296,6 +296,32 @@ def test_network_summary_with_metering():
     }
 
 
+def test_one_overshooting_datacenter_cannot_inflate_its_region_or_the_nation():
+    overview = {
+        "datacenters": {
+            **OVERVIEW["datacenters"],
+            # Fresh capacity reports, but hours of jobs that started earlier.
+            "west-2": {
+                "gpu_seconds_total": 90_000,
+                "gpu_seconds_window": 90_000,
+                "capacity_gpu_seconds_window": 1_200,
+                "utilisation_window": 1.0,
+            },
+        }
+    }
+    dcs = [
+        _dc("east-1", "east", 8),
+        _dc("west-1", "west", 16),
+        _dc("west-2", "west", 4),
+    ]
+    summary = domain.network_summary([_city()], dcs, overview, NOW, 90)
+    assert summary["regions"]["west"]["utilisation"] == pytest.approx(
+        (300 + 1_200) / (600 + 1_200)
+    )
+    assert summary["utilisation"] == pytest.approx((100 + 300 + 1_200) / 2_200)
+    assert summary["utilisation"] <= 1
+
+
 def test_network_summary_without_metering_keeps_the_money():
     summary = domain.network_summary(
         [_city()], [_dc("east-1", "east", 8)], None, NOW, 90
