@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,28 +21,8 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(what, probe, timeout=90.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-            if last:
-                return last
-        except (requests.RequestException, ValueError, KeyError) as exc:
-            last = exc
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
-
-
 def test_local_network_moves_from_the_first_minute_and_stops_on_ctrl_c(
-    rabbit_uri, tmp_path
+    rabbit_uri, tmp_path, free_port, wait_for
 ):
     var_dir = tmp_path / "var"
     env = dict(os.environ, AMQP_URI=rabbit_uri, PYTHONUNBUFFERED="1")

@@ -14,10 +14,8 @@ import hmac
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,28 +46,8 @@ H800_PRICE_FEN = 1800
 SHANGHAI_RATE_BP_AT_GOVERNMENT_DC = 9000
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(what, probe, timeout=90.0, interval=0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-            if last:
-                return last
-        except (requests.RequestException, ValueError, KeyError) as exc:
-            last = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
-
-
 @pytest.fixture
-def network(rabbit_uri, tmp_path):
+def network(rabbit_uri, tmp_path, free_port, wait_for):
     """The whole network as processes; yields the local credentials."""
     prefix = f"cn_e2e_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(ADMIN_PG, autocommit=True) as conn:
@@ -156,7 +134,7 @@ def cost_fen(gpu_seconds: int, price: int) -> int:
     return whole + (1 if remainder * 2 >= 3600 else 0)  # half up
 
 
-def test_one_gpu_hour_travels_the_whole_way(network):
+def test_one_gpu_hour_travels_the_whole_way(network, wait_for):
     portal = network["portal"]
     national = {"Authorization": f"Bearer {network['national_admin_token']}"}
     shanghai_admin = {
