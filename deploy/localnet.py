@@ -613,9 +613,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"computenet: {exc}", file=sys.stderr)
         code = 1
     finally:
-        log("stopping")
-        network.stop()
-        log("stopped")
+        if network.children:
+            log("stopping")
+            network.stop()
+            log("stopped")
     return code
 
 
