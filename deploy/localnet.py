@@ -443,6 +443,8 @@ class Network:
                 "5",
                 "gateway.app:create_app()",
             ],
+            AUDIT_DATABASE_URL=self.spec.database_url("portal"),
+            PORTAL_SECRET_KEY=self._portal_secret(),
         )
         self._wait(
             "portal",
@@ -466,6 +468,14 @@ class Network:
             self._start_simulators()
         self.credentials_path.write_text(json.dumps(self.credentials, indent=2) + "\n")
         os.chmod(self.credentials_path, 0o600)
+
+    def _portal_secret(self) -> str:
+        """The dashboard's cookie-signing key, kept across runs in var/."""
+        path = self.spec.var_dir / "portal_secret_key"
+        if not path.exists():
+            path.write_text(os.urandom(32).hex())
+            os.chmod(path, 0o600)
+        return path.read_text().strip()
 
     def _provision_tokens(self) -> dict[str, str]:
         """Reuse the tokens of the previous run when the registry still knows them."""

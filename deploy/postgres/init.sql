@@ -7,3 +7,4 @@ CREATE DATABASE vouchers_chengdu;
 CREATE DATABASE vouchers_shandong;
 CREATE DATABASE datacenter_gateway_guian;
 CREATE DATABASE datacenter_gateway_lingang;
+CREATE DATABASE portal;

@@ -42,9 +42,24 @@ DATACENTERS_FILE = "DATACENTERS_FILE"
 CAPACITY_INTERVAL_S = "CAPACITY_INTERVAL_S"
 RELAY_BATCH_SIZE = "RELAY_BATCH_SIZE"
 MAX_BACKLOG = "MAX_BACKLOG"
+NEXT_KEY_ID = "NEXT_KEY_ID"  # a second active key during a rotation
+NEXT_KEY_SECRET = "NEXT_KEY_SECRET"
+NEXT_KEY_FROM = "NEXT_KEY_FROM"  # UTC time to start signing with the next key
+SLURM_TIMEZONE = "SLURM_TIMEZONE"  # the zone sacct/nvidia-smi times are in
+SLURM_TENANT_FIELD = "SLURM_TENANT_FIELD"  # sacct column naming the tenant
+SLURM_ACCOUNTS = "SLURM_ACCOUNTS"  # {slurm account: tenant_id}
+GPU_MODEL_NAMES = "GPU_MODEL_NAMES"  # {gres type or GPU name: gpu_model}
+NVIDIA_TENANTS = "NVIDIA_TENANTS"  # {GPU uuid | bus id | index: tenant_id}
+SAMPLE_INTERVAL_S = "SAMPLE_INTERVAL_S"
+TAIL_FILE = "TAIL_FILE"  # a sacct output file to follow
+TAIL_INTERVAL_S = "TAIL_INTERVAL_S"
 
 # metering
 REGISTRY_CACHE_TTL_S = "REGISTRY_CACHE_TTL_S"
+PREFETCH_COUNT = "PREFETCH_COUNT"
+BATCH_SIZE = "BATCH_SIZE"
+BATCH_WAIT_MS = "BATCH_WAIT_MS"
+CONSUMERS = "CONSUMERS"
 
 # gateway (portal)
 RPC_POOL_SIZE = "RPC_POOL_SIZE"

@@ -158,6 +158,10 @@ class DatacenterAttributesSchema(Schema):
     chip_origin = fields.String(
         required=True, validate=validate.OneOf(["domestic", "imported"])
     )
+    # Extension: the data centre's recent utilisation 0..1, when metering has it.
+    utilisation = fields.Float(
+        load_default=None, allow_none=True, validate=validate.Range(min=0)
+    )
 
 
 class UsageRatedSchema(FederationEventSchema, UsageRecordSchema):
@@ -195,6 +199,11 @@ class ProgramSummarySchema(Schema):
     available_fen = _strict_int(load_default=None, allow_none=True)
     committed_fen = _strict_int(load_default=None, allow_none=True)
     redeemed_fen = _strict_int(load_default=None, allow_none=True)
+    # Extensions: the terms a national recommendation applies (issue 6);
+    # bonuses as [{"when": {...}, "add_bp"}], datacenters as in the rules file.
+    max_rate_bp = _strict_int(load_default=None, allow_none=True)
+    bonuses = fields.List(fields.Dict(), load_default=None, allow_none=True)
+    datacenters = fields.Raw(load_default=None, allow_none=True)
 
 
 class ProgramPublishedSchema(FederationEventSchema):

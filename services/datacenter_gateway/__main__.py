@@ -22,11 +22,20 @@ from services.common.config import (
     CAPACITY_INTERVAL_S,
     DATABASE_URL,
     DATACENTER_ID,
+    GPU_MODEL_NAMES,
     HTTP_HOST,
     HTTP_PORT,
     KEY_ID,
     KEY_SECRET,
+    NEXT_KEY_FROM,
+    NEXT_KEY_ID,
+    NEXT_KEY_SECRET,
     RELAY_BATCH_SIZE,
+    SLURM_ACCOUNTS,
+    SLURM_TENANT_FIELD,
+    SLURM_TIMEZONE,
+    TAIL_FILE,
+    TAIL_INTERVAL_S,
     TRACING,
     ConfigError,
     load_config,
@@ -34,11 +43,13 @@ from services.common.config import (
 from services.common.db import make_engine
 from services.common.migrations import upgrade
 from services.common.telemetry import setup_tracing
-from services.datacenter_gateway import SERVICE_NAME
-from services.datacenter_gateway.app import create_app
+from services.common.units import parse_ts
+from services.datacenter_gateway import SERVICE_NAME, domain, parsers
+from services.datacenter_gateway.app import _timezone, create_app
 from services.datacenter_gateway.capacity import CapacityReporter, load_inventory
 from services.datacenter_gateway.outbox import Outbox
 from services.datacenter_gateway.relay import Relay, RelayStatus
+from services.datacenter_gateway.tail import SacctTail
 
 log = logging.getLogger("computenet.datacenter_gateway")
 
@@ -61,12 +72,18 @@ def main(argv: list[str] | None = None) -> int:
         default=f"deploy/config/{SERVICE_NAME}.yaml",
         help="the process's YAML configuration (default: %(default)s)",
     )
+    parser.add_argument(
+        "--tail",
+        default=None,
+        help="follow this file of sacct --parsable2 output (or set TAIL_FILE)",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)
         for key in (DATACENTER_ID, KEY_ID, KEY_SECRET, DATABASE_URL, AMQP_URI):
             if not cfg.get(key):
                 raise ConfigError(f"{args.config}: {key} must be set")
+        keys = signing_keys(cfg)
     except ConfigError as exc:
         print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
         return 2
@@ -88,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg[KEY_SECRET],
         batch_size=int(cfg.get(RELAY_BATCH_SIZE) or 500),
         status=status,
+        keys=keys,
     )
     capacity = CapacityReporter(
         outbox,
@@ -97,8 +115,33 @@ def main(argv: list[str] | None = None) -> int:
         cfg[KEY_SECRET],
         inventory,
         interval_s=float(cfg.get(CAPACITY_INTERVAL_S) or 60),
+        keys=keys,
     )
     app = create_app(cfg, outbox, status, inventory)
+    tail_path = args.tail or cfg.get(TAIL_FILE)
+    tail = None
+    if tail_path:
+        models = [item.gpu_model for item in inventory]
+        names = parsers.GpuModels(cfg.get(GPU_MODEL_NAMES) or {}, models)
+
+        def parse(text, columns):
+            return parsers.parse_sacct(
+                text,
+                tz=_timezone(cfg.get(SLURM_TIMEZONE)),
+                columns=columns,
+                tenant_field=cfg.get(SLURM_TENANT_FIELD) or "Account",
+                tenants=cfg.get(SLURM_ACCOUNTS) or {},
+                gpu_models=names,
+            )
+
+        tail = SacctTail(
+            tail_path,
+            outbox,
+            datacenter_id,
+            parse,
+            models,
+            interval_s=float(cfg.get(TAIL_INTERVAL_S) or 10),
+        )
     host, port = cfg.get(HTTP_HOST) or "127.0.0.1", int(cfg.get(HTTP_PORT) or 8101)
     server = make_server(host, port, app, threaded=True)
 
@@ -115,11 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     http.start()
     relay.start()
     capacity.start()
+    if tail is not None:
+        tail.start()
+        log.info("following %s", tail_path)
     log.info(
-        "serving agents on http://%s:%d (key %s, %d GPU models)",
+        "serving agents on http://%s:%d (keys %s, %d GPU models)",
         host,
         port,
-        cfg[KEY_ID],
+        ", ".join(keys.key_ids),
         len(inventory),
     )
     while not stopping.wait(0.5):
@@ -128,11 +174,27 @@ def main(argv: list[str] | None = None) -> int:
     # Stop taking records first, then let the relay finish its batch.
     server.shutdown()
     http.join(10)
+    if tail is not None:
+        tail.stop()
     capacity.stop()
     relay.stop()
     outbox.close()
     log.info("stopped")
     return 0
+
+
+def signing_keys(cfg) -> domain.SigningKeys:
+    """KEY_ID/KEY_SECRET, plus NEXT_KEY_ID/NEXT_KEY_SECRET during a rotation
+    (used from NEXT_KEY_FROM, a UTC timestamp, or at once)."""
+    current = domain.SigningKey(cfg[KEY_ID], cfg[KEY_SECRET])
+    if not cfg.get(NEXT_KEY_ID):
+        return domain.SigningKeys(current)
+    if not cfg.get(NEXT_KEY_SECRET):
+        raise ConfigError("NEXT_KEY_ID is set but NEXT_KEY_SECRET is not")
+    start = parse_ts(cfg[NEXT_KEY_FROM]) if cfg.get(NEXT_KEY_FROM) else None
+    return domain.SigningKeys(
+        current, domain.SigningKey(cfg[NEXT_KEY_ID], cfg[NEXT_KEY_SECRET]), start
+    )
 
 
 if __name__ == "__main__":

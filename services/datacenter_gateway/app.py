@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping
+from datetime import UTC, tzinfo
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -18,8 +20,15 @@ from services.common import telemetry, vouchercode
 from services.common.config import (
     AGENT_TOKEN,
     DATACENTER_ID,
+    GPU_MODEL_NAMES,
     KEY_ID,
     MAX_BACKLOG,
+    NEXT_KEY_ID,
+    NVIDIA_TENANTS,
+    SAMPLE_INTERVAL_S,
+    SLURM_ACCOUNTS,
+    SLURM_TENANT_FIELD,
+    SLURM_TIMEZONE,
 )
 from services.common.errors import (
     ComputenetError,
@@ -30,7 +39,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.units import format_ts, utcnow
-from services.datacenter_gateway import domain
+from services.datacenter_gateway import domain, parsers
 from services.datacenter_gateway.outbox import Conflict as OutboxConflict
 from services.datacenter_gateway.outbox import Outbox
 from services.datacenter_gateway.relay import RelayStatus
@@ -61,6 +70,8 @@ def create_app(
     app = Flask(__name__)
     app.json.sort_keys = False
     datacenter_id = settings[DATACENTER_ID]
+    # During a rotation the relay switches to NEXT_KEY_ID (at NEXT_KEY_FROM).
+    next_key_id = settings.get(NEXT_KEY_ID) or None
     key_id = settings.get(KEY_ID)
     token = settings.get(AGENT_TOKEN) or None
     max_backlog = int(settings.get(MAX_BACKLOG) or DEFAULT_MAX_BACKLOG)
@@ -84,20 +95,23 @@ def create_app(
             )
         return None
 
-    @app.post("/v1/usage")
-    def post_usage():
+    def check_backlog() -> None:
         if outbox.backlog() > max_backlog:
             raise Unavailable(
                 "backlog_full",
                 f"more than {max_backlog} records await publishing; retry later",
                 {"retry_after_s": RETRY_AFTER_S},
             )
-        payload = _json_body()
+
+    def store(payload: Any, keep_first: bool = False, lines=None):
+        """Validate and store agent records, all or nothing; the 202 body."""
         try:
             records, errors = domain.prepare_batch(payload, datacenter_id, gpu_models)
         except domain.InvalidBatch as exc:
             raise InvalidRequest("invalid_request", str(exc)) from exc
         if errors:
+            if lines is not None:  # parsed input: name the lines, not indexes
+                errors = {f"line {lines[int(i)]}": e for i, e in errors.items()}
             raise InvalidRequest(
                 "invalid_records",
                 f"{len(errors)} of {len(payload)} records are invalid; none was stored",
@@ -108,14 +122,99 @@ def create_app(
         ) as span:
             span.set_attribute("computenet.records", len(records))
             carrier = telemetry.inject({})
-            result = outbox.ingest(records, datacenter_id, carrier.get("traceparent"))
+            result = outbox.ingest(
+                records,
+                datacenter_id,
+                carrier.get("traceparent"),
+                keep_first=keep_first,
+            )
         if isinstance(result, OutboxConflict):
+            details = result.indexes
+            if lines is not None:
+                details = {f"line {lines[int(i)]}": e for i, e in details.items()}
             raise Conflict(
                 "conflicting_record",
                 "a record_id was accepted before with another body; none was stored",
-                result.indexes,
+                details,
             )
-        return jsonify(accepted=result.accepted, duplicates=result.duplicates), 202
+        return {"accepted": result.accepted, "duplicates": result.duplicates}
+
+    def store_parsed(result: parsers.ParseResult, keep_first: bool = False):
+        if result.errors:
+            raise InvalidRequest(
+                "unreadable_input",
+                f"{len(result.errors)} line(s) cannot be read; nothing was stored",
+                {"lines": result.errors},
+            )
+        stored = (
+            store(result.records, keep_first, result.lines)
+            if result.records
+            else {
+                "accepted": 0,
+                "duplicates": 0,
+            }
+        )
+        return jsonify(**stored, **result.summary()), 202
+
+    @app.post("/v1/usage")
+    def post_usage():
+        check_backlog()
+        return jsonify(**store(_json_body())), 202
+
+    @app.post("/v1/usage/slurm")
+    def post_slurm():
+        check_backlog()
+        args = request.args
+        columns = args.get("columns")
+        result = parsers.parse_sacct(
+            _text_body(),
+            tz=_timezone(args.get("tz") or settings.get(SLURM_TIMEZONE)),
+            delimiter=args.get("delimiter") or "|",
+            columns=columns.split(",") if columns else None,
+            tenant_field=args.get("tenant_field")
+            or settings.get(SLURM_TENANT_FIELD)
+            or "Account",
+            tenants=settings.get(SLURM_ACCOUNTS) or {},
+            gpu_models=model_names(args.get("gpu_model")),
+        )
+        return store_parsed(result)
+
+    @app.post("/v1/usage/nvidia-smi")
+    def post_nvidia_smi():
+        check_backlog()
+        args = request.args
+        text = _text_body()
+        tenant_of = parsers.tenant_lookup(
+            settings.get(NVIDIA_TENANTS) or {}, args.get("tenant") or None
+        )
+        tz = _timezone(args.get("tz") or settings.get(SLURM_TIMEZONE))
+        first = text.lstrip().split("\n", 1)[0]
+        if "utilization.gpu" in first and "pid" not in first:
+            interval = args.get("interval_s") or settings.get(SAMPLE_INTERVAL_S)
+            if not interval or not str(interval).isdigit() or int(interval) < 1:
+                raise InvalidRequest(
+                    "invalid_request",
+                    "--query-gpu samples need ?interval_s=<seconds between samples>",
+                )
+            result = parsers.parse_gpu_samples(
+                text,
+                interval_s=int(interval),
+                tenant_of=tenant_of,
+                tz=tz,
+                gpu_models=model_names(args.get("gpu_model")),
+            )
+        else:
+            result = parsers.parse_accounted_apps(
+                text, tenant_of=tenant_of, tz=tz, gpu_models=model_names(None)
+            )
+        # A process seen again by a later query has another timestamp but is
+        # the same fact: the first observation stands.
+        return store_parsed(result, keep_first=True)
+
+    def model_names(default: str | None) -> parsers.GpuModels:
+        return parsers.GpuModels(
+            settings.get(GPU_MODEL_NAMES) or {}, gpu_models, default=default
+        )
 
     @app.put("/v1/tenants/<tenant_id>/voucher")
     def put_voucher(tenant_id: str):
@@ -157,6 +256,7 @@ def create_app(
         return jsonify(
             datacenter_id=datacenter_id,
             key_id=key_id,
+            next_key_id=next_key_id,
             backlog=outbox.backlog(fresh=True),
             oldest_unsent_age_s=(
                 round((now - oldest).total_seconds(), 3) if oldest else None
@@ -202,6 +302,25 @@ def _json_body() -> Any:
             "invalid_request", "the body must be JSON (application/json)"
         )
     return payload
+
+
+def _text_body() -> str:
+    try:
+        return request.get_data(cache=False).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(
+            "invalid_request", f"the body is not UTF-8: {exc}"
+        ) from exc
+
+
+def _timezone(name: str | None) -> tzinfo:
+    """Slurm and nvidia-smi print the host's local time: say which zone it is."""
+    if not name or name.upper() == "UTC":
+        return UTC
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise InvalidRequest("invalid_request", f"unknown time zone {name!r}") from exc
 
 
 def _check_tenant(tenant_id: str) -> None:

@@ -34,6 +34,7 @@ class CapacityReporter:
         secret: str,
         inventory: list[domain.InventoryItem],
         interval_s: float = 60.0,
+        keys: domain.SigningKeys | None = None,
     ):
         self.outbox = outbox
         self.amqp_uri = amqp_uri
@@ -42,6 +43,7 @@ class CapacityReporter:
         self.secret = secret
         self.inventory = list(inventory)
         self.interval_s = float(interval_s)
+        self.keys = keys or domain.SigningKeys(domain.SigningKey(key_id, secret))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -78,6 +80,7 @@ class CapacityReporter:
         body = domain.capacity_report(
             self.datacenter_id, self.inventory, self.outbox.allocated_gpus(now), now
         )
+        key = self.keys.active(now)
         conn, producer = open_producer(self.amqp_uri)
         try:
             publish_signed(
@@ -85,8 +88,8 @@ class CapacityReporter:
                 body,
                 capacity_key(self.datacenter_id),
                 f"{self.datacenter_id}.capacity.{format_ts(now)}",
-                self.key_id,
-                self.secret,
+                key.key_id,
+                key.secret,
             )
         finally:
             conn.release()

@@ -170,6 +170,41 @@ def capacity_report(
     return canonical_json(CapacityReportSchema().dump(report))
 
 
+@dataclass(frozen=True)
+class SigningKey:
+    key_id: str
+    secret: str
+
+
+class SigningKeys:
+    """The data centre's signing keys: one, or two during a rotation.
+
+    The registry keeps the old key active when it issues a new one, so either
+    verifies. The gateway signs with ``current`` until ``next_from`` (UTC; at
+    once when not given), then with ``next``. Records are signed when
+    published, not when stored, so a backlog is signed with the key in force.
+    """
+
+    def __init__(
+        self,
+        current: SigningKey,
+        next_key: SigningKey | None = None,
+        next_from: datetime | None = None,
+    ):
+        self.current = current
+        self.next = next_key
+        self.next_from = next_from
+
+    def active(self, now: datetime) -> SigningKey:
+        if self.next is not None and (self.next_from is None or now >= self.next_from):
+            return self.next
+        return self.current
+
+    @property
+    def key_ids(self) -> list[str]:
+        return [k.key_id for k in (self.current, self.next) if k is not None]
+
+
 class Backoff:
     """Exponential back-off: 0.5 s, 1 s, 2 s … capped at 30 s; reset on success."""
 

@@ -29,6 +29,7 @@ from sqlalchemy import (
     String,
     TypeDecorator,
     func,
+    insert,
     select,
     update,
 )
@@ -108,6 +109,18 @@ class TenantVoucher(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
 
 
+class TailPosition(Base):
+    """How far ``tail`` mode has read a file, so a restart resumes there."""
+
+    __tablename__ = "tail_positions"
+
+    path: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    inode: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    offset: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    header: Mapped[str | None] = mapped_column(String(4096), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+
+
 @dataclass(frozen=True)
 class IngestResult:
     accepted: int
@@ -147,11 +160,19 @@ class Outbox:
         datacenter_id: str,
         traceparent: str | None = None,
         attempts: int = 3,
+        keep_first: bool = False,
     ) -> IngestResult | Conflict:
-        """Store a validated batch in one transaction, or nothing at all."""
+        """Store a validated batch in one transaction, or nothing at all.
+
+        ``keep_first``: a record_id stored before is a duplicate even if its
+        body differs (formats whose repeated observations of one fact differ in
+        timing, such as nvidia-smi's accounted processes); else a conflict.
+        """
         for attempt in range(attempts):
             try:
-                return self._ingest_once(records, datacenter_id, traceparent)
+                return self._ingest_once(
+                    records, datacenter_id, traceparent, keep_first
+                )
             except IntegrityError:
                 # Another request stored one of these record_ids between our
                 # read and our insert: read again and decide again.
@@ -164,6 +185,7 @@ class Outbox:
         records: Sequence[PreparedRecord],
         datacenter_id: str,
         traceparent: str | None,
+        keep_first: bool = False,
     ) -> IngestResult | Conflict:
         ids = list({r.record_id for r in records})
         tenants = list({r.tenant_id for r in records if r.voucher_code is None})
@@ -193,7 +215,7 @@ class Outbox:
                 if digest is None:
                     stored[record.record_id] = record.agent_digest
                     fresh.append(record)
-                elif digest == record.agent_digest:
+                elif keep_first or digest == record.agent_digest:
                     duplicates += 1
                 else:
                     conflicts[str(index)] = (
@@ -202,21 +224,27 @@ class Outbox:
                     )
             if conflicts:
                 return Conflict(conflicts)
-            for record in fresh:
-                fields = record.fields
-                session.add(
-                    OutboxRecord(
-                        record_id=record.record_id,
-                        body=record.body(datacenter_id, vouchers.get(record.tenant_id)),
-                        agent_digest=record.agent_digest,
-                        tenant_id=record.tenant_id,
-                        gpu_model=fields["gpu_model"],
-                        gpu_count=fields["gpu_count"],
-                        started_at=fields["started_at"],
-                        ended_at=fields["ended_at"],
-                        traceparent=traceparent,
-                        created_at=now,
-                    )
+            if fresh:
+                # One executemany, not an ORM object per row: ingest speed.
+                session.execute(
+                    insert(OutboxRecord),
+                    [
+                        {
+                            "record_id": record.record_id,
+                            "body": record.body(
+                                datacenter_id, vouchers.get(record.tenant_id)
+                            ),
+                            "agent_digest": record.agent_digest,
+                            "tenant_id": record.tenant_id,
+                            "gpu_model": record.fields["gpu_model"],
+                            "gpu_count": record.fields["gpu_count"],
+                            "started_at": record.fields["started_at"],
+                            "ended_at": record.fields["ended_at"],
+                            "traceparent": traceparent,
+                            "created_at": now,
+                        }
+                        for record in fresh
+                    ],
                 )
         accepted = len(fresh)
         with self._lock:
@@ -253,6 +281,25 @@ class Outbox:
                 return False
             session.delete(row)
             return True
+
+    # -- tail mode ------------------------------------------------------------
+
+    def tail_position(self, path: str) -> tuple[int, int, str | None] | None:
+        """(inode, offset, header) last saved for ``path``."""
+        with self.sessions() as session:
+            row = session.get(TailPosition, path)
+            return (row.inode, row.offset, row.header) if row else None
+
+    def save_tail_position(
+        self, path: str, inode: int, offset: int, header: str | None
+    ) -> None:
+        with self.sessions.begin() as session:
+            row = session.get(TailPosition, path)
+            if row is None:
+                row = TailPosition(path=path)
+                session.add(row)
+            row.inode, row.offset, row.header = inode, offset, header
+            row.updated_at = utcnow()
 
     # -- relay ----------------------------------------------------------------
 

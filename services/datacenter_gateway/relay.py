@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import amqp
+from amqp.exceptions import MessageNacked
 from kombu import Connection, Producer
 
 from services.common import telemetry
 from services.common.amqp import USAGE_EXCHANGE, usage_key
 from services.common.units import utcnow
 from services.datacenter_gateway import domain
-from services.datacenter_gateway.outbox import Outbox, PendingRow
+from services.datacenter_gateway.outbox import Outbox
 
 log = logging.getLogger("computenet.datacenter_gateway.relay")
 
@@ -111,7 +114,12 @@ def publish_signed(
 
 
 class Relay:
-    """Publishes unpublished outbox rows in order, in batches, until stopped."""
+    """Publishes unpublished outbox rows in order, in batches, until stopped.
+
+    One batch = publish every row on a channel in confirm mode, then wait for
+    the broker's acks of the whole batch (one round trip per batch, not per
+    message), then mark the acked, routed rows published in one transaction.
+    """
 
     def __init__(
         self,
@@ -123,20 +131,23 @@ class Relay:
         batch_size: int = 500,
         status: RelayStatus | None = None,
         poll_interval_s: float = 0.2,
+        keys: domain.SigningKeys | None = None,
     ):
         self.outbox = outbox
         self.amqp_uri = amqp_uri
         self.datacenter_id = datacenter_id
         self.routing_key = usage_key(datacenter_id)
-        self.key_id = key_id
-        self.secret = secret
+        self.keys = keys or domain.SigningKeys(domain.SigningKey(key_id, secret))
         self.batch_size = max(1, int(batch_size))
         self.status = status or RelayStatus()
         self.poll_interval_s = poll_interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: Connection | None = None
-        self._producer: Producer | None = None
+        self._channel = None  # py-amqp channel in confirm mode
+        self._tag = 0  # delivery tag of the last message published
+        self._unconfirmed: set[int] = set()
+        self._nacked: set[int] = set()
         self._returned: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------
@@ -187,59 +198,112 @@ class Relay:
         rows = self.outbox.pending(self.batch_size)
         if not rows:
             return 0
-        if self._producer is None:
+        if self._channel is None:
             self._connect()
+        channel = self._channel
+        key = self.keys.active(utcnow())
         self._returned.clear()
-        sent: list[PendingRow] = []
-        try:
+        self._nacked.clear()
+        tags: list[int] = []
+        with telemetry.tracer.start_as_current_span(
+            "datacenter_gateway.publish"
+        ) as span:
+            span.set_attribute("computenet.records", len(rows))
             for row in rows:
-                self._publish(row)
-                sent.append(row)
-        finally:
-            # Whatever the broker confirmed is marked, even if a later message
-            # of the batch failed: fewer duplicates after a reconnect.
-            done = [row.id for row in sent if row.record_id not in self._returned]
-            self.outbox.mark_published(done)
-            if done:
-                self.status.confirmed(len(done))
+                headers = domain.message_headers(row.body, key.key_id, key.secret)
+                if row.traceparent:
+                    # The trace of the POST that stored it continues downstream.
+                    headers["traceparent"] = row.traceparent
+                channel.basic_publish(
+                    amqp.Message(
+                        row.body,
+                        content_type=CONTENT_TYPE,
+                        content_encoding="utf-8",
+                        delivery_mode=2,
+                        message_id=row.record_id,
+                        application_headers=headers,
+                    ),
+                    exchange=USAGE_EXCHANGE.name,
+                    routing_key=self.routing_key,
+                    mandatory=True,
+                )
+                self._tag += 1
+                tags.append(self._tag)
+                self._unconfirmed.add(self._tag)
+            self._wait_for_confirms()
+        # Acked and routed rows are done; returned or nacked ones stay pending.
+        done = [
+            row.id
+            for row, tag in zip(rows, tags, strict=True)
+            if tag not in self._nacked and row.record_id not in self._returned
+        ]
+        self.outbox.mark_published(done)
+        if done:
+            self.status.confirmed(len(done))
         if self._returned:
             raise Unroutable(
                 f"{len(self._returned)} records returned unroutable: no queue bound to "
                 f"{USAGE_EXCHANGE.name} for {self.routing_key!r} (is metering running?)"
             )
+        if self._nacked:
+            raise MessageNacked(f"the broker refused {len(self._nacked)} records")
         return len(done)
 
-    def _publish(self, row: PendingRow) -> None:
-        context = (
-            telemetry.extract({"traceparent": row.traceparent})
-            if row.traceparent
-            else None
+    def _wait_for_confirms(self) -> None:
+        deadline = time.monotonic() + CONFIRM_TIMEOUT_S
+        while self._unconfirmed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"{len(self._unconfirmed)} publisher confirms did not arrive "
+                    f"within {CONFIRM_TIMEOUT_S} s"
+                )
+            self._conn.connection.drain_events(timeout=remaining)
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        if multiple:
+            self._unconfirmed = {t for t in self._unconfirmed if t > delivery_tag}
+        else:
+            self._unconfirmed.discard(delivery_tag)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        nacked = (
+            {t for t in self._unconfirmed if t <= delivery_tag}
+            if multiple
+            else {delivery_tag}
         )
-        with telemetry.tracer.start_as_current_span(
-            "datacenter_gateway.publish", context=context
-        ) as span:
-            span.set_attribute("computenet.record_id", row.record_id)
-            publish_signed(
-                self._producer,
-                row.body,
-                self.routing_key,
-                row.record_id,
-                self.key_id,
-                self.secret,
-                mandatory=True,
-            )
+        self._nacked |= nacked
+        self._unconfirmed -= nacked
+
+    def _on_return(self, exc, exchange, routing_key, message) -> None:
+        self._returned.add(message.properties.get("message_id"))
 
     # -- the connection -------------------------------------------------------
 
     def _connect(self) -> None:
-        self._conn, self._producer = open_producer(
-            self.amqp_uri, on_return=self._on_return
+        conn = Connection(
+            self.amqp_uri, connect_timeout=CONNECT_TIMEOUT_S, heartbeat=HEARTBEAT_S
         )
+        try:
+            conn.connect()
+            channel = conn.connection.channel()
+            channel.exchange_declare(
+                USAGE_EXCHANGE.name,
+                USAGE_EXCHANGE.type,
+                durable=True,
+                auto_delete=False,
+            )
+            channel.confirm_select()
+            channel.events["basic_ack"].add(self._on_ack)
+            channel.events["basic_nack"].add(self._on_nack)
+            channel.events["basic_return"].add(self._on_return)
+        except Exception:
+            conn.release()
+            raise
+        self._conn, self._channel, self._tag = conn, channel, 0
+        self._unconfirmed.clear()
         self.status.reachable()
         log.info("relay: connected to the broker")
-
-    def _on_return(self, exc, exchange, routing_key, message) -> None:
-        self._returned.add(message.properties.get("message_id"))
 
     def _idle(self) -> None:
         """Nothing to publish: wait a little, keeping the connection's heartbeats."""
@@ -253,7 +317,8 @@ class Relay:
         self._conn.heartbeat_check()
 
     def _disconnect(self) -> None:
-        conn, self._conn, self._producer = self._conn, None, None
+        conn, self._conn, self._channel = self._conn, None, None
+        self._unconfirmed.clear()
         if conn is not None:
             try:
                 conn.release()

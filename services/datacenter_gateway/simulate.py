@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import random
 import sys
 import time
@@ -44,6 +45,7 @@ def make_job(
     rng: random.Random,
     tenant: Tenant,
     gpu_models: dict[str, int | None],
+    late_s: int = 0,
 ) -> dict[str, Any]:
     """One finished job as an agent reports it (voucher left to the gateway)."""
     model = rng.choice(sorted(gpu_models))
@@ -52,9 +54,9 @@ def make_job(
         (c, w) for c, w in zip(GPU_COUNTS, GPU_COUNT_WEIGHTS, strict=True) if c <= limit
     ]
     count = rng.choices([c for c, _ in choices], [w for _, w in choices])[0]
-    # Log-uniform from 5 minutes to 12 hours: many short jobs, some long runs.
-    duration_s = int(round(300 * (144 ** rng.random())))
-    ended = utcnow() - timedelta(seconds=rng.randint(0, 120))
+    # Log-uniform from 5 minutes to 3 days: many short jobs, some long runs.
+    duration_s = int(round(300 * (864 ** rng.random())))
+    ended = utcnow() - timedelta(seconds=rng.randint(0, 120) + late_s)
     started = ended - timedelta(seconds=duration_s)
     utilisation = rng.uniform(0.35, 0.98)
     return {
@@ -70,6 +72,15 @@ def make_job(
         "job_id": f"job-{rng.randrange(10**7):07d}",
         "correction_of": None,
     }
+
+
+def day_night_factor(hour_utc: int, utc_offset_h: int = 8) -> float:
+    """Load by local hour (default China, UTC+8): busy days, quieter nights.
+
+    A smooth curve from 0.4 at 04:00 to 1.6 at 16:00 local; mean 1.0.
+    """
+    local = (hour_utc + utc_offset_h) % 24
+    return 1.0 + 0.6 * math.cos((local - 16) / 24 * 2 * math.pi)
 
 
 class GatewayClient:
@@ -128,6 +139,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=None, help="stop after N records")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument(
+        "--duplicates",
+        type=float,
+        default=0.0,
+        help="share of records sent again in a later batch (0..1)",
+    )
+    parser.add_argument(
+        "--late",
+        type=float,
+        default=0.0,
+        help="share of records reported late (ended 1-48 h ago)",
+    )
+    parser.add_argument(
+        "--flat", action="store_true", help="no day/night pattern in the rate"
+    )
+    parser.add_argument(
         "--give-up-after",
         type=float,
         default=300.0,
@@ -177,16 +203,33 @@ def main(argv: list[str] | None = None) -> int:
         sent = batch_no = 0
         per_batch = args.rate * BATCH_INTERVAL_S / 60.0
         carry = 0.0
+        resend: list[dict[str, Any]] = []
         while args.count is None or sent < args.count:
-            carry += per_batch
+            factor = 1.0 if args.flat else day_night_factor(utcnow().hour)
+            carry += per_batch * factor
             size = int(carry)
             carry -= size
             if args.count is not None:
                 size = min(size, args.count - sent)
             if size > 0:
                 batch = [
-                    make_job(rng, rng.choice(tenants), gpu_models) for _ in range(size)
+                    make_job(
+                        rng,
+                        rng.choice(tenants),
+                        gpu_models,
+                        late_s=rng.randint(3600, 48 * 3600)
+                        if rng.random() < args.late
+                        else 0,
+                    )
+                    for _ in range(size)
                 ]
+                # Duplicates on request: some records of earlier batches again,
+                # as an agent retrying after a lost reply would send them.
+                again, resend = (
+                    resend,
+                    [r for r in batch if rng.random() < args.duplicates],
+                )
+                batch = batch + again
                 response = client.send(
                     "POST", "/v1/usage", batch, time.monotonic() + args.give_up_after
                 )
@@ -201,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 result = response.json()
                 sent += size
-                gpu_h = sum(r["gpu_seconds"] for r in batch) / SECONDS_PER_HOUR
+                gpu_h = sum(r["gpu_seconds"] for r in batch[:size]) / SECONDS_PER_HOUR
                 log.info(
                     "batch %d: %d records, accepted=%d dup=%d, %.1f GPU-h, total %d",
                     batch_no,

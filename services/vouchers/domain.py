@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from typing import Any, Union
 
 from services.common.units import apply_rate_fen
@@ -21,10 +22,15 @@ REJECTED = "rejected"
 PENDING_REVIEW = "pending_review"
 
 ACTIVE = "active"
+EXPIRED = "expired"
+REVOKED = "revoked"
+VOUCHER_STATUSES = (ACTIVE, EXPIRED, REVOKED)
+APPLICATION_STATUSES = (APPROVED, REJECTED, PENDING_REVIEW)
 
 # Why a rated usage record was not booked (CONTRACTS.md §1 reasons).
 UNKNOWN_VOUCHER = "unknown_voucher"
 VOUCHER_EXPIRED = "voucher_expired"
+VOUCHER_REVOKED = "voucher_revoked"
 VOUCHER_WRONG_DATACENTER = "voucher_wrong_datacenter"
 # A correction of this record arrived (and was booked) before the record.
 SUPERSEDED = "superseded"
@@ -94,6 +100,67 @@ def _research_project(company: Mapping[str, Any], wanted: bool) -> tuple[bool, s
     return bool(actual) == wanted, evidence
 
 
+def _min_employees(company: Mapping[str, Any], floor: int) -> tuple[bool, str]:
+    employees = company.get("employees")
+    if employees is None:
+        return False, "employees not given"
+    return employees >= floor, f"employees={employees} (at least {floor})"
+
+
+def _max_revenue(company: Mapping[str, Any], limit: int) -> tuple[bool, str]:
+    revenue = company.get("annual_revenue_cny")
+    if revenue is None:
+        return False, "annual_revenue_cny not given"
+    return revenue <= limit, f"annual_revenue_cny={revenue} (at most {limit})"
+
+
+def _sector_in(company: Mapping[str, Any], sectors: list[str]) -> tuple[bool, str]:
+    sector = company.get("sector")
+    if sector is None:
+        return False, "sector not given"
+    wanted = {s.lower() for s in sectors}
+    return str(sector).lower() in wanted, f"sector={sector}"
+
+
+def as_date(value: Any) -> date | None:
+    """A ``date`` from a date, a datetime or an ISO string; None if unreadable."""
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    if isinstance(value, str):
+        try:
+            return date.fromisoformat(value[:10])
+        except ValueError:
+            return None
+    return None
+
+
+def _founded(after: bool) -> Callable[[Mapping[str, Any], Any], tuple[bool, str]]:
+    def check(company: Mapping[str, Any], limit: Any) -> tuple[bool, str]:
+        founded = as_date(company.get("founded_on"))
+        if founded is None:
+            return False, "founded_on not given"
+        bound = as_date(limit)
+        passed = founded > bound if after else founded < bound
+        word = "after" if after else "before"
+        return passed, f"founded_on={founded.isoformat()} ({word} {bound})"
+
+    return check
+
+
+def _is_date(value: Any) -> bool:
+    return as_date(value) is not None and not isinstance(value, bool)
+
+
+def _is_name_list(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, str) and v for v in value)
+    )
+
+
 PREDICATES: dict[str, PredicateSpec] = {
     spec.name: spec
     for spec in (
@@ -121,6 +188,36 @@ PREDICATES: dict[str, PredicateSpec] = {
             lambda v: isinstance(v, bool),
             _research_project,
         ),
+        PredicateSpec(
+            "min_employees",
+            "a whole number ≥ 0",
+            lambda v: _is_int(v) and v >= 0,
+            _min_employees,
+        ),
+        PredicateSpec(
+            "max_annual_revenue_cny",
+            "a whole number of CNY ≥ 0",
+            lambda v: _is_int(v) and v >= 0,
+            _max_revenue,
+        ),
+        PredicateSpec(
+            "sector_in",
+            "a non-empty list of sector names",
+            _is_name_list,
+            _sector_in,
+        ),
+        PredicateSpec(
+            "founded_after",
+            "a date (YYYY-MM-DD)",
+            _is_date,
+            _founded(after=True),
+        ),
+        PredicateSpec(
+            "founded_before",
+            "a date (YYYY-MM-DD)",
+            _is_date,
+            _founded(after=False),
+        ),
     )
 }
 COMBINATORS = ("all_of", "any_of", "not")
@@ -132,11 +229,13 @@ class Predicate:
     argument: Any
 
     def describe(self) -> str:
-        arg = (
-            str(self.argument).lower()
-            if isinstance(self.argument, bool)
-            else self.argument
-        )
+        arg = self.argument
+        if isinstance(arg, bool):
+            arg = str(arg).lower()
+        elif isinstance(arg, list):
+            arg = "[" + ", ".join(str(a) for a in arg) + "]"
+        elif isinstance(arg, date):
+            arg = arg.isoformat()
         return f"{self.name}: {arg}"
 
 
@@ -196,17 +295,28 @@ def evaluate(rule: Rule, company: Mapping[str, Any]) -> Verdict:
 # Programs: rates, bonuses, where a voucher may be spent.
 
 DATACENTER_ATTRIBUTES = ("government_run", "chip_origin", "hub_region")
+# A bonus condition on the data centre's recent utilisation (0..1 in the rated
+# record's ``datacenter.utilisation``): below this percentage, the bonus
+# applies; when the attribute is missing the bonus does not apply.
+UTILISATION_BELOW = "utilisation_below_percent"
+
+
+def _condition_holds(datacenter: Mapping[str, Any], key: str, wanted: Any) -> bool:
+    if key == UTILISATION_BELOW:
+        actual = datacenter.get("utilisation")
+        return actual is not None and actual * 100 < wanted
+    return datacenter.get(key) == wanted
 
 
 @dataclass(frozen=True)
 class Bonus:
-    """``add_bp`` more subsidy when every attribute in ``when`` matches."""
+    """``add_bp`` more subsidy when every condition in ``when`` holds."""
 
     when: tuple[tuple[str, Any], ...]
     add_bp: int
 
     def applies(self, datacenter: Mapping[str, Any]) -> bool:
-        return all(datacenter.get(key) == value for key, value in self.when)
+        return all(_condition_holds(datacenter, k, v) for k, v in self.when)
 
 
 @dataclass(frozen=True)
@@ -215,15 +325,19 @@ class DatacenterScope:
 
     ids: frozenset[str] | None = None
     hub_region: str | None = None
+    government_run: bool | None = None
+    chip_origin: str | None = None
+    exclude: frozenset[str] = frozenset()
 
     def admits(self, datacenter_id: str, datacenter: Mapping[str, Any]) -> bool:
         if self.ids is not None and datacenter_id not in self.ids:
             return False
-        if (
-            self.hub_region is not None
-            and datacenter.get("hub_region") != self.hub_region
-        ):
+        if datacenter_id in self.exclude:
             return False
+        for key in ("hub_region", "government_run", "chip_origin"):
+            wanted = getattr(self, key)
+            if wanted is not None and datacenter.get(key) != wanted:
+                return False
         return True
 
 
@@ -313,6 +427,8 @@ def usage_problem(
     """Why a rated record cannot be booked against this voucher, or None."""
     if voucher_status is None:
         return UNKNOWN_VOUCHER
+    if voucher_status == REVOKED:
+        return VOUCHER_REVOKED
     if voucher_status != ACTIVE or started_at >= expires_at:
         return VOUCHER_EXPIRED
     scope = program.datacenters if program is not None else ANYWHERE
@@ -353,3 +469,34 @@ def redemption_entries(
         (program_account(program_id, "redeemed"), subsidy),
         (voucher_account(code, "redeemed"), subsidy),
     ]
+
+
+def release_entries(
+    program_id: str, code: str, amount: int, *, from_redeemed: bool = False
+) -> list[tuple[str, int]]:
+    """An unspent balance (or a reversed subsidy of a closed voucher) goes back.
+
+    Normally the committed funds return to available; ``from_redeemed`` is the
+    reversal of a subsidy on a voucher that is already expired or revoked: the
+    money leaves ``redeemed`` and, as the voucher holds no commitment any more,
+    is released straight to available.
+    """
+    source = "redeemed" if from_redeemed else "committed"
+    entries = [
+        (program_account(program_id, source), -amount),
+        (program_account(program_id, "available"), amount),
+        (program_account(program_id, "released"), amount),
+        (voucher_account(code, "released"), amount),
+    ]
+    if from_redeemed:
+        entries.append((voucher_account(code, "redeemed"), -amount))
+    return entries
+
+
+def review_decision(decision: Decision, approve: bool, reason: str) -> Decision:
+    """A reviewer's verdict on a pending application, kept with its reasons."""
+    if decision.decision != PENDING_REVIEW:
+        raise ValueError(f"application is {decision.decision}, not pending_review")
+    verdict = APPROVED if approve else REJECTED
+    own = Reason("manual_review", approve, reason)
+    return Decision(verdict, (*decision.reasons, own))

@@ -22,13 +22,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.common import vouchercode
-from services.common.contracts import event_id
-from services.common.errors import Conflict, NotFound
+from services.common.contracts import event_id, make_event
+from services.common.errors import Conflict, InvalidRequest, NotFound
 from services.common.units import utcnow
 from services.vouchers import domain
 from services.vouchers.models import (
     Application,
     LedgerEntry,
+    OutboxEvent,
     Program,
     Redemption,
     RejectedUsage,
@@ -71,6 +72,84 @@ def _post(
                     created_at=now,
                 )
             )
+
+
+def _outbox(
+    session: Session, city: str, event: str, eid: str, **fields: Any
+) -> OutboxEvent:
+    """Write ``event`` in the current transaction; published after the commit."""
+    row = OutboxEvent(
+        event_id=eid,
+        event=event,
+        body=make_event(event, city, eid, **fields),
+        created_at=utcnow(),
+    )
+    session.add(row)
+    return row
+
+
+def _program_published(session: Session, rules: domain.CityRules, eid: str):
+    rows = {r.id: r for r in session.scalars(select(Program))}
+    return _outbox(
+        session,
+        rules.city,
+        "program_published",
+        eid,
+        name=rules.name,
+        region=rules.region,
+        voucher_prefix=rules.voucher_prefix,
+        programs=[
+            {
+                "id": p.id,
+                "kind": p.kind,
+                "budget_fen": rows[p.id].budget_fen,
+                "rate_bp": p.rate_bp,
+                "rules_version": rules.version,
+                "rules_sha256": rules.sha256,
+                "available_fen": rows[p.id].available_fen,
+                "committed_fen": rows[p.id].committed_fen,
+                "redeemed_fen": rows[p.id].redeemed_fen,
+            }
+            for p in rules.programs
+            if p.id in rows
+        ],
+    )
+
+
+def pending_events(
+    session: Session, limit: int = 500, older_than_s: float = 0.0
+) -> list[OutboxEvent]:
+    """Outbox events not yet marked published, oldest first.
+
+    ``older_than_s`` leaves the newest to the worker that is publishing them.
+    """
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    rows = list(
+        session.scalars(
+            select(OutboxEvent)
+            .where(OutboxEvent.published_at.is_(None), OutboxEvent.created_at <= cutoff)
+            .order_by(OutboxEvent.id)
+            .limit(limit)
+        )
+    )
+    session.rollback()
+    return rows
+
+
+def mark_published(session: Session, ids: list[int]) -> None:
+    if not ids:
+        return
+    with _writing(session):
+        try:
+            session.execute(
+                update(OutboxEvent)
+                .where(OutboxEvent.id.in_(ids), OutboxEvent.published_at.is_(None))
+                .values(published_at=utcnow())
+            )
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
 
 
 # --------------------------------------------------------------------------
@@ -126,6 +205,17 @@ def sync_programs(session: Session, rules: domain.CityRules) -> None:
                     reference,
                     now,
                 )
+            session.flush()
+            # The funding and its announcement commit together; one event per
+            # rules file (a restart on the same rules re-announces nothing new).
+            eid = event_id("program_published", rules.city, "rules", rules.sha256)
+            if (
+                session.scalar(
+                    select(OutboxEvent.id).where(OutboxEvent.event_id == eid)
+                )
+                is None
+            ):
+                _program_published(session, rules, eid)
             session.commit()
         except BaseException:
             session.rollback()
@@ -164,6 +254,7 @@ def program_states(session: Session, rules: domain.CityRules) -> list[dict[str, 
 class ApplicationResult:
     application: Application
     voucher: Voucher | None
+    events: list[OutboxEvent] = field(default_factory=list)
 
 
 def apply(
@@ -193,12 +284,14 @@ def apply(
         decided_at=now,
     )
     voucher = None
+    events = []
     with _writing(session):
         try:
             if decision.decision == domain.APPROVED:
-                voucher = _issue(
+                voucher, event = _issue(
                     session, rules, program, application, face_value_fen, now
                 )
+                events.append(event)
             session.add(application)
             session.commit()
         except IntegrityError as exc:
@@ -212,7 +305,7 @@ def apply(
         except BaseException:
             session.rollback()
             raise
-    return ApplicationResult(application, voucher)
+    return ApplicationResult(application, voucher, events)
 
 
 def _issue(
@@ -222,7 +315,7 @@ def _issue(
     application: Application,
     face_value_fen: int,
     now: datetime,
-) -> Voucher:
+) -> tuple[Voucher, OutboxEvent]:
     # The program row lock serialises issues of one program, which also makes
     # the one-active-voucher check below race-free (the unique index backs it).
     row = session.execute(
@@ -277,7 +370,17 @@ def _issue(
         f"issue:{code}",
         now,
     )
-    return voucher
+    event = _outbox(
+        session,
+        rules.city,
+        "voucher_issued",
+        event_id("voucher_issued", rules.city, code),
+        voucher_code=code,
+        program_id=program.id,
+        face_value_fen=face_value_fen,
+        expires_at=voucher.expires_at,
+    )
+    return voucher, event
 
 
 def _jsonable(value: Any) -> Any:
@@ -463,8 +566,6 @@ def _book(
 
     outcome = BookingOutcome()
     if original is not None:
-        # TODO(expiry issue): a reversal on a released voucher must return the
-        # amount to available funds instead of the voucher's commitment.
         outcome.redemptions.append(
             _write_redemption(
                 session,
@@ -553,6 +654,13 @@ def _write_redemption(
         booked_at=now,
     )
     session.add(row)
+    if kind == REVERSAL and voucher.status != domain.ACTIVE:
+        # The voucher is closed: it holds no commitment any more, so the
+        # reversed subsidy is released to the budget, not re-committed.
+        _release_reversal(
+            session, rules, voucher, -subsidy, datacenter_id, record_id, now
+        )
+        return row
     voucher.redeemed_fen += subsidy
     # Relative updates: the database adds, so no read-modify-write is lost.
     session.execute(
@@ -571,6 +679,396 @@ def _write_redemption(
         now,
     )
     return row
+
+
+def _release_reversal(
+    session: Session,
+    rules: domain.CityRules,
+    voucher: Voucher,
+    amount: int,
+    datacenter_id: str,
+    record_id: str,
+    now: datetime,
+) -> None:
+    voucher.redeemed_fen -= amount
+    voucher.released_fen += amount
+    session.execute(
+        update(Program)
+        .where(Program.id == voucher.program_id)
+        .values(
+            redeemed_fen=Program.redeemed_fen - amount,
+            available_fen=Program.available_fen + amount,
+            released_fen=Program.released_fen + amount,
+            updated_at=now,
+        )
+    )
+    _post(
+        session,
+        domain.release_entries(
+            voucher.program_id, voucher.code, amount, from_redeemed=True
+        ),
+        f"reversal-release:{datacenter_id}:{record_id}",
+        now,
+    )
+    if amount:
+        _outbox(
+            session,
+            rules.city,
+            "voucher_released",
+            event_id(
+                "voucher_released", rules.city, voucher.code, datacenter_id, record_id
+            ),
+            voucher_code=voucher.code,
+            program_id=voucher.program_id,
+            released_fen=amount,
+            reason=voucher.status,
+        )
+
+
+# --------------------------------------------------------------------------
+# Review, expiry, revocation
+
+
+def review(
+    session: Session,
+    rules: domain.CityRules,
+    application_id: str,
+    approve: bool,
+    reason: str,
+    reviewer: str,
+) -> ApplicationResult:
+    """A city admin's verdict on a pending application; approval issues.
+
+    ``Conflict application_not_pending`` when it was decided already; a
+    failed issue (budget, an active voucher) leaves it pending.
+    """
+    now = utcnow()
+    with _writing(session):
+        try:
+            application = session.execute(
+                _locked(
+                    session, select(Application).where(Application.id == application_id)
+                )
+            ).scalar_one_or_none()
+            if application is None:
+                raise NotFound(
+                    "application_not_found", f"no application {application_id}"
+                )
+            if application.decision != domain.PENDING_REVIEW:
+                raise Conflict(
+                    "application_not_pending",
+                    f"application {application_id} is {application.decision}",
+                    {"decision": application.decision},
+                )
+            program = rules.program(application.program_id)
+            if program is None:
+                raise NotFound(
+                    "program_not_found",
+                    f"program {application.program_id} is no longer in the rules",
+                )
+            voucher, events = None, []
+            if approve:
+                voucher, event = _issue(
+                    session,
+                    rules,
+                    program,
+                    application,
+                    application.requested_face_value_fen,
+                    now,
+                )
+                events.append(event)
+            application.decision = domain.APPROVED if approve else domain.REJECTED
+            application.reasons = [
+                *application.reasons,
+                {"rule": "manual_review", "passed": approve, "evidence": reason},
+            ]
+            application.reviewed_by = reviewer
+            application.reviewed_at = now
+            application.review_reason = reason
+            session.commit()
+        except IntegrityError as exc:
+            session.rollback()
+            raise Conflict(
+                "active_voucher_exists",
+                "the company already holds an active voucher of the program",
+            ) from exc
+        except BaseException:
+            session.rollback()
+            raise
+    return ApplicationResult(application, voucher, events)
+
+
+def _close(
+    session: Session,
+    rules: domain.CityRules,
+    voucher: Voucher,
+    status: str,
+    actor: str,
+    reason: str,
+    now: datetime,
+) -> OutboxEvent:
+    """Close an active voucher and release its unspent balance to the budget."""
+    amount = voucher.balance_fen
+    voucher.status = status
+    voucher.released_fen += amount
+    voucher.closed_at = now
+    voucher.closed_by = actor
+    voucher.close_reason = reason[:512]
+    session.execute(
+        update(Program)
+        .where(Program.id == voucher.program_id)
+        .values(
+            committed_fen=Program.committed_fen - amount,
+            available_fen=Program.available_fen + amount,
+            released_fen=Program.released_fen + amount,
+            updated_at=now,
+        )
+    )
+    _post(
+        session,
+        domain.release_entries(voucher.program_id, voucher.code, amount),
+        f"{status}:{voucher.code}",
+        now,
+    )
+    return _outbox(
+        session,
+        rules.city,
+        "voucher_released",
+        event_id("voucher_released", rules.city, voucher.code),
+        voucher_code=voucher.code,
+        program_id=voucher.program_id,
+        released_fen=amount,
+        reason=status,
+    )
+
+
+def expire_due(
+    session: Session,
+    rules: domain.CityRules,
+    now: datetime | None = None,
+    limit: int = 200,
+) -> list[OutboxEvent]:
+    """Expire up to ``limit`` active vouchers past their date, in one transaction.
+
+    Vouchers another copy of the service is closing are skipped (SKIP LOCKED).
+    """
+    now = now or utcnow()
+    with _writing(session):
+        try:
+            statement = (
+                select(Voucher)
+                .where(Voucher.status == domain.ACTIVE, Voucher.expires_at <= now)
+                .order_by(Voucher.code)
+                .limit(limit)
+            )
+            if session.get_bind().dialect.name != "sqlite":
+                statement = statement.with_for_update(skip_locked=True)
+            events = [
+                _close(session, rules, v, domain.EXPIRED, "system", "expired", now)
+                for v in session.scalars(statement).all()
+            ]
+            session.commit()
+            return events
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def revoke(
+    session: Session, rules: domain.CityRules, code: str, reason: str, actor: str
+) -> tuple[Voucher, OutboxEvent]:
+    """A city admin revokes an active voucher; its balance is released."""
+    with _writing(session):
+        try:
+            voucher = session.execute(
+                _locked(session, select(Voucher).where(Voucher.code == code))
+            ).scalar_one_or_none()
+            if voucher is None:
+                raise NotFound("voucher_not_found", f"no voucher {code}")
+            if voucher.status != domain.ACTIVE:
+                raise Conflict(
+                    "voucher_not_active",
+                    f"voucher {code} is {voucher.status}",
+                    {"status": voucher.status},
+                )
+            event = _close(
+                session, rules, voucher, domain.REVOKED, actor, reason, utcnow()
+            )
+            session.commit()
+            return voucher, event
+        except BaseException:
+            session.rollback()
+            raise
+
+
+# --------------------------------------------------------------------------
+# Listings and statements
+
+
+def _page(limit: int, offset: int) -> tuple[int, int]:
+    if not isinstance(limit, int) or not 1 <= limit <= 1000:
+        raise InvalidRequest("invalid_page", "limit must be between 1 and 1000")
+    if not isinstance(offset, int) or offset < 0:
+        raise InvalidRequest("invalid_page", "offset must be ≥ 0")
+    return limit, offset
+
+
+def list_applications(
+    session: Session, status: str | None, limit: int, offset: int
+) -> tuple[list[Application], int]:
+    limit, offset = _page(limit, offset)
+    if status is not None and status not in domain.APPLICATION_STATUSES:
+        raise InvalidRequest(
+            "invalid_status",
+            f"status must be one of {', '.join(domain.APPLICATION_STATUSES)}",
+        )
+    where = [] if status is None else [Application.decision == status]
+    rows = list(
+        session.scalars(
+            select(Application)
+            .where(*where)
+            .order_by(Application.decided_at, Application.id)
+            .limit(limit)
+            .offset(offset)
+        )
+    )
+    total = session.scalar(select(func.count()).select_from(Application).where(*where))
+    session.rollback()
+    return rows, total
+
+
+def get_application(session: Session, application_id: str) -> Application:
+    row = session.get(Application, application_id)
+    session.rollback()
+    if row is None:
+        raise NotFound("application_not_found", f"no application {application_id}")
+    return row
+
+
+def list_vouchers(
+    session: Session,
+    company_id: str | None,
+    status: str | None,
+    limit: int,
+    offset: int,
+) -> tuple[list[Voucher], int]:
+    limit, offset = _page(limit, offset)
+    if status is not None and status not in domain.VOUCHER_STATUSES:
+        raise InvalidRequest(
+            "invalid_status",
+            f"status must be one of {', '.join(domain.VOUCHER_STATUSES)}",
+        )
+    where = []
+    if company_id is not None:
+        where.append(Voucher.company_id == company_id)
+    if status is not None:
+        where.append(Voucher.status == status)
+    rows = list(
+        session.scalars(
+            select(Voucher)
+            .where(*where)
+            .order_by(Voucher.issued_at, Voucher.code)
+            .limit(limit)
+            .offset(offset)
+        )
+    )
+    total = session.scalar(select(func.count()).select_from(Voucher).where(*where))
+    session.rollback()
+    return rows, total
+
+
+def _entries(session: Session, accounts: list[str], limit: int, offset: int):
+    rows = session.scalars(
+        select(LedgerEntry)
+        .where(LedgerEntry.account.in_(accounts))
+        .order_by(LedgerEntry.id)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    total = session.scalar(
+        select(func.count())
+        .select_from(LedgerEntry)
+        .where(LedgerEntry.account.in_(accounts))
+    )
+    return [
+        {
+            "id": r.id,
+            "account": r.account,
+            "amount_fen": r.amount_fen,
+            "reference": r.reference,
+            "created_at": r.created_at,
+        }
+        for r in rows
+    ], total
+
+
+def voucher_statement(
+    session: Session, code: str, limit: int = 1000, offset: int = 0
+) -> tuple[Voucher, list[dict], int]:
+    limit, offset = _page(limit, offset)
+    voucher = session.get(Voucher, code)
+    if voucher is None:
+        session.rollback()
+        raise NotFound("voucher_not_found", f"no voucher {code}")
+    accounts = [
+        domain.voucher_account(code, c) for c in ("face", "redeemed", "released")
+    ]
+    entries, total = _entries(session, accounts, limit, offset)
+    session.rollback()
+    return voucher, entries, total
+
+
+PROGRAM_COLUMNS = ("available", "committed", "redeemed", "released")
+
+
+def program_statement(
+    session: Session, program_id: str, limit: int = 1000, offset: int = 0
+) -> tuple[Program, list[dict], int]:
+    limit, offset = _page(limit, offset)
+    program = session.get(Program, program_id)
+    if program is None:
+        session.rollback()
+        raise NotFound("program_not_found", f"no program {program_id}")
+    accounts = [domain.program_account(program_id, c) for c in PROGRAM_COLUMNS]
+    entries, total = _entries(session, accounts, limit, offset)
+    session.rollback()
+    return program, entries, total
+
+
+def ledger_totals(session: Session, rules: domain.CityRules) -> dict[str, Any]:
+    """Each program's money summed from its ledger accounts (not the row caches)."""
+    as_of = utcnow()
+    sums = dict(
+        session.execute(
+            select(LedgerEntry.account, func.sum(LedgerEntry.amount_fen))
+            .where(LedgerEntry.account.like("program:%"))
+            .group_by(LedgerEntry.account)
+        ).all()
+    )
+    issued = dict(
+        session.execute(
+            select(Voucher.program_id, func.count()).group_by(Voucher.program_id)
+        ).all()
+    )
+    budgets = dict(session.execute(select(Program.id, Program.budget_fen)).all())
+    session.rollback()
+    programs = []
+    for program in rules.programs:
+        if program.id not in budgets:
+            continue
+        totals = {
+            f"{c}_fen": int(sums.get(domain.program_account(program.id, c)) or 0)
+            for c in PROGRAM_COLUMNS
+        }
+        programs.append(
+            {
+                "program_id": program.id,
+                "budget_fen": budgets[program.id],
+                **totals,
+                "vouchers_issued": issued.get(program.id, 0),
+            }
+        )
+    return {"city": rules.city, "as_of": as_of, "programs": programs}
 
 
 # --------------------------------------------------------------------------
@@ -656,3 +1154,40 @@ class CityLedger:
 
     def check(self) -> list[str]:
         return check_ledger(self.session)
+
+    def review(self, application_id, approve, reason, reviewer) -> ApplicationResult:
+        return review(
+            self.session, self.rules, application_id, approve, reason, reviewer
+        )
+
+    def expire_due(self, now=None) -> list[OutboxEvent]:
+        return expire_due(self.session, self.rules, now)
+
+    def revoke(self, code: str, reason: str, actor: str):
+        return revoke(self.session, self.rules, code, reason, actor)
+
+    def pending_events(
+        self, limit: int = 500, older_than_s: float = 0.0
+    ) -> list[OutboxEvent]:
+        return pending_events(self.session, limit, older_than_s)
+
+    def mark_published(self, ids: list[int]) -> None:
+        mark_published(self.session, ids)
+
+    def list_applications(self, status=None, limit=100, offset=0):
+        return list_applications(self.session, status, limit, offset)
+
+    def get_application(self, application_id: str) -> Application:
+        return get_application(self.session, application_id)
+
+    def list_vouchers(self, company_id=None, status=None, limit=100, offset=0):
+        return list_vouchers(self.session, company_id, status, limit, offset)
+
+    def voucher_statement(self, code: str, limit: int = 1000, offset: int = 0):
+        return voucher_statement(self.session, code, limit, offset)
+
+    def program_statement(self, program_id: str, limit: int = 1000, offset: int = 0):
+        return program_statement(self.session, program_id, limit, offset)
+
+    def totals(self) -> dict[str, Any]:
+        return ledger_totals(self.session, self.rules)

@@ -108,6 +108,10 @@ class Application(Base):
     rules_sha256: Mapped[str] = mapped_column(String(64))
     voucher_code: Mapped[str | None] = mapped_column(String(32), nullable=True)
     decided_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # Manual review (``review: manual``): who decided, when and why.
+    reviewed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    reviewed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    review_reason: Mapped[str | None] = mapped_column(String(512), nullable=True)
 
 
 class Voucher(Base):
@@ -129,6 +133,8 @@ class Voucher(Base):
             postgresql_where=text("status = 'active'"),
             sqlite_where=text("status = 'active'"),
         ),
+        Index("ix_vouchers_status_expires_at", "status", "expires_at"),
+        Index("ix_vouchers_company_id", "company_id"),
     )
 
     code: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -141,6 +147,10 @@ class Voucher(Base):
     released_fen: Mapped[int] = mapped_column(BigInteger)
     issued_at: Mapped[datetime] = mapped_column(UtcDateTime)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # Set when the voucher expires or is revoked (its balance released).
+    closed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    closed_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    close_reason: Mapped[str | None] = mapped_column(String(512), nullable=True)
 
     @property
     def balance_fen(self) -> int:
@@ -204,3 +214,28 @@ class LedgerEntry(Base):
     amount_fen: Mapped[int] = mapped_column(BigInteger)
     reference: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class OutboxEvent(Base):
+    """A federation event written in the transaction of the fact it reports.
+
+    Published right after the commit, and by a timer for any left unpublished
+    (a crash between commit and publish), always with the same ``event_id``.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        Index(
+            "ix_outbox_unpublished",
+            "id",
+            postgresql_where=text("published_at IS NULL"),
+            sqlite_where=text("published_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    event: Mapped[str] = mapped_column(String(32))
+    body: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    published_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)

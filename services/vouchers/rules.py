@@ -48,7 +48,12 @@ BONUS_WHEN = {
     "government_run": (lambda v: isinstance(v, bool), "true or false"),
     "chip_origin": (lambda v: v in ("domestic", "imported"), "domestic or imported"),
     "hub_region": (lambda v: isinstance(v, str) and bool(v), "a region name"),
+    domain.UTILISATION_BELOW: (
+        lambda v: _is_number(v) and 0 < v <= 100,
+        "a percentage in (0, 100]",
+    ),
 }
+SCOPE_KEYS = {"hub_region", "government_run", "chip_origin", "exclude"}
 
 Path_ = tuple[Any, ...]
 
@@ -64,6 +69,13 @@ class _Invalid(Exception):
         self.problem = problem
 
 
+class _Duplicate(Exception):
+    def __init__(self, line: int, path: Path_):
+        super().__init__(line)
+        self.line = line
+        self.path = path
+
+
 def _where(path: Path_) -> str:
     text = ""
     for part in path:
@@ -76,8 +88,12 @@ def _lines(node: yaml.Node, path: Path_ = (), out: dict | None = None) -> dict:
     out = {} if out is None else out
     out[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
         for key, value in node.value:
             if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    raise _Duplicate(key.start_mark.line + 1, path + (key.value,))
+                seen.add(key.value)
                 out[path + (key.value,)] = key.start_mark.line + 1
                 _lines(value, path + (key.value,), out)
     elif isinstance(node, yaml.SequenceNode):
@@ -204,12 +220,41 @@ def _datacenters(value: Any, path: Path_) -> domain.DatacenterScope:
         ids = [_string(v, path + (i,)) for i, v in enumerate(value)]
         return domain.DatacenterScope(ids=frozenset(ids))
     if isinstance(value, dict):
-        _keys(value, path, {"hub_region"}, ("hub_region",))
-        return domain.DatacenterScope(
-            hub_region=_string(value["hub_region"], path + ("hub_region",))
-        )
+        _keys(value, path, SCOPE_KEYS, ())
+        if not value:
+            raise _Invalid(path, "must name at least one restriction; or write any")
+        scope: dict[str, Any] = {}
+        if "hub_region" in value:
+            scope["hub_region"] = _string(value["hub_region"], path + ("hub_region",))
+        if "government_run" in value:
+            if not isinstance(value["government_run"], bool):
+                raise _Invalid(
+                    path + ("government_run",),
+                    f"takes true or false, not {_show(value['government_run'])}",
+                )
+            scope["government_run"] = value["government_run"]
+        if "chip_origin" in value:
+            if value["chip_origin"] not in ("domestic", "imported"):
+                raise _Invalid(
+                    path + ("chip_origin",),
+                    f"takes domestic or imported, not {_show(value['chip_origin'])}",
+                )
+            scope["chip_origin"] = value["chip_origin"]
+        if "exclude" in value:
+            excluded = value["exclude"]
+            if not isinstance(excluded, list) or not excluded:
+                raise _Invalid(
+                    path + ("exclude",),
+                    f"takes a non-empty list of ids, not {_show(excluded)}",
+                )
+            scope["exclude"] = frozenset(
+                _string(v, path + ("exclude", i)) for i, v in enumerate(excluded)
+            )
+        return domain.DatacenterScope(**scope)
     raise _Invalid(
-        path, f"must be any, a list of ids or {{hub_region: …}}, not {_show(value)}"
+        path,
+        "must be any, a list of ids or {hub_region: …, government_run: …, "
+        f"chip_origin: …, exclude: […]}}, not {_show(value)}",
     )
 
 
@@ -325,9 +370,14 @@ def parse_rules(text: bytes, source: str = "<rules>") -> domain.CityRules:
     if node is None:
         raise RulesError(f"{source}: the rules file is empty")
     try:
+        lines = _lines(node)
+    except _Duplicate as dup:
+        raise RulesError(
+            f"{source}:{dup.line}: {_where(dup.path)}: duplicate key {dup.path[-1]!r}"
+        ) from None
+    try:
         return _city(data, sha256, source)
     except _Invalid as invalid:
-        lines = _lines(node)
         path = invalid.path
         while path not in lines:
             path = path[:-1]
@@ -353,3 +403,47 @@ def load_rules(path: str | Path, city: str | None = None) -> domain.CityRules:
             f"{path}: city is {rules.city!r} but this instance is {city!r}"
         )
     return rules
+
+
+def check_files(paths: list[str], out=None, err=None) -> int:
+    """``python -m services.vouchers.rules check FILE…``: validate, start nothing.
+
+    Prints ``ok: FILE (N programs, rules version V)`` per valid file, the
+    message of the first problem per invalid one; 0 when all are valid.
+    """
+    import sys
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    status = 0
+    for path in paths:
+        try:
+            rules = load_rules(path)
+        except RulesError as exc:
+            print(exc, file=err)
+            status = 1
+            continue
+        count = len(rules.programs)
+        print(
+            f"ok: {path} ({count} programs, rules version {rules.version})",
+            file=out,
+        )
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m services.vouchers.rules",
+        description="Validate city rules files without starting anything.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="validate rules files")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    args = parser.parse_args(argv)
+    return check_files(args.files)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -69,6 +69,8 @@ class VoucherSchema(Schema):
     expires_at = UtcTimestamp()
     redemptions = fields.List(fields.Nested(RedemptionSchema))
     redemptions_total = fields.Integer()  # extension: the list holds the latest 100
+    closed_at = UtcTimestamp(allow_none=True)  # extension: expired or revoked at
+    close_reason = fields.String(allow_none=True)  # extension
 
 
 class ApplicationResponseSchema(Schema):
@@ -91,3 +93,55 @@ class ProgramStateSchema(Schema):
     released_fen = fields.Integer()
     rules_version = fields.String()  # extension
     rules_sha256 = fields.String()  # extension
+
+
+class ApplicationSchema(Schema):
+    """A stored application: its decision, evidence and review."""
+
+    application_id = fields.String(attribute="id")
+    program_id = fields.String()
+    company_id = fields.String()
+    company = fields.Dict()
+    requested_face_value_fen = fields.Integer()
+    decision = fields.String()  # approved | rejected | pending_review
+    # The portal's review queue filters on "status"; it is the decision.
+    status = fields.Method("get_status")
+    reasons = fields.List(fields.Nested(ReasonSchema))
+    rules_version = fields.String()
+    rules_sha256 = fields.String()
+    decided_at = UtcTimestamp()
+    reviewed_by = fields.String(allow_none=True)
+    reviewed_at = UtcTimestamp(allow_none=True)
+    review_reason = fields.String(allow_none=True)
+    voucher_code = fields.String(allow_none=True)
+    voucher = fields.Nested(VoucherSchema, allow_none=True)
+
+
+    def get_status(self, application) -> str:
+        if isinstance(application, dict):
+            return application["decision"]
+        return application.decision
+
+
+class LedgerEntrySchema(Schema):
+    id = fields.Integer()
+    account = fields.String()
+    amount_fen = fields.Integer()
+    reference = fields.String()
+    created_at = UtcTimestamp()
+
+
+class ProgramTotalsSchema(Schema):
+    program_id = fields.String()
+    budget_fen = fields.Integer()
+    available_fen = fields.Integer()
+    committed_fen = fields.Integer()
+    redeemed_fen = fields.Integer()
+    released_fen = fields.Integer()
+    vouchers_issued = fields.Integer()
+
+
+class LedgerTotalsSchema(Schema):
+    city = fields.String()
+    as_of = UtcTimestamp()
+    programs = fields.List(fields.Nested(ProgramTotalsSchema))

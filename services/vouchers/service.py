@@ -33,6 +33,9 @@ from services.vouchers.rules import load_rules
 from services.vouchers.schemas import (
     ApplicationRequestSchema,
     ApplicationResponseSchema,
+    ApplicationSchema,
+    LedgerEntrySchema,
+    LedgerTotalsSchema,
     ProgramStateSchema,
     VoucherSchema,
 )
@@ -42,6 +45,11 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 PUBLISH_PROGRAMS_EVERY = 10  # ticks: program_published on the first and every 10th
 DEFAULT_HEARTBEAT_INTERVAL_S = 30.0
+# Config keys of this service alone (read with defaults, so optional).
+EXPIRY_INTERVAL_S = "EXPIRY_INTERVAL_S"
+OUTBOX_INTERVAL_S = "OUTBOX_INTERVAL_S"
+DEFAULT_EXPIRY_INTERVAL_S = 60.0
+DEFAULT_OUTBOX_INTERVAL_S = 2.0
 _CITY = re.compile(r"^[a-z0-9_]+$")
 
 
@@ -61,8 +69,24 @@ def _voucher_body(city: str, voucher, redemptions=(), total: int = 0) -> dict[st
             "expires_at": voucher.expires_at,
             "redemptions": list(redemptions),
             "redemptions_total": total,
+            "closed_at": voucher.closed_at,
+            "close_reason": voucher.close_reason,
         }
     )
+
+
+def _application_body(city: str, application, voucher=None) -> dict[str, Any]:
+    body = ApplicationSchema().dump(application)
+    body["voucher"] = _voucher_body(city, voucher) if voucher is not None else None
+    return body
+
+
+def _text(value: Any, name: str, max_length: int = 512) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > max_length:
+        raise InvalidRequest(
+            "invalid_request", f"{name} must be a non-empty string", {name: [value]}
+        )
+    return value.strip()
 
 
 class VouchersService:
@@ -85,6 +109,24 @@ class VouchersService:
     def _publish(self, event: str, eid: str, **fields: Any) -> None:
         body = make_event(event, self.city, eid, **fields)
         self.publish(body, routing_key=federation_key(self.city, event), message_id=eid)
+
+    def _publish_outbox(self, events) -> None:
+        """Publish committed outbox events now; the relay timer retries failures."""
+        done = []
+        try:
+            for row in events:
+                self.publish(
+                    row.body,
+                    routing_key=federation_key(self.city, row.event),
+                    message_id=row.event_id,
+                )
+                done.append(row.id)
+        except Exception:  # noqa: BLE001 - the fact is committed; relay retries
+            log.warning("publishing outbox events failed; the relay will retry")
+        try:
+            self.ledger.mark_published(done)
+        except Exception:  # noqa: BLE001 - republished later with the same id
+            log.warning("marking outbox events published failed")
 
     @rpc(expected_exceptions=EXPECTED)
     def apply(self, application: dict) -> dict:
@@ -111,15 +153,7 @@ class VouchersService:
             program, request["company"], face_value_fen, decision
         )
         voucher = result.voucher
-        if voucher is not None:
-            self._publish(
-                "voucher_issued",
-                event_id("voucher_issued", self.city, voucher.code),
-                voucher_code=voucher.code,
-                program_id=voucher.program_id,
-                face_value_fen=voucher.face_value_fen,
-                expires_at=voucher.expires_at,
-            )
+        self._publish_outbox(result.events)
         return ApplicationResponseSchema().dump(
             {
                 "application_id": result.application.id,
@@ -134,16 +168,127 @@ class VouchersService:
 
     @rpc(expected_exceptions=EXPECTED)
     def get_voucher(self, code: str) -> dict:
-        try:
-            vouchercode.parse(code)
-        except vouchercode.InvalidVoucherCode as exc:
-            raise InvalidRequest("invalid_voucher_code", str(exc)) from None
-        voucher, redemptions, total = self.ledger.get_voucher(code.strip().upper())
+        voucher, redemptions, total = self.ledger.get_voucher(self._code(code))
         return _voucher_body(self.city, voucher, redemptions, total)
 
     @rpc(expected_exceptions=EXPECTED)
     def program_states(self) -> list[dict]:
         return ProgramStateSchema(many=True).dump(self.ledger.program_states())
+
+    @rpc(expected_exceptions=EXPECTED)
+    def list_applications(
+        self, status: str | None = None, limit: int = 100, offset: int = 0
+    ) -> dict:
+        rows, total = self.ledger.list_applications(status, limit, offset)
+        return {
+            "items": [_application_body(self.city, row) for row in rows],
+            "total": total,
+        }
+
+    @rpc(expected_exceptions=EXPECTED)
+    def get_application(self, application_id: str) -> dict:
+        return _application_body(self.city, self.ledger.get_application(application_id))
+
+    @rpc(expected_exceptions=EXPECTED)
+    def review_application(
+        self, application_id: str, approve: bool, reason: str, reviewer: str
+    ) -> dict:
+        if not isinstance(approve, bool):
+            raise InvalidRequest("invalid_request", "approve must be true or false")
+        result = self.ledger.review(
+            application_id,
+            approve,
+            _text(reason, "reason"),
+            _text(reviewer, "reviewer", 128),
+        )
+        self._publish_outbox(result.events)
+        return _application_body(self.city, result.application, result.voucher)
+
+    @rpc(expected_exceptions=EXPECTED)
+    def revoke_voucher(self, code: str, reason: str, actor: str) -> dict:
+        voucher, event = self.ledger.revoke(
+            self._code(code), _text(reason, "reason"), _text(actor, "actor", 128)
+        )
+        self._publish_outbox([event])
+        return _voucher_body(self.city, voucher)
+
+    @rpc(expected_exceptions=EXPECTED)
+    def list_vouchers(
+        self,
+        company_id: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> dict:
+        rows, total = self.ledger.list_vouchers(company_id, status, limit, offset)
+        return {
+            "items": [_voucher_body(self.city, row) for row in rows],
+            "total": total,
+        }
+
+    @rpc(expected_exceptions=EXPECTED)
+    def voucher_statement(self, code: str, limit: int = 1000, offset: int = 0) -> dict:
+        voucher, entries, total = self.ledger.voucher_statement(
+            self._code(code), limit, offset
+        )
+        return {
+            "voucher": _voucher_body(self.city, voucher),
+            "entries": LedgerEntrySchema(many=True).dump(entries),
+            "total": total,
+        }
+
+    @rpc(expected_exceptions=EXPECTED)
+    def program_statement(
+        self, program_id: str, limit: int = 1000, offset: int = 0
+    ) -> dict:
+        program, entries, total = self.ledger.program_statement(
+            program_id, limit, offset
+        )
+        return {
+            "program": ProgramStateSchema().dump(
+                {
+                    "program_id": program.id,
+                    "kind": program.kind,
+                    "budget_fen": program.budget_fen,
+                    "rate_bp": program.rate_bp,
+                    "max_rate_bp": program.max_rate_bp,
+                    "available_fen": program.available_fen,
+                    "committed_fen": program.committed_fen,
+                    "redeemed_fen": program.redeemed_fen,
+                    "released_fen": program.released_fen,
+                    "rules_version": program.rules_version,
+                    "rules_sha256": program.rules_sha256,
+                }
+            ),
+            "entries": LedgerEntrySchema(many=True).dump(entries),
+            "total": total,
+        }
+
+    @rpc(expected_exceptions=EXPECTED)
+    def ledger_totals(self) -> dict:
+        return LedgerTotalsSchema().dump(self.ledger.totals())
+
+    def _code(self, code: Any) -> str:
+        try:
+            vouchercode.parse(code)
+        except vouchercode.InvalidVoucherCode as exc:
+            raise InvalidRequest("invalid_voucher_code", str(exc)) from None
+        return code.strip().upper()
+
+    def expire_vouchers(self) -> None:
+        """Timer: expire what is due, releasing each unspent balance."""
+        while True:
+            events = self.ledger.expire_due()
+            self._publish_outbox(events)
+            if len(events) < 200:
+                return
+
+    def relay_outbox(self) -> None:
+        """Timer: publish outbox events a crash or a broker fault left behind."""
+        events = self.ledger.pending_events(older_than_s=1.0)
+        if events:
+            log.info("relaying %d unpublished events", len(events))
+            self._publish_outbox(events)
 
     def handle_usage_rated(self, body: dict) -> None:
         """Book one rated usage record; publish ``voucher_redeemed`` after commit."""
@@ -237,6 +382,15 @@ def build(config: dict) -> type:
     def publish_state(self) -> None:
         VouchersService.publish_state(self)
 
+    def expire_vouchers(self) -> None:
+        VouchersService.expire_vouchers(self)
+
+    def relay_outbox(self) -> None:
+        VouchersService.relay_outbox(self)
+
+    expiry_s = float(config.get(EXPIRY_INTERVAL_S) or DEFAULT_EXPIRY_INTERVAL_S)
+    outbox_s = float(config.get(OUTBOX_INTERVAL_S) or DEFAULT_OUTBOX_INTERVAL_S)
+
     return type(
         f"VouchersService_{city}",
         (VouchersService,),
@@ -247,5 +401,7 @@ def build(config: dict) -> type:
                 handle_usage_rated
             ),
             "publish_state": timer(interval=interval, eager=True)(publish_state),
+            "expire_vouchers": timer(interval=expiry_s, eager=True)(expire_vouchers),
+            "relay_outbox": timer(interval=outbox_s, eager=True)(relay_outbox),
         },
     )

@@ -55,14 +55,22 @@ def test_each_service_depends_on_what_exists(name):
 )
 def test_each_database_is_its_own_and_is_created(name):
     url = APP_SERVICES[name]["environment"]["DATABASE_URL"]
-    database = url.rsplit("/", 1)[1]
-    assert re.search(rf"CREATE DATABASE {re.escape(database)};", INIT_SQL), database
+    assert_created(url)
     others = [
         s["environment"]["DATABASE_URL"]
         for n, s in APP_SERVICES.items()
         if n != name and "DATABASE_URL" in s["environment"]
     ]
     assert url not in others
+
+
+def assert_created(url):
+    database = url.rsplit("/", 1)[1]
+    assert re.search(rf"CREATE DATABASE {re.escape(database)};", INIT_SQL), database
+
+
+def test_the_portal_audit_log_has_its_own_database():
+    assert_created(SERVICES["portal"]["environment"]["AUDIT_DATABASE_URL"])
 
 
 def test_city_services_have_a_rules_file():

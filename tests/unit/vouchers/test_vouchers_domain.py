@@ -150,4 +150,9 @@ def test_predicate_table_drives_the_rules_loader():
         "max_employees",
         "min_annual_revenue_cny",
         "government_research_project",
+        "min_employees",
+        "max_annual_revenue_cny",
+        "sector_in",
+        "founded_after",
+        "founded_before",
     }

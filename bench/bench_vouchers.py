@@ -1,0 +1,211 @@
+"""Measure one city's voucher service on PostgreSQL: redemptions/s and issues/s.
+
+Starts the real service process (``python -m services.vouchers``) against a
+fresh PostgreSQL database, then
+
+- issues: N applications over RPC from C concurrent callers;
+- redemptions: publishes M ``usage_rated`` messages on the federation
+  exchange and times until every one is booked (the real consumer path:
+  AMQP → schema → ledger transaction → ``voucher_redeemed`` publish → ack).
+
+Ends with ``redemptions_per_s=<n> issues_per_s=<n>`` (CONTRACTS.md §9).
+
+    .venv/bin/python bench/bench_vouchers.py [--records 5000] [--issues 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+from kombu import Connection
+from nameko.standalone.rpc import ClusterRpcClient
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.common.amqp import FEDERATION_EXCHANGE, federation_key  # noqa: E402
+from services.common.contracts import make_event  # noqa: E402
+from services.common.units import utcnow  # noqa: E402
+
+CITY = "benchcity"
+RULES = f"""\
+city: {CITY}
+name: Bench City
+region: east
+voucher_prefix: BC
+programs:
+  - id: bc-compute
+    kind: compute
+    budget_cny: 100000000000
+    rate_percent: 80
+    max_rate_percent: 90
+    face_value_cny: {{min: 1000, max: 2000000}}
+    valid_days: 365
+    bonuses:
+      - when: {{government_run: true}}
+        add_percent: 10
+"""
+ADMIN = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+AMQP = os.environ.get("AMQP_URI", "amqp://guest:guest@localhost:5672/")
+DC = {"government_run": False, "hub_region": "east", "chip_origin": "imported"}
+
+
+def application(n: int, face: int = 1000) -> dict:
+    return {
+        "program_id": "bc-compute",
+        "company": {
+            "registration_id": f"bench-{uuid.uuid4().hex[:12]}-{n}",
+            "name": "Bench Co",
+            "registered_in": CITY,
+            "employees": 10,
+        },
+        "requested_face_value_cny": face,
+    }
+
+
+def booked(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT count(*) FROM redemptions").fetchone()[0]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--records", type=int, default=5000)
+    parser.add_argument("--issues", type=int, default=400)
+    parser.add_argument("--callers", type=int, default=8)
+    args = parser.parse_args()
+
+    name = f"cn_bench_vouchers_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    rules = Path(tempfile.mkdtemp()) / f"{CITY}.yaml"
+    rules.write_text(RULES)
+    env = dict(
+        os.environ,
+        CITY_CODE=CITY,
+        RULES_FILE=str(rules),
+        DATABASE_URL=url,
+        AMQP_URI=AMQP,
+        LOG_LEVEL="WARNING",
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.vouchers",
+            "--config",
+            "deploy/config/vouchers.yaml",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        with Connection(AMQP) as connection:  # a clean queue from earlier runs
+            channel = connection.channel()
+            try:
+                channel.queue_purge(f"vouchers_{CITY}.usage_rated")
+            except Exception:  # noqa: BLE001 - not declared yet
+                pass
+        with ClusterRpcClient(uri=AMQP, timeout=30) as rpc:
+            city = getattr(rpc, f"vouchers_{CITY}")
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    city.program_states()
+                    break
+                except Exception:  # noqa: BLE001 - starting
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            code = city.apply(application(0, 2_000_000))["voucher"]["code"]
+
+        # -- issues/s: concurrent RPC callers
+        def issue_batch(ns):
+            with ClusterRpcClient(uri=AMQP, timeout=30) as rpc:
+                service = getattr(rpc, f"vouchers_{CITY}")
+                for n in ns:
+                    assert service.apply(application(n))["voucher"]
+            return len(ns)
+
+        batches = [range(i, args.issues, args.callers) for i in range(args.callers)]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.callers) as pool:
+            done = sum(pool.map(issue_batch, batches))
+        issue_s = time.perf_counter() - started
+        issues_per_s = done / issue_s
+        print(f"issues: {done} in {issue_s:.2f} s over {args.callers} callers")
+
+        # -- redemptions/s: the consumer path
+        ended = utcnow() - timedelta(minutes=1)
+        bodies = [
+            make_event(
+                "usage_rated",
+                CITY,
+                f"bench-{i}",
+                record_id=f"bench-{i}",
+                datacenter_id="dc-bench",
+                tenant_id="t",
+                voucher_code=code,
+                gpu_model="H800",
+                gpu_count=1,
+                started_at=ended - timedelta(hours=1),
+                ended_at=ended,
+                gpu_seconds=3600,
+                source="slurm",
+                job_id=None,
+                correction_of=None,
+                cost_fen=1000,
+                unit_price_fen_per_gpu_hour=1000,
+                datacenter=DC,
+            )
+            for i in range(args.records)
+        ]
+        started = time.perf_counter()
+        with Connection(AMQP) as connection:
+            producer = connection.Producer()
+            for body in bodies:
+                producer.publish(
+                    body,
+                    exchange=FEDERATION_EXCHANGE,
+                    routing_key=federation_key(CITY, "usage_rated"),
+                    serializer="json",
+                    delivery_mode=2,
+                )
+        published_s = time.perf_counter() - started
+        while booked(url) < args.records:
+            time.sleep(0.05)
+        redeem_s = time.perf_counter() - started
+        redemptions_per_s = args.records / redeem_s
+        print(
+            f"redemptions: {args.records} booked in {redeem_s:.2f} s "
+            f"(publishing took {published_s:.2f} s)"
+        )
+    finally:
+        process.terminate()
+        process.wait(20)
+        with psycopg.connect(ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        with Connection(AMQP) as connection:
+            try:
+                connection.channel().queue_delete(f"vouchers_{CITY}.usage_rated")
+            except Exception:  # noqa: BLE001
+                pass
+    print(f"redemptions_per_s={redemptions_per_s:.0f} issues_per_s={issues_per_s:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The city's ledger on real PostgreSQL under concurrency, and a SIGKILL mid-stream.
+
+- 32 threads issue against a budget that fits only some vouchers, and 32
+  threads redeem on one voucher with every record delivered twice: each thread
+  calls the ledger functions on its own PostgreSQL connection (the same code
+  the consumer runs; the threads are eventlet-patched, so the interleaving is
+  on the database, where the row locks are).
+- The service as a real process (``python -m services.vouchers``) killed with
+  SIGKILL in the middle of a stream of ``usage_rated`` and started again: every
+  record is booked exactly once.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nameko
+import pytest
+from kombu import Connection
+from nameko.standalone.rpc import ClusterRpcClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.common.amqp import FEDERATION_EXCHANGE, federation_key
+from services.common.db import make_engine
+from services.common.errors import Conflict
+from services.common.migrations import upgrade
+from services.common.units import apply_rate_fen
+from services.vouchers import domain, ledger
+from services.vouchers.models import Program, Redemption, Voucher
+from services.vouchers.rules import parse_rules
+
+from .test_vouchers import COMMERCIAL, application, rated
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = parse_rules(
+    b"""
+city: shanghai
+name: Shanghai
+region: east
+voucher_prefix: SH
+programs:
+  - id: sh-small
+    kind: compute
+    budget_cny: 10000
+    rate_percent: 80
+    face_value_cny: {min: 700, max: 1000}
+    valid_days: 30
+""",
+    "small.yaml",
+)
+
+
+@pytest.fixture
+def pg_factory(pg_url_factory):
+    url = pg_url_factory("vouchers")
+    upgrade("vouchers", url)
+    engine = make_engine(url, pool_size=40, max_overflow=0)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    session = factory()
+    ledger.sync_programs(session, RULES)
+    session.close()
+    yield factory
+    engine.dispose()
+
+
+def _run(threads):
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def test_32_concurrent_issuers_against_a_small_budget(pg_factory):
+    program = RULES.program("sh-small")
+    issued, refused, errors = [], [], []
+    start = threading.Barrier(32)
+
+    def issuer(n):
+        session = pg_factory()
+        company = application()["company"] | {"registration_id": f"co-{n}"}
+        company["registered_in"] = "shanghai"
+        try:
+            start.wait()
+            result = ledger.apply(
+                session,
+                RULES,
+                program,
+                company,
+                (700 + 10 * n) * 100,
+                domain.decide(program, company),
+            )
+            issued.append(result.voucher.face_value_fen)
+        except Conflict as exc:
+            refused.append(exc.code)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            session.close()
+
+    _run([threading.Thread(target=issuer, args=(n,)) for n in range(32)])
+    assert errors == []
+    assert len(issued) + len(refused) == 32
+    assert set(refused) == {"budget_exhausted"} and 9 <= len(issued) <= 14
+    session = pg_factory()
+    row = session.get(Program, "sh-small")
+    assert row.committed_fen == sum(issued)  # an independent sum
+    assert row.available_fen == 10_000_00 - sum(issued) >= 0
+    assert row.available_fen < 700_00 + 10 * 31 * 100  # the refusals were right
+    assert ledger.check_ledger(session) == []
+    session.close()
+
+
+def test_32_concurrent_redeemers_on_one_voucher_with_redelivery(pg_factory):
+    program = RULES.program("sh-small")
+    session = pg_factory()
+    company = application()["company"]
+    code = ledger.apply(
+        session, RULES, program, company, 1000_00, domain.decide(program, company)
+    ).voucher.code
+    session.close()
+    # 32 × 5 records of 1 000 fen cost (800 subsidy): 128 000 > the 100 000
+    # face value, so the balance runs out in the middle; each record twice.
+    records = [
+        rated(code, f"t{t}-r{i}", 1_000, COMMERCIAL) | {"event_id": f"e-{t}-{i}"}
+        for t in range(32)
+        for i in range(5)
+    ]
+    from services.common.contracts import load_event
+
+    loaded = [load_event("usage_rated", r) for r in records]
+    errors = []
+    start = threading.Barrier(32)
+
+    def redeemer(t):
+        own = pg_factory()
+        mine = loaded[t * 5 : t * 5 + 5]
+        neighbour = loaded[((t + 1) % 32) * 5 : ((t + 1) % 32) * 5 + 5]
+        try:
+            start.wait()
+            for record in mine + neighbour:  # every record delivered twice
+                ledger.book_usage(own, RULES, record)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            own.close()
+
+    _run([threading.Thread(target=redeemer, args=(t,)) for t in range(32)])
+    assert errors == []
+    session = pg_factory()
+    rows = session.scalars(select(Redemption)).all()
+    assert len(rows) == 160  # each record once
+    # Independent computation: bookings in some order, each min(800, balance).
+    assert sum(r.subsidy_fen for r in rows) == min(
+        160 * apply_rate_fen(1000, 8000), 1000_00
+    )
+    voucher = session.get(Voucher, code)
+    assert voucher.redeemed_fen == 1000_00 and voucher.balance_fen == 0
+    assert ledger.check_ledger(session) == []
+    session.close()
+
+
+def _start(env):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.vouchers",
+            "--config",
+            "deploy/config/vouchers.yaml",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _wait(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigkill_mid_stream_then_restart_books_every_record_once(
+    rabbit_config, pg_url_factory
+):
+    url = pg_url_factory("vouchers")
+    uri = nameko.config["AMQP_URI"]
+    env = dict(
+        os.environ,
+        CITY_CODE="shanghai",
+        DATABASE_URL=url,
+        AMQP_URI=uri,
+        HEARTBEAT_INTERVAL_S="1",
+        LOG_LEVEL="WARNING",
+    )
+    process = _start(env)
+    try:
+        with ClusterRpcClient(uri=uri, timeout=10) as rpc:
+            city = rpc.vouchers_shanghai
+            _wait(lambda: _try(city.program_states), 30, "the city to start")
+            code = city.apply(application())["voucher"]["code"]
+        total = 600
+        with Connection(uri) as connection:
+            producer = connection.Producer()
+            for i in range(total):
+                producer.publish(
+                    rated(code, f"k{i}", 1_000, COMMERCIAL),
+                    exchange=FEDERATION_EXCHANGE,
+                    routing_key=federation_key("shanghai", "usage_rated"),
+                    serializer="json",
+                    delivery_mode=2,
+                )
+        engine = make_engine(url)
+
+        def booked():
+            with Session(engine) as session:
+                return session.scalar(select(func.count()).select_from(Redemption))
+
+        _wait(lambda: booked() >= 50, 30, "some bookings")
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        killed_at = booked()
+        assert killed_at < total, "the stream finished before the kill"
+        process = _start(env)
+        _wait(lambda: booked() == total, 60, f"all {total} bookings")
+        time.sleep(0.5)
+        with Session(engine) as session:
+            assert booked() == total
+            ids = session.scalars(select(Redemption.record_id)).all()
+            assert len(set(ids)) == total
+            voucher = session.get(Voucher, code)
+            assert voucher.redeemed_fen == total * 800
+            assert ledger.check_ledger(session) == []
+        engine.dispose()
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def _try(call):
+    try:
+        return call() or True
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
