@@ -374,9 +374,12 @@ class Network:
             )
         spec.var_dir.mkdir(parents=True, exist_ok=True)
 
+        # The registry first: its queue must be bound before any city publishes
+        # program_published and its first heartbeat.
         registry = self._service(
             "city_registry", "city_registry", DEPLOY_DIR=str(ROOT / "deploy")
         )
+        self._rpc_ready("city_registry", "list_cities", registry)
         metering = self._service("metering", "metering")
         cities = {
             city: self._service(
@@ -387,7 +390,6 @@ class Network:
             )
             for city in spec.cities
         }
-        self._rpc_ready("city_registry", "list_cities", registry)
         self._rpc_ready("metering", "usage_overview", metering)
         for city, child in cities.items():
             self._rpc_ready(f"vouchers_{city}", "program_states", child)

@@ -11,20 +11,43 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify, render_template, request
 from marshmallow import Schema
 
+from gateway.audit import AUDIT, note
 from gateway.auth import CITY_ADMIN, COMPANY, TtlCache, forbid, require_role
+from gateway.listing import (
+    columns_of,
+    csv_response,
+    page,
+    table,
+    wants_csv,
+)
 from gateway.openapi import build_spec
 from gateway.schemas import (
     CITY_CODE_PATTERN,
+    ApplicationQuerySchema,
     ApplicationRequestSchema,
     ApplicationResponseSchema,
+    ApplicationSchema,
+    AuditEntrySchema,
+    AuditQuerySchema,
     CitySchema,
     DatacenterSchema,
     DeadLetterQuerySchema,
     DeadLetterSchema,
+    FormatQuerySchema,
+    HourlyUsageSchema,
+    PageQuerySchema,
+    ReplayResultSchema,
+    ReviewRequestSchema,
+    RevokeRequestSchema,
+    StatementEntrySchema,
+    StatementSchema,
     SummarySchema,
+    TenantUsageSchema,
+    UsageQuerySchema,
+    VoucherQuerySchema,
     VoucherSchema,
 )
 from services.common import vouchercode
@@ -34,11 +57,27 @@ api = Blueprint("api", __name__, url_prefix="/api/v1")
 
 PREFIX_CACHE = "voucher_prefix_cache"  # key in app.extensions
 PREFIX_CACHE_TTL_S = 60.0
+# Public aggregates (the summary, a city's page) are the same for everyone and
+# are read by every dashboard: served from a per-process cache for
+# PUBLIC_CACHE_TTL_S (config key of the same name; 0 turns it off).
+PUBLIC_CACHE = "public_aggregate_cache"
+PUBLIC_CACHE_TTL_S = "PUBLIC_CACHE_TTL_S"
 _CITY_CODE = re.compile(CITY_CODE_PATTERN)
 
 
 def _rpc(service: str, method: str, *args: Any, **kwargs: Any) -> Any:
     return current_app.extensions["rpc"].call(service, method, *args, **kwargs)
+
+
+def _public(service: str, method: str, *args: Any) -> Any:
+    """``_rpc`` for public aggregates, through the short-lived shared cache."""
+    ttl = float(current_app.config.get(PUBLIC_CACHE_TTL_S, 1.0))
+    if ttl <= 0:
+        return _rpc(service, method, *args)
+    cache: TtlCache = current_app.extensions[PUBLIC_CACHE]
+    return cache.get_or_load(
+        (service, method, *args), lambda: _rpc(service, method, *args), lambda _: ttl
+    )
 
 
 def _dump(schema: Schema, data: Any):
@@ -65,22 +104,26 @@ def _json_body() -> dict:
 
 @api.get("/network/summary")
 def network_summary():
-    return _dump(SummarySchema(), _rpc("city_registry", "network_summary"))
+    return _dump(SummarySchema(), _public("city_registry", "network_summary"))
 
 
 @api.get("/cities")
 def list_cities():
-    return _dump(CitySchema(many=True), _rpc("city_registry", "list_cities"))
+    query = FormatQuerySchema().load(request.args.to_dict())
+    cities = _rpc("city_registry", "list_cities")
+    return table(CitySchema(), cities, name="cities", query=query)
 
 
 @api.get("/cities/<city>")
 def get_city(city: str):
-    return _dump(CitySchema(), _rpc("city_registry", "get_city", city))
+    return _dump(CitySchema(), _public("city_registry", "get_city", city))
 
 
 @api.get("/datacenters")
 def list_datacenters():
-    return _dump(DatacenterSchema(many=True), _rpc("city_registry", "list_datacenters"))
+    query = FormatQuerySchema().load(request.args.to_dict())
+    datacenters = _rpc("city_registry", "list_datacenters")
+    return table(DatacenterSchema(), datacenters, name="datacenters", query=query)
 
 
 @api.get("/datacenters/<datacenter_id>")
@@ -101,10 +144,7 @@ def apply(city: str):
     )
     if not may_apply:
         raise forbid(f"only {city}'s companies and staff may apply to it")
-    # The city code becomes a service name: never route an arbitrary string.
-    if not _CITY_CODE.match(city):
-        raise _city_not_found(city)
-    _rpc("city_registry", "get_city", city)  # NotFound city_not_found
+    _known_city(city)
     application = ApplicationRequestSchema().load(_json_body())
     registration_id = application["company"]["registration_id"]
     if role.kind == COMPANY and not role.is_company(city, registration_id):
@@ -112,6 +152,13 @@ def apply(city: str):
     # Dump again so that dates travel as ISO strings, as the contract says.
     payload = ApplicationRequestSchema().dump(application)
     decision = _rpc(_vouchers_service(city), "apply", payload)
+    note(
+        program_id=application["program_id"],
+        company_id=registration_id,
+        decision=decision.get("decision"),
+        application_id=decision.get("application_id"),
+        voucher_code=(decision.get("voucher") or {}).get("code"),
+    )
     return _dump(ApplicationResponseSchema(), decision), 201
 
 
@@ -130,29 +177,224 @@ def _city_of_prefix(prefix: str) -> str | None:
     return prefixes.get(prefix)
 
 
-@api.get("/vouchers/<code>")
-def get_voucher(code: str):
-    # A mistyped code is refused by its check character before any lookup
-    # (CONTRACTS.md §4), even before the token is checked.
-    try:
-        prefix = vouchercode.parse(code)
-    except vouchercode.InvalidVoucherCode as exc:
-        raise InvalidRequest("invalid_voucher_code", str(exc)) from exc
+def _voucher_city(code: str, role) -> tuple[str, str]:
+    """``(normalised code, issuing city)`` when ``role`` may look at it.
+
+    A mistyped code is refused by its check character before any lookup
+    (CONTRACTS.md §4); a caller outside the voucher's city is refused by the
+    code's prefix alone, before the city is asked anything.
+    """
+    prefix = _parse_code(code)
     code = code.strip().upper()
-    role = require_role()
-    not_found = NotFound("voucher_not_found", f"no voucher {code}")
     if not (role.is_national_admin or role.kind in (CITY_ADMIN, COMPANY)):
         raise forbid("vouchers are visible to their company and city only")
     city = _city_of_prefix(prefix)
     if city is None:
-        raise not_found
+        raise _voucher_not_found(code)
     if role.kind in (CITY_ADMIN, COMPANY) and role.city != city:
         raise forbid(f"this voucher belongs to {city}")
-    voucher = _rpc(_vouchers_service(city), "get_voucher", code)
+    return code, city
+
+
+def _parse_code(code: str) -> str:
+    try:
+        return vouchercode.parse(code)
+    except vouchercode.InvalidVoucherCode as exc:
+        raise InvalidRequest("invalid_voucher_code", str(exc)) from exc
+
+
+def _voucher_not_found(code: str) -> NotFound:
+    return NotFound("voucher_not_found", f"no voucher {code}")
+
+
+def _check_holder(role, voucher: dict, code: str) -> None:
     # Another company of the same city learns nothing, not even existence.
     if role.kind == COMPANY and voucher.get("company_id") != role.company_id:
-        raise not_found
+        raise _voucher_not_found(code)
+
+
+@api.get("/vouchers/<code>")
+def get_voucher(code: str):
+    _parse_code(code)  # 400 before the token is even checked
+    role = require_role()
+    code, city = _voucher_city(code, role)
+    voucher = _rpc(_vouchers_service(city), "get_voucher", code)
+    _check_holder(role, voucher, code)
     return _dump(VoucherSchema(), voucher)
+
+
+@api.get("/vouchers/<code>/statement")
+def voucher_statement(code: str):
+    """Every ledger entry of a voucher: issue, each subsidised job, release."""
+    _parse_code(code)
+    role = require_role()
+    query = PageQuerySchema().load(request.args.to_dict())
+    code, city = _voucher_city(code, role)
+    limit, offset = query["limit"], query["offset"]
+    statement = _rpc(
+        _vouchers_service(city), "voucher_statement", code, limit=limit, offset=offset
+    )
+    _check_holder(role, statement["voucher"], code)
+    if wants_csv(query):
+        schema = StatementEntrySchema()
+        return csv_response(
+            schema.dump(statement["entries"], many=True),
+            columns_of(schema),
+            f"statement-{code}",
+        )
+    return _dump(StatementSchema(), statement | {"limit": limit, "offset": offset})
+
+
+@api.post("/vouchers/<code>/revoke")
+def revoke_voucher(code: str):
+    """City staff (or the ministry) revoke a voucher; its balance is released."""
+    _parse_code(code)
+    role = require_role()
+    code, city = _voucher_city(code, role)
+    if not (role.is_national_admin or role.is_city_admin(city)):
+        raise forbid(f"only {city}'s staff may revoke its vouchers")
+    body = RevokeRequestSchema().load(_json_body())
+    voucher = _rpc(
+        _vouchers_service(city), "revoke_voucher", code, body["reason"], str(role)
+    )
+    note(voucher_code=code, reason=body["reason"])
+    return _dump(VoucherSchema(), voucher)
+
+
+# -- a city's staff: applications and vouchers ---------------------------------
+
+
+def _staff_city(city: str):
+    """The caller, when it is ``city``'s staff or national; the city exists."""
+    role = require_role()
+    if not (role.is_national_admin or role.is_city_admin(city)):
+        raise forbid(f"only {city}'s staff may see this")
+    _known_city(city)
+    return role
+
+
+def _known_city(city: str) -> None:
+    # The city code becomes a service name: never route an arbitrary string.
+    if not _CITY_CODE.match(city):
+        raise _city_not_found(city)
+    _rpc("city_registry", "get_city", city)  # NotFound city_not_found
+
+
+@api.get("/cities/<city>/applications")
+def list_applications(city: str):
+    """The city's applications; ``?status=pending_review`` is its review queue."""
+    _staff_city(city)
+    query = ApplicationQuerySchema().load(request.args.to_dict())
+    found = _rpc(
+        _vouchers_service(city),
+        "list_applications",
+        status=query.get("status"),
+        limit=query["limit"],
+        offset=query["offset"],
+    )
+    return page(
+        ApplicationSchema(),
+        found["items"],
+        total=found["total"],
+        limit=query["limit"],
+        offset=query["offset"],
+        name=f"applications-{city}",
+        query=query,
+    )
+
+
+@api.post("/cities/<city>/applications/<application_id>/review")
+def review_application(city: str, application_id: str):
+    """Approve or reject an application the rules left for manual review."""
+    role = _staff_city(city)
+    body = ReviewRequestSchema().load(_json_body())
+    reviewed = _rpc(
+        _vouchers_service(city),
+        "review_application",
+        application_id,
+        body["approve"],
+        body["reason"],
+        str(role),
+    )
+    voucher = reviewed.get("voucher") or {}
+    note(
+        approve=body["approve"],
+        reason=body["reason"],
+        decision=reviewed.get("decision"),
+        voucher_code=voucher.get("code") or reviewed.get("voucher_code"),
+    )
+    return _dump(ApplicationSchema(), reviewed)
+
+
+@api.get("/cities/<city>/vouchers")
+def list_vouchers(city: str):
+    """The city's vouchers; a company sees only its own."""
+    role = require_role()
+    query = VoucherQuerySchema().load(request.args.to_dict())
+    company_id = query.get("company_id")
+    if role.kind == COMPANY and role.city == city:
+        if company_id not in (None, role.company_id):
+            raise forbid("a company sees only its own vouchers")
+        company_id = role.company_id
+    elif not (role.is_national_admin or role.is_city_admin(city)):
+        raise forbid(f"only {city}'s staff and companies may list its vouchers")
+    _known_city(city)
+    found = _rpc(
+        _vouchers_service(city),
+        "list_vouchers",
+        company_id=company_id,
+        status=query.get("status"),
+        limit=query["limit"],
+        offset=query["offset"],
+    )
+    return page(
+        VoucherSchema(exclude=("redemptions",)),
+        found["items"],
+        total=found["total"],
+        limit=query["limit"],
+        offset=query["offset"],
+        name=f"vouchers-{city}",
+        query=query,
+    )
+
+
+# -- a data centre's own stream ----------------------------------------------
+
+
+def _own_datacenter(datacenter_id: str) -> None:
+    role = require_role()
+    if not (role.is_national_admin or role.is_datacenter(datacenter_id)):
+        raise forbid("a data centre's usage is visible to it and the national admin")
+    _rpc("city_registry", "get_datacenter", datacenter_id)  # datacenter_not_found
+
+
+@api.get("/datacenters/<datacenter_id>/usage/tenants")
+def usage_by_tenant(datacenter_id: str):
+    """GPU-seconds and cost per tenant (and voucher) over the window."""
+    _own_datacenter(datacenter_id)
+    query = UsageQuerySchema().load(request.args.to_dict())
+    rows = _rpc(
+        "metering",
+        "usage_by_tenant",
+        datacenter_id,
+        window_hours=query["window_hours"],
+    )
+    return table(
+        TenantUsageSchema(), rows, name=f"usage-{datacenter_id}-tenants", query=query
+    )
+
+
+@api.get("/datacenters/<datacenter_id>/usage/hourly")
+def usage_by_hour(datacenter_id: str):
+    """GPU-seconds and cost per hour over the window (empty hours left out)."""
+    _own_datacenter(datacenter_id)
+    query = UsageQuerySchema().load(request.args.to_dict())
+    rows = _rpc(
+        "metering", "usage_by_hour", datacenter_id, window_hours=query["window_hours"]
+    )
+    return table(
+        HourlyUsageSchema(), rows, name=f"usage-{datacenter_id}-hourly", query=query
+    )
 
 
 # -- data centres' rejected records -----------------------------------------
@@ -169,17 +411,78 @@ def list_dead_letters():
         if wanted is not None and wanted != role.datacenter_id:
             raise forbid("a data centre sees only its own dead letters")
         query["datacenter_id"] = role.datacenter_id
+    limit, offset = query["limit"], query["offset"]
+    # metering pages by ``limit`` alone: ask for one more than this page needs,
+    # so that the total is known whenever this is the last page.
+    wanted_rows = offset + limit + 1
     letters = _rpc(
         "metering",
         "list_dead_letters",
         datacenter_id=query.get("datacenter_id"),
         reason=query.get("reason"),
-        limit=query["limit"],
+        limit=wanted_rows,
     )
-    # A collection is an object with "items", so pagination can be added to it.
-    return jsonify({"items": DeadLetterSchema(many=True).dump(letters)})
+    total = len(letters) if len(letters) < wanted_rows else None
+    return page(
+        DeadLetterSchema(),
+        letters[offset : offset + limit],
+        total=total,
+        limit=limit,
+        offset=offset,
+        name="dead-letters",
+        query=query,
+    )
+
+
+@api.post("/dead-letters/<int:dead_letter_id>/replay")
+def replay_dead_letter(dead_letter_id: int):
+    """Run a dead letter through metering again (after its cause is fixed)."""
+    role = require_role()
+    if not role.is_national_admin:
+        raise forbid("only the national admin may replay dead letters")
+    result = _rpc("metering", "replay_dead_letter", dead_letter_id)
+    note(outcome=result.get("outcome"), reason=result.get("reason"))
+    return _dump(ReplayResultSchema(), result)
+
+
+# -- the audit log ----------------------------------------------------------
+
+
+@api.get("/audit")
+def list_audit():
+    """Who wrote what, when: all of it nationally, a city's own for its staff."""
+    role = require_role()
+    query = AuditQuerySchema().load(request.args.to_dict())
+    if role.kind == CITY_ADMIN:
+        if query.get("scope") not in (None, role.city):
+            raise forbid("a city's staff see only their city's audit entries")
+        query["scope"] = role.city
+    elif not role.is_national_admin:
+        raise forbid("the audit log is for the national admin and city staff")
+    entries, total = current_app.extensions[AUDIT].entries(
+        scope=query.get("scope"),
+        actor=query.get("actor"),
+        action=query.get("action"),
+        limit=query["limit"],
+        offset=query["offset"],
+    )
+    return page(
+        AuditEntrySchema(),
+        entries,
+        total=total,
+        limit=query["limit"],
+        offset=query["offset"],
+        name="audit",
+        query=query,
+    )
 
 
 @api.get("/openapi.json")
 def openapi_json():
     return jsonify(build_spec().to_dict())
+
+
+@api.get("/docs")
+def api_docs():
+    """The OpenAPI document as a plain page: no script, no CDN."""
+    return render_template("api_docs.html", spec=build_spec().to_dict())

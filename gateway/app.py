@@ -11,22 +11,29 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from flask import Flask, current_app, jsonify
 from kombu import Connection
 
-from gateway.api import PREFIX_CACHE, api
+from gateway import audit
+from gateway.api import PREFIX_CACHE, PUBLIC_CACHE, PUBLIC_CACHE_TTL_S, api
 from gateway.auth import AUTH_CACHE, TtlCache
+from gateway.dashboard import dashboard
 from gateway.errors import error_response, register_error_handlers
+from gateway.federation_api import federation
 from services.common import config as cfg
 from services.common.rpc import RpcPool
-from services.common.telemetry import setup_tracing
+from services.common.telemetry import make_exporter, setup_tracing
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy/config/gateway.yaml"
 RPC = "rpc"  # config key (tests) and app.extensions key: the RPC client
 LOG_LEVEL = "LOG_LEVEL"
+# Signs the dashboard's session cookie. Without it a random key per process
+# is used: fine for one worker, but then a restart signs everyone out.
+SECRET_KEY = "SECRET_KEY"
 HEALTH_TIMEOUT_S = 2.0
 
 log = logging.getLogger(__name__)
@@ -62,21 +69,46 @@ def _make_rpc(config: dict[str, Any]) -> Any:
     return pool
 
 
+def _instrument(app: Flask, settings: dict[str, Any] | None, provider) -> None:
+    """A span per request, once, at app creation, when tracing is configured.
+
+    opentelemetry-instrumentation-flask has no release matching our
+    instrumentation 0.66b2; its WSGI middleware, which it wraps, does the job.
+    ``provider`` is None when this process set tracing up earlier (the global
+    provider is then used)."""
+    if make_exporter(settings) is None:
+        return
+    from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
+
+    app.wsgi_app = OpenTelemetryMiddleware(app.wsgi_app, tracer_provider=provider)
+
+
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     if config is None:
         config = cfg.load_config(DEFAULT_CONFIG)
     app = Flask(__name__)
     app.json.sort_keys = False
+    app.config.update(
+        SECRET_KEY=config.get(SECRET_KEY) or os.urandom(32).hex(),
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+    )
     app.config[cfg.AMQP_URI] = config.get(cfg.AMQP_URI)
     level = str(config.get(LOG_LEVEL, "INFO")).upper()
     logging.getLogger("gateway").setLevel(level)
-    setup_tracing("gateway", config.get(cfg.TRACING))
+    provider = setup_tracing("gateway", config.get(cfg.TRACING))
+    _instrument(app, config.get(cfg.TRACING), provider)
 
     app.extensions[RPC] = config[RPC] if RPC in config else _make_rpc(config)
     app.extensions[AUTH_CACHE] = TtlCache()
     app.extensions[PREFIX_CACHE] = TtlCache(max_entries=1)
+    app.extensions[PUBLIC_CACHE] = TtlCache(max_entries=1024)
+    app.config[PUBLIC_CACHE_TTL_S] = float(config.get(PUBLIC_CACHE_TTL_S, 1.0))
 
+    audit.init_app(app, config.get(audit.AUDIT_DATABASE_URL) or audit.DEFAULT_AUDIT_URL)
     register_error_handlers(app)
     app.add_url_rule("/healthz", "healthz", healthz)
     app.register_blueprint(api)
+    app.register_blueprint(dashboard)
+    app.register_blueprint(federation)
     return app

@@ -85,6 +85,20 @@ class Role:
                 return cls(COMPANY, city=city, company_id=company_id)
         return None
 
+    def __str__(self) -> str:
+        """The role as the registry spells it: ``company:shanghai:C1``."""
+        parts = {
+            CITY_ADMIN: (self.city,),
+            COMPANY: (self.city, self.company_id),
+            DATACENTER: (self.datacenter_id,),
+        }.get(self.kind, ())
+        return ":".join((self.kind, *parts))
+
+    @property
+    def scope(self) -> str | None:
+        """The city or data centre the role is confined to (None: national)."""
+        return self.datacenter_id if self.kind == DATACENTER else self.city
+
     @property
     def is_national_admin(self) -> bool:
         return self.kind == NATIONAL_ADMIN
@@ -114,6 +128,11 @@ def _bearer_token() -> str:
     return token.strip()
 
 
+def authenticate_token(token: str) -> Role | None:
+    """The role of ``token`` (cached), or None when it is not valid."""
+    return _authenticate(token)
+
+
 def _authenticate(token: str) -> Role | None:
     rpc = current_app.extensions["rpc"]
     cache: TtlCache = current_app.extensions[AUTH_CACHE]
@@ -137,6 +156,17 @@ def require_role() -> Role:
             raise Unauthorized("invalid_token", "the bearer token is not valid")
         g.role = role
     return g.role
+
+
+def optional_role() -> Role | None:
+    """The caller's role when a token is sent (and valid), else None.
+
+    Public pages use it to show more to a signed-in caller; a token that is
+    sent but not valid is still refused, so a typo is not silently anonymous.
+    """
+    if not request.headers.get("Authorization"):
+        return None
+    return require_role()
 
 
 def forbid(message: str = "your role may not do this") -> Forbidden:

@@ -15,7 +15,7 @@ from typing import Any
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
-from gateway import schemas
+from gateway import federation_api, schemas
 from services.common.contracts import UtcTimestamp
 
 API_TITLE = "computenet national portal"
@@ -33,6 +33,14 @@ _SCHEMAS = {
     "ApplicationRequest": schemas.ApplicationRequestSchema,
     "ApplicationResponse": schemas.ApplicationResponseSchema,
     "DeadLetter": schemas.DeadLetterSchema,
+    "Application": schemas.ApplicationSchema,
+    "ReviewRequest": schemas.ReviewRequestSchema,
+    "RevokeRequest": schemas.RevokeRequestSchema,
+    "Statement": schemas.StatementSchema,
+    "ReplayResult": schemas.ReplayResultSchema,
+    "AuditEntry": schemas.AuditEntrySchema,
+    "TenantUsage": schemas.TenantUsageSchema,
+    "HourlyUsage": schemas.HourlyUsageSchema,
 }
 
 _AUTH = [{"bearer": []}]
@@ -72,12 +80,36 @@ def _list(ref: str) -> dict[str, Any]:
 
 
 def _collection(ref: str) -> dict[str, Any]:
-    """A collection object: ``{"items": [...]}``, room for pagination fields."""
+    """One page of a collection: ``{"items", "total", "limit", "offset"}``."""
     return {
         "type": "object",
-        "required": ["items"],
-        "properties": {"items": _list(ref)},
+        "required": ["items", "total", "limit", "offset"],
+        "properties": {
+            "items": _list(ref),
+            "total": {
+                "type": "integer",
+                "nullable": True,
+                "description": "matching rows; null when the source cannot count",
+            },
+            "limit": {"type": "integer"},
+            "offset": {"type": "integer"},
+        },
     }
+
+
+def _table(schema: Any, description: str) -> dict[str, Any]:
+    """A 200 that is JSON, or CSV with ``format=csv`` / ``Accept: text/csv``."""
+    response = _json(schema, description)
+    response["content"]["text/csv"] = {"schema": {"type": "string"}}
+    return response
+
+
+def _query(schema: Any) -> dict[str, Any]:
+    return {"in": "query", "schema": schema}
+
+
+def _body(ref: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": ref}}}
 
 
 _PATHS: dict[str, dict[str, Any]] = {
@@ -96,7 +128,8 @@ _PATHS: dict[str, dict[str, Any]] = {
     "/api/v1/cities": {
         "get": {
             "summary": "Every city: programs, budget states, live or not",
-            "responses": {"200": _json(_list("City"), "cities")},
+            "parameters": [_query(schemas.FormatQuerySchema)],
+            "responses": {"200": _table(_list("City"), "cities"), **_errors(400)},
         }
     },
     "/api/v1/cities/{city}": {
@@ -107,6 +140,18 @@ _PATHS: dict[str, dict[str, Any]] = {
         }
     },
     "/api/v1/cities/{city}/applications": {
+        "get": {
+            "summary": "A city's applications; status=pending_review is its queue",
+            "security": _AUTH,
+            "parameters": [
+                _path_param("city", "city code"),
+                _query(schemas.ApplicationQuerySchema),
+            ],
+            "responses": {
+                "200": _table(_collection("Application"), "applications"),
+                **_errors(400, 401, 403, 404),
+            },
+        },
         "post": {
             "summary": "Apply for a voucher (the company itself, its city, national)",
             "security": _AUTH,
@@ -117,6 +162,21 @@ _PATHS: dict[str, dict[str, Any]] = {
             },
             "responses": {
                 "201": _json("ApplicationResponse", "the decision, with reasons"),
+                **_errors(400, 401, 403, 404, 409),
+            },
+        },
+    },
+    "/api/v1/cities/{city}/applications/{application_id}/review": {
+        "post": {
+            "summary": "Approve or reject an application in review (city staff)",
+            "security": _AUTH,
+            "parameters": [
+                _path_param("city", "city code"),
+                _path_param("application_id", "the application's id"),
+            ],
+            "requestBody": _body("ReviewRequest"),
+            "responses": {
+                "200": _json("Application", "the reviewed application"),
                 **_errors(400, 401, 403, 404, 409),
             },
         }
@@ -135,7 +195,11 @@ _PATHS: dict[str, dict[str, Any]] = {
     "/api/v1/datacenters": {
         "get": {
             "summary": "Every data centre: inventory, price, utilisation",
-            "responses": {"200": _json(_list("Datacenter"), "data centres")},
+            "parameters": [_query(schemas.FormatQuerySchema)],
+            "responses": {
+                "200": _table(_list("Datacenter"), "data centres"),
+                **_errors(400),
+            },
         }
     },
     "/api/v1/datacenters/{datacenter_id}": {
@@ -156,12 +220,114 @@ _PATHS: dict[str, dict[str, Any]] = {
                 {"in": "query", "schema": schemas.DeadLetterQuerySchema},
             ],
             "responses": {
-                "200": _json(_collection("DeadLetter"), "dead letters"),
+                "200": _table(_collection("DeadLetter"), "dead letters"),
+                **_errors(400, 401, 403),
+            },
+        }
+    },
+    "/api/v1/dead-letters/{dead_letter_id}/replay": {
+        "post": {
+            "summary": "Run a dead letter through metering again (national admin)",
+            "security": _AUTH,
+            "parameters": [
+                {
+                    "in": "path",
+                    "name": "dead_letter_id",
+                    "required": True,
+                    "schema": {"type": "integer"},
+                }
+            ],
+            "responses": {
+                "200": _json("ReplayResult", "applied, or a dead letter again"),
+                **_errors(401, 403, 404),
+            },
+        }
+    },
+    "/api/v1/cities/{city}/vouchers": {
+        "get": {
+            "summary": "A city's vouchers (its staff, national; a company: its own)",
+            "security": _AUTH,
+            "parameters": [
+                _path_param("city", "city code"),
+                _query(schemas.VoucherQuerySchema),
+            ],
+            "responses": {
+                "200": _table(_collection("Voucher"), "vouchers"),
+                **_errors(400, 401, 403, 404),
+            },
+        }
+    },
+    "/api/v1/vouchers/{code}/statement": {
+        "get": {
+            "summary": "Every ledger entry of a voucher, each subsidised job included",
+            "security": _AUTH,
+            "parameters": [
+                _path_param("code", "e.g. SH-7K3F9QXD2M4A-R"),
+                _query(schemas.PageQuerySchema),
+            ],
+            "responses": {
+                "200": _table("Statement", "the statement (CSV: the entries)"),
+                **_errors(400, 401, 403, 404),
+            },
+        }
+    },
+    "/api/v1/vouchers/{code}/revoke": {
+        "post": {
+            "summary": "Revoke a voucher; its balance is released (city staff)",
+            "security": _AUTH,
+            "parameters": [_path_param("code", "e.g. SH-7K3F9QXD2M4A-R")],
+            "requestBody": _body("RevokeRequest"),
+            "responses": {
+                "200": _json("Voucher", "the revoked voucher"),
+                **_errors(400, 401, 403, 404, 409),
+            },
+        }
+    },
+    "/api/v1/datacenters/{datacenter_id}/usage/tenants": {
+        "get": {
+            "summary": "A data centre's usage per tenant (itself, national admin)",
+            "security": _AUTH,
+            "parameters": [
+                _path_param("datacenter_id", "data centre id"),
+                _query(schemas.UsageQuerySchema),
+            ],
+            "responses": {
+                "200": _table(_list("TenantUsage"), "usage per tenant"),
+                **_errors(400, 401, 403, 404),
+            },
+        }
+    },
+    "/api/v1/datacenters/{datacenter_id}/usage/hourly": {
+        "get": {
+            "summary": "A data centre's usage per hour (itself, national admin)",
+            "security": _AUTH,
+            "parameters": [
+                _path_param("datacenter_id", "data centre id"),
+                _query(schemas.UsageQuerySchema),
+            ],
+            "responses": {
+                "200": _table(_list("HourlyUsage"), "usage per hour"),
+                **_errors(400, 401, 403, 404),
+            },
+        }
+    },
+    "/api/v1/audit": {
+        "get": {
+            "summary": "Who wrote what, when (national; a city's staff: their city)",
+            "security": _AUTH,
+            "parameters": [_query(schemas.AuditQuerySchema)],
+            "responses": {
+                "200": _table(_collection("AuditEntry"), "audit entries"),
                 **_errors(400, 401, 403),
             },
         }
     },
 }
+
+# The federation endpoints (issue 6) declare theirs beside their views.
+for _path, _operations in federation_api.OPENAPI_PATHS.items():
+    _PATHS.setdefault(_path, {}).update(_operations)
+_SCHEMAS.update(federation_api.OPENAPI_SCHEMAS)
 
 
 @lru_cache(maxsize=1)

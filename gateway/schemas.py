@@ -14,6 +14,8 @@ from marshmallow import RAISE, Schema, fields, validate
 from services.common.contracts import UtcTimestamp
 
 CITY_CODE_PATTERN = r"^[a-z0-9_]+$"  # CONTRACTS.md §5
+APPLICATION_STATUSES = ("approved", "rejected", "pending_review")
+VOUCHER_STATUSES = ("active", "exhausted", "expired", "revoked")
 
 
 def _fen(**kwargs) -> fields.Integer:
@@ -21,6 +23,33 @@ def _fen(**kwargs) -> fields.Integer:
 
 
 # -- requests ---------------------------------------------------------------
+
+FORMATS = ("json", "csv")
+MAX_LIMIT = 1000
+
+
+def _format_field() -> fields.String:
+    return fields.String(
+        load_default=None,
+        validate=validate.OneOf(FORMATS),
+        metadata={"description": "csv for a spreadsheet (or Accept: text/csv)"},
+    )
+
+
+class FormatQuerySchema(Schema):
+    """``format`` alone, for small collections that are not paginated."""
+
+    class Meta:
+        unknown = RAISE
+
+    format = _format_field()
+
+
+class PageQuerySchema(FormatQuerySchema):
+    """``limit``, ``offset`` and ``format``, shared by every collection's query."""
+
+    limit = fields.Integer(load_default=100, validate=validate.Range(1, MAX_LIMIT))
+    offset = fields.Integer(load_default=0, validate=validate.Range(min=0))
 
 
 class CompanySchema(Schema):
@@ -52,15 +81,57 @@ class ApplicationRequestSchema(Schema):
     )
 
 
-class DeadLetterQuerySchema(Schema):
-    """Query string of ``GET /api/v1/dead-letters``."""
+class ReviewRequestSchema(Schema):
+    """``POST …/applications/<id>/review``: city staff decide a pending one."""
 
     class Meta:
         unknown = RAISE
 
+    approve = fields.Boolean(required=True)
+    reason = fields.String(required=True, validate=validate.Length(1, 500))
+
+
+class RevokeRequestSchema(Schema):
+    """``POST /api/v1/vouchers/<code>/revoke``: the balance goes back."""
+
+    class Meta:
+        unknown = RAISE
+
+    reason = fields.String(required=True, validate=validate.Length(1, 500))
+
+
+class DeadLetterQuerySchema(PageQuerySchema):
+    """Query string of ``GET /api/v1/dead-letters``."""
+
     datacenter_id = fields.String(validate=validate.Length(1, 64))
     reason = fields.String(validate=validate.Length(1, 64))
-    limit = fields.Integer(load_default=100, validate=validate.Range(1, 1000))
+
+
+class ApplicationQuerySchema(PageQuerySchema):
+    """Query string of ``GET /api/v1/cities/<city>/applications``."""
+
+    status = fields.String(validate=validate.OneOf(APPLICATION_STATUSES))
+
+
+class VoucherQuerySchema(PageQuerySchema):
+    """Query string of ``GET /api/v1/cities/<city>/vouchers``."""
+
+    company_id = fields.String(validate=validate.Length(1, 64))
+    status = fields.String(validate=validate.Length(1, 16))
+
+
+class UsageQuerySchema(FormatQuerySchema):
+    """Query string of a data centre's usage reports."""
+
+    window_hours = fields.Integer(load_default=24, validate=validate.Range(1, 24 * 31))
+
+
+class AuditQuerySchema(PageQuerySchema):
+    """Query string of ``GET /api/v1/audit``."""
+
+    actor = fields.String(validate=validate.Length(1, 200))
+    action = fields.String(validate=validate.Length(1, 100))
+    scope = fields.String(validate=validate.Length(1, 64))
 
 
 # -- responses --------------------------------------------------------------
@@ -188,3 +259,82 @@ class DeadLetterSchema(Schema):
     reason = fields.String()
     detail = fields.Raw(allow_none=True)
     received_at = UtcTimestamp(allow_none=True)
+
+
+class ApplicationSchema(Schema):
+    """One application as city staff see it in their list and review queue."""
+
+    application_id = fields.String()
+    program_id = fields.String()
+    company_id = fields.String(metadata={"description": "registration id"})
+    company = fields.Dict(metadata={"description": "what the company declared"})
+    requested_face_value_fen = _fen()
+    decision = fields.String(
+        metadata={"description": "approved | rejected | pending_review"}
+    )
+    reasons = fields.List(fields.Nested(ReasonSchema))
+    rules_version = fields.String(allow_none=True)
+    rules_sha256 = fields.String(allow_none=True)
+    voucher_code = fields.String(allow_none=True)
+    voucher = fields.Nested(VoucherSchema, allow_none=True)
+    decided_at = UtcTimestamp(allow_none=True)
+    reviewed_by = fields.String(allow_none=True)
+    reviewed_at = UtcTimestamp(allow_none=True)
+    review_reason = fields.String(allow_none=True)
+
+
+class StatementEntrySchema(Schema):
+    """One ledger entry touching the voucher (double entry, never edited)."""
+
+    id = fields.Integer()
+    account = fields.String(metadata={"description": "the ledger account moved"})
+    amount_fen = _fen()
+    reference = fields.String(
+        metadata={"description": "what moved it: issue, a usage record, a release"}
+    )
+    created_at = UtcTimestamp()
+
+
+class StatementSchema(Schema):
+    voucher = fields.Nested(VoucherSchema)
+    entries = fields.List(fields.Nested(StatementEntrySchema))
+    total = fields.Integer()
+    limit = fields.Integer()
+    offset = fields.Integer()
+
+
+class ReplayResultSchema(Schema):
+    outcome = fields.String(metadata={"description": "applied | dead_letter"})
+    reason = fields.String(allow_none=True)
+
+
+class AuditEntrySchema(Schema):
+    id = fields.Integer()
+    at = UtcTimestamp()
+    actor = fields.String(metadata={"description": "the caller's role"})
+    token_sha256 = fields.String(
+        allow_none=True, metadata={"description": "first 16 hex of the token's hash"}
+    )
+    scope = fields.String(allow_none=True)
+    action = fields.String()
+    method = fields.String()
+    path = fields.String()
+    status = fields.Integer()
+    remote_addr = fields.String(allow_none=True)
+    details = fields.Dict()
+
+
+class TenantUsageSchema(Schema):
+    tenant_id = fields.String()
+    city = fields.String(allow_none=True)
+    voucher_code = fields.String(allow_none=True)
+    records = fields.Integer()
+    gpu_seconds = fields.Integer()
+    cost_fen = _fen()
+
+
+class HourlyUsageSchema(Schema):
+    hour = UtcTimestamp(metadata={"description": "start of the hour"})
+    records = fields.Integer()
+    gpu_seconds = fields.Integer()
+    cost_fen = _fen()

@@ -7,11 +7,14 @@
 - ``sqlite_url`` is a file database in the test's tmp_path.
 """
 
+import os
+
 import eventlet
 
 eventlet.monkey_patch()  # nameko containers in integration tests need it
+# As in services/common/runner.py: let psycopg yield to eventlet's hub.
+os.environ.setdefault("PSYCOPG_WAIT_FUNC", "wait_select")
 
-import os  # noqa: E402
 import uuid  # noqa: E402
 
 import psycopg  # noqa: E402

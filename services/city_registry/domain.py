@@ -33,6 +33,7 @@ REGISTRY_EVENTS = (
     "heartbeat",
 )
 ROUTING_KEYS = [f"*.{event}" for event in REGISTRY_EVENTS]
+REMOVED = "removed"  # the status of a city the national admin removed
 
 # Two keys stay active so that a data centre can roll its gateway onto the new
 # one while messages signed with the old one are still in flight.
@@ -207,6 +208,10 @@ class ProgramState:
     committed_fen: int = 0
     redeemed_fen: int = 0
     released_fen: int = 0
+    vouchers_issued: int = 0
+    vouchers_closed: int = 0
+    # max_rate_bp, bonuses, datacenters when the city publishes them
+    terms: dict[str, Any] | None = None
 
 
 @dataclass
@@ -220,6 +225,9 @@ class CityState:
     redeemed_fen: int = 0
     released_fen: int = 0
     vouchers_issued: int = 0
+    vouchers_closed: int = 0
+    admitted_at: datetime | None = None
+    removed_at: datetime | None = None
     programs: list[ProgramState] = field(default_factory=list)
 
 
@@ -240,6 +248,7 @@ class DatacenterState:
     hub_region: str
     government_run: bool
     inventory: list[InventoryItem] = field(default_factory=list)
+    removed: bool = False
 
     @property
     def gpus(self) -> int:
@@ -264,6 +273,8 @@ def program_view(program: ProgramState) -> dict[str, Any]:
         "committed_fen": program.committed_fen,
         "redeemed_fen": program.redeemed_fen,
         "released_fen": program.released_fen,
+        "vouchers_issued": program.vouchers_issued,
+        "vouchers_active": program.vouchers_issued - program.vouchers_closed,
     }
 
 
@@ -280,7 +291,9 @@ def city_view(city: CityState, now: datetime, stale_after_s: float) -> dict[str,
         "name": city.name,
         "region": city.region,
         "voucher_prefix": city.voucher_prefix,
-        "status": city_status(city.last_heartbeat_at, now, stale_after_s),
+        "status": REMOVED
+        if city.removed_at is not None
+        else city_status(city.last_heartbeat_at, now, stale_after_s),
         "last_heartbeat_at": _ts(city.last_heartbeat_at),
         "budget_fen": budget,
         "available_fen": available_fen(budget, city.committed_fen, city.redeemed_fen),
@@ -288,6 +301,7 @@ def city_view(city: CityState, now: datetime, stale_after_s: float) -> dict[str,
         "redeemed_fen": city.redeemed_fen,
         "released_fen": city.released_fen,
         "vouchers_issued": city.vouchers_issued,
+        "vouchers_active": city.vouchers_issued - city.vouchers_closed,
         "programs": [
             program_view(program)
             for program in sorted(city.programs, key=lambda p: p.id)
@@ -548,3 +562,365 @@ def parse_datacenter_seeds(data: Any, where: str) -> list[DatacenterState]:
             )
         )
     return seeds
+
+
+# ---------------------------------------------------------------- federation (issue 6)
+
+
+def check_city_admission(code: Any, name: Any) -> tuple[str, str]:
+    """A city code and display name fit to admit, or ``InvalidRequest``."""
+    if not isinstance(code, str) or not CITY_CODE.match(code) or len(code) > 48:
+        raise InvalidRequest(
+            "invalid_city", "code must match [a-z0-9_]+ (≤ 48 chars)", {"code": code}
+        )
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise InvalidRequest("invalid_city", "name must be 1–200 chars", {"name": name})
+    return code, name.strip()
+
+
+def parse_datacenter_registration(data: Any) -> DatacenterState:
+    """One data centre as the national admin registers it (the seed-file shape)."""
+    if not isinstance(data, Mapping) or not data.get("inventory"):
+        raise InvalidRequest(
+            "invalid_datacenter", "a data centre needs an id and a non-empty inventory"
+        )
+    try:
+        (datacenter,) = parse_datacenter_seeds({"datacenters": [data]}, "datacenter")
+    except SeedError as exc:
+        raise InvalidRequest("invalid_datacenter", str(exc)) from None
+    if len(datacenter.id) > 48:
+        raise InvalidRequest("invalid_datacenter", "id longer than 48 chars")
+    models = [item.gpu_model for item in datacenter.inventory]
+    if len(set(models)) != len(models):
+        raise InvalidRequest("invalid_datacenter", "a GPU model is listed twice")
+    return datacenter
+
+
+def program_terms(program: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The optional terms a ``program_published`` program carries, or None."""
+    terms = {
+        key: program.get(key)
+        for key in ("max_rate_bp", "bonuses", "datacenters")
+        if program.get(key) is not None
+    }
+    return terms or None
+
+
+def vouchers_active(city_or_program: Any) -> int:
+    return city_or_program.vouchers_issued - city_or_program.vouchers_closed
+
+
+def spare_gpus(gpus: int, utilisation: float | None) -> int:
+    """GPUs free on average over the last 24 h; all of them if never measured."""
+    if utilisation is None:
+        return gpus
+    return max(0, round(gpus * (1 - min(utilisation, 1.0))))
+
+
+def _dc_usage(overview: Mapping[str, Any] | None, dc_id: str) -> Mapping[str, Any]:
+    return ((overview or {}).get("datacenters") or {}).get(dc_id) or {}
+
+
+def national_overview(
+    cities: Iterable[CityState],
+    datacenters: Iterable[DatacenterState],
+    day: Mapping[str, Any] | None,
+    week: Mapping[str, Any] | None,
+    now: datetime,
+    stale_after_s: float,
+) -> dict[str, Any]:
+    """The national admin's view: per city money and vouchers; per data centre
+    and hub region GPU-seconds, utilisation over 24 h and 7 d, spare GPUs;
+    totals. Utilisation of a group = used ÷ capacity, each used capped at its
+    capacity (see ``_used_within_capacity``)."""
+    city_rows = []
+    for city in cities:
+        view = city_view(city, now, stale_after_s)
+        city_rows.append(
+            {
+                key: view[key]
+                for key in (
+                    "code",
+                    "name",
+                    "status",
+                    "budget_fen",
+                    "available_fen",
+                    "committed_fen",
+                    "redeemed_fen",
+                    "released_fen",
+                    "vouchers_issued",
+                )
+            }
+            | {"vouchers_active": vouchers_active(city)}
+        )
+    dc_rows, regions = [], {}
+    for dc in datacenters:
+        d, w = _dc_usage(day, dc.id), _dc_usage(week, dc.id)
+        row = {
+            "id": dc.id,
+            "hub_region": dc.hub_region,
+            "government_run": dc.government_run,
+            "removed": dc.removed,
+            "gpus": dc.gpus,
+            "gpu_seconds": d.get("gpu_seconds_total") or 0,
+            "gpu_seconds_24h": d.get("gpu_seconds_window") or 0,
+            "gpu_seconds_7d": w.get("gpu_seconds_window") or 0,
+            "utilisation_24h": d.get("utilisation_window"),
+            "utilisation_7d": w.get("utilisation_window"),
+        }
+        row["spare_gpus"] = (
+            0 if dc.removed else spare_gpus(dc.gpus, row["utilisation_24h"])
+        )
+        dc_rows.append(row)
+        region = regions.setdefault(
+            dc.hub_region,
+            {
+                "datacenters": 0,
+                "gpus": 0,
+                "spare_gpus": 0,
+                "gpu_seconds": 0,
+                "_u24": 0,
+                "_c24": 0,
+                "_u7": 0,
+                "_c7": 0,
+            },
+        )
+        region["datacenters"] += 1
+        region["gpus"] += dc.gpus
+        region["spare_gpus"] += row["spare_gpus"]
+        region["gpu_seconds"] += row["gpu_seconds"]
+        region["_u24"] += _used_within_capacity(d)
+        region["_c24"] += d.get("capacity_gpu_seconds_window") or 0
+        region["_u7"] += _used_within_capacity(w)
+        region["_c7"] += w.get("capacity_gpu_seconds_window") or 0
+
+    def finish(region: dict[str, Any]) -> dict[str, Any]:
+        u24, c24, u7, c7 = (region.pop(k) for k in ("_u24", "_c24", "_u7", "_c7"))
+        region["utilisation_24h"] = _ratio(u24, c24)
+        region["utilisation_7d"] = _ratio(u7, c7)
+        return region
+
+    totals = {
+        key: sum(row[key] for row in city_rows)
+        for key in (
+            "budget_fen",
+            "available_fen",
+            "committed_fen",
+            "redeemed_fen",
+            "released_fen",
+            "vouchers_issued",
+            "vouchers_active",
+        )
+    } | {
+        "cities": len(city_rows),
+        "live_cities": sum(1 for row in city_rows if row["status"] == "live"),
+        "datacenters": len(dc_rows),
+        "gpus": sum(row["gpus"] for row in dc_rows),
+        "spare_gpus": sum(row["spare_gpus"] for row in dc_rows),
+        "gpu_seconds": sum(row["gpu_seconds"] for row in dc_rows),
+    }
+    return {
+        "as_of": format_ts(now),
+        "totals": totals,
+        "cities": city_rows,
+        "datacenters": dc_rows,
+        "regions": {name: finish(r) for name, r in sorted(regions.items())},
+    }
+
+
+# ---------------------------------------------------------------- reconciliation
+
+RECONCILED_FIELDS = (
+    "budget_fen",
+    "committed_fen",
+    "redeemed_fen",
+    "released_fen",
+    "vouchers_issued",
+)
+
+
+def ledger_drift(city: CityState, totals: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every figure where the read model differs from the city's own ledger
+    (``vouchers_<city>.ledger_totals()``), per program and for the city."""
+    drift = []
+    ours = {program.id: program for program in city.programs}
+    theirs = {p["program_id"]: p for p in totals.get("programs") or []}
+    for program_id in sorted(set(ours) | set(theirs)):
+        mine, ledger = ours.get(program_id), theirs.get(program_id)
+        for key in RECONCILED_FIELDS:
+            a = getattr(mine, key, 0) if mine is not None else 0
+            b = (ledger or {}).get(key, 0) or 0
+            if a != b:
+                drift.append(
+                    {
+                        "city": city.code,
+                        "program_id": program_id,
+                        "field": key,
+                        "registry": a,
+                        "ledger": b,
+                        "difference": a - b,
+                    }
+                )
+    for key in RECONCILED_FIELDS[1:]:
+        a = getattr(city, key)
+        b = sum((p.get(key) or 0) for p in theirs.values())
+        if a != b:
+            drift.append(
+                {
+                    "city": city.code,
+                    "program_id": None,
+                    "field": key,
+                    "registry": a,
+                    "ledger": b,
+                    "difference": a - b,
+                }
+            )
+    return drift
+
+
+# ---------------------------------------------------------------- recommendations
+
+
+@dataclass(frozen=True)
+class VoucherTerms:
+    """What a voucher's program pays, from the city's ``program_published``."""
+
+    city: str
+    program_id: str
+    rate_bp: int
+    max_rate_bp: int | None = None
+    bonuses: tuple[dict[str, Any], ...] = ()
+    datacenters: Any = "any"
+    balance_fen: int | None = None
+    terms_published: bool = False
+
+
+def _condition_holds(attrs: Mapping[str, Any], key: str, wanted: Any) -> bool:
+    if key == "utilisation_below_percent":
+        actual = attrs.get("utilisation")
+        return actual is not None and actual * 100 < wanted
+    return attrs.get(key) == wanted
+
+
+def scope_admits(scope: Any, dc_id: str, attrs: Mapping[str, Any]) -> bool:
+    """The rules file's ``datacenters``: ``any`` | [ids] | {hub_region, …, exclude}."""
+    if scope in (None, "any"):
+        return True
+    if isinstance(scope, list):
+        return dc_id in scope
+    if isinstance(scope, Mapping):
+        if dc_id in (scope.get("exclude") or []):
+            return False
+        ids = scope.get("ids")
+        if ids is not None and dc_id not in ids:
+            return False
+        return all(
+            scope.get(key) is None or attrs.get(key) == scope.get(key)
+            for key in ("hub_region", "government_run", "chip_origin")
+        )
+    return False
+
+
+def effective_rate(
+    terms: VoucherTerms, attrs: Mapping[str, Any]
+) -> tuple[int, list[str]]:
+    """Rate plus applicable bonuses, capped; and why, in words."""
+    rate, why = terms.rate_bp, [f"{terms.city} rate {terms.rate_bp / 100:g} %"]
+    for bonus in terms.bonuses:
+        when = bonus.get("when") or {}
+        if all(_condition_holds(attrs, k, v) for k, v in when.items()):
+            rate += int(bonus.get("add_bp") or 0)
+            cond = ", ".join(f"{k}={v}" for k, v in when.items())
+            why.append(f"+{int(bonus.get('add_bp') or 0) / 100:g} % bonus ({cond})")
+    if terms.max_rate_bp is not None and rate > terms.max_rate_bp:
+        rate = terms.max_rate_bp
+        why.append(f"capped at {terms.max_rate_bp / 100:g} %")
+    if not terms.terms_published:
+        why.append(f"{terms.city} publishes no bonuses: rate only")
+    return rate, why
+
+
+def recommend(
+    datacenters: Iterable[DatacenterState],
+    overview: Mapping[str, Any] | None,
+    gpu_model: str,
+    gpus: int,
+    hours: float,
+    terms: VoucherTerms | None = None,
+) -> list[dict[str, Any]]:
+    """Data centres offering ``gpu_model``, cheapest net cost first.
+
+    Net cost = cost − subsidy, subsidy = ⌊cost × effective rate⌋ capped by the
+    voucher's balance; ties (and equal costs) go to more spare GPUs, so demand
+    flows to under-used centres. A centre the voucher may not be spent at is
+    listed last with its full cost and the reason.
+    """
+    gpu_seconds = round(gpus * hours * 3600)
+    ranked = []
+    for dc in datacenters:
+        if dc.removed:
+            continue
+        item = next((i for i in dc.inventory if i.gpu_model == gpu_model), None)
+        if item is None:
+            continue
+        usage = _dc_usage(overview, dc.id)
+        utilisation = usage.get("utilisation_window")
+        spare = spare_gpus(item.count, utilisation)
+        cost = (gpu_seconds * item.price_fen_per_gpu_hour * 2 + 3600) // 7200
+        attrs = {
+            "government_run": dc.government_run,
+            "hub_region": dc.hub_region,
+            "chip_origin": item.chip_origin,
+            "utilisation": utilisation,
+        }
+        reasons = [
+            f"{item.price_fen_per_gpu_hour / 100:.2f} CNY per {gpu_model}-hour",
+            f"{spare} of {item.count} {gpu_model} spare (24 h utilisation "
+            + (f"{utilisation:.0%})" if utilisation is not None else "unknown)"),
+        ]
+        rate, subsidy, eligible = 0, 0, True
+        if terms is not None:
+            if scope_admits(terms.datacenters, dc.id, attrs):
+                rate, why = effective_rate(terms, attrs)
+                subsidy = cost * rate // 10_000
+                if terms.balance_fen is not None and subsidy > terms.balance_fen:
+                    subsidy = terms.balance_fen
+                    why.append("limited by the voucher's balance")
+                reasons += why
+            else:
+                eligible = False
+                reasons.append(f"{terms.program_id} vouchers may not be spent here")
+        if gpus > spare:
+            reasons.append(f"fewer spare GPUs than the {gpus} asked for")
+        ranked.append(
+            {
+                "datacenter_id": dc.id,
+                "name": dc.name,
+                "hub_region": dc.hub_region,
+                "government_run": dc.government_run,
+                "gpu_model": gpu_model,
+                "chip_origin": item.chip_origin,
+                "price_fen_per_gpu_hour": item.price_fen_per_gpu_hour,
+                "gpu_seconds": gpu_seconds,
+                "cost_fen": cost,
+                "rate_bp": rate,
+                "subsidy_fen": subsidy,
+                "net_cost_fen": cost - subsidy,
+                "voucher_applies": terms is not None and eligible,
+                "spare_gpus": spare,
+                "utilisation": utilisation,
+                "explanation": reasons,
+            }
+        )
+    ranked.sort(
+        key=lambda r: (
+            r["spare_gpus"] < gpus,
+            terms is not None and not r["voucher_applies"],
+            r["net_cost_fen"],
+            -r["spare_gpus"],
+            r["datacenter_id"],
+        )
+    )
+    for rank, row in enumerate(ranked, 1):
+        row["rank"] = rank
+    return ranked

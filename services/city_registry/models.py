@@ -73,7 +73,13 @@ class City(Base):
     redeemed_fen: Mapped[int] = mapped_column(BigInteger, default=0)
     released_fen: Mapped[int] = mapped_column(BigInteger, default=0)
     vouchers_issued: Mapped[int] = mapped_column(Integer, default=0)
+    # Vouchers released (expired or revoked): active = issued − closed.
+    vouchers_closed: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=_now)
+    # Admitted through the API (credentials issued); removed: its AMQP user is
+    # deleted and its tokens revoked, its history stays.
+    admitted_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    removed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class Program(Base):
@@ -95,6 +101,9 @@ class Program(Base):
     redeemed_fen: Mapped[int] = mapped_column(BigInteger, default=0)
     released_fen: Mapped[int] = mapped_column(BigInteger, default=0)
     vouchers_issued: Mapped[int] = mapped_column(Integer, default=0)
+    vouchers_closed: Mapped[int] = mapped_column(Integer, default=0)
+    # Optional terms of program_published: max_rate_bp, bonuses, datacenters.
+    terms: Mapped[dict | None] = mapped_column(JSON)
 
 
 class Voucher(Base):
@@ -106,6 +115,7 @@ class Voucher(Base):
     code: Mapped[str] = mapped_column(String(64), primary_key=True)
     city_code: Mapped[str] = mapped_column(String(64))
     program_id: Mapped[str] = mapped_column(String(128))
+    released_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class ProcessedEvent(Base):
@@ -135,6 +145,7 @@ class Datacenter(Base):
     # [{gpu_model, count, chip_origin, price_fen_per_gpu_hour}]
     inventory: Mapped[list] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=_now)
+    removed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class DatacenterKey(Base):

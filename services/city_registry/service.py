@@ -8,14 +8,26 @@ that keeps the national read model. The rules are in ``domain.py``, the SQL in
 from __future__ import annotations
 
 import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import eventlet
 from nameko import config
-from nameko.rpc import ServiceRpc, rpc
+from nameko.rpc import ClusterRpc, ServiceRpc, rpc
 
 from services.city_registry import domain
+from services.city_registry.broker import (
+    Broker,
+    city_permissions,
+    city_username,
+    datacenter_permissions,
+    datacenter_username,
+)
 from services.city_registry.store import RegistryDatabase
+from services.common import vouchercode
 from services.common.amqp import (
     FEDERATION_EXCHANGE,
     RawMessage,
@@ -23,7 +35,7 @@ from services.common.amqp import (
     durable_queue,
 )
 from services.common.config import STALE_AFTER_S
-from services.common.errors import EXPECTED, NotFound
+from services.common.errors import EXPECTED, Conflict, InvalidRequest, NotFound
 from services.common.signing import new_key_id, new_secret
 from services.common.units import utcnow
 
@@ -34,6 +46,51 @@ DEFAULT_STALE_AFTER_S = 90
 USAGE_WINDOW_HOURS = 24
 # The portal waits for us; a slow metering must not make it wait for ever.
 METERING_TIMEOUT_S = 3.0
+WEEK_HOURS = 7 * 24
+# A city asked for its ledger (reconciliation, recommendations) must answer
+# within this; a silent city is reported, not waited for.
+CITY_TIMEOUT_S = 5.0
+# The national summary and overview are recomputed at most this often per
+# registry process: under load the portal's readers share one answer.
+VIEW_CACHE_S = 2.0
+
+
+class _ViewCache:
+    """One computed answer per key for ``VIEW_CACHE_S``; shared by workers.
+
+    Single flight: while one worker recomputes an expired answer, the others
+    serve the previous one rather than all recomputing at once.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, Any]] = {}
+        self._refreshing: set[str] = set()
+        self._lock = threading.Lock()
+
+    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] > now:
+                return entry[1]
+            if entry is not None and key in self._refreshing:
+                return entry[1]
+            self._refreshing.add(key)
+        try:
+            value = compute()
+        finally:
+            with self._lock:
+                self._refreshing.discard(key)
+        with self._lock:
+            self._entries[key] = (time.monotonic() + VIEW_CACHE_S, value)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+VIEWS = _ViewCache()
 
 
 def _stale_after_s() -> float:
@@ -45,6 +102,8 @@ class CityRegistryService:
 
     store = RegistryDatabase()
     metering_rpc = ServiceRpc("metering")
+    cluster_rpc = ClusterRpc()
+    broker = Broker()
 
     # ------------------------------------------------------------ federation
 
@@ -71,10 +130,19 @@ class CityRegistryService:
 
     @rpc(expected_exceptions=EXPECTED)
     def get_city(self, code: str) -> dict[str, Any]:
-        city = self.store.city(code) if isinstance(code, str) else None
-        if city is None:
+        if not isinstance(code, str):
             raise NotFound("city_not_found", f"no city {code!r}", {"city": code})
-        return domain.city_view(city, utcnow(), _stale_after_s())
+
+        def view() -> dict[str, Any] | None:
+            city = self.store.city(code)
+            if city is None:
+                return None
+            return domain.city_view(city, utcnow(), _stale_after_s())
+
+        found = VIEWS.get(f"city:{code}", view)
+        if found is None:
+            raise NotFound("city_not_found", f"no city {code!r}", {"city": code})
+        return found
 
     @rpc(expected_exceptions=EXPECTED)
     def voucher_prefixes(self) -> dict[str, str]:
@@ -125,13 +193,238 @@ class CityRegistryService:
 
     @rpc(expected_exceptions=EXPECTED)
     def network_summary(self) -> dict[str, Any]:
-        return domain.network_summary(
-            self.store.cities(),
+        return VIEWS.get(
+            "summary",
+            lambda: domain.network_summary(
+                self.store.cities(),
+                self.store.datacenters(),
+                self._usage_overview(),
+                utcnow(),
+                _stale_after_s(),
+            ),
+        )
+
+    @rpc(expected_exceptions=EXPECTED)
+    def national_overview(self) -> dict[str, Any]:
+        """Per city, data centre and hub region, with 24 h and 7 d utilisation."""
+        return VIEWS.get(
+            "overview",
+            lambda: domain.national_overview(
+                self.store.cities(),
+                self.store.datacenters(),
+                self._usage_overview(),
+                self._usage_overview(WEEK_HOURS),
+                utcnow(),
+                _stale_after_s(),
+            ),
+        )
+
+    # ------------------------------------------------------------ federation
+
+    @rpc(expected_exceptions=EXPECTED)
+    def admit_city(self, code: str, name: str) -> dict[str, Any]:
+        """Admit a city; its credentials are in this answer and nowhere else."""
+        code, name = domain.check_city_admission(code, name)
+        outcome = self.store.admit_city(code, name, utcnow())
+        if outcome != "admitted":
+            raise Conflict(
+                f"city_{outcome}",
+                f"city {code} was admitted before ({outcome})",
+                {"city": code},
+            )
+        password = secrets.token_urlsafe(24)
+        username = city_username(code)
+        self.broker.grant(username, password, city_permissions(code))
+        token = self.issue_token(f"city_admin:{code}")
+        VIEWS.clear()
+        return {
+            "city": self.get_city(code),
+            "admin_token": token,
+            "amqp": {"username": username, "password": password},
+        }
+
+    @rpc(expected_exceptions=EXPECTED)
+    def remove_city(self, code: str) -> dict[str, Any]:
+        """Delete its AMQP user and revoke its tokens; its history stays."""
+        self.get_city(code)  # NotFound
+        if not self.store.remove_city(code, utcnow()):
+            raise Conflict("city_removed", f"city {code} is already removed")
+        self.broker.delete_user(city_username(code))
+        self.store.revoke_tokens(f"city_admin:{code}", utcnow())
+        VIEWS.clear()
+        return self.get_city(code)
+
+    @rpc(expected_exceptions=EXPECTED)
+    def register_datacenter(self, registration: dict) -> dict[str, Any]:
+        """Register; key id, secret, AMQP user and token are returned only here."""
+        dc = domain.parse_datacenter_registration(registration)
+        if not self.store.add_datacenter(dc, utcnow()):
+            raise Conflict(
+                "datacenter_exists", f"data centre {dc.id} exists", {"id": dc.id}
+            )
+        key = self.issue_datacenter_key(dc.id)
+        password = secrets.token_urlsafe(24)
+        username = datacenter_username(dc.id)
+        self.broker.grant(username, password, datacenter_permissions(dc.id))
+        VIEWS.clear()
+        return {
+            "datacenter": domain.datacenter_view(dc, None),
+            "key_id": key["key_id"],
+            "secret": key["secret"],
+            "amqp": {"username": username, "password": password},
+            "token": self.issue_token(f"datacenter:{dc.id}"),
+        }
+
+    @rpc(expected_exceptions=EXPECTED)
+    def list_datacenter_keys(self, datacenter_id: str) -> list[dict[str, Any]]:
+        self._datacenter(datacenter_id)
+        return [
+            {
+                "key_id": key["key_id"],
+                "created_at": domain._ts(key["created_at"]),
+                "revoked_at": domain._ts(key["revoked_at"]),
+                "active": key["revoked_at"] is None,
+            }
+            for key in self.store.keys(datacenter_id)
+        ]
+
+    @rpc(expected_exceptions=EXPECTED)
+    def revoke_datacenter_key(self, datacenter_id: str, key_id: str) -> dict:
+        self._datacenter(datacenter_id)
+        if not self.store.revoke_key(datacenter_id, key_id, utcnow()):
+            raise NotFound(
+                "key_not_found",
+                f"{datacenter_id} has no active key {key_id!r}",
+                {"key_id": key_id},
+            )
+        return {"datacenter_id": datacenter_id, "revoked": key_id}
+
+    @rpc(expected_exceptions=EXPECTED)
+    def remove_datacenter(self, datacenter_id: str) -> dict[str, Any]:
+        self._datacenter(datacenter_id)
+        if not self.store.remove_datacenter(datacenter_id, utcnow()):
+            raise Conflict("datacenter_removed", f"{datacenter_id} is already removed")
+        self.broker.delete_user(datacenter_username(datacenter_id))
+        self.store.revoke_tokens(f"datacenter:{datacenter_id}", utcnow())
+        VIEWS.clear()
+        return domain.datacenter_view(self._datacenter(datacenter_id), None)
+
+    # ------------------------------------------------------------ reconciliation
+
+    @rpc(expected_exceptions=EXPECTED)
+    def reconcile(self) -> dict[str, Any]:
+        """Ask every live city for its ledger totals; name every drift."""
+        now, stale = utcnow(), _stale_after_s()
+        report = {"as_of": domain._ts(now), "cities": {}, "drift": []}
+        for city in self.store.cities():
+            status = domain.city_view(city, now, stale)["status"]
+            if status != "live":
+                report["cities"][city.code] = {"status": status, "checked": False}
+                continue
+            try:
+                totals = self._city_call(city.code, "ledger_totals")
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                report["cities"][city.code] = {
+                    "status": status,
+                    "checked": False,
+                    "error": f"{exc.__class__.__name__}: {exc}"[:300],
+                }
+                continue
+            drift = domain.ledger_drift(city, totals)
+            report["cities"][city.code] = {
+                "status": status,
+                "checked": True,
+                "drift": len(drift),
+                "ledger_as_of": totals.get("as_of"),
+            }
+            report["drift"].extend(drift)
+        report["ok"] = not report["drift"] and all(
+            entry["checked"]
+            for entry in report["cities"].values()
+            if entry["status"] == "live"
+        )
+        return report
+
+    @rpc(expected_exceptions=EXPECTED)
+    def rebuild_read_model(self, city: str | None = None) -> dict[str, Any]:
+        """Reset the money of ``city`` (or every live city) to its ledger's."""
+        now, stale = utcnow(), _stale_after_s()
+        codes = (
+            [self.get_city(city)["code"]]
+            if city is not None
+            else [
+                c.code
+                for c in self.store.cities()
+                if domain.city_view(c, now, stale)["status"] == "live"
+            ]
+        )
+        for code in codes:
+            self.store.rebuild_city(code, self._city_call(code, "ledger_totals"))
+        VIEWS.clear()
+        return {"rebuilt": codes}
+
+    # ------------------------------------------------------------ recommendations
+
+    @rpc(expected_exceptions=EXPECTED)
+    def recommend_datacenters(
+        self, gpu_model: str, gpus: int, hours: float, voucher: str | None = None
+    ) -> dict[str, Any]:
+        terms = self._voucher_terms(voucher) if voucher else None
+        ranked = domain.recommend(
             self.store.datacenters(),
             self._usage_overview(),
-            utcnow(),
-            _stale_after_s(),
+            gpu_model,
+            gpus,
+            hours,
+            terms,
         )
+        return {
+            "gpu_model": gpu_model,
+            "gpus": gpus,
+            "hours": hours,
+            "voucher": voucher,
+            "items": ranked,
+        }
+
+    def _voucher_terms(self, code: str) -> domain.VoucherTerms:
+        """The voucher's program terms: balance from its city (RPC), rate and
+        bonuses from the city's latest ``program_published``."""
+        try:
+            prefix = vouchercode.parse(code)
+        except vouchercode.InvalidVoucherCode as exc:
+            raise InvalidRequest("invalid_voucher_code", str(exc)) from None
+        city_code = domain.voucher_prefixes(self.store.cities()).get(prefix)
+        city = self.store.city(city_code) if city_code else None
+        if city is None:
+            raise NotFound("voucher_not_found", f"no city issues {prefix}- vouchers")
+        voucher = self._city_call(city.code, "get_voucher", code.strip().upper())
+        if voucher.get("status") not in (None, "active"):
+            raise Conflict(
+                "voucher_not_active", f"voucher is {voucher['status']}", {"code": code}
+            )
+        program = next(
+            (p for p in city.programs if p.id == voucher["program_id"]), None
+        )
+        if program is None or program.rate_bp is None:
+            raise Conflict(
+                "program_unknown",
+                f"{city.code} has not published program {voucher['program_id']}",
+            )
+        terms = program.terms or {}
+        return domain.VoucherTerms(
+            city=city.code,
+            program_id=program.id,
+            rate_bp=program.rate_bp,
+            max_rate_bp=terms.get("max_rate_bp"),
+            bonuses=tuple(terms.get("bonuses") or ()),
+            datacenters=terms.get("datacenters", "any"),
+            balance_fen=voucher.get("balance_fen"),
+            terms_published=bool(terms),
+        )
+
+    def _city_call(self, city: str, method: str, *args: Any) -> Any:
+        with eventlet.Timeout(CITY_TIMEOUT_S):
+            return getattr(self.cluster_rpc[f"vouchers_{city}"], method)(*args)
 
     # ------------------------------------------------------------ helpers
 
@@ -153,7 +446,9 @@ class CityRegistryService:
             {"datacenter_id": datacenter_id},
         )
 
-    def _usage_overview(self) -> dict[str, Any] | None:
+    def _usage_overview(
+        self, window_hours: int = USAGE_WINDOW_HOURS
+    ) -> dict[str, Any] | None:
         """metering's figures, or None when it is down, absent or slow.
 
         The registry's own answers (money, inventories) must not fail because
@@ -161,7 +456,7 @@ class CityRegistryService:
         """
         try:
             with eventlet.Timeout(METERING_TIMEOUT_S):
-                return self.metering_rpc.usage_overview(window_hours=USAGE_WINDOW_HOURS)
+                return self.metering_rpc.usage_overview(window_hours=window_hours)
         except eventlet.Timeout:
             log.warning("metering.usage_overview timed out")
         except Exception as exc:  # noqa: BLE001 - any failure means "unknown"

@@ -13,7 +13,7 @@ the deploy/ seed applied in ``setup()``, before any entrypoint starts.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,10 @@ from services.common.config import DEPLOY_DIR
 from services.common.db import Database
 
 log = logging.getLogger("computenet.city_registry")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 def read_deploy_dir(
@@ -216,6 +220,7 @@ class RegistryStore:
                     rate_bp=program["rate_bp"],
                     rules_version=program["rules_version"],
                     rules_sha256=program["rules_sha256"],
+                    terms=domain.program_terms(program),
                 )
             )
 
@@ -235,6 +240,8 @@ class RegistryStore:
                     Voucher.code == body["voucher_code"], Voucher.city_code == city
                 )
             )
+        if event == "voucher_released":
+            self._close_voucher(city, body["voucher_code"], program_id)
         if delta.is_zero:
             return
         self.session.execute(
@@ -256,6 +263,32 @@ class RegistryStore:
             .where(Program.city_code == city, Program.id == program_id)
             .values(**_increments(Program, delta))
         )
+
+    def _close_voucher(self, city: str, code: str, program_id: str | None) -> None:
+        """The first release of a voucher ends it: one fewer active voucher."""
+        closed = self.session.execute(
+            update(Voucher)
+            .where(
+                Voucher.code == code,
+                Voucher.city_code == city,
+                Voucher.released_at.is_(None),
+            )
+            .values(released_at=_utcnow())
+            .returning(Voucher.code)
+        ).first()
+        if closed is None:
+            return
+        self.session.execute(
+            update(City)
+            .where(City.code == city)
+            .values(vouchers_closed=City.vouchers_closed + 1)
+        )
+        if program_id is not None:
+            self.session.execute(
+                update(Program)
+                .where(Program.city_code == city, Program.id == program_id)
+                .values(vouchers_closed=Program.vouchers_closed + 1)
+            )
 
     def cities(self) -> list[CityState]:
         programs: dict[str, list[ProgramState]] = {}
@@ -347,6 +380,149 @@ class RegistryStore:
             self.session.rollback()
             raise
 
+    def revoke_tokens(self, role: str, now: datetime) -> int:
+        try:
+            result = self.session.execute(
+                update(Token)
+                .where(Token.role == role, Token.revoked_at.is_(None))
+                .values(revoked_at=now)
+                .returning(Token.token_sha256)
+            ).all()
+            self.session.commit()
+            return len(result)
+        except Exception:
+            self.session.rollback()
+            raise
+
+    # ------------------------------------------------------------ federation
+
+    def admit_city(self, code: str, name: str, now: datetime) -> str:
+        """``admitted`` (new or seeded city), ``exists`` or ``removed``."""
+        try:
+            self._insert_absent(City, code=code, name=name, created_at=now)
+            row = self.session.get(City, code, with_for_update=True)
+            if row.removed_at is not None:
+                outcome = "removed"
+            elif row.admitted_at is not None:
+                outcome = "exists"
+            else:
+                row.admitted_at, row.name = now, name
+                outcome = "admitted"
+            self.session.commit()
+            return outcome
+        except Exception:
+            self.session.rollback()
+            raise
+
+    def remove_city(self, code: str, now: datetime) -> bool:
+        return self._mark_removed(City, code, now)
+
+    def add_datacenter(self, dc: DatacenterState, now: datetime) -> bool:
+        """False if the id is taken (also by a removed data centre)."""
+        try:
+            added = self._insert_absent(
+                Datacenter,
+                id=dc.id,
+                name=dc.name,
+                operator=dc.operator,
+                city=dc.city,
+                hub_region=dc.hub_region,
+                government_run=dc.government_run,
+                inventory=[vars(item) for item in dc.inventory],
+                created_at=now,
+            )
+            self.session.commit()
+            return added
+        except Exception:
+            self.session.rollback()
+            raise
+
+    def remove_datacenter(self, datacenter_id: str, now: datetime) -> bool:
+        """Mark removed and revoke every key; False if unknown or removed."""
+        if not self._mark_removed(Datacenter, datacenter_id, now):
+            return False
+        self.revoke_key(datacenter_id, None, now)
+        return True
+
+    def _mark_removed(self, model: type, key: str, now: datetime) -> bool:
+        try:
+            pk = model.__table__.primary_key.columns[0]
+            done = self.session.execute(
+                update(model)
+                .where(pk == key, model.removed_at.is_(None))
+                .values(removed_at=now)
+                .returning(pk)
+            ).first()
+            self.session.commit()
+            return done is not None
+        except Exception:
+            self.session.rollback()
+            raise
+
+    def keys(self, datacenter_id: str) -> list[dict[str, Any]]:
+        """Every key of the data centre, newest first, without secrets."""
+        rows = self.session.scalars(
+            select(DatacenterKey)
+            .where(DatacenterKey.datacenter_id == datacenter_id)
+            .order_by(DatacenterKey.seq.desc())
+        )
+        return [
+            {
+                "key_id": row.key_id,
+                "created_at": row.created_at,
+                "revoked_at": row.revoked_at,
+            }
+            for row in rows
+        ]
+
+    def revoke_key(self, datacenter_id: str, key_id: str | None, now: datetime) -> int:
+        """Revoke one key (or all with ``key_id=None``); how many were active."""
+        try:
+            query = update(DatacenterKey).where(
+                DatacenterKey.datacenter_id == datacenter_id,
+                DatacenterKey.revoked_at.is_(None),
+            )
+            if key_id is not None:
+                query = query.where(DatacenterKey.key_id == key_id)
+            done = self.session.execute(
+                query.values(revoked_at=now).returning(DatacenterKey.key_id)
+            ).all()
+            self.session.commit()
+            return len(done)
+        except Exception:
+            self.session.rollback()
+            raise
+
+    def rebuild_city(self, code: str, totals: dict[str, Any]) -> None:
+        """Set a city's read model to its ledger's totals (``ledger_totals``).
+
+        Events already applied stay claimed; events still in flight will be
+        applied on top, so rebuild a city while it is quiet, then reconcile.
+        """
+        try:
+            figures = {k: 0 for k in domain.RECONCILED_FIELDS[1:]}
+            for program in totals.get("programs") or []:
+                self._ensure_program(code, program["program_id"])
+                values = {
+                    key: program.get(key) or 0 for key in domain.RECONCILED_FIELDS
+                }
+                self.session.execute(
+                    update(Program)
+                    .where(
+                        Program.city_code == code, Program.id == program["program_id"]
+                    )
+                    .values(**values)
+                )
+                for key in figures:
+                    figures[key] += values[key]
+            self.session.execute(
+                update(City).where(City.code == code).values(**figures)
+            )
+            self.session.commit()
+        except Exception:
+            self.session.rollback()
+            raise
+
     def role_for(self, digest: str) -> str | None:
         return self.session.scalar(
             select(Token.role).where(
@@ -375,6 +551,9 @@ def _program_state(row: Program) -> ProgramState:
         committed_fen=row.committed_fen,
         redeemed_fen=row.redeemed_fen,
         released_fen=row.released_fen,
+        vouchers_issued=row.vouchers_issued,
+        vouchers_closed=row.vouchers_closed,
+        terms=row.terms,
     )
 
 
@@ -389,6 +568,9 @@ def _city_state(row: City, programs: list[ProgramState]) -> CityState:
         redeemed_fen=row.redeemed_fen,
         released_fen=row.released_fen,
         vouchers_issued=row.vouchers_issued,
+        vouchers_closed=row.vouchers_closed,
+        admitted_at=row.admitted_at,
+        removed_at=row.removed_at,
         programs=programs,
     )
 
@@ -402,6 +584,7 @@ def _datacenter_state(row: Datacenter) -> DatacenterState:
         hub_region=row.hub_region,
         government_run=row.government_run,
         inventory=[InventoryItem(**item) for item in row.inventory or []],
+        removed=row.removed_at is not None,
     )
 
 

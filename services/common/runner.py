@@ -5,9 +5,15 @@ load the one YAML file, migrate the service's database, set up tracing, start
 the container, and stop cleanly on SIGTERM or Ctrl-C.
 """
 
+import os
+
 import eventlet
 
 eventlet.monkey_patch()  # before anything opens a socket
+# psycopg recognises gevent's patching but not eventlet's: without this it
+# waits for PostgreSQL in C, blocking every green thread of the service for the
+# length of each query. Its select()-based wait yields to eventlet's hub.
+os.environ.setdefault("PSYCOPG_WAIT_FUNC", "wait_select")
 
 import argparse  # noqa: E402
 import errno  # noqa: E402

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.app import create_app
+from gateway.audit import AUDIT, AUDIT_DATABASE_URL
 from services.common import vouchercode
 
 NATIONAL = "tok-national"
@@ -48,8 +49,16 @@ def rpc() -> FakeRpc:
 
 
 @pytest.fixture
-def app(rpc):
-    return create_app({"rpc": rpc, "AMQP_URI": "amqp://guest:guest@127.0.0.1:1/"})
+def app(rpc, tmp_path):
+    app = create_app(
+        {
+            "rpc": rpc,
+            "AMQP_URI": "amqp://guest:guest@127.0.0.1:1/",
+            AUDIT_DATABASE_URL: f"sqlite:///{tmp_path / 'portal.db'}",
+        }
+    )
+    yield app
+    app.extensions[AUDIT].dispose()
 
 
 @pytest.fixture

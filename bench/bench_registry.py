@@ -1,0 +1,415 @@
+"""The national view at scale: p50/p99 of the portal's summary and city pages.
+
+Writes synthetic state straight into fresh PostgreSQL databases — the
+registry's read model of 300 cities (two programs each, with money) and 1 000
+data centres, and metering's hourly rollups and capacity reports of 10⁷ usage
+records over the last 7 days (as ~168 000 rollup rows, not 10⁷ rows) — then
+starts ``city_registry`` and ``metering`` as processes on a fresh RabbitMQ
+vhost and the portal under gunicorn, and times ``GET /api/v1/network/summary``
+and ``GET /api/v1/cities/<city>`` under 20 concurrent clients.
+
+The registry caches its summary for 2 s per process (``VIEW_CACHE_S``): what
+is measured is a national view at most 2 s old.
+
+    .venv/bin/python bench/bench_registry.py [--requests 2000]
+
+Ends with ``summary_p50_ms=<n> summary_p99_ms=<n> city_p99_ms=<n>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from services.common.migrations import upgrade  # noqa: E402
+
+ADMIN_PG = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+MANAGEMENT = os.environ.get("RABBIT_MANAGEMENT", "http://localhost:15672")
+CITIES, DATACENTERS, RECORDS, DAYS = 300, 1_000, 10_000_000, 7
+CLIENTS = 20
+
+
+def _copy(conn, table: str, columns: list[str], rows) -> None:
+    with conn.cursor() as cur:
+        with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+
+def seed_registry(url: str, now: datetime, rng: random.Random) -> list[str]:
+    codes = [f"city{i:03d}" for i in range(CITIES)]
+    with psycopg.connect(url) as conn:
+        city_rows, program_rows = [], []
+        for code in codes:
+            money = [0, 0, 0, 0]
+            for p in range(2):
+                budget = rng.randint(10, 600) * 10**8
+                committed = budget // rng.randint(3, 10)
+                redeemed, released = committed // 3, committed // 10
+                issued = rng.randint(10, 300)
+                program_rows.append(
+                    (
+                        code,
+                        f"{code}-p{p}",
+                        "compute",
+                        budget,
+                        8000,
+                        "v1",
+                        "a" * 64,
+                        committed,
+                        redeemed,
+                        released,
+                        issued,
+                        issued // 10,
+                    )
+                )
+                for i, v in enumerate((committed, redeemed, released, issued)):
+                    money[i] += v
+            city_rows.append(
+                (code, code.title(), "east", None, now, *money, money[3] // 10, now)
+            )
+        _copy(
+            conn,
+            "cities",
+            [
+                "code",
+                "name",
+                "region",
+                "voucher_prefix",
+                "last_heartbeat_at",
+                "committed_fen",
+                "redeemed_fen",
+                "released_fen",
+                "vouchers_issued",
+                "vouchers_closed",
+                "created_at",
+            ],
+            city_rows,
+        )
+        _copy(
+            conn,
+            "programs",
+            [
+                "city_code",
+                "id",
+                "kind",
+                "budget_fen",
+                "rate_bp",
+                "rules_version",
+                "rules_sha256",
+                "committed_fen",
+                "redeemed_fen",
+                "released_fen",
+                "vouchers_issued",
+                "vouchers_closed",
+            ],
+            program_rows,
+        )
+        regions = ["east", "west", "central", "north", "south"]
+        _copy(
+            conn,
+            "datacenters",
+            [
+                "id",
+                "name",
+                "operator",
+                "city",
+                "hub_region",
+                "government_run",
+                "inventory",
+                "created_at",
+            ],
+            (
+                (
+                    f"dc-{i:04d}",
+                    f"Data centre {i}",
+                    "bench",
+                    rng.choice(codes),
+                    rng.choice(regions),
+                    i % 3 == 0,
+                    json.dumps(
+                        [
+                            {
+                                "gpu_model": "H800",
+                                "count": 64 * (1 + i % 8),
+                                "chip_origin": "imported",
+                                "price_fen_per_gpu_hour": 1500 + i % 900,
+                            }
+                        ]
+                    ),
+                    now,
+                )
+                for i in range(DATACENTERS)
+            ),
+        )
+    return codes
+
+
+def seed_metering(url: str, codes: list[str], now: datetime) -> int:
+    """Hourly rollups of RECORDS records and one capacity report per hour."""
+    hours = DAYS * 24
+    top = now.replace(minute=0, second=0, microsecond=0)
+    per_row, extra = divmod(RECORDS, DATACENTERS * hours)
+    rows = written = 0
+    with psycopg.connect(url) as conn:
+
+        def rollups():
+            nonlocal rows, written
+            for i in range(DATACENTERS):
+                dc, city, gpus = f"dc-{i:04d}", codes[i % len(codes)], 64 * (1 + i % 8)
+                for h in range(hours):
+                    records = per_row + (1 if rows < extra else 0)
+                    rows += 1
+                    written += records
+                    gpu_seconds = records * 3600 * 4
+                    yield (
+                        dc,
+                        city,
+                        f"tenant-{i % 50}",
+                        "",
+                        "H800",
+                        top - timedelta(hours=h),
+                        records,
+                        min(gpu_seconds, gpus * 3600),
+                        gpu_seconds * 5 // 10,
+                    )
+
+        _copy(
+            conn,
+            "usage_rollups_hourly",
+            [
+                "datacenter_id",
+                "city",
+                "tenant_id",
+                "voucher_code",
+                "gpu_model",
+                "hour",
+                "records",
+                "gpu_seconds",
+                "cost_fen",
+            ],
+            rollups(),
+        )
+
+        def reports():
+            for i in range(DATACENTERS):
+                gpus = 64 * (1 + i % 8)
+                for h in range(hours):
+                    at = top - timedelta(hours=h)
+                    yield (
+                        f"dc-{i:04d}",
+                        at,
+                        at,
+                        uuid.uuid4().hex * 2,
+                        gpus,
+                        gpus // 4,
+                        json.dumps(
+                            [{"model": "H800", "total": gpus, "allocated": gpus // 4}]
+                        ),
+                    )
+
+        _copy(
+            conn,
+            "capacity_reports",
+            [
+                "datacenter_id",
+                "reported_at",
+                "received_at",
+                "report_sha256",
+                "total_gpus",
+                "allocated_gpus",
+                "gpus",
+            ],
+            reports(),
+        )
+        conn.execute("ANALYZE")
+    return written
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait(what, probe, timeout=90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if probe():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"bench: {what} did not start in {timeout} s")
+
+
+def timed(session: requests.Session, url: str) -> float:
+    began = time.perf_counter()
+    response = session.get(url, timeout=30)
+    elapsed = (time.perf_counter() - began) * 1000
+    response.raise_for_status()
+    return elapsed
+
+
+def load(urls: list[str], total: int) -> list[float]:
+    """``total`` GETs spread over CLIENTS threads, each with its own session."""
+    times: list[float] = []
+    lock = threading.Lock()
+    per_client = total // CLIENTS
+
+    def client(index: int) -> None:
+        session = requests.Session()
+        rng = random.Random(index)
+        mine = [timed(session, rng.choice(urls)) for _ in range(per_client)]
+        with lock:
+            times.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sorted(times)
+
+
+def pct(values: list[float], q: float) -> int:
+    return round(values[min(len(values) - 1, int(len(values) * q))])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=2000, help="per endpoint")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers")
+    args = parser.parse_args()
+    tag = uuid.uuid4().hex[:8]
+    vhost = f"bench_registry_{tag}"
+    auth = ("guest", "guest")
+    requests.put(f"{MANAGEMENT}/api/vhosts/{vhost}", auth=auth).raise_for_status()
+    requests.put(
+        f"{MANAGEMENT}/api/permissions/{vhost}/guest",
+        json={"configure": ".*", "write": ".*", "read": ".*"},
+        auth=auth,
+    ).raise_for_status()
+    amqp_uri = f"amqp://guest:guest@localhost:5672/{vhost}"
+    base = ADMIN_PG.rsplit("/", 1)[0]
+    dbs = {name: f"cn_bench_{tag}_{name}" for name in ("city_registry", "metering")}
+    with psycopg.connect(ADMIN_PG, autocommit=True) as conn:
+        for db in dbs.values():
+            conn.execute(f'CREATE DATABASE "{db}"')
+    urls = {name: f"{base}/{db}" for name, db in dbs.items()}
+    procs: list[subprocess.Popen] = []
+    empty_deploy = ROOT / "var" / f"bench-deploy-{tag}"
+    try:
+        now = datetime.now(UTC)
+        rng = random.Random(6)
+        began = time.perf_counter()
+        for name, url in urls.items():
+            upgrade(name, url)
+        codes = seed_registry(urls["city_registry"], now, rng)
+        written = seed_metering(urls["metering"], codes, now)
+        print(
+            f"seeded {CITIES} cities, {DATACENTERS} data centres, {written} records "
+            f"as hourly rollups in {time.perf_counter() - began:.1f} s",
+            flush=True,
+        )
+        empty_deploy.mkdir(parents=True, exist_ok=True)
+        env = dict(
+            os.environ,
+            AMQP_URI=amqp_uri,
+            PYTHONUNBUFFERED="1",
+            DEPLOY_DIR=str(empty_deploy),
+            LOG_LEVEL="WARNING",
+        )
+        for name in ("city_registry", "metering"):
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        f"services.{name}",
+                        "--config",
+                        str(ROOT / "deploy" / "config" / f"{name}.yaml"),
+                    ],
+                    cwd=ROOT,
+                    env=dict(env, DATABASE_URL=urls[name]),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        port = free_port()
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "gunicorn"),
+                    "-b",
+                    f"127.0.0.1:{port}",
+                    "-w",
+                    str(args.workers),
+                    "--threads",
+                    "10",
+                    "gateway.app:create_app()",
+                ],
+                cwd=ROOT,
+                env=dict(env, RPC_POOL_SIZE="10"),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        portal = f"http://127.0.0.1:{port}"
+
+        def summary_ready() -> bool:
+            body = requests.get(f"{portal}/api/v1/network/summary", timeout=30)
+            return body.ok and body.json()["gpu_seconds"] is not None
+
+        wait("the portal and registry", summary_ready, timeout=120)
+        load([f"{portal}/api/v1/network/summary"], CLIENTS * 5)  # warm up
+        summary = load([f"{portal}/api/v1/network/summary"], args.requests)
+        city = load([f"{portal}/api/v1/cities/{c}" for c in codes], args.requests)
+        print(
+            f"summary: n={len(summary)} p50={pct(summary, 0.5)} ms "
+            f"p99={pct(summary, 0.99)} ms; city: n={len(city)} "
+            f"p50={pct(city, 0.5)} ms p99={pct(city, 0.99)} ms "
+            f"({CLIENTS} clients, gunicorn -w {args.workers} --threads 10)"
+        )
+        print(
+            f"summary_p50_ms={pct(summary, 0.5)} summary_p99_ms={pct(summary, 0.99)} "
+            f"city_p99_ms={pct(city, 0.99)}"
+        )
+        return 0
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        with psycopg.connect(ADMIN_PG, autocommit=True) as conn:
+            for db in dbs.values():
+                conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        requests.delete(f"{MANAGEMENT}/api/vhosts/{vhost}", auth=auth)
+        if empty_deploy.exists():
+            empty_deploy.rmdir()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""The federation endpoints of ``/api/v1``: admitting and removing cities,
+registering and removing data centres, their signing keys (rotation with
+overlap, revocation), the national overview, reconciliation and
+recommendations. All behind ``city_registry`` (docs/onboarding.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+
+from gateway.auth import forbid, require_role
+from gateway.federation_schemas import (
+    CityAdmissionSchema,
+    CityAdmittedSchema,
+    DatacenterRegisteredSchema,
+    DatacenterRegistrationSchema,
+    OverviewSchema,
+    RebuildRequestSchema,
+    RecommendationQuerySchema,
+    RecommendationsSchema,
+    ReconciliationSchema,
+    SigningKeySchema,
+)
+from gateway.schemas import CitySchema, DatacenterSchema
+from services.common.errors import InvalidRequest
+
+federation = Blueprint("federation", __name__, url_prefix="/api/v1")
+
+
+def _rpc(method: str, *args: Any, **kwargs: Any) -> Any:
+    return current_app.extensions["rpc"].call("city_registry", method, *args, **kwargs)
+
+
+def _json_body() -> dict:
+    body = request.get_json(silent=True)
+    if body is None and not request.get_data():
+        return {}
+    if not isinstance(body, dict):
+        raise InvalidRequest("invalid_request", "the body must be a JSON object")
+    return body
+
+
+def _national_admin() -> None:
+    if not require_role().is_national_admin:
+        raise forbid("only the national admin may do this")
+
+
+def _admin_or_datacenter(datacenter_id: str) -> None:
+    role = require_role()
+    if not (role.is_national_admin or role.is_datacenter(datacenter_id)):
+        raise forbid("only the national admin and the data centre itself")
+
+
+# -- cities -----------------------------------------------------------------
+
+
+@federation.post("/cities")
+def admit_city():
+    _national_admin()
+    body = CityAdmissionSchema().load(_json_body())
+    admitted = _rpc("admit_city", body["code"], body["name"])
+    return jsonify(CityAdmittedSchema().dump(admitted)), 201
+
+
+@federation.delete("/cities/<city>")
+def remove_city(city: str):
+    _national_admin()
+    return jsonify(CitySchema().dump(_rpc("remove_city", city)))
+
+
+# -- data centres -----------------------------------------------------------
+
+
+@federation.post("/datacenters")
+def register_datacenter():
+    _national_admin()
+    registration = DatacenterRegistrationSchema().load(_json_body())
+    registered = _rpc("register_datacenter", registration)
+    return jsonify(DatacenterRegisteredSchema().dump(registered)), 201
+
+
+@federation.delete("/datacenters/<datacenter_id>")
+def remove_datacenter(datacenter_id: str):
+    _national_admin()
+    return jsonify(DatacenterSchema().dump(_rpc("remove_datacenter", datacenter_id)))
+
+
+@federation.get("/datacenters/<datacenter_id>/keys")
+def list_keys(datacenter_id: str):
+    _admin_or_datacenter(datacenter_id)
+    keys = _rpc("list_datacenter_keys", datacenter_id)
+    return jsonify({"items": SigningKeySchema(many=True).dump(keys)})
+
+
+@federation.post("/datacenters/<datacenter_id>/keys")
+def rotate_key(datacenter_id: str):
+    """A new key; the previous one stays active until the next rotation or a
+    revocation, so the data centre's gateway can switch without a gap."""
+    _admin_or_datacenter(datacenter_id)
+    key = _rpc("issue_datacenter_key", datacenter_id)
+    return jsonify(SigningKeySchema().dump(key | {"active": True})), 201
+
+
+@federation.delete("/datacenters/<datacenter_id>/keys/<key_id>")
+def revoke_key(datacenter_id: str, key_id: str):
+    _admin_or_datacenter(datacenter_id)
+    return jsonify(_rpc("revoke_datacenter_key", datacenter_id, key_id))
+
+
+@federation.get("/datacenters/recommendations")
+def recommendations():
+    query = RecommendationQuerySchema().load(request.args.to_dict())
+    ranked = _rpc(
+        "recommend_datacenters",
+        query["gpu_model"],
+        query["gpus"],
+        query["hours"],
+        voucher=query["voucher"],
+    )
+    return jsonify(RecommendationsSchema().dump(ranked))
+
+
+# -- the national view ------------------------------------------------------
+
+
+@federation.get("/network/overview")
+def overview():
+    return jsonify(OverviewSchema().dump(_rpc("national_overview")))
+
+
+@federation.post("/network/reconciliation")
+def reconcile():
+    _national_admin()
+    return jsonify(ReconciliationSchema().dump(_rpc("reconcile")))
+
+
+@federation.post("/network/reconciliation/rebuild")
+def rebuild():
+    _national_admin()
+    body = RebuildRequestSchema().load(_json_body())
+    return jsonify(_rpc("rebuild_read_model", body["city"]))
+
+
+def _ok(description: str, schema: Any) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+
+
+def _err(*statuses: int) -> dict[str, Any]:
+    return {str(status): _ok("error", "Error") for status in (*statuses, 503)}
+
+
+def _param(name: str) -> dict[str, Any]:
+    return {"in": "path", "name": name, "required": True, "schema": {"type": "string"}}
+
+
+_ADMIN = [{"bearer": []}]
+
+OPENAPI_SCHEMAS = {
+    "CityAdmission": CityAdmissionSchema,
+    "CityAdmitted": CityAdmittedSchema,
+    "DatacenterRegistration": DatacenterRegistrationSchema,
+    "DatacenterRegistered": DatacenterRegisteredSchema,
+    "SigningKey": SigningKeySchema,
+    "Recommendations": RecommendationsSchema,
+    "Overview": OverviewSchema,
+    "Reconciliation": ReconciliationSchema,
+}
+
+OPENAPI_PATHS: dict[str, dict[str, Any]] = {
+    "/api/v1/cities": {
+        "post": {
+            "summary": "Admit a city (national admin): credentials returned once",
+            "security": _ADMIN,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": "CityAdmission"}},
+            },
+            "responses": {
+                "201": _ok("token and AMQP user", "CityAdmitted"),
+                **_err(400, 401, 403, 409),
+            },
+        }
+    },
+    "/api/v1/cities/{city}": {
+        "delete": {
+            "summary": "Remove a city: AMQP user deleted, tokens revoked, history kept",
+            "security": _ADMIN,
+            "parameters": [_param("city")],
+            "responses": {"200": _ok("the city", "City"), **_err(401, 403, 404, 409)},
+        }
+    },
+    "/api/v1/datacenters": {
+        "post": {
+            "summary": "Register a data centre (national admin): keys returned once",
+            "security": _ADMIN,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": "DatacenterRegistration"}},
+            },
+            "responses": {
+                "201": _ok("key, secret, AMQP user", "DatacenterRegistered"),
+                **_err(400, 401, 403, 409),
+            },
+        }
+    },
+    "/api/v1/datacenters/{datacenter_id}": {
+        "delete": {
+            "summary": "Remove a data centre: keys revoked, AMQP user deleted",
+            "security": _ADMIN,
+            "parameters": [_param("datacenter_id")],
+            "responses": {
+                "200": _ok("the data centre", "Datacenter"),
+                **_err(401, 403, 404, 409),
+            },
+        }
+    },
+    "/api/v1/datacenters/{datacenter_id}/keys": {
+        "get": {
+            "summary": "Signing keys, without secrets (national admin, the centre)",
+            "security": _ADMIN,
+            "parameters": [_param("datacenter_id")],
+            "responses": {"200": _ok("keys", {"type": "object"}), **_err(401, 403)},
+        },
+        "post": {
+            "summary": "Rotate: a new key; the previous stays active (overlap)",
+            "security": _ADMIN,
+            "parameters": [_param("datacenter_id")],
+            "responses": {"201": _ok("the new key", "SigningKey"), **_err(401, 403)},
+        },
+    },
+    "/api/v1/datacenters/{datacenter_id}/keys/{key_id}": {
+        "delete": {
+            "summary": "Revoke a key: records signed with it become bad_signature",
+            "security": _ADMIN,
+            "parameters": [_param("datacenter_id"), _param("key_id")],
+            "responses": {
+                "200": _ok("revoked", {"type": "object"}),
+                **_err(401, 403, 404),
+            },
+        }
+    },
+    "/api/v1/datacenters/recommendations": {
+        "get": {
+            "summary": "Data centres ranked by net cost after the voucher, then spare",
+            "parameters": [
+                {"in": "query", "schema": RecommendationQuerySchema},
+            ],
+            "responses": {
+                "200": _ok("ranked, each explained", "Recommendations"),
+                **_err(400, 404, 409),
+            },
+        }
+    },
+    "/api/v1/network/overview": {
+        "get": {
+            "summary": "Per city, data centre and hub region; 24 h and 7 d",
+            "responses": {"200": _ok("the national view", "Overview")},
+        }
+    },
+    "/api/v1/network/reconciliation": {
+        "post": {
+            "summary": "Compare the read model with every live city's ledger",
+            "security": _ADMIN,
+            "responses": {
+                "200": _ok("drift, named", "Reconciliation"),
+                **_err(401, 403),
+            },
+        }
+    },
+    "/api/v1/network/reconciliation/rebuild": {
+        "post": {
+            "summary": "Rebuild the read model from the cities' ledgers",
+            "security": _ADMIN,
+            "responses": {
+                "200": _ok("cities rebuilt", {"type": "object"}),
+                **_err(400, 401, 403),
+            },
+        }
+    },
+}

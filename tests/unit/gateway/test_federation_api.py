@@ -1,0 +1,103 @@
+"""The federation endpoints: who may call them, and what reaches the registry."""
+
+import pytest
+
+from tests.unit.gateway.conftest import NATIONAL
+
+ADMIN = {"Authorization": f"Bearer {NATIONAL}"}
+DC = {
+    "id": "dc-1",
+    "name": "DC",
+    "operator": "op",
+    "city": "x",
+    "hub_region": "west",
+    "government_run": True,
+    "inventory": [
+        {
+            "gpu_model": "H800",
+            "count": 8,
+            "chip_origin": "imported",
+            "price_fen_per_gpu_hour": 1500,
+        }
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("post", "/api/v1/cities", {"code": "nb", "name": "Ningbo"}),
+        ("delete", "/api/v1/cities/nb", None),
+        ("post", "/api/v1/datacenters", DC),
+        ("delete", "/api/v1/datacenters/dc-1", None),
+        ("post", "/api/v1/network/reconciliation", None),
+    ],
+)
+def test_only_the_national_admin(client, rpc, method, path, body):
+    assert getattr(client, method)(path, json=body).status_code == 401
+    rpc.roles["tok-city"] = "city_admin:nb"
+    response = getattr(client, method)(
+        path, json=body, headers={"Authorization": "Bearer tok-city"}
+    )
+    assert response.status_code == 403
+
+
+def test_admitting_a_city_returns_its_credentials(client, rpc):
+    rpc.replies[("city_registry", "admit_city")] = lambda code, name: {
+        "city": {"code": code, "name": name},
+        "admin_token": "t",
+        "amqp": {"username": f"city.{code}", "password": "p"},
+    }
+    response = client.post(
+        "/api/v1/cities", json={"code": "nb", "name": "Ningbo"}, headers=ADMIN
+    )
+    assert response.status_code == 201
+    assert response.json["amqp"] == {"username": "city.nb", "password": "p"}
+
+
+def test_a_bad_registration_never_reaches_the_registry(client, rpc):
+    response = client.post(
+        "/api/v1/datacenters", json=dict(DC, hub_region=None), headers=ADMIN
+    )
+    assert response.status_code == 400
+    assert not rpc.called("city_registry", "register_datacenter")
+
+
+def test_a_datacenter_rotates_its_own_key_only(client, rpc):
+    rpc.roles["tok-dc"] = "datacenter:dc-1"
+    rpc.replies[("city_registry", "issue_datacenter_key")] = {
+        "key_id": "k2",
+        "secret": "s2",
+    }
+    own = client.post(
+        "/api/v1/datacenters/dc-1/keys", headers={"Authorization": "Bearer tok-dc"}
+    )
+    assert own.status_code == 201 and own.json["key_id"] == "k2"
+    other = client.post(
+        "/api/v1/datacenters/dc-2/keys", headers={"Authorization": "Bearer tok-dc"}
+    )
+    assert other.status_code == 403
+
+
+def test_recommendations_are_public_and_validated(client, rpc):
+    rpc.replies[("city_registry", "recommend_datacenters")] = {
+        "gpu_model": "H800",
+        "gpus": 2,
+        "hours": 3.0,
+        "voucher": None,
+        "items": [],
+    }
+    ok = client.get("/api/v1/datacenters/recommendations?gpu_model=H800&gpus=2&hours=3")
+    assert ok.status_code == 200
+    assert rpc.called("city_registry", "recommend_datacenters")[0][0] == (
+        "H800",
+        2,
+        3.0,
+    )
+    assert client.get("/api/v1/datacenters/recommendations").status_code == 400
+
+
+def test_openapi_lists_the_federation_paths(client):
+    paths = client.get("/api/v1/openapi.json").json["paths"]
+    assert "post" in paths["/api/v1/cities"] and "get" in paths["/api/v1/cities"]
+    assert "/api/v1/datacenters/recommendations" in paths
