@@ -1,23 +1,27 @@
-"""The use cases behind metering's consumer: one message in, its effects stored.
+"""The use cases behind metering's consumer: a batch of messages in, its effects
+stored in one transaction.
 
-:func:`process` checks a message (``domain``) against the registry (through
-the cache), stores its effects in one transaction and returns the federation
-events to publish *after* the commit. A message that breaks a rule raises
-``domain.Refused``; :func:`store_dead_letter` keeps it. Anything else (the
-database or the registry down) propagates, so the message is requeued.
+:func:`check` runs every rule of ``domain`` on one message (the registry
+through the cache); :func:`process_batch` stores what a batch of messages
+changes — new usage records (``INSERT … ON CONFLICT DO NOTHING RETURNING``),
+their hourly rollups, capacity reports, and the dead letters of the refused
+ones — in **one** transaction, and returns the federation events to publish
+*after* the commit. A message that breaks a rule becomes a dead letter in that
+same transaction. Anything else (the database or the registry down) raises, so
+the caller requeues the whole batch and nothing is half-applied.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.common import contracts, signing
@@ -28,12 +32,32 @@ from services.metering.domain import Reason, Refused
 from services.metering.models import (
     CapacityReport,
     DeadLetter,
+    MeteredDatacenter,
     UsageRecord,
     UsageRollup,
 )
 from services.metering.registry import CachedRegistry
 
-RECORD_FIELDS = tuple(contracts.UsageRecordSchema().fields)
+RECORD_FIELDS = domain.RECORD_FIELDS
+_RECORDS = UsageRecord.__table__
+_ROLLUPS = UsageRollup.__table__
+_CAPACITY = CapacityReport.__table__
+_BUCKET = ("datacenter_id", "city", "tenant_id", "voucher_code", "gpu_model", "hour")
+# What a stored record needs to be announced again or taken out of the rollups.
+_ROW_COLUMNS = [
+    _RECORDS.c[name]
+    for name in (
+        *RECORD_FIELDS,
+        "record_sha256",
+        "city",
+        "cost_fen",
+        "unit_price_fen_per_gpu_hour",
+        "government_run",
+        "hub_region",
+        "chip_origin",
+        "rated_at",
+    )
+]
 
 
 @dataclass(frozen=True)
@@ -45,21 +69,33 @@ class Outgoing:
     payload: dict[str, Any]
 
 
+@dataclass
+class Checked:
+    """A message that passed every rule that does not need the database."""
+
+    index: int
+    kind: str
+    datacenter_id: str
+    loaded: dict[str, Any]
+    digest: str
+    row: dict[str, Any] | None = None  # usage: the row to insert
+
+
+@dataclass
+class BatchOutcome:
+    outgoing: list[Outgoing] = field(default_factory=list)
+    # (index in the batch, why) of every message refused (stored as a dead letter).
+    refused: list[tuple[int, Refused]] = field(default_factory=list)
+    inserted: int = 0
+    duplicates: int = 0
+
+
 def as_utc(moment: datetime) -> datetime:
     """SQLite hands back naive datetimes; every stored time is UTC."""
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
-def process(
-    session: Session, registry: CachedRegistry, message: RawMessage
-) -> list[Outgoing]:
-    datacenter_id, kind = domain.split_routing_key(message.routing_key)
-    if kind == domain.USAGE:
-        return process_usage(session, registry, message, datacenter_id)
-    if kind == domain.CAPACITY:
-        process_capacity(session, registry, message, datacenter_id)
-        return []
-    raise Refused(Reason.SCHEMA, f"routing key {message.routing_key!r} is not metered")
+# -- the rules ------------------------------------------------------------------
 
 
 def _verified_body(
@@ -78,13 +114,21 @@ def _verified_body(
     return datacenter, domain.parse_body(message.body)
 
 
-# -- usage ---------------------------------------------------------------------
-
-
-def process_usage(
-    session: Session, registry: CachedRegistry, message: RawMessage, datacenter_id: str
-) -> list[Outgoing]:
+def check(
+    registry: CachedRegistry, message: RawMessage, index: int, rated_at: datetime
+) -> Checked:
+    """Every rule but dedup; raises :class:`Refused` with the first one broken."""
+    datacenter_id, kind = domain.split_routing_key(message.routing_key)
+    if kind not in (domain.USAGE, domain.CAPACITY):
+        raise Refused(
+            Reason.SCHEMA, f"routing key {message.routing_key[:255]!r} is not metered"
+        )
     datacenter, data = _verified_body(registry, message, datacenter_id)
+    if kind == domain.CAPACITY:
+        report = domain.load_capacity(data, datacenter_id)
+        digest = domain.canonical_sha256(report, contracts.CapacityReportSchema)
+        return Checked(index, kind, datacenter_id, report, digest)
+
     record = domain.load_usage(data, datacenter_id)
     rating = domain.rate(record, datacenter)
     city = None
@@ -95,55 +139,8 @@ def process_usage(
         if city is None:
             raise domain.unknown_prefix(prefix)
     digest = domain.canonical_sha256(record)
-
-    for _attempt in range(2):
-        existing = _find_record(session, datacenter_id, record["record_id"])
-        if existing is not None:
-            return _redelivered(existing, digest)
-        try:
-            row = _insert_record(session, record, city, rating, digest)
-            session.commit()
-        except IntegrityError:
-            # Another worker stored the same (datacenter_id, record_id) first.
-            session.rollback()
-            continue
-        return _events_of(row)
-    raise RuntimeError("usage record neither inserted nor found")  # pragma: no cover
-
-
-def _find_record(session: Session, datacenter_id: str, record_id: str):
-    return session.scalar(
-        select(UsageRecord).where(
-            UsageRecord.datacenter_id == datacenter_id,
-            UsageRecord.record_id == record_id,
-        )
-    )
-
-
-def _redelivered(existing: UsageRecord, digest: str) -> list[Outgoing]:
-    """Same body: nothing changes, but its event goes out again (same id)."""
-    if existing.record_sha256 != digest:
-        raise Refused(
-            Reason.CONFLICTING_DUPLICATE,
-            f"record {existing.record_id!r} was stored {_ts(existing.rated_at)} "
-            "with a different body",
-        )
-    return _events_of(existing)
-
-
-def _ts(moment: datetime) -> str:
-    return format_ts(as_utc(moment))
-
-
-def _insert_record(
-    session: Session,
-    record: Mapping[str, Any],
-    city: str | None,
-    rating: domain.Rating,
-    digest: str,
-) -> UsageRecord:
-    row = UsageRecord(
-        **{name: record[name] for name in RECORD_FIELDS},
+    row = {name: record[name] for name in RECORD_FIELDS}
+    row.update(
         record_sha256=digest,
         city=city,
         cost_fen=rating.cost_fen,
@@ -151,67 +148,353 @@ def _insert_record(
         government_run=rating.datacenter["government_run"],
         hub_region=rating.datacenter["hub_region"],
         chip_origin=rating.datacenter["chip_origin"],
-        rated_at=utcnow().replace(microsecond=0),
+        rated_at=rated_at,
     )
-    session.add(row)
-    session.flush()  # the unique key is checked here, before the rollup moves
-    _add_to_rollup(session, row)
-    return row
+    return Checked(index, kind, datacenter_id, record, digest, row)
 
 
-def _add_to_rollup(session: Session, row: UsageRecord) -> None:
-    """Upsert the record into its hourly bucket, atomically (no read-modify-write)."""
+# -- the batch ------------------------------------------------------------------
+
+
+def process_batch(
+    session: Session,
+    registry: CachedRegistry,
+    messages: Sequence[RawMessage],
+    *,
+    store_refused: bool = True,
+) -> BatchOutcome:
+    """Check, store and roll up ``messages`` in one transaction (committed here).
+
+    With ``store_refused=False`` (a replay) refused messages are reported in
+    ``outcome.refused`` but not stored again.
+    """
+    rated_at = utcnow().replace(microsecond=0)
+    outcome = BatchOutcome()
+    usage: list[Checked] = []
+    capacity: list[Checked] = []
+    refusals: list[tuple[int, Refused]] = []
+    for index, message in enumerate(messages):
+        try:
+            checked = check(registry, message, index, rated_at)
+        except Refused as refused:
+            refusals.append((index, refused))
+            continue
+        (usage if checked.kind == domain.USAGE else capacity).append(checked)
+
+    try:
+        refusals += _store_usage(session, usage, outcome)
+        refusals += _store_capacity(session, capacity)
+        _remember_datacenters(session, usage, rated_at)
+        refusals.sort(key=lambda item: item[0])
+        if store_refused:
+            for index, refused in refusals:
+                session.add(dead_letter_row(messages[index], refused))
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    outcome.refused = refusals
+    return outcome
+
+
+def process(
+    session: Session, registry: CachedRegistry, message: RawMessage
+) -> list[Outgoing]:
+    """One message: its events, or :class:`Refused` (nothing stored then)."""
+    rated_at = utcnow().replace(microsecond=0)
+    check(registry, message, 0, rated_at)  # raises before anything is stored
+    outcome = process_batch(session, registry, [message], store_refused=False)
+    if outcome.refused:
+        # Only dedup can refuse here (conflicting_duplicate).
+        raise outcome.refused[0][1]
+    return outcome.outgoing
+
+
+def _store_usage(
+    session: Session, usage: list[Checked], outcome: BatchOutcome
+) -> list[tuple[int, Refused]]:
+    if not usage:
+        return []
+    refusals: list[tuple[int, Refused]] = []
+    # The first copy of a (datacenter_id, record_id) in the batch is the one
+    # inserted; later copies are judged against what is then stored.
+    first: dict[domain.RecordKey, Checked] = {}
+    repeats: list[Checked] = []
+    for checked in usage:
+        key = (checked.datacenter_id, checked.loaded["record_id"])
+        if key in first:
+            repeats.append(checked)
+        else:
+            first[key] = checked
+
+    _lock_records(session, first.values())
+    inserted_keys = _insert_records(session, [c.row for c in first.values()])
+    outcome.inserted = len(inserted_keys)
+
+    stored_before = [key for key in first if key not in inserted_keys]
+    stored_rows = _stored_rows(session, stored_before)
+    for checked in [*(first[key] for key in stored_before), *repeats]:
+        key = (checked.datacenter_id, checked.loaded["record_id"])
+        existing = first[key].row if key in inserted_keys else stored_rows.get(key)
+        if existing is None:  # pragma: no cover - the insert saw it, so it is there
+            raise RuntimeError(f"usage record {key} neither inserted nor found")
+        if existing["record_sha256"] != checked.digest:
+            refusals.append(
+                (
+                    checked.index,
+                    Refused(
+                        Reason.CONFLICTING_DUPLICATE,
+                        f"record {key[1]!r} was stored "
+                        f"{format_ts(as_utc(existing['rated_at']))} "
+                        "with a different body",
+                    ),
+                )
+            )
+            continue
+        outcome.duplicates += 1
+        # The same fact again: its event goes out again, with the same id.
+        outcome.outgoing.extend(events_of(existing))
+    _update_rollups(session, {key: first[key].row for key in inserted_keys})
+    for key in inserted_keys:
+        outcome.outgoing.extend(events_of(first[key].row))
+    return refusals
+
+
+def _lock_records(session: Session, checked: Iterable[Checked]) -> None:
+    """Serialise against other writers of the same records or their corrections."""
+    if session.get_bind().dialect.name != "postgresql":
+        return  # SQLite has one writer at a time anyway
+    keys = set()
+    for item in checked:
+        keys.add(domain.lock_key(item.datacenter_id, item.loaded["record_id"]))
+        if item.loaded["correction_of"] is not None:
+            keys.add(domain.lock_key(item.datacenter_id, item.loaded["correction_of"]))
+    # In one order everywhere, so two batches never wait for each other in a ring.
+    session.execute(
+        text(
+            "SELECT count(pg_advisory_xact_lock(k)) FROM "
+            "(SELECT unnest(CAST(:keys AS bigint[])) AS k ORDER BY 1) AS ordered"
+        ),
+        {"keys": sorted(keys)},
+    )
+
+
+def _insert(session: Session):
     dialect = session.get_bind().dialect.name
-    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
-    table = UsageRollup.__table__
-    statement = insert(table).values(
-        datacenter_id=row.datacenter_id,
-        city=row.city or "",
-        tenant_id=row.tenant_id,
-        voucher_code=row.voucher_code or "",
-        gpu_model=row.gpu_model,
-        hour=domain.hour_of(as_utc(row.started_at)),
-        records=1,
-        gpu_seconds=row.gpu_seconds,
-        cost_fen=row.cost_fen,
+    return {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
+
+
+def _insert_records(
+    session: Session, rows: list[dict[str, Any]]
+) -> set[domain.RecordKey]:
+    """Insert what is new; returns the keys actually inserted (RETURNING)."""
+    if not rows:
+        return set()
+    if session.get_bind().dialect.name == "postgresql":
+        return {tuple(key) for key in _copy_in(session, _RECORDS, rows)}
+    # One statement, many parameter sets: SQLAlchemy's "insertmanyvalues" sends
+    # them as multi-row VALUES and keeps the compiled statement cached.
+    statement = (
+        _insert(session)(_RECORDS)
+        .on_conflict_do_nothing(index_elements=["datacenter_id", "record_id"])
+        .returning(_RECORDS.c.datacenter_id, _RECORDS.c.record_id)
+    )
+    rows = sorted(rows, key=lambda row: (row["datacenter_id"], row["record_id"]))
+    return {tuple(key) for key in session.execute(statement, rows)}
+
+
+# PostgreSQL: COPY a batch into a temporary table, then one INSERT … SELECT
+# … ON CONFLICT moves it over. Three round trips for any batch size, and no
+# multi-kilobyte statement for the driver to parse (where the time went).
+_COPY_TARGETS = {
+    "usage_records": (
+        [name for name in _RECORDS.c.keys() if name != "id"],
+        "ON CONFLICT (datacenter_id, record_id) DO NOTHING"
+        " RETURNING datacenter_id, record_id",
+        "datacenter_id, record_id",
+    ),
+    "usage_rollups_hourly": (
+        [*_BUCKET, "records", "gpu_seconds", "cost_fen"],
+        "ON CONFLICT (" + ", ".join(_BUCKET) + ") DO UPDATE SET"
+        " records = usage_rollups_hourly.records + excluded.records,"
+        " gpu_seconds = usage_rollups_hourly.gpu_seconds + excluded.gpu_seconds,"
+        " cost_fen = usage_rollups_hourly.cost_fen + excluded.cost_fen",
+        ", ".join(_BUCKET),
+    ),
+}
+
+
+def _copy_in(session: Session, table, rows: list[dict[str, Any]]) -> list[tuple]:
+    columns, conflict, order = _COPY_TARGETS[table.name]
+    names = ", ".join(columns)
+    staging = f"incoming_{table.name}"
+    driver = session.connection().connection.driver_connection
+    with driver.cursor() as cursor:
+        cursor.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS AS "
+            f"SELECT {names} FROM {table.name} WITH NO DATA"
+        )
+        with cursor.copy(f"COPY {staging} ({names}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row([row[name] for name in columns])
+        cursor.execute(
+            f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {staging}"
+            f" ORDER BY {order} {conflict}"
+        )
+        returned = cursor.fetchall() if cursor.description else []
+        cursor.execute(f"TRUNCATE {staging}")
+        return returned
+
+
+def _stored_rows(
+    session: Session, keys: Iterable[domain.RecordKey]
+) -> dict[domain.RecordKey, dict[str, Any]]:
+    keys = list(keys)
+    found: dict[domain.RecordKey, dict[str, Any]] = {}
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        rows = session.execute(
+            select(*_ROW_COLUMNS).where(
+                tuple_(_RECORDS.c.datacenter_id, _RECORDS.c.record_id).in_(chunk)
+            )
+        )
+        for row in rows.mappings():
+            found[(row["datacenter_id"], row["record_id"])] = dict(row)
+    return found
+
+
+def _corrections_of(
+    session: Session, keys: Iterable[domain.RecordKey]
+) -> list[tuple[domain.RecordKey, domain.RecordKey]]:
+    """Every stored ``(corrector, corrected)`` whose corrected record is in ``keys``."""
+    keys = list(keys)
+    pairs = []
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        rows = session.execute(
+            select(
+                _RECORDS.c.datacenter_id,
+                _RECORDS.c.record_id,
+                _RECORDS.c.correction_of,
+            ).where(
+                tuple_(_RECORDS.c.datacenter_id, _RECORDS.c.correction_of).in_(chunk)
+            )
+        )
+        pairs.extend(((dc, record), (dc, corrected)) for dc, record, corrected in rows)
+    return pairs
+
+
+def _update_rollups(
+    session: Session, inserted: dict[domain.RecordKey, dict[str, Any]]
+) -> None:
+    """Move the rollups by what the newly stored records change (domain rule)."""
+    if not inserted:
+        return
+    targets = {
+        (dc, row["correction_of"])
+        for (dc, _record_id), row in inserted.items()
+        if row["correction_of"] is not None
+    } - set(inserted)
+    stored_targets = _stored_rows(session, targets)
+    corrections = _corrections_of(session, set(inserted) | set(stored_targets))
+    changes = domain.effectiveness_changes(
+        set(inserted), set(stored_targets), corrections
+    )
+    rows = {**stored_targets, **inserted}
+    buckets: dict[domain.RollupKey, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for key, sign in changes.items():
+        for bucket, records, gpu_seconds, cost in domain.rollup_contribution(
+            rows[key], sign
+        ):
+            total = buckets[bucket]
+            total[0] += records
+            total[1] += gpu_seconds
+            total[2] += cost
+    _upsert_rollups(session, buckets)
+
+
+def _upsert_rollups(
+    session: Session, buckets: Mapping[domain.RollupKey, list[int]]
+) -> None:
+    """Add to each hourly bucket atomically (no read-modify-write), in key order
+    so that two writers never deadlock on the same buckets."""
+    if not buckets:
+        return
+    values = [
+        {
+            **dict(zip(_BUCKET, bucket, strict=True)),
+            "records": records,
+            "gpu_seconds": gpu_seconds,
+            "cost_fen": cost,
+        }
+        for bucket, (records, gpu_seconds, cost) in sorted(buckets.items())
+    ]
+    if session.get_bind().dialect.name == "postgresql":
+        _copy_in(session, _ROLLUPS, values)
+        return
+    statement = _insert(session)(_ROLLUPS)
+    statement = statement.on_conflict_do_update(
+        index_elements=list(_BUCKET),
+        set_={
+            "records": _ROLLUPS.c.records + statement.excluded.records,
+            "gpu_seconds": _ROLLUPS.c.gpu_seconds + statement.excluded.gpu_seconds,
+            "cost_fen": _ROLLUPS.c.cost_fen + statement.excluded.cost_fen,
+        },
+    )
+    # RETURNING makes SQLAlchemy send the rows as multi-row VALUES
+    # ("insertmanyvalues"), not one statement per row.
+    session.execute(statement.returning(_ROLLUPS.c.id), values).all()
+
+
+def _remember_datacenters(
+    session: Session, usage: list[Checked], now: datetime
+) -> None:
+    attributes = {
+        item.datacenter_id: (item.row["hub_region"], item.row["government_run"])
+        for item in usage
+    }
+    if not attributes:
+        return
+    insert = _insert(session)
+    statement = insert(MeteredDatacenter.__table__).values(
+        [
+            {
+                "datacenter_id": dc,
+                "hub_region": region,
+                "government_run": government_run,
+                "updated_at": now,
+            }
+            for dc, (region, government_run) in sorted(attributes.items())
+        ]
     )
     statement = statement.on_conflict_do_update(
-        index_elements=[
-            "datacenter_id",
-            "city",
-            "tenant_id",
-            "voucher_code",
-            "gpu_model",
-            "hour",
-        ],
+        index_elements=["datacenter_id"],
         set_={
-            "records": table.c.records + statement.excluded.records,
-            "gpu_seconds": table.c.gpu_seconds + statement.excluded.gpu_seconds,
-            "cost_fen": table.c.cost_fen + statement.excluded.cost_fen,
+            "hub_region": statement.excluded.hub_region,
+            "government_run": statement.excluded.government_run,
+            "updated_at": statement.excluded.updated_at,
         },
     )
     session.execute(statement)
 
 
-def _events_of(row: UsageRecord) -> list[Outgoing]:
-    if row.city is None:
+def events_of(row: Mapping[str, Any]) -> list[Outgoing]:
+    """The ``<city>.usage_rated`` of a stored record (none without a voucher)."""
+    if row["city"] is None:
         return []
-    record = {name: getattr(row, name) for name in RECORD_FIELDS}
-    record["started_at"] = as_utc(record["started_at"])
-    record["ended_at"] = as_utc(record["ended_at"])
     rating = domain.Rating(
-        cost_fen=row.cost_fen,
-        unit_price_fen_per_gpu_hour=row.unit_price_fen_per_gpu_hour,
+        cost_fen=row["cost_fen"],
+        unit_price_fen_per_gpu_hour=row["unit_price_fen_per_gpu_hour"],
         datacenter={
-            "government_run": row.government_run,
-            "hub_region": row.hub_region,
-            "chip_origin": row.chip_origin,
+            "government_run": row["government_run"],
+            "hub_region": row["hub_region"],
+            "chip_origin": row["chip_origin"],
         },
     )
-    payload = domain.usage_rated_event(record, row.city, rating, as_utc(row.rated_at))
+    payload = domain.usage_rated_event(row, row["city"], rating, row["rated_at"])
     return [
         Outgoing(
-            routing_key=federation_key(row.city, "usage_rated"),
+            routing_key=federation_key(row["city"], "usage_rated"),
             event_id=payload["event_id"],
             payload=payload,
         )
@@ -221,53 +504,75 @@ def _events_of(row: UsageRecord) -> list[Outgoing]:
 # -- capacity ------------------------------------------------------------------
 
 
-def process_capacity(
-    session: Session, registry: CachedRegistry, message: RawMessage, datacenter_id: str
-) -> None:
-    _datacenter, data = _verified_body(registry, message, datacenter_id)
-    report = domain.load_capacity(data, datacenter_id)
-    digest = domain.canonical_sha256(report, contracts.CapacityReportSchema)
-    for _attempt in range(2):
-        existing = session.scalar(
-            select(CapacityReport).where(
-                CapacityReport.datacenter_id == datacenter_id,
-                CapacityReport.reported_at == report["reported_at"],
-            )
-        )
-        if existing is not None:
-            if existing.report_sha256 != digest:
-                raise Refused(
-                    Reason.CONFLICTING_DUPLICATE,
-                    f"a different capacity report for {_ts(existing.reported_at)}"
-                    " was stored before",
-                )
-            return
-        session.add(
-            CapacityReport(
-                datacenter_id=datacenter_id,
-                reported_at=report["reported_at"],
-                received_at=utcnow(),
-                report_sha256=digest,
-                total_gpus=sum(gpu["total"] for gpu in report["gpus"]),
-                allocated_gpus=sum(gpu["allocated"] for gpu in report["gpus"]),
-                gpus=[dict(gpu) for gpu in report["gpus"]],
-            )
-        )
-        try:
-            session.commit()
-        except IntegrityError:
-            session.rollback()
+def _store_capacity(
+    session: Session, capacity: list[Checked]
+) -> list[tuple[int, Refused]]:
+    if not capacity:
+        return []
+    now = utcnow()
+    first: dict[tuple[str, datetime], Checked] = {}
+    repeats: list[Checked] = []
+    for checked in capacity:
+        key = (checked.datacenter_id, checked.loaded["reported_at"])
+        if key in first:
+            repeats.append(checked)
+        else:
+            first[key] = checked
+    rows = [
+        {
+            "datacenter_id": checked.datacenter_id,
+            "reported_at": checked.loaded["reported_at"],
+            "received_at": now,
+            "report_sha256": checked.digest,
+            "total_gpus": sum(gpu["total"] for gpu in checked.loaded["gpus"]),
+            "allocated_gpus": sum(gpu["allocated"] for gpu in checked.loaded["gpus"]),
+            "gpus": [dict(gpu) for gpu in checked.loaded["gpus"]],
+        }
+        for _key, checked in sorted(first.items())
+    ]
+    statement = (
+        _insert(session)(_CAPACITY)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=["datacenter_id", "reported_at"])
+        .returning(_CAPACITY.c.datacenter_id, _CAPACITY.c.reported_at)
+    )
+    inserted = {(dc, as_utc(at)) for dc, at in session.execute(statement)}
+    refusals = []
+    for checked in [*first.values(), *repeats]:
+        key = (checked.datacenter_id, checked.loaded["reported_at"])
+        if key in inserted and first[key] is checked:
             continue
-        return
+        stored = (
+            first[key].digest
+            if key in inserted
+            else session.scalar(
+                select(_CAPACITY.c.report_sha256).where(
+                    _CAPACITY.c.datacenter_id == key[0],
+                    _CAPACITY.c.reported_at == key[1],
+                )
+            )
+        )
+        if stored != checked.digest:
+            refusals.append(
+                (
+                    checked.index,
+                    Refused(
+                        Reason.CONFLICTING_DUPLICATE,
+                        f"a different capacity report for {format_ts(key[1])}"
+                        " was stored before",
+                    ),
+                )
+            )
+    return refusals
 
 
 # -- dead letters --------------------------------------------------------------
 
 
-def _clean(text: str, limit: int | None = None) -> str:
+def _clean(text_: str, limit: int | None = None) -> str:
     """Text any database accepts: no NUL, no lone surrogates."""
-    text = text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
-    return text[:limit] if limit else text
+    text_ = text_.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+    return text_[:limit] if limit else text_
 
 
 def _json_safe(value: Any) -> Any:
@@ -284,26 +589,45 @@ def _json_safe(value: Any) -> Any:
     return _clean(str(value))
 
 
-def store_dead_letter(session: Session, message: RawMessage, refused: Refused) -> None:
-    """Keep a refused message, whole, with its reason (it is then acked)."""
-    session.rollback()
+def dead_letter_row(message: RawMessage, refused: Refused) -> DeadLetter:
     datacenter_id, _kind = domain.split_routing_key(message.routing_key)
     record_id = None
     if message.routing_key.endswith("." + domain.USAGE):
         record_id = domain.readable_record_id(message.body)
-    session.add(
-        DeadLetter(
-            received_at=utcnow(),
-            routing_key=_clean(message.routing_key, 255),
-            datacenter_id=_clean(datacenter_id, 255),
-            record_id=record_id,
-            reason=refused.reason,
-            detail=_clean(refused.detail_text),
-            headers=json.loads(json.dumps(_json_safe(message.headers))),
-            # An oversized body is kept in part: enough to see what it was.
-            body=_clean(
-                message.body[: domain.MAX_BODY_BYTES].decode("utf-8", "replace")
-            ),
-        )
+    properties = {
+        name: message.properties.get(name)
+        for name in ("content_type", "content_encoding", "message_id")
+        if message.properties.get(name) is not None
+    }
+    return DeadLetter(
+        received_at=utcnow(),
+        routing_key=_clean(message.routing_key, 255),
+        datacenter_id=_clean(datacenter_id, 255),
+        record_id=record_id,
+        reason=refused.reason,
+        detail=_clean(refused.detail_text),
+        headers=json.loads(json.dumps(_json_safe(message.headers))),
+        # An oversized body is kept in part: enough to see what it was.
+        body=_clean(message.body[: domain.MAX_BODY_BYTES].decode("utf-8", "replace")),
+        properties=json.loads(json.dumps(_json_safe(properties))),
     )
+
+
+def store_dead_letter(session: Session, message: RawMessage, refused: Refused) -> None:
+    """Keep one refused message, whole, with its reason (it is then acked)."""
+    session.rollback()
+    session.add(dead_letter_row(message, refused))
     session.commit()
+
+
+def replayable(letter: DeadLetter) -> RawMessage:
+    """The message a dead letter was made from, as it was received."""
+    properties = dict(letter.properties or {})
+    properties.setdefault("content_type", "application/json")  # stored before 0002
+    return RawMessage(
+        body=letter.body.encode("utf-8"),
+        headers=dict(letter.headers or {}),
+        properties=properties,
+        routing_key=letter.routing_key,
+        redelivered=True,
+    )

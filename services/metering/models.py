@@ -1,6 +1,6 @@
 """metering's tables: rated usage records, hourly rollups, capacity, dead letters.
 
-``migrations/versions/0001_initial.py`` creates exactly these; change both
+``migrations/versions/`` (0001, 0002) create exactly these; change both
 together.
 """
 
@@ -41,7 +41,11 @@ class UsageRecord(Base):
     """One rated usage record; (datacenter_id, record_id) is unique forever."""
 
     __tablename__ = "usage_records"
-    __table_args__ = (UniqueConstraint("datacenter_id", "record_id"),)
+    __table_args__ = (
+        UniqueConstraint("datacenter_id", "record_id"),
+        # "is this record corrected?" is asked for every record stored.
+        Index(None, "datacenter_id", "correction_of"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     datacenter_id: Mapped[str] = mapped_column(String(64))
@@ -140,3 +144,20 @@ class DeadLetter(Base):
     headers: Mapped[dict] = mapped_column(JSON)
     # The raw body as UTF-8 text, undecodable bytes replaced (U+FFFD).
     body: Mapped[str] = mapped_column(Text)
+    # content_type and message_id as received, so the message can be replayed.
+    properties: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # The last replay (``replay_dead_letter``): when, and what came of it.
+    replayed_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    replay_outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    replay_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class MeteredDatacenter(Base):
+    """The attributes of each data centre metering has rated, for per-region views."""
+
+    __tablename__ = "metered_datacenters"
+
+    datacenter_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hub_region: Mapped[str] = mapped_column(String(64))
+    government_run: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp)

@@ -1,4 +1,5 @@
-"""metering's read side: the usage overview and the dead-letter listing (RPC)."""
+"""metering's read side (RPC): usage overview and figures over the rollups,
+usage by tenant and by hour of a data centre, dead letters and their replay."""
 
 from __future__ import annotations
 
@@ -9,11 +10,19 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from services.common.errors import InvalidRequest
+from services.common.errors import InvalidRequest, NotFound
 from services.common.units import format_ts, utcnow
-from services.metering import domain
+from services.metering import domain, ingest
 from services.metering.ingest import as_utc
-from services.metering.models import CapacityReport, DeadLetter, UsageRollup
+from services.metering.models import (
+    CapacityReport,
+    DeadLetter,
+    MeteredDatacenter,
+    UsageRollup,
+)
+from services.metering.registry import CachedRegistry
+
+FIGURE_WINDOWS = {"24h": 24, "7d": 24 * 7}
 
 MAX_WINDOW_HOURS = 24 * 366
 MAX_DEAD_LETTERS = 1000
@@ -34,9 +43,10 @@ def usage_overview(
 ) -> dict[str, Any]:
     """Per data centre: all-time totals, and usage against capacity in the window.
 
-    The window is ``[now − window_hours, now]``. Usage counts by the hour each
-    record's span started (the rollup bucket): a bucket is in the window when
-    its hour starts in it. Capacity follows ``domain.capacity_gpu_seconds``.
+    The window is ``[now − window_hours, now]``. A record's GPU-seconds are
+    spread over the hours its span covers (``domain.spread_over_hours``); an
+    hourly bucket is in the window when its hour starts in it. Capacity
+    follows ``domain.capacity_gpu_seconds``.
     """
     window_hours = _window_hours(window_hours)
     now = now or utcnow()
@@ -66,7 +76,7 @@ def usage_overview(
         row["cost_fen_total"] = int(cost_fen or 0)
     window = session.execute(
         select(UsageRollup.datacenter_id, func.sum(UsageRollup.gpu_seconds))
-        .where(UsageRollup.hour >= start, UsageRollup.hour <= now)
+        .where(UsageRollup.hour >= domain.hour_of(start), UsageRollup.hour <= now)
         .group_by(UsageRollup.datacenter_id)
     )
     for datacenter_id, gpu_seconds in window:
@@ -124,6 +134,164 @@ def list_dead_letters(
             "reason": letter.reason,
             "detail": letter.detail,
             "received_at": format_ts(as_utc(letter.received_at)),
+            # extensions: the last replay, if any
+            "replayed_at": letter.replayed_at and format_ts(as_utc(letter.replayed_at)),
+            "replay_outcome": letter.replay_outcome,
+            "replay_reason": letter.replay_reason,
         }
         for letter in letters
     ]
+
+
+def replay_dead_letter(
+    session: Session, registry: CachedRegistry, dead_letter_id: Any
+) -> tuple[dict[str, Any], list[ingest.Outgoing]]:
+    """Run a stored dead letter through every rule again.
+
+    ``applied`` when it now passes (stored and rated, or already stored with
+    the same body), ``dead_letter`` with the reason when it is still refused.
+    The dead letter stays, marked with the replay's time and outcome; a
+    replay never creates a second dead letter.
+    """
+    if isinstance(dead_letter_id, bool) or not isinstance(dead_letter_id, int):
+        raise InvalidRequest("invalid_dead_letter_id", "an integer id is expected")
+    letter = session.get(DeadLetter, dead_letter_id)
+    if letter is None:
+        raise NotFound("dead_letter_not_found", f"no dead letter {dead_letter_id}")
+    message = ingest.replayable(letter)
+    session.rollback()
+    outcome = ingest.process_batch(session, registry, [message], store_refused=False)
+    letter = session.get(DeadLetter, dead_letter_id)
+    if outcome.refused:
+        result = {"outcome": "dead_letter", "reason": outcome.refused[0][1].reason}
+    else:
+        result = {"outcome": "applied", "reason": None}
+    letter.replayed_at = utcnow()
+    letter.replay_outcome = result["outcome"]
+    letter.replay_reason = result["reason"]
+    session.commit()
+    return result, outcome.outgoing
+
+
+def _window_start(window_hours: int, now: datetime) -> datetime:
+    return domain.hour_of(now - timedelta(hours=window_hours))
+
+
+def usage_by_tenant(
+    session: Session,
+    datacenter_id: str,
+    window_hours: int = 24,
+    now: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """A data centre's usage per tenant, city and voucher in the window."""
+    window_hours = _window_hours(window_hours)
+    now = now or utcnow()
+    rows = session.execute(
+        select(
+            UsageRollup.tenant_id,
+            UsageRollup.city,
+            UsageRollup.voucher_code,
+            func.sum(UsageRollup.records),
+            func.sum(UsageRollup.gpu_seconds),
+            func.sum(UsageRollup.cost_fen),
+        )
+        .where(
+            UsageRollup.datacenter_id == datacenter_id,
+            UsageRollup.hour >= _window_start(window_hours, now),
+            UsageRollup.hour <= now,
+        )
+        .group_by(UsageRollup.tenant_id, UsageRollup.city, UsageRollup.voucher_code)
+        .order_by(UsageRollup.tenant_id, UsageRollup.city, UsageRollup.voucher_code)
+    )
+    return [
+        {
+            "tenant_id": tenant_id,
+            "city": city or None,
+            "voucher_code": voucher_code or None,
+            "records": int(records or 0),
+            "gpu_seconds": int(gpu_seconds or 0),
+            "cost_fen": int(cost_fen or 0),
+        }
+        for tenant_id, city, voucher_code, records, gpu_seconds, cost_fen in rows
+    ]
+
+
+def usage_by_hour(
+    session: Session,
+    datacenter_id: str,
+    window_hours: int = 24,
+    now: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """A data centre's usage per hour in the window (hours without usage left out)."""
+    window_hours = _window_hours(window_hours)
+    now = now or utcnow()
+    rows = session.execute(
+        select(
+            UsageRollup.hour,
+            func.sum(UsageRollup.records),
+            func.sum(UsageRollup.gpu_seconds),
+            func.sum(UsageRollup.cost_fen),
+        )
+        .where(
+            UsageRollup.datacenter_id == datacenter_id,
+            UsageRollup.hour >= _window_start(window_hours, now),
+            UsageRollup.hour <= now,
+        )
+        .group_by(UsageRollup.hour)
+        .order_by(UsageRollup.hour)
+    )
+    return [
+        {
+            "hour": format_ts(as_utc(hour)),
+            "records": int(records or 0),
+            "gpu_seconds": int(gpu_seconds or 0),
+            "cost_fen": int(cost_fen or 0),
+        }
+        for hour, records, gpu_seconds, cost_fen in rows
+    ]
+
+
+def usage_figures(session: Session, now: datetime | None = None) -> dict[str, Any]:
+    """Per data centre and per hub region, over the last 24 h and the last 7 days.
+
+    ``{"datacenters": {dc: {"hub_region", "24h": {...}, "7d": {...}}},
+    "regions": {region: {"datacenters", "24h": {...}, "7d": {...}}}}``, each
+    window ``{gpu_seconds, capacity_gpu_seconds, utilisation}``; a region's
+    utilisation is its data centres' usage over their summed capacity.
+    """
+    now = now or utcnow()
+    regions_of = dict(
+        session.execute(
+            select(MeteredDatacenter.datacenter_id, MeteredDatacenter.hub_region)
+        ).all()
+    )
+    datacenters: dict[str, dict[str, Any]] = {}
+    regions: dict[str, dict[str, Any]] = {}
+    for label, hours in FIGURE_WINDOWS.items():
+        overview = usage_overview(session, hours, now=now)["datacenters"]
+        for dc, row in overview.items():
+            region = regions_of.get(dc) or "unknown"
+            figures = {
+                "gpu_seconds": row["gpu_seconds_window"],
+                "capacity_gpu_seconds": row["capacity_gpu_seconds_window"],
+                "utilisation": row["utilisation_window"],
+            }
+            datacenters.setdefault(dc, {"hub_region": region})[label] = figures
+            total = regions.setdefault(region, {"datacenters": 0})
+            window = total.setdefault(
+                label, {"gpu_seconds": 0, "capacity_gpu_seconds": 0}
+            )
+            window["gpu_seconds"] += figures["gpu_seconds"]
+            window["capacity_gpu_seconds"] += figures["capacity_gpu_seconds"]
+    for row in datacenters.values():
+        regions[row["hub_region"]]["datacenters"] += 1
+    for total in regions.values():
+        for label in FIGURE_WINDOWS:
+            window = total[label]
+            window["utilisation"] = domain.utilisation(
+                window["gpu_seconds"], window["capacity_gpu_seconds"]
+            )
+    return {
+        "datacenters": dict(sorted(datacenters.items())),
+        "regions": dict(sorted(regions.items())),
+    }

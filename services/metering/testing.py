@@ -8,9 +8,13 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+from nameko import config as nameko_config
+from nameko.rpc import rpc
+
 from services.common import signing, vouchercode
 from services.common.amqp import RawMessage
 from services.common.contracts import canonical_json
+from services.common.errors import EXPECTED, NotFound
 from services.common.units import format_ts, utcnow
 
 DATACENTER_ID = "guian-gov-01"
@@ -98,3 +102,45 @@ def raw_message(
         routing_key=routing_key or f"{DATACENTER_ID}.usage",
         redelivered=False,
     )
+
+
+class StandInRegistry:
+    """Just what metering asks city_registry, for one data centre (tests, bench)."""
+
+    name = "city_registry"
+
+    @rpc(expected_exceptions=EXPECTED)
+    def get_datacenter(self, datacenter_id):
+        if datacenter_id != DATACENTER_ID:
+            raise NotFound("datacenter_not_found", datacenter_id)
+        return DATACENTER
+
+    @rpc(expected_exceptions=EXPECTED)
+    def datacenter_signing_keys(self, datacenter_id):
+        if datacenter_id != DATACENTER_ID:
+            raise NotFound("datacenter_not_found", datacenter_id)
+        return [{"key_id": KEY_ID, "secret": SECRET}]
+
+    @rpc
+    def voucher_prefixes(self):
+        return PREFIXES
+
+
+def run_stand_in_registry(amqp_uri: str) -> None:
+    """``python -m services.metering.testing AMQP_URI``: the stand-in, as a process."""
+    import eventlet
+
+    eventlet.monkey_patch()
+    from nameko.runners import ServiceRunner
+
+    nameko_config.setup({"AMQP_URI": amqp_uri})
+    runner = ServiceRunner()
+    runner.add_service(StandInRegistry)
+    runner.start()
+    runner.wait()
+
+
+if __name__ == "__main__":
+    import sys
+
+    run_stand_in_registry(sys.argv[1])

@@ -1,0 +1,275 @@
+"""Metering throughput: 100 000 signed usage records published to
+``computenet.usage`` → verified, rated, committed → ``usage_rated`` published,
+beside a bare kombu publish-and-consume of the same messages (confirms, acks).
+
+    .venv/bin/python bench/bench_metering.py [--records 100000]
+
+Needs RabbitMQ (management API on 15672) and PostgreSQL; makes its own vhost
+and database and removes them. metering runs as a real process
+(``python -m services.metering``) with a stand-in ``city_registry`` process.
+Ends with ``metering_records_per_s=<n> baseline_records_per_s=<n> ratio=<r>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import amqp
+import psycopg
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from services.common.contracts import canonical_json  # noqa: E402
+from services.metering.testing import signed_headers, usage, voucher  # noqa: E402
+
+MANAGEMENT = os.environ.get("RABBIT_MANAGEMENT", "http://guest:guest@localhost:15672")
+PG_ADMIN = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+WINDOW = 2000  # messages published before waiting for their confirms
+
+
+def make_vhost() -> str:
+    vhost = f"bench_metering_{uuid.uuid4().hex[:8]}"
+    requests.put(f"{MANAGEMENT}/api/vhosts/{vhost}", timeout=10).raise_for_status()
+    requests.put(
+        f"{MANAGEMENT}/api/permissions/{vhost}/guest",
+        json={"configure": ".*", "write": ".*", "read": ".*"},
+        timeout=10,
+    ).raise_for_status()
+    return vhost
+
+
+def messages(count: int) -> list[tuple[bytes, dict]]:
+    codes = [voucher("SH") for _ in range(20)] + [voucher("CD") for _ in range(20)]
+    out = []
+    for n in range(count):
+        record = usage(
+            record_id=f"bench-{n}",
+            tenant_id=f"tenant-{n % 50}",
+            voucher_code=codes[n % len(codes)],
+            gpu_seconds=3600 + n % 3600,
+        )
+        body = canonical_json(record)
+        out.append((body, signed_headers(body)))
+    return out
+
+
+def publish(channel, bodies, exchange: str, routing_key: str) -> None:
+    """Publish with confirms, ``WINDOW`` at a time."""
+    pending = set()
+    published = 0
+
+    def ack(tag, multiple):
+        for done in [t for t in pending if t <= tag] if multiple else [tag]:
+            pending.discard(done)
+
+    channel.events["basic_ack"].add(ack)
+    for body, headers in bodies:
+        channel.basic_publish(
+            amqp.Message(
+                body,
+                content_type="application/json",
+                delivery_mode=2,
+                application_headers=headers,
+                message_id=headers.get("x-key-id"),
+            ),
+            exchange,
+            routing_key,
+        )
+        published += 1
+        pending.add(published)
+        if len(pending) >= WINDOW:
+            while len(pending) > WINDOW // 2:
+                channel.connection.drain_events(timeout=30)
+    while pending:
+        channel.connection.drain_events(timeout=30)
+
+
+def connect(vhost: str) -> amqp.Connection:
+    connection = amqp.Connection("localhost:5672", virtual_host=vhost)
+    connection.connect()
+    return connection
+
+
+def baseline_consumer(vhost: str, queue: str, count: int, ready, done) -> None:
+    connection = connect(vhost)
+    channel = connection.channel()
+    channel.basic_qos(0, 400, False)
+    seen = [0]
+
+    def on_message(message):
+        seen[0] += 1
+        if seen[0] % 100 == 0 or seen[0] == count:
+            channel.basic_ack(message.delivery_tag, multiple=True)
+
+    channel.basic_consume(queue, callback=on_message)
+    ready.set()
+    while seen[0] < count:
+        connection.drain_events(timeout=60)
+    done.set()
+    connection.close()
+
+
+def run_baseline(vhost: str, bodies) -> float:
+    connection = connect(vhost)
+    channel = connection.channel()
+    channel.queue_declare("bench.baseline", durable=True, auto_delete=False)
+    channel.confirm_select()
+    ready, done = multiprocessing.Event(), multiprocessing.Event()
+    consumer = multiprocessing.Process(
+        target=baseline_consumer,
+        args=(vhost, "bench.baseline", len(bodies), ready, done),
+    )
+    consumer.start()
+    ready.wait(30)
+    started = time.perf_counter()
+    publish(channel, bodies, "", "bench.baseline")
+    done.wait(600)
+    elapsed = time.perf_counter() - started
+    consumer.join(30)
+    connection.close()
+    return len(bodies) / elapsed
+
+
+def queue_depth(channel, name: str) -> int:
+    return channel.queue_declare(name, passive=True).message_count
+
+
+def run_metering(vhost: str, db_url: str, bodies, env_extra: dict) -> float:
+    amqp_uri = f"amqp://guest:guest@localhost:5672/{vhost}"
+    env = dict(
+        os.environ,
+        AMQP_URI=amqp_uri,
+        DATABASE_URL=db_url,
+        LOG_LEVEL=os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+        **env_extra,
+    )
+    python = sys.executable
+    registry = subprocess.Popen(
+        [python, "-m", "services.metering.testing", amqp_uri], cwd=ROOT, env=env
+    )
+    # e.g. BENCH_PROFILE=var/metering.py-spy to record where metering's time goes
+    profile = os.environ.get("BENCH_PROFILE")
+    wrapper = (
+        [
+            str(Path(python).parent / "py-spy"),
+            "record",
+            "--format",
+            "raw",
+            "--rate",
+            "200",
+            "-o",
+            profile,
+            "--",
+        ]
+        if profile
+        else []
+    )
+    metering = subprocess.Popen(
+        [
+            *wrapper,
+            python,
+            "-m",
+            "services.metering",
+            "--config",
+            "deploy/config/metering.yaml",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        connection = connect(vhost)
+        channel = connection.channel()
+        channel.exchange_declare(
+            "computenet.federation", "topic", durable=True, auto_delete=False
+        )
+        channel.queue_declare("bench.usage_rated", durable=True, auto_delete=False)
+        channel.queue_bind(
+            "bench.usage_rated", "computenet.federation", "*.usage_rated"
+        )
+        deadline = time.monotonic() + 60
+        while True:  # metering has declared its queue and consumes
+            try:
+                probe = connection.channel()
+                if probe.queue_declare("metering.usage", passive=True).consumer_count:
+                    break
+            except amqp.exceptions.NotFound:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("metering did not start")
+            time.sleep(0.2)
+        channel.confirm_select()
+        started = time.perf_counter()
+        publish(channel, bodies, "computenet.usage", "guian-gov-01.usage")
+        print(f"published in {time.perf_counter() - started:.1f} s", flush=True)
+        probe = connection.channel()
+        last = time.monotonic()
+        while (depth := queue_depth(probe, "bench.usage_rated")) < len(bodies):
+            if time.monotonic() - last > 5:
+                print(f"... {depth} usage_rated so far", flush=True)
+                last = time.monotonic()
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        with psycopg.connect(db_url) as db:
+            stored = db.execute("SELECT count(*) FROM usage_records").fetchone()[0]
+            rolled = db.execute(
+                "SELECT sum(records) FROM usage_rollups_hourly"
+            ).fetchone()[0]
+        assert stored == len(bodies) == rolled, (stored, rolled)
+        connection.close()
+        return len(bodies) / elapsed
+    finally:
+        # py-spy writes its profile on SIGINT, and passes it on to metering
+        metering.send_signal(signal.SIGINT if profile else signal.SIGTERM)
+        registry.terminate()
+        for process in (metering, registry):
+            process.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--batch-size", default=None)
+    parser.add_argument("--consumers", default=None)
+    args = parser.parse_args()
+    env_extra = {}
+    if args.batch_size:
+        env_extra["BATCH_SIZE"] = args.batch_size
+    if args.consumers:
+        env_extra["CONSUMERS"] = args.consumers
+    vhost = make_vhost()
+    db_name = f"cn_bench_metering_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{db_name}"')
+    db_url = f"{PG_ADMIN.rsplit('/', 1)[0]}/{db_name}"
+    try:
+        bodies = messages(args.records)
+        print(f"load before: {os.getloadavg()}", flush=True)
+        baseline = run_baseline(vhost, bodies)
+        print(f"baseline: {baseline:.0f} records/s", flush=True)
+        metering = run_metering(vhost, db_url, bodies, env_extra)
+        print(f"metering: {metering:.0f} records/s", flush=True)
+        print(f"load after: {os.getloadavg()}", flush=True)
+    finally:
+        requests.delete(f"{MANAGEMENT}/api/vhosts/{vhost}", timeout=10)
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+    print(
+        f"metering_records_per_s={metering:.0f} "
+        f"baseline_records_per_s={baseline:.0f} ratio={metering / baseline:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

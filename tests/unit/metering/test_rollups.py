@@ -1,0 +1,142 @@
+"""Rollup rules without a broker or a database: spreading over hours, the
+correction rule, the hand-built event and record dump against the contract."""
+
+import random
+from datetime import UTC, datetime, timedelta
+from itertools import permutations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.common import contracts
+from services.common.units import format_ts
+from services.metering import domain
+from services.metering.testing import DATACENTER, usage, voucher
+
+T0 = datetime(2025, 3, 1, 10, 40, tzinfo=UTC)
+
+
+def test_a_span_inside_one_hour_stays_in_it():
+    assert domain.spread_over_hours(100, T0, T0 + timedelta(minutes=10)) == [
+        (datetime(2025, 3, 1, 10, tzinfo=UTC), 100)
+    ]
+
+
+def test_a_six_hour_job_is_spread_pro_rata():
+    shares = domain.spread_over_hours(6 * 3600, T0, T0 + timedelta(hours=6))
+    assert [hour.hour for hour, _ in shares] == [10, 11, 12, 13, 14, 15, 16]
+    assert [share for _, share in shares] == [1200, 3600, 3600, 3600, 3600, 3600, 2400]
+
+
+@given(
+    amount=st.integers(min_value=-(10**12), max_value=10**12),
+    start_s=st.integers(min_value=0, max_value=10**6),
+    span_s=st.integers(min_value=1, max_value=31 * 86400),
+)
+def test_shares_sum_exactly_and_are_within_one_of_pro_rata(amount, start_s, span_s):
+    started = T0 + timedelta(seconds=start_s)
+    ended = started + timedelta(seconds=span_s)
+    shares = domain.spread_over_hours(amount, started, ended)
+    assert sum(share for _, share in shares) == amount
+    for hour, share in shares:
+        inside = min(hour + domain.HOUR, ended) - max(hour, started)
+        exact = amount * inside.total_seconds() / span_s
+        assert abs(share - exact) <= 1.0 + 1e-6 * abs(exact)
+    negated = domain.spread_over_hours(-amount, started, ended)
+    assert [(h, -s) for h, s in negated] == shares  # taking back cancels exactly
+
+
+def _effective_after_all(arrivals):
+    """Apply the rule record by record, as metering does, and return the set of
+    records counting at the end."""
+    stored: dict = {}
+    counting: set = set()
+    for key, corrects in arrivals:
+        stored[key] = corrects
+        targets = {corrects} & set(stored) - {key} if corrects else set()
+        pairs = [(k, c) for k, c in stored.items() if c in ({key} | targets)]
+        changes = domain.effectiveness_changes({key}, targets, pairs)
+        for record, sign in changes.items():
+            (counting.add if sign > 0 else counting.discard)(record)
+    return counting
+
+
+def test_corrections_count_the_same_in_every_arrival_order():
+    chain = [
+        (("dc", "o"), None),
+        (("dc", "c1"), ("dc", "o")),
+        (("dc", "c2"), ("dc", "c1")),
+        (("dc", "x"), None),
+        (("dc", "cx"), ("dc", "x")),
+    ]
+    results = {frozenset(_effective_after_all(order)) for order in permutations(chain)}
+    assert results == {frozenset({("dc", "c2"), ("dc", "cx")})}
+
+
+def test_two_corrections_of_one_record_both_count_and_the_original_not():
+    records = [
+        (("dc", "o"), None),
+        (("dc", "a"), ("dc", "o")),
+        (("dc", "b"), ("dc", "o")),
+    ]
+    for _ in range(6):
+        random.shuffle(records)
+        assert _effective_after_all(records) == {("dc", "a"), ("dc", "b")}
+
+
+def test_contribution_counts_the_record_once_in_its_start_hour():
+    row = dict(
+        domain.load_usage(
+            usage(
+                started_at="2025-03-01T10:40:00Z",
+                ended_at="2025-03-01T12:10:00Z",
+                gpu_count=1,
+                gpu_seconds=5400,
+            ),
+            DATACENTER["id"],
+        ),
+        city=None,
+        cost_fen=2701,
+    )
+    parts = domain.rollup_contribution(row)
+    assert [records for _, records, _, _ in parts] == [1, 0, 0]
+    assert [seconds for *_, seconds, _ in parts] == [1200, 3600, 600]
+    assert sum(cost for *_, cost in parts) == 2701
+    assert sum(c for *_, c in domain.rollup_contribution(row, -1)) == -2701
+
+
+def test_dump_record_equals_the_schema_dump():
+    record = domain.load_usage(usage(voucher_code=voucher("SH")), DATACENTER["id"])
+    assert domain.dump_record(record) == contracts.UsageRecordSchema().dump(record)
+
+
+def test_usage_rated_event_matches_the_contract():
+    record = domain.load_usage(usage(voucher_code=voucher("SH")), DATACENTER["id"])
+    rating = domain.rate(record, DATACENTER)
+    rated_at = datetime(2025, 3, 1, 12, tzinfo=UTC)
+    event = domain.usage_rated_event(record, "shanghai", rating, rated_at)
+    expected = contracts.make_event(
+        "usage_rated",
+        "shanghai",
+        event["event_id"],
+        **contracts.UsageRecordSchema().dump(record),
+        cost_fen=rating.cost_fen,
+        unit_price_fen_per_gpu_hour=rating.unit_price_fen_per_gpu_hour,
+        datacenter=dict(rating.datacenter),
+        occurred_at=rated_at,
+    )
+    assert event == expected
+    contracts.load_event("usage_rated", event)
+
+
+def test_lock_key_is_stable_and_signed_64_bit():
+    key = domain.lock_key("dc", "r-1")
+    assert key == domain.lock_key("dc", "r-1") != domain.lock_key("dc", "r-2")
+    assert -(2**63) <= key < 2**63
+
+
+@given(st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 1, 1)))
+def test_wire_time_is_format_ts(moment):
+    aware = moment.replace(tzinfo=UTC)
+    assert domain._wire_time(aware) == format_ts(aware)
+    assert domain._wire_time(moment) == format_ts(aware)
