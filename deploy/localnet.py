@@ -468,8 +468,12 @@ class Network:
             self._issue_demo_vouchers()
             self.credentials["demo_vouchers"] = dict(self.demo_vouchers)
             self._start_simulators()
-        self.credentials_path.write_text(json.dumps(self.credentials, indent=2) + "\n")
-        os.chmod(self.credentials_path, 0o600)
+        # Written whole, then renamed: whoever waits for the file never reads
+        # half of it, and it is never readable by others.
+        partial = self.credentials_path.with_suffix(".partial")
+        partial.write_text(json.dumps(self.credentials, indent=2) + "\n")
+        os.chmod(partial, 0o600)
+        partial.replace(self.credentials_path)
 
     def _portal_secret(self) -> str:
         """The dashboard's cookie-signing key, kept across runs in var/."""

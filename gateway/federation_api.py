@@ -224,13 +224,19 @@ OPENAPI_PATHS: dict[str, dict[str, Any]] = {
             "summary": "Signing keys, without secrets (national admin, the centre)",
             "security": _ADMIN,
             "parameters": [_param("datacenter_id")],
-            "responses": {"200": _ok("keys", {"type": "object"}), **_err(401, 403)},
+            "responses": {
+                "200": _ok("keys", {"type": "object"}),
+                **_err(401, 403, 404),
+            },
         },
         "post": {
             "summary": "Rotate: a new key; the previous stays active (overlap)",
             "security": _ADMIN,
             "parameters": [_param("datacenter_id")],
-            "responses": {"201": _ok("the new key", "SigningKey"), **_err(401, 403)},
+            "responses": {
+                "201": _ok("the new key", "SigningKey"),
+                **_err(401, 403, 404),
+            },
         },
     },
     "/api/v1/datacenters/{datacenter_id}/keys/{key_id}": {

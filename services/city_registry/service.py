@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import eventlet
+from eventlet.semaphore import Semaphore
 from nameko import config
 from nameko.rpc import ClusterRpc, ServiceRpc, rpc
 
@@ -53,6 +54,15 @@ CITY_TIMEOUT_S = 5.0
 # The national summary and overview are recomputed at most this often per
 # registry process: under load the portal's readers share one answer.
 VIEW_CACHE_S = 2.0
+
+
+# Federation events are applied one at a time, in the order they were
+# delivered. The increments are atomic, but attribution is not: a redemption
+# or release that does not name its program (program_id is an extension of
+# CONTRACTS §3) takes it from the voucher_issued before it, which must have
+# been applied first. Green threads waiting on PostgreSQL would otherwise
+# interleave them. The semaphore's waiters are woken in FIFO order.
+_PROJECTION_LOCK = Semaphore(1)
 
 
 class _ViewCache:
@@ -118,7 +128,9 @@ class CityRegistryService:
         except domain.RejectedEvent as exc:
             log.warning("dropped federation message: %s", exc)
             return
-        if not self.store.apply_event(event, body, utcnow()):
+        with _PROJECTION_LOCK:
+            applied = self.store.apply_event(event, body, utcnow())
+        if not applied:
             log.info("duplicate %s %s dropped", event, body["event_id"])
 
     # ------------------------------------------------------------ cities

@@ -9,12 +9,8 @@ charts; screenshots go to ``test-output/dashboard/``.
 from __future__ import annotations
 
 import base64
-import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -92,42 +88,8 @@ class Browser:
 
 
 @pytest.fixture
-def network(rabbit_uri, tmp_path, free_port, wait_for):
-    var_dir = tmp_path / "var"
-    env = dict(os.environ, AMQP_URI=rabbit_uri, PYTHONUNBUFFERED="1")
-    env.pop("DATABASE_URL_TEMPLATE", None)
-    launcher = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deploy.localnet",
-            "run",
-            "--var-dir",
-            str(var_dir),
-            "--quiet",
-            "--portal-port",
-            str(free_port()),
-            "--gateway-port",
-            str(free_port()),
-            "--heartbeat-interval",
-            "2",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    creds_file = var_dir / "local-credentials.json"
-    try:
-        wait_for("the network", lambda: launcher.poll() is None and creds_file.exists())
-        yield json.loads(creds_file.read_text())
-    finally:
-        launcher.send_signal(signal.SIGINT)
-        try:
-            launcher.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-            launcher.wait()
+def network(launch_network):
+    return launch_network("--heartbeat-interval", "2").credentials
 
 
 @pytest.fixture

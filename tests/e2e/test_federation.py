@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import subprocess
 import sys
 import time
@@ -32,105 +31,45 @@ from kombu import Connection, Exchange, Producer
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-ADMIN_PG = os.environ.get(
-    "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-BASE_DATABASES = [
-    "city_registry",
-    "metering",
-    "vouchers_shanghai",
-    "vouchers_chengdu",
-    "vouchers_shandong",
-    "datacenter_gateway_guian-gov-01",
-    "datacenter_gateway_lingang-com-01",
-]
 PRICE_FEN = 1500  # the new data centre's H800 price per GPU-hour
 RATE_BP, GOV_BONUS_BP, MAX_BP = 6000, 1000, 7000  # the new city's rules
 FACE_VALUE_CNY = 1_000_000
 BUDGET_CNY = 50_000_000
 
 
-def _pg(statements):
-    with psycopg.connect(ADMIN_PG, autocommit=True) as conn:
-        for statement in statements:
-            conn.execute(statement)
-
-
 @pytest.fixture
-def network(rabbit_uri, tmp_path, free_port, wait_for):
-    prefix = f"cn_fed_{uuid.uuid4().hex[:8]}"
-    databases = [f"{prefix}_{name}" for name in [*BASE_DATABASES, "newcity"]]
-    _pg(f'CREATE DATABASE "{db}"' for db in databases)
-    base = ADMIN_PG.rsplit("/", 1)[0]
-    env = dict(
-        os.environ,
-        AMQP_URI=rabbit_uri,
-        DATABASE_URL_TEMPLATE=f"{base}/{prefix}_{{name}}",
-        PYTHONUNBUFFERED="1",
-        REGISTRY_CACHE_TTL_S="1",  # metering sees a revoked key within a second
+def network(launch_network, pg_databases, rabbit_uri, tmp_path):
+    template = pg_databases("newcity")
+    launched = launch_network(
+        "--no-simulate",
+        "--heartbeat-interval",
+        "2",
+        "--cities",
+        "shanghai,chengdu,shandong",
+        env={
+            "DATABASE_URL_TEMPLATE": template,
+            # metering sees a revoked key within a second
+            "REGISTRY_CACHE_TTL_S": "1",
+        },
     )
-    var_dir = tmp_path / "var"
-    launcher = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deploy.localnet",
-            "run",
-            "--var-dir",
-            str(var_dir),
-            "--no-simulate",
-            "--quiet",
-            # Fast heartbeats: program_published comes every 10th, and a
-            # city's first one may precede the registry's queue.
-            "--heartbeat-interval",
-            "2",
-            "--cities",
-            "shanghai,chengdu,shandong",
-            "--portal-port",
-            str(free_port()),
-            "--gateway-port",
-            str(free_port()),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    creds_file = var_dir / "local-credentials.json"
     extra: list[subprocess.Popen] = []
-    try:
-        wait_for(
-            "the network to start",
-            lambda: launcher.poll() is None and creds_file.exists(),
-            timeout=120,
-        )
-        creds = json.loads(creds_file.read_text())
-        yield {
-            "creds": creds,
-            "rabbit_uri": rabbit_uri,
-            "registry_db": f"{base}/{prefix}_city_registry",
-            "city_db": f"{base}/{prefix}_newcity",
-            "processes": extra,
-            "env": env,
-            "tmp": tmp_path,
-        }
-    finally:
-        for proc in extra:
-            proc.terminate()
-            try:
-                out, _ = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, _ = proc.communicate()
-            print("--- new city\n" + out.decode(errors="replace")[-3000:])
-        launcher.terminate()
+    yield {
+        "creds": launched.credentials,
+        "rabbit_uri": rabbit_uri,
+        "registry_db": template.format(name="city_registry"),
+        "city_db": template.format(name="newcity"),
+        "processes": extra,
+        "env": launched.env,
+        "tmp": tmp_path,
+    }
+    for proc in extra:
+        proc.terminate()
         try:
-            launcher.communicate(timeout=60)
+            out, _ = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            launcher.kill()
-        for log in sorted((var_dir / "log").glob("*.log")):
-            print(f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-20:]))
-        _pg(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)' for db in databases)
+            proc.kill()
+            out, _ = proc.communicate()
+        print("--- new city\n" + out.decode(errors="replace")[-3000:])
 
 
 def amqp_uri_for(rabbit_uri: str, username: str, password: str) -> str:

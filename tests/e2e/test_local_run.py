@@ -6,95 +6,12 @@ must hold what CONTRACTS.md §8 promises, and Ctrl-C must stop every process.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import requests
 
 pytestmark = pytest.mark.e2e
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def test_local_network_moves_from_the_first_minute_and_stops_on_ctrl_c(
-    rabbit_uri, tmp_path, free_port, wait_for
-):
-    var_dir = tmp_path / "var"
-    env = dict(os.environ, AMQP_URI=rabbit_uri, PYTHONUNBUFFERED="1")
-    env.pop("DATABASE_URL_TEMPLATE", None)
-    launcher = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deploy.localnet",
-            "run",
-            "--var-dir",
-            str(var_dir),
-            "--quiet",
-            "--portal-port",
-            str(free_port()),
-            "--gateway-port",
-            str(free_port()),
-            "--heartbeat-interval",
-            "2",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    creds_file = var_dir / "local-credentials.json"
-    try:
-        wait_for("the network", lambda: launcher.poll() is None and creds_file.exists())
-        creds = json.loads(creds_file.read_text())
-        assert oct(creds_file.stat().st_mode & 0o777) == "0o600"
-        assert set(creds["cities"]) == {"shanghai", "chengdu", "shandong"}
-        assert set(creds["datacenters"]) == {"guian-gov-01", "lingang-com-01"}
-        for dc in creds["datacenters"].values():
-            assert {"key_id", "secret", "gateway_url", "agent_token"} <= set(dc)
-        assert set(creds["demo_vouchers"]) == {
-            "aurora-ai",
-            "huangpu-vision",
-            "tianfu-lab",
-            "qilu-robotics",
-        }
-        # SQLite is the embedded default: one file per process under var/.
-        assert (var_dir / "metering.db").exists()
-        assert (var_dir / "vouchers_chengdu.db").exists()
-
-        portal = creds["portal"]
-
-        def moving():
-            summary = requests.get(f"{portal}/api/v1/network/summary", timeout=5).json()
-            if summary["gpu_seconds"] and summary["redeemed_fen"] > 0:
-                return summary
-            return None
-
-        summary = wait_for("usage and subsidies in the national view", moving, 60)
-        # launcher, registry, metering, 3 cities, 2 gateways, 2 agents, portal
-        assert len(processes_with_env(f"AMQP_URI={rabbit_uri}")) >= 11
-        assert summary["live_cities"] == 3
-        assert summary["committed_fen"] > 0
-        assert set(summary["regions"]) == {"east", "west"}
-        for figure in [summary["utilisation"]] + [
-            region["utilisation"] for region in summary["regions"].values()
-        ]:
-            assert figure is None or 0 <= figure <= 1
-    finally:
-        launcher.send_signal(signal.SIGINT)
-        try:
-            out, _ = launcher.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-            out, _ = launcher.communicate()
-        print(out.decode(errors="replace")[-3000:])
-    assert launcher.returncode == 0
-    assert processes_with_env(f"AMQP_URI={rabbit_uri}") == []
 
 
 def processes_with_env(entry: str) -> list[int]:
@@ -107,3 +24,47 @@ def processes_with_env(entry: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_local_network_moves_from_the_first_minute_and_stops_on_ctrl_c(
+    launch_network, rabbit_uri, wait_for
+):
+    network = launch_network("--heartbeat-interval", "2")
+    creds, var_dir = network.credentials, network.var_dir
+    creds_file = var_dir / "local-credentials.json"
+    assert oct(creds_file.stat().st_mode & 0o777) == "0o600"
+    assert set(creds["cities"]) == {"shanghai", "chengdu", "shandong"}
+    assert set(creds["datacenters"]) == {"guian-gov-01", "lingang-com-01"}
+    for dc in creds["datacenters"].values():
+        assert {"key_id", "secret", "gateway_url", "agent_token"} <= set(dc)
+    assert set(creds["demo_vouchers"]) == {
+        "aurora-ai",
+        "huangpu-vision",
+        "tianfu-lab",
+        "qilu-robotics",
+    }
+    # SQLite is the embedded default: one file per process under var/.
+    assert (var_dir / "metering.db").exists()
+    assert (var_dir / "vouchers_chengdu.db").exists()
+
+    portal = creds["portal"]
+
+    def moving():
+        summary = requests.get(f"{portal}/api/v1/network/summary", timeout=5).json()
+        if summary["gpu_seconds"] and summary["redeemed_fen"] > 0:
+            return summary
+        return None
+
+    summary = wait_for("usage and subsidies in the national view", moving, 60)
+    assert summary["live_cities"] == 3
+    assert summary["committed_fen"] > 0
+    assert set(summary["regions"]) == {"east", "west"}
+    for figure in [summary["utilisation"]] + [
+        region["utilisation"] for region in summary["regions"].values()
+    ]:
+        assert figure is None or 0 <= figure <= 1
+    # launcher, registry, metering, 3 cities, 2 gateways, 2 agents, portal
+    assert len(processes_with_env(f"AMQP_URI={rabbit_uri}")) >= 11
+
+    assert network.stop() == 0, network.logs()  # Ctrl-C
+    assert processes_with_env(f"AMQP_URI={rabbit_uri}") == []

@@ -12,35 +12,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import random
-import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-import psycopg
 import pytest
 import requests
 from kombu import Connection, Exchange, Producer
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
-PROCESS_DATABASES = [
-    "city_registry",
-    "metering",
-    "vouchers_shanghai",
-    "vouchers_chengdu",
-    "vouchers_shandong",
-    "datacenter_gateway_guian-gov-01",
-    "datacenter_gateway_lingang-com-01",
-    "portal",
-]
-ADMIN_PG = os.environ.get(
-    "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 # Facts from deploy/ that the expectations depend on, restated here on purpose.
 GUIAN = "guian-gov-01"  # government-run: Shanghai adds 10 points, capped at 90 %
 H800_PRICE_FEN = 1800
@@ -48,59 +29,12 @@ SHANGHAI_RATE_BP_AT_GOVERNMENT_DC = 9000
 
 
 @pytest.fixture
-def network(rabbit_uri, tmp_path, free_port, wait_for):
-    """The whole network as processes; yields the local credentials."""
-    prefix = f"cn_e2e_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_PG, autocommit=True) as conn:
-        for name in PROCESS_DATABASES:
-            conn.execute(f'CREATE DATABASE "{prefix}_{name}"')
-    base = ADMIN_PG.rsplit("/", 1)[0]
-    env = dict(
-        os.environ,
-        AMQP_URI=rabbit_uri,
-        DATABASE_URL_TEMPLATE=f"{base}/{prefix}_{{name}}",
-        PYTHONUNBUFFERED="1",
-    )
-    var_dir = tmp_path / "var"
-    cmd = [
-        sys.executable,
-        "-m",
-        "deploy.localnet",
-        "run",
-        "--var-dir",
-        str(var_dir),
-        "--no-simulate",
-        "--quiet",
-        "--portal-port",
-        str(free_port()),
-        "--gateway-port",
-        str(free_port()),
-    ]
-    launcher = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    creds_file = var_dir / "local-credentials.json"
-    try:
-        wait_for(
-            "the network to start",
-            lambda: launcher.poll() is None and creds_file.exists(),
-            timeout=120,
-        )
-        assert launcher.poll() is None, launcher.stdout.read().decode()
-        yield json.loads(creds_file.read_text())
-    finally:
-        launcher.terminate()
-        try:
-            out, _ = launcher.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-            out, _ = launcher.communicate()
-        print(out.decode(errors="replace")[-5000:])
-        for log in sorted((var_dir / "log").glob("*.log")):
-            print(f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-30:]))
-        with psycopg.connect(ADMIN_PG, autocommit=True) as conn:
-            for name in PROCESS_DATABASES:
-                conn.execute(f'DROP DATABASE IF EXISTS "{prefix}_{name}" WITH (FORCE)')
+def network(launch_network, pg_databases):
+    """The whole network as processes, each on its own PostgreSQL database."""
+    template = pg_databases()
+    return launch_network(
+        "--no-simulate", env={"DATABASE_URL_TEMPLATE": template}
+    ).credentials
 
 
 def make_records(n, tenant, rng, start, voucher_code=None):
