@@ -4,9 +4,13 @@ Starts the real service process (``python -m services.vouchers``) against a
 fresh PostgreSQL database, then
 
 - issues: N applications over RPC from C concurrent callers;
-- redemptions: publishes M ``usage_rated`` messages on the federation
-  exchange and times until every one is booked (the real consumer path:
-  AMQP → schema → ledger transaction → ``voucher_redeemed`` publish → ack).
+- redemptions: publishes M ``usage_rated`` messages (one voucher, the worst
+  case for row locks) on the federation exchange and times until every one
+  is booked **and** its ``voucher_redeemed`` event is on the bus (the real
+  consumer path: AMQP → batch → schema → one ledger transaction per batch →
+  confirmed publish of the batch's events → ack), then checks the books:
+  exactly M redemptions, the voucher's redeemed total to the fen, and
+  ``check_ledger`` clean.
 
 Ends with ``redemptions_per_s=<n> issues_per_s=<n>`` (CONTRACTS.md §9).
 
@@ -27,15 +31,22 @@ from datetime import timedelta
 from pathlib import Path
 
 import psycopg
-from kombu import Connection
+from kombu import Connection, Queue, binding
 from nameko.standalone.rpc import ClusterRpcClient
+from sqlalchemy.orm import Session
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services.common.amqp import FEDERATION_EXCHANGE, federation_key  # noqa: E402
 from services.common.contracts import make_event  # noqa: E402
+from services.common.db import make_engine  # noqa: E402
 from services.common.units import utcnow  # noqa: E402
+from services.vouchers.batching import (  # noqa: E402
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CONSUMERS,
+)
+from services.vouchers.ledger import check_ledger  # noqa: E402
 
 CITY = "benchcity"
 RULES = f"""\
@@ -60,6 +71,7 @@ ADMIN = os.environ.get(
 )
 AMQP = os.environ.get("AMQP_URI", "amqp://guest:guest@localhost:5672/")
 DC = {"government_run": False, "hub_region": "east", "chip_origin": "imported"}
+REDEEMED_QUEUE = "bench.vouchers.voucher_redeemed"
 
 
 def application(n: int, face: int = 1000) -> dict:
@@ -80,19 +92,33 @@ def booked(url: str) -> int:
         return conn.execute("SELECT count(*) FROM redemptions").fetchone()[0]
 
 
+def queued(channel, queue: str) -> int:
+    return channel.queue_declare(queue, passive=True).message_count
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=5000)
     parser.add_argument("--issues", type=int, default=400)
     parser.add_argument("--callers", type=int, default=8)
+    parser.add_argument(
+        "--consumers", type=int, default=DEFAULT_CONSUMERS, help="CONSUMERS"
+    )
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH_SIZE)
     args = parser.parse_args()
 
     name = f"cn_bench_vouchers_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    rules = Path(tempfile.mkdtemp()) / f"{CITY}.yaml"
+    folder = Path(tempfile.mkdtemp())
+    rules = folder / f"{CITY}.yaml"
     rules.write_text(RULES)
+    config = folder / "vouchers.yaml"
+    config.write_text(
+        (ROOT / "deploy" / "config" / "vouchers.yaml").read_text()
+        + f"CONSUMERS: {args.consumers}\nBATCH_SIZE: {args.batch}\n"
+    )
     env = dict(
         os.environ,
         CITY_CODE=CITY,
@@ -107,7 +133,7 @@ def main() -> int:
             "-m",
             "services.vouchers",
             "--config",
-            "deploy/config/vouchers.yaml",
+            str(config),
         ],
         cwd=ROOT,
         env=env,
@@ -173,8 +199,21 @@ def main() -> int:
             )
             for i in range(args.records)
         ]
-        started = time.perf_counter()
         with Connection(AMQP) as connection:
+            channel = connection.channel()
+            # Counts the city's voucher_redeemed events: the end of the path.
+            Queue(
+                REDEEMED_QUEUE,
+                bindings=[
+                    binding(
+                        FEDERATION_EXCHANGE,
+                        routing_key=federation_key(CITY, "voucher_redeemed"),
+                    )
+                ],
+                auto_delete=False,
+            )(channel).declare()
+            channel.queue_purge(REDEEMED_QUEUE)
+            started = time.perf_counter()
             producer = connection.Producer()
             for body in bodies:
                 producer.publish(
@@ -184,25 +223,55 @@ def main() -> int:
                     serializer="json",
                     delivery_mode=2,
                 )
-        published_s = time.perf_counter() - started
-        while booked(url) < args.records:
-            time.sleep(0.05)
-        redeem_s = time.perf_counter() - started
+            published_s = time.perf_counter() - started
+            deadline = time.monotonic() + 120
+            booked_s = None
+            while queued(channel, REDEEMED_QUEUE) < args.records:
+                if time.monotonic() > deadline:
+                    raise SystemExit("timed out waiting for voucher_redeemed events")
+                if booked_s is None and booked(url) >= args.records:
+                    booked_s = time.perf_counter() - started
+                time.sleep(0.02)
+            redeem_s = time.perf_counter() - started
+            booked_s = booked_s or redeem_s
+            events = queued(channel, REDEEMED_QUEUE)
+            channel.queue_delete(REDEEMED_QUEUE)
         redemptions_per_s = args.records / redeem_s
         print(
-            f"redemptions: {args.records} booked in {redeem_s:.2f} s "
-            f"(publishing took {published_s:.2f} s)"
+            f"redemptions: {args.records} booked in {booked_s:.2f} s, their events "
+            f"all on the bus in {redeem_s:.2f} s (publishing the usage took "
+            f"{published_s:.2f} s; "
+            f"batches of up to {args.batch}, {args.consumers} consumer(s))"
         )
+
+        # The books: every record once, to the fen.
+        rows = booked(url)
+        with psycopg.connect(url) as conn:
+            redeemed = conn.execute(
+                "SELECT redeemed_fen FROM vouchers WHERE code = %s", (code,)
+            ).fetchone()[0]
+        engine = make_engine(url)
+        with Session(engine) as session:
+            problems = check_ledger(session)
+        engine.dispose()
+        print(
+            f"check: {rows} redemptions, {events} events, voucher redeemed "
+            f"{redeemed} fen (expected {args.records * 800}), ledger "
+            f"{'balances' if not problems else problems[:3]}"
+        )
+        if rows != args.records or redeemed != args.records * 800 or problems:
+            raise SystemExit("the books are wrong")
     finally:
         process.terminate()
         process.wait(20)
         with psycopg.connect(ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         with Connection(AMQP) as connection:
-            try:
-                connection.channel().queue_delete(f"vouchers_{CITY}.usage_rated")
-            except Exception:  # noqa: BLE001
-                pass
+            for queue in (f"vouchers_{CITY}.usage_rated", REDEEMED_QUEUE):
+                try:
+                    connection.channel().queue_delete(queue)
+                except Exception:  # noqa: BLE001 - not there
+                    pass
     print(f"redemptions_per_s={redemptions_per_s:.0f} issues_per_s={issues_per_s:.0f}")
     return 0
 

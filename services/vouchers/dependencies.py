@@ -1,4 +1,5 @@
-"""Dependency providers of the voucher service: its ledger and its clock."""
+"""Dependency providers of the voucher service: its ledger, its clock, and the
+outbox events published but not yet marked so."""
 
 from __future__ import annotations
 
@@ -70,3 +71,29 @@ class Uptime(DependencyProvider):
 
     def get_dependency(self, worker_ctx) -> Clock:
         return Clock(self)
+
+
+class _Marks:
+    def __init__(self, provider: OutboxMarks):
+        self._provider = provider
+
+    def add(self, ids) -> None:
+        self._provider.ids.update(ids)
+
+    def take(self) -> list[int]:
+        ids, self._provider.ids = self._provider.ids, set()
+        return sorted(ids)
+
+
+class OutboxMarks(DependencyProvider):
+    """Outbox ids published by this process and not yet marked in the database.
+
+    Shared by every worker of the service (green threads: no lock needed);
+    lost on a crash, which only means the relay publishes them again.
+    """
+
+    def setup(self):
+        self.ids: set[int] = set()
+
+    def get_dependency(self, worker_ctx) -> _Marks:
+        return _Marks(self)

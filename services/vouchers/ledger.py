@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import String, any_, func, insert, literal, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -52,11 +54,19 @@ def _writing(session: Session) -> Iterator[None]:
         yield
 
 
-def _locked(session: Session, statement):
-    """``statement`` FOR UPDATE where the database has row locks."""
+def _locked(session: Session, statement, *, key_share: bool = False):
+    """``statement`` FOR UPDATE where the database has row locks.
+
+    Always re-read: a session that committed earlier keeps its objects
+    (``expire_on_commit=False``), and a locking read that returned those stale
+    values would lose the updates other transactions committed in between.
+    ``key_share`` locks FOR NO KEY UPDATE, which still excludes every other
+    writer but not the key-share locks of inserts referencing the row.
+    """
+    statement = statement.execution_options(populate_existing=True)
     if session.get_bind().dialect.name == "sqlite":
         return statement
-    return statement.with_for_update()
+    return statement.with_for_update(key_share=key_share)
 
 
 def _post(
@@ -316,13 +326,8 @@ def _issue(
     face_value_fen: int,
     now: datetime,
 ) -> tuple[Voucher, OutboxEvent]:
-    # The program row lock serialises issues of one program, which also makes
-    # the one-active-voucher check below race-free (the unique index backs it).
-    row = session.execute(
-        _locked(session, select(Program).where(Program.id == program.id))
-    ).scalar_one_or_none()
-    if row is None:
-        raise NotFound("program_not_found", f"no program {program.id}")
+    # No lock yet: the unique index on active vouchers is what makes the
+    # one-active-voucher rule race-free (a concurrent twin fails on insert).
     held = session.scalar(
         select(Voucher.code).where(
             Voucher.company_id == application.company_id,
@@ -337,13 +342,6 @@ def _issue(
             f"of {program.id}",
             {"voucher_code": held},
         )
-    if row.available_fen < face_value_fen:
-        raise Conflict(
-            "budget_exhausted",
-            f"program {program.id} has {row.available_fen} fen available, "
-            f"{face_value_fen} fen requested",
-            {"available_fen": row.available_fen},
-        )
     code = vouchercode.generate(rules.voucher_prefix)
     voucher = Voucher(
         code=code,
@@ -357,9 +355,6 @@ def _issue(
         issued_at=now,
         expires_at=now + timedelta(days=program.valid_days),
     )
-    row.available_fen -= face_value_fen
-    row.committed_fen += face_value_fen
-    row.updated_at = now
     application.voucher_code = code
     session.add(application)
     session.flush()  # the application before the voucher that references it
@@ -380,6 +375,32 @@ def _issue(
         face_value_fen=face_value_fen,
         expires_at=voucher.expires_at,
     )
+    session.flush()
+    # The budget last: a conditional update locks the program row only from
+    # here to the commit, so concurrent issues queue for one statement and a
+    # commit instead of for the whole transaction.
+    funded = session.execute(
+        update(Program)
+        .where(Program.id == program.id, Program.available_fen >= face_value_fen)
+        .values(
+            available_fen=Program.available_fen - face_value_fen,
+            committed_fen=Program.committed_fen + face_value_fen,
+            updated_at=now,
+        )
+        .returning(Program.id)
+    ).first()
+    if funded is None:
+        available = session.scalar(
+            select(Program.available_fen).where(Program.id == program.id)
+        )
+        if available is None:
+            raise NotFound("program_not_found", f"no program {program.id}")
+        raise Conflict(
+            "budget_exhausted",
+            f"program {program.id} has {available} fen available, "
+            f"{face_value_fen} fen requested",
+            {"available_fen": available},
+        )
     return voucher, event
 
 
@@ -459,6 +480,237 @@ def book_usage(
         except BaseException:
             session.rollback()
             raise
+
+
+def book_usage_batch(
+    session: Session, rules: domain.CityRules, records: Sequence[Mapping[str, Any]]
+) -> list[BookingOutcome]:
+    """Book many rated records in **one** transaction; outcomes in their order.
+
+    The same guarantees as :func:`book_usage` record by record: each
+    (datacenter_id, record_id) changes the ledger at most once, a redelivered
+    record gets back the rows booked the first time. Every voucher the batch
+    names is locked once, in code order (so concurrent batches cannot
+    deadlock), then their programs, in id order; balances are updated once per
+    voucher and program, and rows and ledger entries are inserted in bulk.
+    """
+    if not records:
+        return []
+    with _writing(session):
+        for _attempt in range(3):
+            try:
+                outcomes = _book_batch(session, rules, records)
+                session.commit()
+                return outcomes
+            except IntegrityError:
+                # A competing consumer booked a record of this batch between
+                # our check and our insert: nothing was written; look again.
+                session.rollback()
+            except BaseException:
+                session.rollback()
+                raise
+        # Still colliding: one record at a time, each in its own transaction.
+        return [book_usage(session, rules, record) for record in records]
+
+
+def _lock_rows(session: Session, model, key, values, *, key_share=False) -> dict:
+    """``model`` rows whose ``key`` is in ``values``, locked in key order."""
+    if not values:
+        return {}
+    statement = select(model).where(key.in_(sorted(values))).order_by(key)
+    return {
+        getattr(row, key.key): row
+        for row in session.scalars(_locked(session, statement, key_share=key_share))
+    }
+
+
+def _among(session: Session, column, values: list[str]):
+    """``column IN values``; on PostgreSQL as ``= ANY(array)``: one parameter,
+    so a batch's statement is compiled and planned like any other."""
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(literal(list(values), ARRAY(String)))
+    return column.in_(values)
+
+
+def _by_datacenter(keys: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for datacenter_id, record_id in keys:
+        grouped.setdefault(datacenter_id, []).append(record_id)
+    return grouped
+
+
+def _already_done_many(
+    session: Session, keys: list[tuple[str, str]]
+) -> tuple[dict[tuple[str, str], BookingOutcome], dict[tuple[str, str], str]]:
+    """:func:`_already_done` for many records, and which of them a booked
+    correction already replaced (record → its correction): two queries per
+    data centre."""
+    done: dict[tuple[str, str], BookingOutcome] = {}
+    superseded: dict[tuple[str, str], str] = {}
+    for dc, record_ids in _by_datacenter(keys).items():
+        wanted = set(record_ids)
+        for row in session.scalars(
+            select(Redemption)
+            .where(
+                Redemption.datacenter_id == dc,
+                _among(session, Redemption.source_record_id, record_ids)
+                | (
+                    _among(session, Redemption.correction_of, record_ids)
+                    & (Redemption.kind == USAGE)
+                ),
+            )
+            .order_by(Redemption.id)
+        ):
+            if row.source_record_id in wanted:
+                outcome = done.setdefault(
+                    (dc, row.source_record_id), BookingOutcome(duplicate=True)
+                )
+                outcome.redemptions.append(row)
+            if row.kind == USAGE and row.correction_of in wanted:
+                superseded[(dc, row.correction_of)] = row.record_id
+        missing = [r for r in record_ids if (dc, r) not in done]
+        if missing:
+            for record_id, reason in session.execute(
+                select(RejectedUsage.record_id, RejectedUsage.reason).where(
+                    RejectedUsage.datacenter_id == dc,
+                    _among(session, RejectedUsage.record_id, missing),
+                )
+            ):
+                done[(dc, record_id)] = BookingOutcome(rejected=reason, duplicate=True)
+    return done, superseded
+
+
+def _book_batch(
+    session: Session, rules: domain.CityRules, records: Sequence[Mapping[str, Any]]
+) -> list[BookingOutcome]:
+    # Lock first, then look: under READ COMMITTED every query after the lock
+    # sees what a competing consumer committed before releasing it.
+    vouchers = _lock_rows(
+        session,
+        Voucher,
+        Voucher.code,
+        {r["voucher_code"] for r in records if r.get("voucher_code")},
+    )
+    if any(r.get("correction_of") for r in records):
+        # Corrections are rare and depend on order: book one after another,
+        # still in this one transaction (autoflush lets each see the others).
+        return [_book(session, rules, record) for record in records]
+    # Programs FOR NO KEY UPDATE: an issue inserting a voucher of the program
+    # (a key-share lock) does not wait for this batch, nor this batch for it.
+    programs = _lock_rows(
+        session,
+        Program,
+        Program.id,
+        {v.program_id for v in vouchers.values()},
+        key_share=True,
+    )
+    first: dict[tuple[str, str], int] = {}
+    for n, record in enumerate(records):
+        first.setdefault((record["datacenter_id"], record["record_id"]), n)
+    keys = list(first)
+    done, superseded = _already_done_many(session, keys)
+
+    now = utcnow()
+    redemptions: list[dict[str, Any]] = []
+    rejections: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
+    outcomes: dict[tuple[str, str], BookingOutcome] = dict(done)
+    for key in keys:
+        if key in done:
+            continue
+        record = records[first[key]]
+        dc, record_id = key
+        code = record.get("voucher_code")
+        voucher = vouchers.get(code or "")
+        program = rules.program(voucher.program_id) if voucher is not None else None
+        attributes = record.get("datacenter") or {}
+        problem = domain.usage_problem(
+            program,
+            voucher.status if voucher is not None else None,
+            voucher.expires_at if voucher is not None else None,
+            record["started_at"],
+            dc,
+            attributes,
+        )
+        detail = f"voucher {code!r}"
+        if problem is None and key in superseded:
+            problem, detail = domain.SUPERSEDED, f"corrected by {superseded[key]}"
+        if problem is not None:
+            rejections.append(
+                {
+                    "datacenter_id": dc,
+                    "record_id": record_id,
+                    "voucher_code": code[:64] if isinstance(code, str) else None,
+                    "reason": problem,
+                    "detail": detail[:512],
+                    "received_at": now,
+                }
+            )
+            outcomes[key] = BookingOutcome(rejected=problem)
+            continue
+        budget = programs[voucher.program_id]
+        rate_bp = (
+            domain.effective_rate_bp(program, attributes)
+            if program is not None
+            else budget.rate_bp
+        )
+        subsidy = domain.subsidy_fen(
+            record["cost_fen"], rate_bp, voucher.balance_fen, budget.committed_fen
+        )
+        # The rows are locked: plain read-modify-write is safe here.
+        voucher.redeemed_fen += subsidy
+        budget.committed_fen -= subsidy
+        budget.redeemed_fen += subsidy
+        budget.updated_at = now
+        row = {
+            "datacenter_id": dc,
+            "record_id": record_id,
+            "kind": USAGE,
+            "source_record_id": record_id,
+            "correction_of": None,
+            "voucher_code": voucher.code,
+            "program_id": voucher.program_id,
+            "gpu_seconds": record["gpu_seconds"],
+            "cost_fen": record["cost_fen"],
+            "rate_bp": rate_bp,
+            "subsidy_fen": subsidy,
+            "event_id": _redeemed_event_id(rules.city, dc, record_id, USAGE),
+            "booked_at": now,
+        }
+        redemptions.append(row)
+        reference = f"{USAGE}:{dc}:{record_id}"
+        entries.extend(
+            {
+                "account": account,
+                "amount_fen": amount,
+                "reference": reference,
+                "created_at": now,
+            }
+            for account, amount in domain.redemption_entries(
+                voucher.program_id, voucher.code, subsidy
+            )
+            if amount
+        )
+        outcomes[key] = BookingOutcome(redemptions=[SimpleNamespace(**row)])
+
+    session.flush()  # the balances, before the rows that reference them
+    if redemptions:
+        # A unique violation here (a competing consumer, a conflicting
+        # duplicate) rolls the whole batch back: book_usage_batch retries.
+        session.execute(insert(Redemption.__table__), redemptions)
+    if rejections:
+        session.execute(insert(RejectedUsage.__table__), rejections)
+    if entries:
+        session.execute(insert(LedgerEntry.__table__), entries)
+
+    result = []
+    for n, record in enumerate(records):
+        key = (record["datacenter_id"], record["record_id"])
+        outcome = outcomes[key]
+        if first[key] != n:  # the same record twice in one batch
+            outcome = BookingOutcome(outcome.redemptions, outcome.rejected, True)
+        result.append(outcome)
+    return result
 
 
 def _already_done(
@@ -1145,6 +1397,11 @@ class CityLedger:
 
     def book_usage(self, record: Mapping[str, Any]) -> BookingOutcome:
         return book_usage(self.session, self.rules, record)
+
+    def book_usage_batch(
+        self, records: Sequence[Mapping[str, Any]]
+    ) -> list[BookingOutcome]:
+        return book_usage_batch(self.session, self.rules, records)
 
     def get_voucher(self, code: str):
         return get_voucher(self.session, code)

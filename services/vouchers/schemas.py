@@ -116,7 +116,6 @@ class ApplicationSchema(Schema):
     voucher_code = fields.String(allow_none=True)
     voucher = fields.Nested(VoucherSchema, allow_none=True)
 
-
     def get_status(self, application) -> str:
         if isinstance(application, dict):
             return application["decision"]

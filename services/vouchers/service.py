@@ -7,28 +7,35 @@ published on ``computenet.federation`` after they are committed.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Any
 
 from marshmallow import ValidationError
-from nameko.messaging import Publisher, consume
+from nameko.messaging import Publisher
 from nameko.rpc import rpc
 from nameko.timer import timer
 
 from services.common import vouchercode
-from services.common.amqp import FEDERATION_EXCHANGE, durable_queue, federation_key
+from services.common.amqp import (
+    FEDERATION_EXCHANGE,
+    RawMessage,
+    durable_queue,
+    federation_key,
+)
 from services.common.config import (
     CITY_CODE,
     HEARTBEAT_INTERVAL_S,
     RULES_FILE,
     ConfigError,
 )
-from services.common.contracts import event_id, load_event, make_event
+from services.common.contracts import EVENT_SCHEMAS, event_id, make_event
 from services.common.errors import EXPECTED, InvalidRequest, NotFound
-from services.common.units import cny_to_fen
+from services.common.units import cny_to_fen, utcnow
 from services.vouchers import domain
-from services.vouchers.dependencies import Ledger, Uptime
+from services.vouchers.batching import ConfirmedPublisher, consume_batch
+from services.vouchers.dependencies import Ledger, OutboxMarks, Uptime
 from services.vouchers.rules import load_rules
 from services.vouchers.schemas import (
     ApplicationRequestSchema,
@@ -50,11 +57,20 @@ EXPIRY_INTERVAL_S = "EXPIRY_INTERVAL_S"
 OUTBOX_INTERVAL_S = "OUTBOX_INTERVAL_S"
 DEFAULT_EXPIRY_INTERVAL_S = 60.0
 DEFAULT_OUTBOX_INTERVAL_S = 2.0
+# Well inside the relay's 1 s grace, so that it rarely republishes an event.
+MARK_INTERVAL_S = 0.2
 _CITY = re.compile(r"^[a-z0-9_]+$")
+# Built once: a marshmallow schema costs more to build than to use.
+_USAGE_RATED = EVENT_SCHEMAS["usage_rated"]()
+_VOUCHER_REDEEMED = EVENT_SCHEMAS["voucher_redeemed"]()
+_VOUCHER = VoucherSchema()
+_APPLICATION = ApplicationSchema()
+_APPLICATION_REQUEST = ApplicationRequestSchema()
+_APPLICATION_RESPONSE = ApplicationResponseSchema()
 
 
 def _voucher_body(city: str, voucher, redemptions=(), total: int = 0) -> dict[str, Any]:
-    return VoucherSchema().dump(
+    return _VOUCHER.dump(
         {
             "code": voucher.code,
             "city": city,
@@ -76,7 +92,7 @@ def _voucher_body(city: str, voucher, redemptions=(), total: int = 0) -> dict[st
 
 
 def _application_body(city: str, application, voucher=None) -> dict[str, Any]:
-    body = ApplicationSchema().dump(application)
+    body = _APPLICATION.dump(application)
     body["voucher"] = _voucher_body(city, voucher) if voucher is not None else None
     return body
 
@@ -100,7 +116,9 @@ class VouchersService:
 
     ledger = Ledger()
     clock = Uptime()
+    outbox_marks = OutboxMarks()
     publish: Any
+    publish_confirmed: Any
 
     @property
     def city(self) -> str:
@@ -111,7 +129,13 @@ class VouchersService:
         self.publish(body, routing_key=federation_key(self.city, event), message_id=eid)
 
     def _publish_outbox(self, events) -> None:
-        """Publish committed outbox events now; the relay timer retries failures."""
+        """Publish committed outbox events now; the relay timer retries failures.
+
+        What was published is marked so in the database by the next
+        ``mark_outbox`` tick (one update for many events, instead of a second
+        transaction per request); a crash before it only means the relay
+        publishes those events again, with the same ids.
+        """
         done = []
         try:
             for row in events:
@@ -123,15 +147,23 @@ class VouchersService:
                 done.append(row.id)
         except Exception:  # noqa: BLE001 - the fact is committed; relay retries
             log.warning("publishing outbox events failed; the relay will retry")
+        self.outbox_marks.add(done)
+
+    def mark_outbox(self) -> None:
+        """Timer: record in the outbox what was published since the last tick."""
+        ids = self.outbox_marks.take()
+        if not ids:
+            return
         try:
-            self.ledger.mark_published(done)
-        except Exception:  # noqa: BLE001 - republished later with the same id
-            log.warning("marking outbox events published failed")
+            self.ledger.mark_published(ids)
+        except Exception:  # noqa: BLE001 - kept for the next tick
+            self.outbox_marks.add(ids)
+            log.warning("marking %d outbox events published failed", len(ids))
 
     @rpc(expected_exceptions=EXPECTED)
     def apply(self, application: dict) -> dict:
         try:
-            request = ApplicationRequestSchema().load(application)
+            request = _APPLICATION_REQUEST.load(application)
         except ValidationError as err:
             raise InvalidRequest(
                 "invalid_application", "the application is invalid", err.messages
@@ -154,7 +186,7 @@ class VouchersService:
         )
         voucher = result.voucher
         self._publish_outbox(result.events)
-        return ApplicationResponseSchema().dump(
+        return _APPLICATION_RESPONSE.dump(
             {
                 "application_id": result.application.id,
                 "decision": decision.decision,
@@ -285,41 +317,60 @@ class VouchersService:
 
     def relay_outbox(self) -> None:
         """Timer: publish outbox events a crash or a broker fault left behind."""
+        self.mark_outbox()  # what is published already is not relayed again
         events = self.ledger.pending_events(older_than_s=1.0)
         if events:
             log.info("relaying %d unpublished events", len(events))
             self._publish_outbox(events)
 
-    def handle_usage_rated(self, body: dict) -> None:
-        """Book one rated usage record; publish ``voucher_redeemed`` after commit."""
-        try:
-            record = load_event("usage_rated", body)
-        except ValidationError as err:
-            # Requeueing could never make it valid: log it and let it go.
-            log.error(
-                "malformed usage_rated %r: %s", body.get("event_id"), err.messages
-            )
+    def handle_usage_rated(self, messages: list[RawMessage]) -> None:
+        """Book a batch of rated records in one transaction, then publish.
+
+        The ``voucher_redeemed`` events (the same ids for a redelivered record)
+        are published and confirmed after the commit and before the batch is
+        acked; if anything fails the batch is requeued and booked as no-ops.
+        """
+        records = []
+        for message in messages:
+            try:
+                body = json.loads(message.body)
+                records.append(_USAGE_RATED.load(body))
+            except (ValueError, ValidationError) as err:
+                # Requeueing could never make it valid: log it and let it go.
+                detail = getattr(err, "messages", str(err))
+                log.error("malformed usage_rated %r: %s", message.message_id, detail)
+        if not records:
             return
-        outcome = self.ledger.book_usage(record)
-        if outcome.rejected is not None and not outcome.duplicate:
-            log.info(
-                "usage %s/%s not booked: %s",
-                record["datacenter_id"],
-                record["record_id"],
-                outcome.rejected,
-            )
-        for row in outcome.redemptions:
-            self._publish(
-                "voucher_redeemed",
-                row.event_id,
-                voucher_code=row.voucher_code,
-                program_id=row.program_id,
-                record_id=row.record_id,
-                datacenter_id=row.datacenter_id,
-                gpu_seconds=row.gpu_seconds,
-                cost_fen=row.cost_fen,
-                subsidy_fen=row.subsidy_fen,
-            )
+        outcomes = self.ledger.book_usage_batch(records)
+        events = []
+        for record, outcome in zip(records, outcomes, strict=True):
+            if outcome.rejected is not None and not outcome.duplicate:
+                log.info(
+                    "usage %s/%s not booked: %s",
+                    record["datacenter_id"],
+                    record["record_id"],
+                    outcome.rejected,
+                )
+            events.extend(self._redeemed(row) for row in outcome.redemptions)
+        self.publish_confirmed(events)
+
+    def _redeemed(self, row) -> tuple[str, str, dict[str, Any]]:
+        """A ``voucher_redeemed`` event for one redemption row, ready to publish."""
+        body = _VOUCHER_REDEEMED.dump(
+            {
+                "event_id": row.event_id,
+                "city": self.city,
+                "occurred_at": utcnow(),
+                "voucher_code": row.voucher_code,
+                "program_id": row.program_id,
+                "record_id": row.record_id,
+                "datacenter_id": row.datacenter_id,
+                "gpu_seconds": row.gpu_seconds,
+                "cost_fen": row.cost_fen,
+                "subsidy_fen": row.subsidy_fen,
+            }
+        )
+        return federation_key(self.city, "voucher_redeemed"), row.event_id, body
 
     def publish_state(self) -> None:
         """Heartbeat every tick; the programs on the first and every 10th."""
@@ -376,8 +427,8 @@ def build(config: dict) -> type:
     interval = float(config.get(HEARTBEAT_INTERVAL_S) or DEFAULT_HEARTBEAT_INTERVAL_S)
 
     # Fresh functions per class: nameko records entrypoints on the function.
-    def handle_usage_rated(self, body: dict) -> None:
-        VouchersService.handle_usage_rated(self, body)
+    def handle_usage_rated(self, messages: list[RawMessage]) -> None:
+        VouchersService.handle_usage_rated(self, messages)
 
     def publish_state(self) -> None:
         VouchersService.publish_state(self)
@@ -388,6 +439,9 @@ def build(config: dict) -> type:
     def relay_outbox(self) -> None:
         VouchersService.relay_outbox(self)
 
+    def mark_outbox(self) -> None:
+        VouchersService.mark_outbox(self)
+
     expiry_s = float(config.get(EXPIRY_INTERVAL_S) or DEFAULT_EXPIRY_INTERVAL_S)
     outbox_s = float(config.get(OUTBOX_INTERVAL_S) or DEFAULT_OUTBOX_INTERVAL_S)
 
@@ -397,11 +451,11 @@ def build(config: dict) -> type:
         {
             "name": f"vouchers_{city}",
             "publish": Publisher(exchange=FEDERATION_EXCHANGE),
-            "handle_usage_rated": consume(queue, requeue_on_error=True)(
-                handle_usage_rated
-            ),
+            "publish_confirmed": ConfirmedPublisher(FEDERATION_EXCHANGE),
+            "handle_usage_rated": consume_batch(queue)(handle_usage_rated),
             "publish_state": timer(interval=interval, eager=True)(publish_state),
             "expire_vouchers": timer(interval=expiry_s, eager=True)(expire_vouchers),
             "relay_outbox": timer(interval=outbox_s, eager=True)(relay_outbox),
+            "mark_outbox": timer(interval=MARK_INTERVAL_S)(mark_outbox),
         },
     )

@@ -166,6 +166,73 @@ def test_32_concurrent_redeemers_on_one_voucher_with_redelivery(pg_factory):
     session.close()
 
 
+def test_concurrent_batches_on_shared_vouchers_with_redelivery(pg_factory):
+    """The consumer's path: 16 threads book overlapping batches (every record
+    in two batches, on three shared vouchers, two of them running out) in one
+    transaction each; the row locks and the unique keys keep every record
+    booked once and the books balanced."""
+    program = RULES.program("sh-small")
+    session = pg_factory()
+    codes = []
+    for n, face in enumerate((1000_00, 1000_00, 800_00)):
+        company = application()["company"] | {"registration_id": f"batch-co-{n}"}
+        decision = domain.decide(program, company)
+        codes.append(
+            ledger.apply(session, RULES, program, company, face, decision).voucher.code
+        )
+    session.close()
+    from services.common.contracts import load_event
+
+    # 16 × 10 records, 3 000 fen cost each (2 400 subsidy): 32 on the first
+    # voucher (76 800 fen, it lasts), 64 on each of the others (they run out).
+    records = [
+        load_event(
+            "usage_rated",
+            rated(
+                codes[0 if i < 2 else 1 + (t + i) % 2],
+                f"bt{t}-r{i}",
+                3_000,
+                COMMERCIAL,
+            )
+            | {"event_id": f"be-{t}-{i}"},
+        )
+        for t in range(16)
+        for i in range(10)
+    ]
+    errors = []
+    start = threading.Barrier(16)
+
+    def consumer(t):
+        own = pg_factory()
+        mine = records[t * 10 : t * 10 + 10]
+        theirs = records[((t + 1) % 16) * 10 : ((t + 1) % 16) * 10 + 10]
+        try:
+            start.wait()
+            ledger.book_usage_batch(own, RULES, mine + theirs[:5])
+            ledger.book_usage_batch(own, RULES, theirs[5:] + mine[:3])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            own.close()
+
+    _run([threading.Thread(target=consumer, args=(t,)) for t in range(16)])
+    assert errors == []
+    session = pg_factory()
+    rows = session.scalars(select(Redemption)).all()
+    assert len(rows) == 160 and len({r.record_id for r in rows}) == 160
+    per_voucher = {code: 0 for code in codes}
+    for row in rows:
+        per_voucher[row.voucher_code] += row.subsidy_fen
+    for code, face in zip(codes, (1000_00, 1000_00, 800_00), strict=True):
+        count = sum(1 for r in records if r["voucher_code"] == code)
+        # Independent computation: each record min(2 400, what is left).
+        assert per_voucher[code] == min(count * 2_400, face)
+        voucher = session.get(Voucher, code)
+        assert voucher.redeemed_fen == per_voucher[code]
+    assert ledger.check_ledger(session) == []
+    session.close()
+
+
 def _start(env):
     return subprocess.Popen(
         [

@@ -1,0 +1,388 @@
+"""vouchers_<city> as a nameko container: its RPC, its timers, its outbox.
+
+A real RabbitMQ (a fresh vhost per test) and a real PostgreSQL database:
+
+- the review queue (``list_applications``, ``review_application``), vouchers
+  (``list_vouchers``, ``revoke_voucher``), statements and ``ledger_totals``
+  over RPC, with the ledger checked to the fen;
+- the expiry timer releases an expired voucher's balance and publishes
+  ``voucher_released`` once;
+- an event whose publish failed after its commit is published by the outbox
+  timer, with the same ``event_id``.
+"""
+
+from datetime import timedelta
+
+import nameko
+import pytest
+from kombu import Connection, Queue, binding
+from kombu.simple import SimpleQueue
+from nameko.messaging import Publisher
+from nameko.standalone.rpc import ClusterRpcClient
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from services.common.amqp import FEDERATION_EXCHANGE, federation_key
+from services.common.config import (
+    CITY_CODE,
+    DATABASE_URL,
+    HEARTBEAT_INTERVAL_S,
+    RULES_FILE,
+)
+from services.common.db import make_engine
+from services.common.errors import Conflict, InvalidRequest, NotFound
+from services.common.migrations import upgrade
+from services.common.units import utcnow
+from services.vouchers import ledger
+from services.vouchers.models import OutboxEvent, Voucher
+from services.vouchers.service import (
+    EXPIRY_INTERVAL_S,
+    OUTBOX_INTERVAL_S,
+    build,
+)
+
+from .test_vouchers import COMMERCIAL, application, drain, rated
+
+pytestmark = pytest.mark.integration
+
+CITY = "shanghai"
+RULES = """\
+city: shanghai
+name: Shanghai
+region: east
+voucher_prefix: SH
+programs:
+  - id: sh-compute-2025
+    kind: compute
+    budget_cny: 10000000
+    rate_percent: 80
+    max_rate_percent: 90
+    face_value_cny: {min: 1000, max: 2000000}
+    valid_days: 365
+    review: auto
+    eligibility:
+      all_of:
+        - registered_in: shanghai
+  - id: sh-reviewed
+    kind: training_data
+    budget_cny: 5000000
+    rate_percent: 50
+    face_value_cny: {min: 1000, max: 1000000}
+    valid_days: 365
+    review: manual
+"""
+FACE_CNY = 1_000_000
+FACE_FEN = FACE_CNY * 100
+
+
+class FlakyPublisher(Publisher):
+    """A publisher whose first ``voucher_issued`` is lost: the broker "fails"
+    right after the commit. Records the event_id it dropped."""
+
+    dropped: list[str] = []
+
+    def get_dependency(self, worker_ctx):
+        publish = super().get_dependency(worker_ctx)
+
+        def flaky(body, **kwargs):
+            if kwargs["routing_key"].endswith(".voucher_issued") and not self.dropped:
+                self.dropped.append(body["event_id"])
+                raise ConnectionError("the broker went away")
+            return publish(body, **kwargs)
+
+        return flaky
+
+
+@pytest.fixture
+def database(pg_url_factory):
+    url = pg_url_factory("vouchers")
+    upgrade("vouchers", url)
+    return url
+
+
+@pytest.fixture
+def federation(rabbit_config):
+    """A test queue seeing everything the city publishes."""
+    with Connection(nameko.config["AMQP_URI"]) as connection:
+        queue = Queue(
+            "test.federation",
+            bindings=[binding(FEDERATION_EXCHANGE, routing_key=f"{CITY}.#")],
+        )
+        queue(connection.channel()).declare()
+        simple = SimpleQueue(connection, queue)
+        yield connection, simple
+        simple.close()
+
+
+@pytest.fixture
+def rules_file(tmp_path):
+    path = tmp_path / "shanghai.yaml"
+    path.write_text(RULES)
+    return path
+
+
+@pytest.fixture
+def start_city(database, federation, container_factory, rules_file):
+    """``start_city(publisher=None)`` → an RPC proxy of a running city."""
+    clients = []
+
+    def start(publisher=None):
+        config = {
+            DATABASE_URL: database,
+            CITY_CODE: CITY,
+            RULES_FILE: str(rules_file),
+            HEARTBEAT_INTERVAL_S: 5,
+            EXPIRY_INTERVAL_S: 0.2,
+            OUTBOX_INTERVAL_S: 0.3,
+        }
+        with nameko.config.patch(config):
+            service_cls = build(dict(nameko.config))
+        if publisher is not None:
+            service_cls = type(
+                service_cls.__name__, (service_cls,), {"publish": publisher}
+            )
+        container = container_factory(service_cls, config)
+        container.start()
+        client = ClusterRpcClient(uri=nameko.config["AMQP_URI"], timeout=10)
+        clients.append(client)
+        return getattr(client.start(), f"vouchers_{CITY}")
+
+    yield start
+    for client in clients:
+        client.stop()
+
+
+@pytest.fixture
+def engine(database):
+    engine = make_engine(database)
+    yield engine
+    engine.dispose()
+
+
+def _events(messages, event):
+    return [body for key, body in messages if key == federation_key(CITY, event)]
+
+
+def _publish_usage(federation, *bodies):
+    connection, _ = federation
+    producer = connection.Producer()
+    for body in bodies:
+        producer.publish(
+            body,
+            exchange=FEDERATION_EXCHANGE,
+            routing_key=federation_key(CITY, "usage_rated"),
+            serializer="json",
+            delivery_mode=2,
+        )
+
+
+def _quiet(simple, seconds):
+    """Everything published in the next ``seconds``."""
+    deadline = utcnow() + timedelta(seconds=seconds)
+    return drain(simple, lambda _: utcnow() > deadline, timeout=seconds + 5)
+
+
+def test_review_queue_vouchers_statements_and_totals_over_rpc(
+    start_city, federation, engine
+):
+    city = start_city()
+    _, simple = federation
+
+    # Manual review: the application waits; the queue lists it.
+    manual = {**application(), "program_id": "sh-reviewed"}
+    first = city.apply(manual)
+    assert first["decision"] == "pending_review" and first["voucher"] is None
+    second = city.apply(
+        {**application(registration_id="co-second"), "program_id": "sh-reviewed"}
+    )
+    auto = city.apply(application(registration_id="co-auto"))
+    assert auto["decision"] == "approved"
+
+    pending = city.list_applications(status="pending_review")
+    assert pending["total"] == 2
+    assert {a["application_id"] for a in pending["items"]} == {
+        first["application_id"],
+        second["application_id"],
+    }
+    assert all(a["status"] == "pending_review" for a in pending["items"])
+    assert city.list_applications()["total"] == 3
+    page = city.list_applications(limit=1, offset=1)
+    assert page["total"] == 3 and len(page["items"]) == 1
+    with pytest.raises(InvalidRequest):
+        city.list_applications(status="maybe")
+
+    # Approve one (it issues), reject the other; neither can be reviewed twice.
+    approved = city.review_application(
+        first["application_id"], True, "documents checked", "officer-1"
+    )
+    assert approved["decision"] == "approved"
+    assert approved["reviewed_by"] == "officer-1"
+    assert approved["voucher"]["program_id"] == "sh-reviewed"
+    assert approved["voucher"]["balance_fen"] == FACE_FEN
+    assert approved["reasons"][-1] == {
+        "rule": "manual_review",
+        "passed": True,
+        "evidence": "documents checked",
+    }
+    rejected = city.review_application(
+        second["application_id"], False, "not a start-up", "officer-2"
+    )
+    assert rejected["decision"] == "rejected" and rejected["voucher"] is None
+    with pytest.raises(Conflict) as err:
+        city.review_application(first["application_id"], False, "again", "officer-1")
+    assert err.value.code == "application_not_pending"
+    with pytest.raises(NotFound):
+        city.review_application("no-such-application", True, "ok", "officer-1")
+    with pytest.raises(InvalidRequest):
+        city.review_application(second["application_id"], "yes", "ok", "officer-1")
+    assert city.list_applications(status="pending_review")["total"] == 0
+    assert (
+        city.get_application(first["application_id"])["voucher_code"]
+        == (approved["voucher"]["code"])
+    )
+
+    # Vouchers: by company, by status.
+    reviewed_code = approved["voucher"]["code"]
+    auto_code = auto["voucher"]["code"]
+    listed = city.list_vouchers()
+    assert listed["total"] == 2
+    assert {v["code"] for v in listed["items"]} == {reviewed_code, auto_code}
+    mine = city.list_vouchers(company_id="co-auto")
+    assert [v["code"] for v in mine["items"]] == [auto_code]
+
+    # Usage on the auto voucher, then revoke it: the rest is released.
+    _publish_usage(federation, rated(auto_code, "svc-r1", 100_000, COMMERCIAL))
+    drain(simple, lambda m: _events(m, "voucher_redeemed"))
+    revoked = city.revoke_voucher(auto_code, "fraud suspected", "officer-1")
+    assert revoked["status"] == "revoked"
+    assert revoked["redeemed_fen"] == 80_000
+    assert revoked["released_fen"] == FACE_FEN - 80_000
+    assert revoked["balance_fen"] == 0
+    with pytest.raises(Conflict) as err:
+        city.revoke_voucher(auto_code, "twice", "officer-1")
+    assert err.value.code == "voucher_not_active"
+    assert [v["code"] for v in city.list_vouchers(status="revoked")["items"]] == [
+        auto_code
+    ]
+    assert city.list_vouchers(status="active")["total"] == 1
+    released = drain(simple, lambda m: _events(m, "voucher_released"))
+    assert [
+        (b["voucher_code"], b["released_fen"], b["reason"])
+        for b in _events(released, "voucher_released")
+    ] == [(auto_code, FACE_FEN - 80_000, "revoked")]
+
+    # Statements: every movement, summing to the balances.
+    statement = city.voucher_statement(auto_code)
+    assert statement["voucher"]["code"] == auto_code
+    sums = {}
+    for entry in statement["entries"]:
+        account = entry["account"].rsplit(":", 1)[1]
+        sums[account] = sums.get(account, 0) + entry["amount_fen"]
+    assert sums == {
+        "face": FACE_FEN,
+        "redeemed": 80_000,
+        "released": FACE_FEN - 80_000,
+    }
+    assert statement["total"] == len(statement["entries"])
+    with pytest.raises(NotFound):
+        city.program_statement("no-such-program")
+
+    program = city.program_statement("sh-compute-2025")
+    state = program["program"]
+    assert state["budget_fen"] == 10_000_000_00
+    assert state["redeemed_fen"] == 80_000
+    assert state["committed_fen"] == 0
+    assert state["available_fen"] == 10_000_000_00 - 80_000
+    assert state["released_fen"] == FACE_FEN - 80_000
+    program_sums = {}
+    for entry in program["entries"]:
+        column = entry["account"].rsplit(":", 1)[1]
+        program_sums[column] = program_sums.get(column, 0) + entry["amount_fen"]
+    assert program_sums["redeemed"] == 80_000
+    assert program_sums.get("committed", 0) == 0
+    assert program_sums["available"] == state["available_fen"]
+
+    # Totals straight from the ledger, equal to an independent computation.
+    totals = city.ledger_totals()
+    assert totals["city"] == CITY and totals["as_of"]
+    by_program = {p["program_id"]: p for p in totals["programs"]}
+    assert by_program["sh-compute-2025"] == {
+        "program_id": "sh-compute-2025",
+        "budget_fen": 10_000_000_00,
+        "available_fen": 10_000_000_00 - 80_000,
+        "committed_fen": 0,
+        "redeemed_fen": 80_000,
+        "released_fen": FACE_FEN - 80_000,
+        "vouchers_issued": 1,
+    }
+    assert by_program["sh-reviewed"]["committed_fen"] == FACE_FEN
+    assert by_program["sh-reviewed"]["available_fen"] == 5_000_000_00 - FACE_FEN
+    assert by_program["sh-reviewed"]["vouchers_issued"] == 1
+    with Session(engine) as session:
+        assert ledger.check_ledger(session) == []
+
+
+def test_expiry_timer_releases_the_balance_and_publishes_once(
+    start_city, federation, engine
+):
+    city = start_city()
+    _, simple = federation
+    code = city.apply(application())["voucher"]["code"]
+    _publish_usage(federation, rated(code, "exp-r1", 10_000, COMMERCIAL))
+    drain(simple, lambda m: _events(m, "voucher_redeemed"))
+
+    # A year passes for this voucher.
+    with Session(engine) as session:
+        session.execute(
+            update(Voucher)
+            .where(Voucher.code == code)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+        session.commit()
+    messages = drain(simple, lambda m: _events(m, "voucher_released"))
+    messages += _quiet(simple, 1.5)  # several more expiry ticks
+    released = _events(messages, "voucher_released")
+    assert len(released) == 1
+    assert released[0]["voucher_code"] == code
+    assert released[0]["released_fen"] == FACE_FEN - 8_000
+    assert released[0]["reason"] == "expired"
+
+    voucher = city.get_voucher(code)
+    assert voucher["status"] == "expired"
+    assert voucher["balance_fen"] == 0
+    assert voucher["released_fen"] == FACE_FEN - 8_000
+    state = {s["program_id"]: s for s in city.program_states()}["sh-compute-2025"]
+    assert state["committed_fen"] == 0
+    assert state["redeemed_fen"] == 8_000
+    assert state["available_fen"] == 10_000_000_00 - 8_000
+
+    # Usage after the expiry is refused, not booked.
+    _publish_usage(federation, rated(code, "exp-r2", 10_000, COMMERCIAL))
+    late = _quiet(simple, 1.0)
+    assert _events(late, "voucher_redeemed") == []
+    assert city.get_voucher(code)["redeemed_fen"] == 8_000
+    with Session(engine) as session:
+        assert ledger.check_ledger(session) == []
+
+
+def test_outbox_timer_publishes_an_event_whose_publish_failed(
+    start_city, federation, engine
+):
+    FlakyPublisher.dropped = []
+    city = start_city(FlakyPublisher(exchange=FEDERATION_EXCHANGE))
+    _, simple = federation
+    code = city.apply(application())["voucher"]["code"]  # committed, not published
+    assert len(FlakyPublisher.dropped) == 1
+    dropped = FlakyPublisher.dropped[0]
+    with Session(engine) as session:
+        row = session.scalar(select(OutboxEvent).where(OutboxEvent.event_id == dropped))
+        assert row.event == "voucher_issued" and row.published_at is None
+
+    messages = drain(simple, lambda m: _events(m, "voucher_issued"), timeout=10)
+    messages += _quiet(simple, 1.5)  # the relay does not publish it twice
+    issued = _events(messages, "voucher_issued")
+    assert [(b["event_id"], b["voucher_code"]) for b in issued] == [(dropped, code)]
+    assert issued[0]["face_value_fen"] == FACE_FEN
+    with Session(engine) as session:
+        row = session.scalar(select(OutboxEvent).where(OutboxEvent.event_id == dropped))
+        assert row.published_at is not None
