@@ -360,6 +360,55 @@ class Program:
     datacenters: DatacenterScope = ANYWHERE
 
 
+def _scope_on_the_wire(scope: DatacenterScope) -> Any:
+    """A program's data-centre scope as the rules file writes it."""
+    if scope == ANYWHERE:
+        return "any"
+    wire: dict[str, Any] = {}
+    if scope.ids is not None:
+        wire["ids"] = sorted(scope.ids)
+    for key in ("hub_region", "government_run", "chip_origin"):
+        if getattr(scope, key) is not None:
+            wire[key] = getattr(scope, key)
+    if scope.exclude:
+        wire["exclude"] = sorted(scope.exclude)
+    return wire
+
+
+def program_summary(
+    program: Program,
+    rules_version: str,
+    rules_sha256: str,
+    budget_fen: int,
+    available_fen: int,
+    committed_fen: int,
+    redeemed_fen: int,
+) -> dict[str, Any]:
+    """One program as ``program_published`` carries it (CONTRACTS.md §3).
+
+    Beyond the contract's fields it carries the terms that price a voucher's
+    use at a given data centre (cap, bonuses, scope), so that the registry's
+    recommendations apply the city's own rules, and the ledger state.
+    """
+    return {
+        "id": program.id,
+        "kind": program.kind,
+        "budget_fen": budget_fen,
+        "rate_bp": program.rate_bp,
+        "rules_version": rules_version,
+        "rules_sha256": rules_sha256,
+        "available_fen": available_fen,
+        "committed_fen": committed_fen,
+        "redeemed_fen": redeemed_fen,
+        "max_rate_bp": program.max_rate_bp,
+        "bonuses": [
+            {"when": dict(bonus.when), "add_bp": bonus.add_bp}
+            for bonus in program.bonuses
+        ],
+        "datacenters": _scope_on_the_wire(program.datacenters),
+    }
+
+
 @dataclass(frozen=True)
 class CityRules:
     city: str

@@ -109,17 +109,15 @@ def _program_published(session: Session, rules: domain.CityRules, eid: str):
         region=rules.region,
         voucher_prefix=rules.voucher_prefix,
         programs=[
-            {
-                "id": p.id,
-                "kind": p.kind,
-                "budget_fen": rows[p.id].budget_fen,
-                "rate_bp": p.rate_bp,
-                "rules_version": rules.version,
-                "rules_sha256": rules.sha256,
-                "available_fen": rows[p.id].available_fen,
-                "committed_fen": rows[p.id].committed_fen,
-                "redeemed_fen": rows[p.id].redeemed_fen,
-            }
+            domain.program_summary(
+                p,
+                rules.version,
+                rules.sha256,
+                rows[p.id].budget_fen,
+                rows[p.id].available_fen,
+                rows[p.id].committed_fen,
+                rows[p.id].redeemed_fen,
+            )
             for p in rules.programs
             if p.id in rows
         ],

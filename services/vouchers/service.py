@@ -378,6 +378,7 @@ class VouchersService:
         instance = f"{self.clock.started_at:.6f}"
         if tick % PUBLISH_PROGRAMS_EVERY == 0:
             rules = self.ledger.rules
+            programs = {program.id: program for program in rules.programs}
             self._publish(
                 "program_published",
                 event_id("program_published", self.city, instance, str(tick)),
@@ -385,18 +386,17 @@ class VouchersService:
                 region=rules.region,
                 voucher_prefix=rules.voucher_prefix,
                 programs=[
-                    {
-                        "id": state["program_id"],
-                        "kind": state["kind"],
-                        "budget_fen": state["budget_fen"],
-                        "rate_bp": state["rate_bp"],
-                        "rules_version": rules.version,
-                        "rules_sha256": rules.sha256,
-                        "available_fen": state["available_fen"],
-                        "committed_fen": state["committed_fen"],
-                        "redeemed_fen": state["redeemed_fen"],
-                    }
+                    domain.program_summary(
+                        programs[state["program_id"]],
+                        rules.version,
+                        rules.sha256,
+                        state["budget_fen"],
+                        state["available_fen"],
+                        state["committed_fen"],
+                        state["redeemed_fen"],
+                    )
                     for state in self.ledger.program_states()
+                    if state["program_id"] in programs
                 ],
             )
         self._publish(

@@ -335,7 +335,9 @@ programs:
     top = items[0]
     assert top["cost_fen"] == cost_fen(8 * 10 * 3600, PRICE_FEN)
     assert top["subsidy_fen"] == top["cost_fen"] * top["rate_bp"] // 10_000
-    assert top["rate_bp"] in (RATE_BP, MAX_BP) and top["explanation"]
+    # The city publishes its bonuses and cap: 60 % + 10 % (government-run).
+    assert top["rate_bp"] == MAX_BP == RATE_BP + GOV_BONUS_BP
+    assert any("bonus" in reason for reason in top["explanation"])
 
     # 9. Reconciliation: zero drift, then a named discrepancy, then a rebuild.
     def reconciled():
