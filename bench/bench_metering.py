@@ -6,7 +6,8 @@ beside a bare kombu publish-and-consume of the same messages (confirms, acks).
 
 Needs RabbitMQ (management API on 15672) and PostgreSQL; makes its own vhost
 and database and removes them. metering runs as a real process
-(``python -m services.metering``) with a stand-in ``city_registry`` process.
+(``python -m services.metering``; ``--processes`` of them competing on the
+queue, default 2) with a stand-in ``city_registry`` process.
 Ends with ``metering_records_per_s=<n> baseline_records_per_s=<n> ratio=<r>``.
 """
 
@@ -146,7 +147,9 @@ def queue_depth(channel, name: str) -> int:
     return channel.queue_declare(name, passive=True).message_count
 
 
-def run_metering(vhost: str, db_url: str, bodies, env_extra: dict) -> float:
+def run_metering(
+    vhost: str, db_url: str, bodies, env_extra: dict, processes: int
+) -> float:
     amqp_uri = f"amqp://guest:guest@localhost:5672/{vhost}"
     env = dict(
         os.environ,
@@ -176,18 +179,18 @@ def run_metering(vhost: str, db_url: str, bodies, env_extra: dict) -> float:
         if profile
         else []
     )
-    metering = subprocess.Popen(
-        [
-            *wrapper,
-            python,
-            "-m",
-            "services.metering",
-            "--config",
-            "deploy/config/metering.yaml",
-        ],
-        cwd=ROOT,
-        env=env,
-    )
+    # Competing consumers on metering.usage (DESIGN.md): ``processes`` of
+    # them. The first one migrates the new database; the others start once it
+    # consumes (two migrating one empty database at once would collide).
+    command = [
+        python,
+        "-m",
+        "services.metering",
+        "--config",
+        "deploy/config/metering.yaml",
+    ]
+    meterings = [subprocess.Popen([*wrapper, *command], cwd=ROOT, env=env)]
+    per_process = int(env.get("CONSUMERS", 2))
     try:
         connection = connect(vhost)
         channel = connection.channel()
@@ -198,17 +201,28 @@ def run_metering(vhost: str, db_url: str, bodies, env_extra: dict) -> float:
         channel.queue_bind(
             "bench.usage_rated", "computenet.federation", "*.usage_rated"
         )
-        deadline = time.monotonic() + 60
-        while True:  # metering has declared its queue and consumes
-            try:
-                probe = connection.channel()
-                if probe.queue_declare("metering.usage", passive=True).consumer_count:
-                    break
-            except amqp.exceptions.NotFound:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("metering did not start")
-            time.sleep(0.2)
+
+        def wait_consumers(count: int) -> None:
+            deadline = time.monotonic() + 60
+            while True:  # metering has declared its queue and consumes
+                try:
+                    probe = connection.channel()
+                    declared = probe.queue_declare("metering.usage", passive=True)
+                    if declared.consumer_count >= count:
+                        return
+                except amqp.exceptions.NotFound:
+                    pass
+                if time.monotonic() > deadline or any(
+                    m.poll() is not None for m in meterings
+                ):
+                    raise RuntimeError("metering did not start")
+                time.sleep(0.2)
+
+        wait_consumers(per_process)
+        meterings += [
+            subprocess.Popen(command, cwd=ROOT, env=env) for _ in range(processes - 1)
+        ]
+        wait_consumers(per_process * processes)
         channel.confirm_select()
         started = time.perf_counter()
         publish(channel, bodies, "computenet.usage", "guian-gov-01.usage")
@@ -227,13 +241,16 @@ def run_metering(vhost: str, db_url: str, bodies, env_extra: dict) -> float:
                 "SELECT sum(records) FROM usage_rollups_hourly"
             ).fetchone()[0]
         assert stored == len(bodies) == rolled, (stored, rolled)
+        assert all(m.poll() is None for m in meterings), "a metering process died"
         connection.close()
         return len(bodies) / elapsed
     finally:
         # py-spy writes its profile on SIGINT, and passes it on to metering
-        metering.send_signal(signal.SIGINT if profile else signal.SIGTERM)
+        for n, metering in enumerate(meterings):
+            profiled = profile and n == 0
+            metering.send_signal(signal.SIGINT if profiled else signal.SIGTERM)
         registry.terminate()
-        for process in (metering, registry):
+        for process in (*meterings, registry):
             process.wait(30)
 
 
@@ -242,6 +259,12 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--batch-size", default=None)
     parser.add_argument("--consumers", default=None)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="metering processes competing on the queue (default: %(default)s)",
+    )
     args = parser.parse_args()
     env_extra = {}
     if args.batch_size:
@@ -258,8 +281,12 @@ def main() -> None:
         print(f"load before: {os.getloadavg()}", flush=True)
         baseline = run_baseline(vhost, bodies)
         print(f"baseline: {baseline:.0f} records/s", flush=True)
-        metering = run_metering(vhost, db_url, bodies, env_extra)
-        print(f"metering: {metering:.0f} records/s", flush=True)
+        metering = run_metering(vhost, db_url, bodies, env_extra, args.processes)
+        print(
+            f"metering ({args.processes} competing process(es)):"
+            f" {metering:.0f} records/s",
+            flush=True,
+        )
         print(f"load after: {os.getloadavg()}", flush=True)
     finally:
         requests.delete(f"{MANAGEMENT}/api/vhosts/{vhost}", timeout=10)

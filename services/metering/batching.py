@@ -13,6 +13,8 @@ records a second both cost more than the rating itself. Here:
   failed on their own); if it raises, the whole batch is requeued after a
   pause. ``PREFETCH_COUNT`` (default two batches) keeps the next batch
   arriving while one is processed; ``CONSUMERS`` consumers run side by side.
+  Deliveries are taken from py-amqp directly (no kombu ``Message`` each), on
+  a connection that reads the socket ahead (:data:`READ_CHUNK`).
 - :class:`ConfirmedPublisher` publishes a list of events and waits for the
   broker's confirms of all of them at once (AMQP ``confirm.select``; acks may
   cover many deliveries at once).
@@ -20,19 +22,25 @@ records a second both cost more than the rating itself. Here:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import struct
 import time
+import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import amqp
+import amqp.exceptions
+import amqp.serialization
+import amqp.spec
+import amqp.transport
 import eventlet
 from amqp.method_framing import frame_writer
 from eventlet.event import Event
 from eventlet.queue import LightQueue
 from kombu import Connection
-from kombu import Consumer as KombuConsumer
 from nameko import config
 from nameko.extensions import DependencyProvider, Entrypoint
 
@@ -57,17 +65,99 @@ _POLL_S = 0.2
 
 
 def _raw(message) -> RawMessage:
+    """A py-amqp delivery as a :class:`RawMessage` (no kombu ``Message`` between)."""
     body = message.body
-    if isinstance(body, str):
-        body = body.encode()
-    delivery = message.delivery_info or {}
+    if type(body) is not bytes:  # pragma: no cover - py-amqp hands out bytes
+        body = body.encode() if isinstance(body, str) else bytes(body)
+    properties = message.properties
+    delivery = message.delivery_info
     return RawMessage(
-        body=bytes(body),
-        headers=dict(message.headers or {}),
-        properties=dict(message.properties or {}),
-        routing_key=delivery.get("routing_key", ""),
-        redelivered=bool(delivery.get("redelivered", False)),
+        body=body,
+        headers=properties.get("application_headers") or {},
+        properties=properties,
+        routing_key=delivery["routing_key"],
+        redelivered=bool(delivery["redelivered"]),
     )
+
+
+# py-amqp reads each frame with two ``recv`` calls of exactly the bytes it
+# needs (7 for the header, then the payload): six system calls, each through
+# eventlet's green socket, per delivery. Reading up to this much at once and
+# keeping the rest in py-amqp's own read buffer serves most frames from memory.
+READ_CHUNK = 16 * 1024
+
+
+def _buffered_read(self, n, initial=False, _errnos=(errno.EAGAIN, errno.EINTR)):
+    """``TCPTransport._read``, reading ahead ``READ_CHUNK`` bytes at a time."""
+    rbuf = self._read_buffer
+    if len(rbuf) >= n:
+        self._read_buffer = rbuf[n:]
+        return rbuf[:n]
+    recv = self._quick_recv
+    try:
+        while len(rbuf) < n:
+            try:
+                s = recv(max(n - len(rbuf), READ_CHUNK))
+            except OSError as exc:
+                if exc.errno in _errnos:
+                    if initial and self.raise_on_initial_eintr:
+                        raise TimeoutError() from exc
+                    continue
+                raise
+            if not s:
+                raise OSError("Server unexpectedly closed connection")
+            rbuf += s
+    except:  # noqa: E722 - as py-amqp: keep what was read, whatever happened
+        self._read_buffer = rbuf
+        raise
+    result, self._read_buffer = rbuf[:n], rbuf[n:]
+    return result
+
+
+_FRAME_END = 206
+
+
+def _buffered_frame(transport) -> tuple[int, int, bytes] | None:
+    """The next frame if it is whole in the read buffer (else None), taken out
+    with one slice rather than py-amqp's three reads."""
+    buf = transport._read_buffer
+    if len(buf) < 8:
+        return None
+    frame_type, channel, size = struct.unpack_from(">BHI", buf)
+    end = 7 + size
+    if len(buf) <= end:
+        return None
+    if buf[end] != _FRAME_END:
+        raise amqp.exceptions.UnexpectedFrame(
+            f"Received frame_end {buf[end]:#04x} while expecting 0xce"
+        )
+    transport._read_buffer = buf[end + 1 :]
+    return frame_type, channel, buf[7:end]
+
+
+def buffer_reads(connection: Connection) -> bool:
+    """Make a connected kombu/py-amqp connection read ahead (see READ_CHUNK);
+    False if it cannot (TLS)."""
+    transport = connection.connection.transport
+    if not isinstance(transport, amqp.transport.TCPTransport):
+        return False
+    transport._read = types.MethodType(_buffered_read, transport)
+    return True
+
+
+def drain_buffered(connection: Connection, limit: int) -> int:
+    """Handle up to ``limit`` frames already in the read buffer, without
+    touching the socket (nor its timeout); returns how many."""
+    raw = connection.connection
+    transport = raw.transport
+    handled = 0
+    while handled < limit:
+        frame = _buffered_frame(transport)
+        if frame is None:
+            break
+        raw.on_inbound_frame(frame)
+        handled += 1
+    return handled
 
 
 class BatchConsumer(Entrypoint):
@@ -123,38 +213,42 @@ class BatchConsumer(Entrypoint):
                 eventlet.sleep(RETRY_PAUSE_S)
 
     def _consume(self) -> None:
+        # py-amqp directly, not kombu's Consumer: no kombu Message per delivery.
         pending: list = []
         with Connection(self.amqp_uri, heartbeat=0) as connection:
             connection.ensure_connection(max_retries=1)
+            buffered = buffer_reads(connection)
             channel = connection.channel()
-            consumer = KombuConsumer(
-                channel,
-                queues=[self.queue],
-                on_message=pending.append,
-                no_ack=False,
-                auto_declare=True,
+            self.queue(channel).declare()
+            channel.basic_qos(0, self.prefetch_count, False)
+            channel.basic_consume(
+                self.queue.name, callback=pending.append, no_ack=False
             )
-            consumer.qos(prefetch_count=self.prefetch_count)
-            with consumer:
-                first_at = None
-                while not self._stopping:
-                    wait = _POLL_S
-                    if pending:
-                        first_at = first_at or time.monotonic()
-                        wait = max(0.0, first_at + self.batch_wait_s - time.monotonic())
-                    if len(pending) < self.batch_size and wait > 0:
-                        try:
-                            connection.drain_events(timeout=wait)
-                            continue
-                        except TimeoutError:
-                            pass
-                    if pending:
-                        batch = pending[: self.batch_size]
-                        del pending[: self.batch_size]
-                        first_at = None
-                        self._handle(batch)
+            first_at = None
+            while not self._stopping:
+                wait = _POLL_S
+                if pending:
+                    first_at = first_at or time.monotonic()
+                    wait = max(0.0, first_at + self.batch_wait_s - time.monotonic())
+                if len(pending) < self.batch_size and wait > 0:
+                    # Three frames a delivery: what is buffered first, then
+                    # (for the rest) one read with a timeout.
+                    if buffered and drain_buffered(
+                        connection, 3 * (self.batch_size - len(pending))
+                    ):
+                        continue
+                    try:
+                        connection.drain_events(timeout=wait)
+                        continue
+                    except TimeoutError:
+                        pass
+                if pending:
+                    batch = pending[: self.batch_size]
+                    del pending[: self.batch_size]
+                    first_at = None
+                    self._handle(channel, batch)
 
-    def _handle(self, batch: list) -> None:
+    def _handle(self, channel, batch: list) -> None:
         done = Event()
 
         def handle_result(worker_ctx, result, exc_info):
@@ -175,20 +269,21 @@ class BatchConsumer(Entrypoint):
                 exc_info=exc_info,
             )
             eventlet.sleep(RETRY_PAUSE_S)  # so a fault does not spin
-            batch[-1].channel.basic_nack(
-                batch[-1].delivery_tag, multiple=True, requeue=True
+            channel.basic_nack(
+                batch[-1].delivery_info["delivery_tag"], multiple=True, requeue=True
             )
             return
         requeue = set(result or ())
         if not requeue:
-            batch[-1].ack(multiple=True)
+            channel.basic_ack(batch[-1].delivery_info["delivery_tag"], multiple=True)
             return
         eventlet.sleep(RETRY_PAUSE_S)
         for index, message in enumerate(batch):
+            tag = message.delivery_info["delivery_tag"]
             if index in requeue:
-                message.requeue()
+                channel.basic_reject(tag, requeue=True)
             else:
-                message.ack()
+                channel.basic_ack(tag)
 
 
 consume_batch = BatchConsumer.decorator
@@ -202,6 +297,48 @@ class _Collector:
 
     def write(self, view) -> None:
         self.frames.append(bytes(view))  # the writer reuses its buffer
+
+
+# basic.publish of one event, framed by hand: py-amqp builds a Message, packs
+# its properties and frames it field by field for every event; here only the
+# message id and the body change. Properties: content_type, content_encoding,
+# delivery_mode, message_id (their flag bits, in the order AMQP 0-9-1 fixes).
+# ``test_hand_framed_publish_is_what_py_amqp_writes`` compares the bytes.
+_PUBLISH_FLAGS = 0x8000 | 0x4000 | 0x1000 | 0x0080
+_PROPERTIES_PREFIX = (
+    struct.pack(">H", _PUBLISH_FLAGS) + b"\x10application/json" + b"\x05utf-8" + b"\x02"
+)
+_BASIC_CLASS = 60
+
+
+def _frame(frame_type: int, channel_id: int, payload: bytes) -> bytes:
+    return b"".join(
+        (struct.pack(">BHI", frame_type, channel_id, len(payload)), payload, b"\xce")
+    )
+
+
+def publish_method_frame(channel_id: int, exchange: str, routing_key: str) -> bytes:
+    args = amqp.serialization.dumps("Bssbb", (0, exchange, routing_key, False, False))
+    return _frame(1, channel_id, struct.pack(">HH", *amqp.spec.Basic.Publish) + args)
+
+
+def publish_content_frames(
+    channel_id: int, message_id: str, body: bytes, frame_max: int
+) -> bytes | None:
+    """The header and body frames of one event, or None when py-amqp must
+    frame it (a body to split over frames, an id longer than a short string)."""
+    mid = message_id.encode()
+    if not body or len(mid) > 255 or len(body) + 64 + len(mid) > frame_max - 8:
+        return None
+    header = b"".join(
+        (
+            struct.pack(">HHQ", _BASIC_CLASS, 0, len(body)),
+            _PROPERTIES_PREFIX,
+            bytes((len(mid),)),
+            mid,
+        )
+    )
+    return _frame(2, channel_id, header) + _frame(3, channel_id, body)
 
 
 class _ConfirmingChannel:
@@ -220,6 +357,7 @@ class _ConfirmingChannel:
         # From here on, frames are collected and sent in one write per batch
         # (py-amqp writes each frame on its own: a system call per event).
         self._frames: list[bytes] = []
+        self._methods: dict[tuple[str, str], bytes] = {}
         raw = self.connection.connection
         raw.frame_writer = frame_writer(raw, _Collector(self._frames))
 
@@ -244,15 +382,30 @@ class _ConfirmingChannel:
 
     def publish_all(self, exchange: str, events: Iterable[tuple[str, str, Any]]):
         start = self.published
+        channel_id = self.channel.channel_id
+        frame_max = self.connection.connection.frame_max
         for routing_key, message_id, payload in events:
-            message = amqp.Message(
-                body=json.dumps(payload, separators=(",", ":")).encode(),
-                content_type="application/json",
-                content_encoding="utf-8",
-                delivery_mode=2,
-                message_id=message_id,
-            )
-            self.channel.basic_publish(message, exchange, routing_key)
+            body = json.dumps(payload, separators=(",", ":")).encode()
+            content = publish_content_frames(channel_id, message_id, body, frame_max)
+            if content is None:
+                self.channel.basic_publish(
+                    amqp.Message(
+                        body=body,
+                        content_type="application/json",
+                        content_encoding="utf-8",
+                        delivery_mode=2,
+                        message_id=message_id,
+                    ),
+                    exchange,
+                    routing_key,
+                )
+            else:
+                method = self._methods.get((exchange, routing_key))
+                if method is None:
+                    method = publish_method_frame(channel_id, exchange, routing_key)
+                    self._methods[(exchange, routing_key)] = method
+                self._frames.append(method)
+                self._frames.append(content)
             self.published += 1
             self.unconfirmed.add(self.published)
         if self.published == start:

@@ -13,6 +13,7 @@ the caller requeues the whole batch and nothing is half-applied.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +33,7 @@ from services.metering.domain import Reason, Refused
 from services.metering.models import (
     CapacityReport,
     DeadLetter,
+    DeliveryAttempt,
     MeteredDatacenter,
     UsageRecord,
     UsageRollup,
@@ -79,6 +81,7 @@ class Checked:
     loaded: dict[str, Any]
     digest: str
     row: dict[str, Any] | None = None  # usage: the row to insert
+    wire: dict[str, Any] | None = None  # usage: the record as on the wire
 
 
 @dataclass
@@ -138,7 +141,8 @@ def check(
         city = registry.city_of_prefix(prefix)
         if city is None:
             raise domain.unknown_prefix(prefix)
-    digest = domain.canonical_sha256(record)
+    wire = domain.dump_record(record)  # once: for the digest and the event
+    digest = domain.wire_sha256(wire)
     row = {name: record[name] for name in RECORD_FIELDS}
     row.update(
         record_sha256=digest,
@@ -150,7 +154,7 @@ def check(
         chip_origin=rating.datacenter["chip_origin"],
         rated_at=rated_at,
     )
-    return Checked(index, kind, datacenter_id, record, digest, row)
+    return Checked(index, kind, datacenter_id, record, digest, row, wire)
 
 
 # -- the batch ------------------------------------------------------------------
@@ -181,6 +185,7 @@ def process_batch(
             continue
         (usage if checked.kind == domain.USAGE else capacity).append(checked)
 
+    info = session.connection().info  # lives as long as the database connection
     try:
         refusals += _store_usage(session, usage, outcome)
         refusals += _store_capacity(session, capacity)
@@ -192,6 +197,10 @@ def process_batch(
         session.commit()
     except BaseException:
         session.rollback()
+        # What this connection believed done (a temporary table created, a
+        # data centre's attributes written) may have been rolled back with it.
+        info.pop(_STAGING_READY, None)
+        info.pop(_DATACENTERS_WRITTEN, None)
         raise
     outcome.refused = refusals
     return outcome
@@ -228,7 +237,9 @@ def _store_usage(
             first[key] = checked
 
     _lock_records(session, first.values())
-    inserted_keys = _insert_records(session, [c.row for c in first.values()])
+    inserted_keys, correctors = _insert_records(
+        session, [c.row for c in first.values()]
+    )
     outcome.inserted = len(inserted_keys)
 
     stored_before = [key for key in first if key not in inserted_keys]
@@ -254,9 +265,9 @@ def _store_usage(
         outcome.duplicates += 1
         # The same fact again: its event goes out again, with the same id.
         outcome.outgoing.extend(events_of(existing))
-    _update_rollups(session, {key: first[key].row for key in inserted_keys})
+    _update_rollups(session, {key: first[key].row for key in inserted_keys}, correctors)
     for key in inserted_keys:
-        outcome.outgoing.extend(events_of(first[key].row))
+        outcome.outgoing.extend(events_of(first[key].row, first[key].wire))
     return refusals
 
 
@@ -284,14 +295,26 @@ def _insert(session: Session):
     return {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
 
 
+Correctors = dict[domain.RecordKey, set[domain.RecordKey]]
+
+
 def _insert_records(
     session: Session, rows: list[dict[str, Any]]
-) -> set[domain.RecordKey]:
-    """Insert what is new; returns the keys actually inserted (RETURNING)."""
+) -> tuple[set[domain.RecordKey], Correctors | None]:
+    """Insert what is new; returns the keys actually inserted (RETURNING) and,
+    on PostgreSQL, the records stored *before* this statement that name one
+    of them in ``correction_of`` (``{corrected: {correctors}}``), found by the
+    same statement. On SQLite that second part is None (asked separately)."""
     if not rows:
-        return set()
+        return set(), {}
     if session.get_bind().dialect.name == "postgresql":
-        return {tuple(key) for key in _copy_in(session, _RECORDS, rows)}
+        inserted: set[domain.RecordKey] = set()
+        correctors: Correctors = {}
+        for dc, record_id, corrector in _copy_in(session, _RECORDS, rows):
+            inserted.add((dc, record_id))
+            if corrector is not None:
+                correctors.setdefault((dc, record_id), set()).add((dc, corrector))
+        return inserted, correctors
     # One statement, many parameter sets: SQLAlchemy's "insertmanyvalues" sends
     # them as multi-row VALUES and keeps the compiled statement cached.
     statement = (
@@ -300,50 +323,73 @@ def _insert_records(
         .returning(_RECORDS.c.datacenter_id, _RECORDS.c.record_id)
     )
     rows = sorted(rows, key=lambda row: (row["datacenter_id"], row["record_id"]))
-    return {tuple(key) for key in session.execute(statement, rows)}
+    return {tuple(key) for key in session.execute(statement, rows)}, None
 
 
-# PostgreSQL: COPY a batch into a temporary table, then one INSERT … SELECT
-# … ON CONFLICT moves it over. Three round trips for any batch size, and no
-# multi-kilobyte statement for the driver to parse (where the time went).
+# PostgreSQL: COPY a batch into a temporary table (created once per
+# connection, emptied at each commit), then one INSERT … SELECT … ON CONFLICT
+# moves it over: two round trips for any batch size, and no multi-kilobyte
+# statement for the driver to parse (where the time went).
+#
+# The records' INSERT also answers "which stored records correct the ones
+# just inserted?" in the same round trip: the outer SELECT of a statement with
+# a data-modifying WITH sees the table as it was before the statement (rows of
+# this batch are not in it; the caller knows those), and it runs after the
+# batch's advisory locks are held, so a concurrent corrector has committed
+# (and is seen) or waits for this transaction (and sees these records).
+_RECORD_COLUMNS = [name for name in _RECORDS.c.keys() if name != "id"]
 _COPY_TARGETS = {
     "usage_records": (
-        [name for name in _RECORDS.c.keys() if name != "id"],
-        "ON CONFLICT (datacenter_id, record_id) DO NOTHING"
-        " RETURNING datacenter_id, record_id",
-        "datacenter_id, record_id",
+        _RECORD_COLUMNS,
+        "WITH inserted AS ("
+        " INSERT INTO usage_records ({names})"
+        " SELECT {names} FROM incoming_usage_records"
+        " ORDER BY datacenter_id, record_id"
+        " ON CONFLICT (datacenter_id, record_id) DO NOTHING"
+        " RETURNING datacenter_id, record_id)"
+        " SELECT inserted.datacenter_id, inserted.record_id, stored.record_id"
+        " FROM inserted LEFT JOIN usage_records AS stored"
+        " ON stored.datacenter_id = inserted.datacenter_id"
+        " AND stored.correction_of = inserted.record_id",
     ),
     "usage_rollups_hourly": (
         [*_BUCKET, "records", "gpu_seconds", "cost_fen"],
-        "ON CONFLICT (" + ", ".join(_BUCKET) + ") DO UPDATE SET"
+        "INSERT INTO usage_rollups_hourly ({names})"
+        " SELECT {names} FROM incoming_usage_rollups_hourly"
+        " ORDER BY " + ", ".join(_BUCKET) + " ON CONFLICT (" + ", ".join(_BUCKET) + ")"
+        " DO UPDATE SET"
         " records = usage_rollups_hourly.records + excluded.records,"
         " gpu_seconds = usage_rollups_hourly.gpu_seconds + excluded.gpu_seconds,"
         " cost_fen = usage_rollups_hourly.cost_fen + excluded.cost_fen",
-        ", ".join(_BUCKET),
     ),
 }
+# Keys of the SQLAlchemy connection's ``info`` (which lives as long as the
+# database connection): the staging tables it has, the data-centre attributes
+# it has written.
+_STAGING_READY = "metering_staging_ready"
+_DATACENTERS_WRITTEN = "metering_datacenters_written"
 
 
 def _copy_in(session: Session, table, rows: list[dict[str, Any]]) -> list[tuple]:
-    columns, conflict, order = _COPY_TARGETS[table.name]
+    columns, move = _COPY_TARGETS[table.name]
     names = ", ".join(columns)
     staging = f"incoming_{table.name}"
-    driver = session.connection().connection.driver_connection
+    connection = session.connection()
+    ready = connection.info.setdefault(_STAGING_READY, set())
+    driver = connection.connection.driver_connection
     with driver.cursor() as cursor:
-        cursor.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS AS "
-            f"SELECT {names} FROM {table.name} WITH NO DATA"
-        )
+        if staging not in ready:
+            cursor.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS AS "
+                f"SELECT {names} FROM {table.name} WITH NO DATA"
+            )
+            ready.add(staging)
         with cursor.copy(f"COPY {staging} ({names}) FROM STDIN") as copy:
+            write_row = copy.write_row
             for row in rows:
-                copy.write_row([row[name] for name in columns])
-        cursor.execute(
-            f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {staging}"
-            f" ORDER BY {order} {conflict}"
-        )
-        returned = cursor.fetchall() if cursor.description else []
-        cursor.execute(f"TRUNCATE {staging}")
-        return returned
+                write_row([row[name] for name in columns])
+        cursor.execute(move.format(names=names))
+        return cursor.fetchall() if cursor.description else []
 
 
 def _stored_rows(
@@ -385,9 +431,15 @@ def _corrections_of(
 
 
 def _update_rollups(
-    session: Session, inserted: dict[domain.RecordKey, dict[str, Any]]
+    session: Session,
+    inserted: dict[domain.RecordKey, dict[str, Any]],
+    stored_correctors: Correctors | None = None,
 ) -> None:
-    """Move the rollups by what the newly stored records change (domain rule)."""
+    """Move the rollups by what the newly stored records change (domain rule).
+
+    ``stored_correctors``: the records stored before this transaction that
+    correct one of ``inserted`` (from the insert itself), or None to ask.
+    """
     if not inserted:
         return
     targets = {
@@ -396,7 +448,22 @@ def _update_rollups(
         if row["correction_of"] is not None
     } - set(inserted)
     stored_targets = _stored_rows(session, targets)
-    corrections = _corrections_of(session, set(inserted) | set(stored_targets))
+    if stored_correctors is None:
+        corrections = _corrections_of(session, set(inserted) | set(stored_targets))
+    else:
+        # Correctors among the inserted records are known here; those of a
+        # stored target (only when the batch holds corrections) are asked for.
+        corrections = [
+            ((dc, row["record_id"]), (dc, row["correction_of"]))
+            for (dc, _record_id), row in inserted.items()
+            if row["correction_of"] is not None
+        ]
+        corrections += [
+            (corrector, corrected)
+            for corrected, by in stored_correctors.items()
+            for corrector in by
+        ]
+        corrections += _corrections_of(session, set(stored_targets))
     changes = domain.effectiveness_changes(
         set(inserted), set(stored_targets), corrections
     )
@@ -453,8 +520,12 @@ def _remember_datacenters(
         item.datacenter_id: (item.row["hub_region"], item.row["government_run"])
         for item in usage
     }
-    if not attributes:
+    # Written once per connection while they stay the same (cleared when a
+    # transaction fails, as the write may have been rolled back).
+    written = session.connection().info.setdefault(_DATACENTERS_WRITTEN, {})
+    if all(written.get(dc) == value for dc, value in attributes.items()):
         return
+    written.update(attributes)
     insert = _insert(session)
     statement = insert(MeteredDatacenter.__table__).values(
         [
@@ -478,8 +549,11 @@ def _remember_datacenters(
     session.execute(statement)
 
 
-def events_of(row: Mapping[str, Any]) -> list[Outgoing]:
-    """The ``<city>.usage_rated`` of a stored record (none without a voucher)."""
+def events_of(
+    row: Mapping[str, Any], wire: Mapping[str, Any] | None = None
+) -> list[Outgoing]:
+    """The ``<city>.usage_rated`` of a stored record (none without a voucher);
+    ``wire``: its :func:`domain.dump_record`, when known."""
     if row["city"] is None:
         return []
     rating = domain.Rating(
@@ -491,7 +565,7 @@ def events_of(row: Mapping[str, Any]) -> list[Outgoing]:
             "chip_origin": row["chip_origin"],
         },
     )
-    payload = domain.usage_rated_event(row, row["city"], rating, row["rated_at"])
+    payload = domain.usage_rated_event(row, row["city"], rating, row["rated_at"], wire)
     return [
         Outgoing(
             routing_key=federation_key(row["city"], "usage_rated"),
@@ -618,6 +692,73 @@ def store_dead_letter(session: Session, message: RawMessage, refused: Refused) -
     session.rollback()
     session.add(dead_letter_row(message, refused))
     session.commit()
+
+
+# -- poison messages -----------------------------------------------------------
+
+_ATTEMPTS = DeliveryAttempt.__table__
+
+
+def message_key(message: RawMessage) -> str:
+    """What identifies a delivery across redeliveries: its routing key and body."""
+    digest = hashlib.sha256(message.routing_key.encode("utf-8", "replace"))
+    digest.update(b"\x1f")
+    digest.update(message.body)
+    return digest.hexdigest()
+
+
+def record_failure(
+    session: Session, message: RawMessage, error: BaseException, max_attempts: int
+) -> bool:
+    """Count one failed attempt of ``message`` processed alone (own transaction).
+
+    Returns True when this was attempt ``max_attempts``: the message is then
+    stored as a ``processing_error`` dead letter (with the exception) and the
+    caller acks it; False: the caller requeues it. Raises if the database
+    cannot be written either (then nothing is counted and it is requeued).
+    """
+    session.rollback()
+    key = message_key(message)
+    error_text = _clean(f"{type(error).__name__}: {error}", 2000)
+    now = utcnow()
+    statement = _insert(session)(_ATTEMPTS).values(
+        message_key=key, attempts=1, last_error=error_text, updated_at=now
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=["message_key"],
+        set_={
+            "attempts": _ATTEMPTS.c.attempts + 1,
+            "last_error": statement.excluded.last_error,
+            "updated_at": statement.excluded.updated_at,
+        },
+    ).returning(_ATTEMPTS.c.attempts)
+    try:
+        attempts = session.execute(statement).scalar_one()
+        exhausted = attempts >= max_attempts
+        if exhausted:
+            session.execute(_ATTEMPTS.delete().where(_ATTEMPTS.c.message_key == key))
+            refused = Refused(
+                Reason.PROCESSING_ERROR,
+                f"failed {attempts} times on its own; last: {error_text}",
+            )
+            session.add(dead_letter_row(message, refused))
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return exhausted
+
+
+def forget_failures(session: Session, message: RawMessage) -> None:
+    """A message that went through after failing: its count starts again."""
+    try:
+        session.execute(
+            _ATTEMPTS.delete().where(_ATTEMPTS.c.message_key == message_key(message))
+        )
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
 
 
 def replayable(letter: DeadLetter) -> RawMessage:

@@ -1,6 +1,6 @@
 """metering's tables: rated usage records, hourly rollups, capacity, dead letters.
 
-``migrations/versions/`` (0001, 0002) create exactly these; change both
+``migrations/versions/`` (0001–0003) create exactly these; change both
 together.
 """
 
@@ -160,4 +160,20 @@ class MeteredDatacenter(Base):
     datacenter_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     hub_region: Mapped[str] = mapped_column(String(64))
     government_run: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class DeliveryAttempt(Base):
+    """How often a message failed on its own with an unexpected error.
+
+    Keyed by the sha256 of its routing key and body; after
+    ``MAX_DELIVERY_ATTEMPTS`` it is stored as a ``processing_error`` dead
+    letter and acked, so one poison message cannot wedge the queue.
+    """
+
+    __tablename__ = "delivery_attempts"
+
+    message_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    attempts: Mapped[int] = mapped_column(Integer)
+    last_error: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(Timestamp)

@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import logging
 
+from nameko import config
 from nameko.rpc import ServiceRpc, rpc
 
 from services.common.amqp import FEDERATION_EXCHANGE, USAGE_EXCHANGE, durable_queue
 from services.common.db import Database
-from services.common.errors import EXPECTED
+from services.common.errors import EXPECTED, Unavailable
 from services.metering import ingest, reports
 from services.metering.batching import ConfirmedPublisher, consume_batch
 from services.metering.registry import RegistryCache
 
 log = logging.getLogger(__name__)
+
+# A message that fails this many times on its own is a processing_error dead letter.
+MAX_DELIVERY_ATTEMPTS = "MAX_DELIVERY_ATTEMPTS"
+DEFAULT_MAX_DELIVERY_ATTEMPTS = 5
 
 USAGE_QUEUE = durable_queue("metering.usage", USAGE_EXCHANGE, ["*.usage", "*.capacity"])
 
@@ -39,25 +44,63 @@ class MeteringService:
     def handle_usage_batch(self, messages: list) -> list[int]:
         """Store a batch, publish its events; returns the indices to requeue."""
         registry = self.registry_cache(self.city_registry_rpc)
-        try:
-            self._apply(registry, messages)
-            return []
-        except Exception:
-            if len(messages) == 1:
-                raise
-            log.exception("batch of %d failed; retrying one by one", len(messages))
-        # A batch fails as a whole; alone, each message either goes through
-        # or is the one that fails (and only it is requeued).
-        requeue = []
-        for index, message in enumerate(messages):
+        if len(messages) > 1:
             try:
-                self._apply(registry, [message])
+                self._publish(self._store(registry, messages))
+                return []
             except Exception:
-                log.exception("could not process %s; requeued", message.routing_key)
-                requeue.append(index)
-        return requeue
+                log.exception("batch of %d failed; retrying one by one", len(messages))
+        # A batch fails as a whole; alone, each message either goes through
+        # or is the one that fails (and only it is requeued, or dead-lettered
+        # once it has failed MAX_DELIVERY_ATTEMPTS times).
+        return [
+            index
+            for index, message in enumerate(messages)
+            if not self._apply_alone(registry, message)
+        ]
 
-    def _apply(self, registry, messages: list) -> ingest.BatchOutcome:
+    def _apply_alone(self, registry, message) -> bool:
+        """One message on its own; False: requeue it."""
+        try:
+            outcome = self._store(registry, [message])
+        except Unavailable:  # the registry is down: nothing wrong with the message
+            log.exception("could not process %s; requeued", message.routing_key)
+            return False
+        except Exception as exc:
+            log.exception("could not process %s", message.routing_key)
+            try:
+                exhausted = ingest.record_failure(
+                    self.db, message, exc, self.max_attempts
+                )
+            except Exception:
+                log.exception("could not count the failure; requeued")
+                return False
+            if exhausted:
+                log.error(
+                    "dead letter processing_error from %s after %d attempts",
+                    message.routing_key[:255],
+                    self.max_attempts,
+                )
+            return exhausted
+        try:
+            # Its effects are committed; a failure to announce them is the
+            # broker's, never the message's: requeued, not counted.
+            self._publish(outcome)
+        except Exception:
+            log.exception("could not publish the events of %s", message.routing_key)
+            return False
+        if message.redelivered:
+            try:
+                ingest.forget_failures(self.db, message)
+            except Exception:  # noqa: BLE001 - only a counter left behind
+                log.warning("could not clear the failures of a message", exc_info=True)
+        return True
+
+    @property
+    def max_attempts(self) -> int:
+        return int(config.get(MAX_DELIVERY_ATTEMPTS) or DEFAULT_MAX_DELIVERY_ATTEMPTS)
+
+    def _store(self, registry, messages: list) -> ingest.BatchOutcome:
         outcome = ingest.process_batch(self.db, registry, messages)
         for index, refused in outcome.refused:
             log.info(
@@ -66,11 +109,13 @@ class MeteringService:
                 messages[index].routing_key[:255],
                 refused.detail_text[:200],
             )
+        return outcome
+
+    def _publish(self, outcome: ingest.BatchOutcome) -> None:
         self.publish(
             (event.routing_key, event.event_id, event.payload)
             for event in outcome.outgoing
         )
-        return outcome
 
     @rpc(expected_exceptions=EXPECTED)
     def usage_overview(self, window_hours: int = 24) -> dict:

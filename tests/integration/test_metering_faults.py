@@ -32,7 +32,7 @@ from services.common.contracts import canonical_json
 from services.common.db import make_engine
 from services.common.migrations import upgrade
 from services.common.units import format_ts, utcnow
-from services.metering import ingest
+from services.metering import batching, ingest
 from services.metering.registry import CachedRegistry, RegistryCacheState
 from services.metering.service import MeteringService
 from services.metering.testing import (
@@ -495,3 +495,57 @@ def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(
     with psycopg.connect(metering_db) as db:
         cost = db.execute("SELECT sum(cost_fen) FROM usage_records").fetchone()[0]
     assert totals(metering_db)[3] == cost
+
+
+def test_a_message_that_crashes_even_alone_ends_as_a_processing_error(
+    registry_stand_in, metering_db, container_factory, monkeypatch
+):
+    """A poison message is retried a bounded number of times, then kept as a
+    dead letter ``processing_error`` (with the exception) and acked: the
+    records around it are rated and the queue does not wedge."""
+
+    real_check = ingest.check
+
+    def check(registry, message, index, rated_at):
+        if b'"poison-1"' in message.body:
+            raise RuntimeError("this record always crashes")
+        return real_check(registry, message, index, rated_at)
+
+    monkeypatch.setattr(ingest, "check", check)
+    monkeypatch.setattr(batching, "RETRY_PAUSE_S", 0.05)
+    config = {
+        DATABASE_URL: metering_db,
+        REGISTRY_CACHE_TTL_S: 30,
+        "MAX_DELIVERY_ATTEMPTS": 3,
+        "BATCH_WAIT_MS": 200,
+    }
+    with nameko.config.patch(config):
+        container_factory(MeteringService).start()
+        before = [usage(record_id=f"before-{n}") for n in range(5)]
+        after = [usage(record_id=f"after-{n}") for n in range(5)]
+        with Connection(registry_stand_in) as connection:
+            for record in before:
+                publish(connection, canonical_json(record))
+            publish(connection, canonical_json(usage(record_id="poison-1")))
+            for record in after:
+                publish(connection, canonical_json(record))
+            assert wait_for(lambda: totals(metering_db)[0] == 10)
+
+            def letters():
+                with ServiceRpcClient("metering") as rpc:
+                    return rpc.list_dead_letters(reason="processing_error")
+
+            [letter] = wait_for(letters, 30)
+            assert letter["record_id"] == "poison-1"
+            assert "RuntimeError: this record always crashes" in letter["detail"]
+            assert "failed 3 times" in letter["detail"]
+
+            def drained():
+                channel = connection.channel()
+                declared = channel.queue_declare("metering.usage", passive=True)
+                return declared.message_count == 0
+
+            assert wait_for(drained, 10)
+    assert totals(metering_db)[:2] == (10, 10)
+    with psycopg.connect(metering_db) as db:
+        assert db.execute("SELECT count(*) FROM delivery_attempts").fetchone()[0] == 0

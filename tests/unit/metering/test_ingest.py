@@ -13,7 +13,12 @@ from services.common.migrations import upgrade
 from services.common.units import utcnow
 from services.metering import ingest, reports
 from services.metering.domain import Reason, Refused
-from services.metering.models import DeadLetter, UsageRecord, UsageRollup
+from services.metering.models import (
+    DeadLetter,
+    DeliveryAttempt,
+    UsageRecord,
+    UsageRollup,
+)
 from services.metering.registry import CachedRegistry, RegistryCacheState
 from services.metering.testing import (
     DATACENTER,
@@ -204,3 +209,42 @@ def test_overview_and_listing_validate_their_arguments(session):
     with pytest.raises(InvalidRequest):
         reports.list_dead_letters(session, limit=0)
     assert reports.usage_overview(session) == {"datacenters": {}}
+
+
+def test_a_message_failing_alone_is_counted_then_a_processing_error(session):
+    message = raw_message(usage())
+    other = raw_message(usage())
+    error = RuntimeError("boom at the database")
+    for _ in range(2):
+        assert not ingest.record_failure(session, message, error, 3)
+    assert not ingest.record_failure(session, other, error, 3)
+    assert session.scalar(select(DeadLetter)) is None
+    assert ingest.record_failure(session, message, error, 3)  # the third time
+    letter = session.scalar(select(DeadLetter))
+    assert letter.reason == Reason.PROCESSING_ERROR == "processing_error"
+    assert "RuntimeError: boom at the database" in letter.detail
+    assert letter.body == message.body.decode()
+    # Its count is gone (a later copy starts afresh); the other's stays.
+    assert [a.attempts for a in session.scalars(select(DeliveryAttempt))] == [1]
+    ingest.forget_failures(session, other)
+    assert session.scalar(select(func.count()).select_from(DeliveryAttempt)) == 0
+    [listed] = reports.list_dead_letters(session, reason="processing_error")
+    assert listed["reason"] == "processing_error"
+
+
+def test_a_failing_batch_leaves_nothing_and_the_connection_usable(
+    session, registry, monkeypatch
+):
+    good = raw_message(usage())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("rollups down")
+
+    monkeypatch.setattr(ingest, "_update_rollups", broken)
+    with pytest.raises(RuntimeError):
+        ingest.process_batch(session, registry, [good])
+    assert session.scalar(select(func.count()).select_from(UsageRecord)) == 0
+    monkeypatch.undo()
+    ingest.process_batch(session, registry, [good])
+    assert session.scalar(select(func.count()).select_from(UsageRecord)) == 1
+    assert rollup_totals(session)[0] == 1
