@@ -42,7 +42,9 @@
       data: { labels: d.labels, datasets: series.map((s) => ({
         label: s, data: d[s], backgroundColor: colours[s] })) },
       options: { indexAxis: "y", animation: false,
-                 scales: { x: Object.assign({ stacked: true }, cny), y: { stacked: true } } },
+                 // every city named, however many there are
+                 scales: { x: Object.assign({ stacked: true }, cny),
+                           y: { stacked: true, ticks: { autoSkip: false } } } },
     };
   }
   document.querySelectorAll("canvas[data-chart]").forEach((canvas) => {

@@ -328,7 +328,9 @@ def _used_within_capacity(figures: Mapping[str, Any]) -> int:
     overshoot); the sums over a region or the nation must agree with that, or
     one data centre's overshoot would inflate everyone's figure.
     """
-    used = figures.get("gpu_seconds_window") or 0
+    # The usage metering compares with capacity (from the hour its reports
+    # began); older metering answers only carry the whole window's.
+    used = figures.get("gpu_seconds_covered", figures.get("gpu_seconds_window")) or 0
     capacity = figures.get("capacity_gpu_seconds_window") or 0
     return min(used, capacity)
 

@@ -47,6 +47,14 @@ def usage_overview(
     spread over the hours its span covers (``domain.spread_over_hours``); an
     hourly bucket is in the window when its hour starts in it. Capacity
     follows ``domain.capacity_gpu_seconds``.
+
+    Utilisation compares like with like: when a data centre's capacity reports
+    begin inside the window (a new data centre, or a network just started),
+    usage and capacity are both counted from the hour of its first report, and
+    that report's capacity stands from the start of its hour. Otherwise hours
+    of usage before any report would be divided by minutes of capacity.
+    ``gpu_seconds_window`` is all the usage in the window;
+    ``gpu_seconds_covered`` the part that utilisation compares with capacity.
     """
     window_hours = _window_hours(window_hours)
     now = now or utcnow()
@@ -57,6 +65,7 @@ def usage_overview(
             "records_total": 0,
             "cost_fen_total": 0,
             "gpu_seconds_window": 0,
+            "gpu_seconds_covered": 0,
             "capacity_gpu_seconds_window": 0,
             "utilisation_window": None,
         }
@@ -74,13 +83,18 @@ def usage_overview(
         row["gpu_seconds_total"] = int(gpu_seconds or 0)
         row["records_total"] = int(records or 0)
         row["cost_fen_total"] = int(cost_fen or 0)
+    hourly: dict[str, list[tuple[datetime, int]]] = defaultdict(list)
     window = session.execute(
-        select(UsageRollup.datacenter_id, func.sum(UsageRollup.gpu_seconds))
+        select(
+            UsageRollup.datacenter_id,
+            UsageRollup.hour,
+            func.sum(UsageRollup.gpu_seconds),
+        )
         .where(UsageRollup.hour >= domain.hour_of(start), UsageRollup.hour <= now)
-        .group_by(UsageRollup.datacenter_id)
+        .group_by(UsageRollup.datacenter_id, UsageRollup.hour)
     )
-    for datacenter_id, gpu_seconds in window:
-        rows[datacenter_id]["gpu_seconds_window"] = int(gpu_seconds or 0)
+    for datacenter_id, hour, gpu_seconds in window:
+        hourly[datacenter_id].append((as_utc(hour), int(gpu_seconds or 0)))
 
     reports: dict[str, list[tuple[datetime, int]]] = defaultdict(list)
     capacity = session.execute(
@@ -97,13 +111,26 @@ def usage_overview(
     )
     for datacenter_id, reported_at, total_gpus in capacity:
         reports[datacenter_id].append((as_utc(reported_at), int(total_gpus)))
+    covered_from: dict[str, datetime] = {}
     for datacenter_id, series in reports.items():
-        rows[datacenter_id]["capacity_gpu_seconds_window"] = (
-            domain.capacity_gpu_seconds(series, start, now)
+        capacity_seconds = domain.capacity_gpu_seconds(series, start, now)
+        first_at, first_total = series[0]
+        if first_at > start:  # reports began inside the window
+            since = max(domain.hour_of(first_at), start)
+            covered_from[datacenter_id] = domain.hour_of(since)
+            capacity_seconds += first_total * int((first_at - since).total_seconds())
+        rows[datacenter_id]["capacity_gpu_seconds_window"] = capacity_seconds
+    for datacenter_id, buckets in hourly.items():
+        since_hour = covered_from.get(datacenter_id)
+        rows[datacenter_id]["gpu_seconds_window"] = sum(s for _, s in buckets)
+        rows[datacenter_id]["gpu_seconds_covered"] = sum(
+            seconds
+            for hour, seconds in buckets
+            if since_hour is None or hour >= since_hour
         )
     for row in rows.values():
         row["utilisation_window"] = domain.utilisation(
-            row["gpu_seconds_window"], row["capacity_gpu_seconds_window"]
+            row["gpu_seconds_covered"], row["capacity_gpu_seconds_window"]
         )
     return {"datacenters": dict(sorted(rows.items()))}
 
@@ -279,17 +306,21 @@ def usage_figures(session: Session, now: datetime | None = None) -> dict[str, An
             datacenters.setdefault(dc, {"hub_region": region})[label] = figures
             total = regions.setdefault(region, {"datacenters": 0})
             window = total.setdefault(
-                label, {"gpu_seconds": 0, "capacity_gpu_seconds": 0}
+                label, {"gpu_seconds": 0, "capacity_gpu_seconds": 0, "_covered": 0}
             )
             window["gpu_seconds"] += figures["gpu_seconds"]
             window["capacity_gpu_seconds"] += figures["capacity_gpu_seconds"]
+            # each data centre's share capped at its capacity, as its own is
+            window["_covered"] += min(
+                row["gpu_seconds_covered"], row["capacity_gpu_seconds_window"]
+            )
     for row in datacenters.values():
         regions[row["hub_region"]]["datacenters"] += 1
     for total in regions.values():
         for label in FIGURE_WINDOWS:
             window = total[label]
             window["utilisation"] = domain.utilisation(
-                window["gpu_seconds"], window["capacity_gpu_seconds"]
+                window.pop("_covered"), window["capacity_gpu_seconds"]
             )
     return {
         "datacenters": dict(sorted(datacenters.items())),

@@ -35,7 +35,10 @@ def test_a_zero_ttl_turns_the_cache_off(app, client, rpc, summary):
 
 
 def test_cities_are_cached_one_by_one(app, client, rpc):
-    rpc.replies[("city_registry", "get_city")] = lambda code: {"code": code, "name": code}
+    rpc.replies[("city_registry", "get_city")] = lambda code: {
+        "code": code,
+        "name": code,
+    }
     for code in ("shanghai", "chengdu", "shanghai"):
         assert client.get(f"/api/v1/cities/{code}").get_json()["code"] == code
     assert [a for a, _ in rpc.called("city_registry", "get_city")] == [

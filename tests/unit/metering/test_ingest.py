@@ -10,8 +10,8 @@ from services.common.contracts import canonical_json
 from services.common.db import make_engine
 from services.common.errors import InvalidRequest, NotFound
 from services.common.migrations import upgrade
-from services.common.units import utcnow
-from services.metering import ingest, reports
+from services.common.units import format_ts, utcnow
+from services.metering import domain, ingest, reports
 from services.metering.domain import Reason, Refused
 from services.metering.models import (
     DeadLetter,
@@ -197,9 +197,16 @@ def test_capacity_report_is_stored_once_and_feeds_utilisation(session, registry)
     process(session, registry, raw_message(usage(gpu_seconds=1200, gpu_count=1)))
     overview = reports.usage_overview(session, 24, now=now)
     row = overview["datacenters"][DATACENTER_ID]
-    assert row["capacity_gpu_seconds_window"] == 4 * 600
+    # Reports began inside the window: the first stands from its hour's start.
+    first_hour = domain.hour_of(now - timedelta(seconds=600))
+    assert row["capacity_gpu_seconds_window"] == 4 * int(
+        (now - first_hour).total_seconds()
+    )
     assert row["gpu_seconds_window"] == 1200
-    assert row["utilisation_window"] == 0.5
+    assert row["gpu_seconds_covered"] <= 1200
+    assert row["utilisation_window"] == pytest.approx(
+        row["gpu_seconds_covered"] / row["capacity_gpu_seconds_window"]
+    )
     assert row["records_total"] == 1
 
 
@@ -248,3 +255,33 @@ def test_a_failing_batch_leaves_nothing_and_the_connection_usable(
     ingest.process_batch(session, registry, [good])
     assert session.scalar(select(func.count()).select_from(UsageRecord)) == 1
     assert rollup_totals(session)[0] == 1
+
+
+def test_a_freshly_reporting_datacenter_is_not_read_as_full(session, registry):
+    """Hours of jobs that ran before the first capacity report must not be
+    divided by the minutes of capacity reported since."""
+    now = utcnow().replace(microsecond=0, second=0, minute=30)
+    if now > utcnow():
+        now -= timedelta(hours=1)
+    # Six hours of one GPU busy, then capacity reports of 8 GPUs from :10.
+    job = usage(
+        gpu_count=1,
+        gpu_seconds=6 * 3600,
+        started_at=format_ts(now - timedelta(hours=6)),
+        ended_at=format_ts(now),
+    )
+    process(session, registry, raw_message(job))
+    for minutes_ago in (20, 15, 10, 5):
+        report = capacity(now - timedelta(minutes=minutes_ago), total=8, allocated=1)
+        process(
+            session,
+            registry,
+            raw_message(report, routing_key=f"{DATACENTER_ID}.capacity"),
+        )
+    row = reports.usage_overview(session, 24, now=now)["datacenters"][DATACENTER_ID]
+    assert row["gpu_seconds_window"] == 6 * 3600
+    # Counted from the hour of the first report (:00): 30 minutes of the job,
+    # against 8 GPUs for those 30 minutes.
+    assert row["gpu_seconds_covered"] == 1800
+    assert row["capacity_gpu_seconds_window"] == 8 * 1800
+    assert row["utilisation_window"] == pytest.approx(1 / 8)

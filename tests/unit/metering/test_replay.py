@@ -120,4 +120,7 @@ def test_usage_by_tenant_hour_and_figures_per_region(session):
     west = figures["regions"]["west"]
     assert west["datacenters"] == 1
     assert west["24h"]["gpu_seconds"] == 3 * 3600 + 600
-    assert west["24h"]["capacity_gpu_seconds"] == 10 * 240
+    # Reports began 4 minutes before the hour: the first stands from the start
+    # of its hour, and utilisation counts usage from that hour on.
+    assert west["24h"]["capacity_gpu_seconds"] == 10 * 3600
+    assert west["24h"]["utilisation"] == pytest.approx((3600 + 600) / (10 * 3600))
