@@ -43,6 +43,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _free_block(size: int) -> int:
+    """The first of ``size`` consecutive ports that are all free now."""
+    for _ in range(200):
+        first = _free_port()
+        if first + size > 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(first, first + size):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return first
+    raise RuntimeError(f"no {size} consecutive free ports")
+
+
 def _wait_for(what, probe, timeout=90.0, interval=0.5):
     """Call ``probe`` until it returns something truthy; fail naming ``what``."""
     deadline = time.monotonic() + timeout
@@ -129,6 +150,7 @@ def launch_network(rabbit_uri, tmp_path):
 
     def launch(*args: str, env: dict[str, str] | None = None, timeout=150):
         var_dir = tmp_path / f"var{len(launched) or ''}"
+        ports = _free_block(1 + 4)
         environ = dict(os.environ, AMQP_URI=rabbit_uri, PYTHONUNBUFFERED="1")
         environ.pop("DATABASE_URL_TEMPLATE", None)
         environ.update(env or {})
@@ -140,10 +162,11 @@ def launch_network(rabbit_uri, tmp_path):
             "--var-dir",
             str(var_dir),
             "--quiet",
+            # One block of ports: the portal, then one per data centre.
             "--portal-port",
-            str(_free_port()),
+            str(ports),
             "--gateway-port",
-            str(_free_port()),
+            str(ports + 1),
             *args,
         ]
         process = subprocess.Popen(

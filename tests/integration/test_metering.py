@@ -20,7 +20,7 @@ from services.common.config import AMQP_URI, DATABASE_URL, REGISTRY_CACHE_TTL_S
 from services.common.contracts import canonical_json
 from services.common.errors import EXPECTED, NotFound
 from services.common.migrations import upgrade
-from services.common.units import rate_cost_fen, utcnow
+from services.common.units import parse_ts, rate_cost_fen, utcnow
 from services.metering.domain import usage_rated_event_id
 from services.metering.service import MeteringService
 from services.metering.testing import (
@@ -214,7 +214,14 @@ def test_usage_is_rated_once_announced_once_and_refusals_kept(bus):
     assert row["cost_fen_total"] == sum(
         rate_cost_fen(r["gpu_seconds"], price[r["gpu_model"]]) for r in stored
     )
-    assert row["capacity_gpu_seconds_window"] == pytest.approx(64 * 60, abs=64 * 5)
+    # The only report began this data centre's coverage: it stands from the
+    # start of its hour until now.
+    reported_at = parse_ts(report["reported_at"])
+    since_hour = reported_at.replace(minute=0, second=0)
+    capacity_seconds = 64 * int((reported_at - since_hour).total_seconds()) + 64 * 60
+    assert row["capacity_gpu_seconds_window"] == pytest.approx(
+        capacity_seconds, abs=64 * 5
+    )
     assert 0 <= row["utilisation_window"] <= 1
     # Nothing more arrived for the refused records.
     late: dict = {}
