@@ -31,6 +31,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import psycopg
+import requests
 from kombu import Connection, Queue, binding
 from nameko.standalone.rpc import ClusterRpcClient
 from sqlalchemy.orm import Session
@@ -69,7 +70,25 @@ programs:
 ADMIN = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-AMQP = os.environ.get("AMQP_URI", "amqp://guest:guest@localhost:5672/")
+MANAGEMENT = os.environ.get(
+    "RABBITMQ_MANAGEMENT_URL", "http://guest:guest@localhost:15672"
+)
+# Set in main(): a throw-away vhost, so that the bench's events never reach the
+# queues of a local network (`make run`) on the default vhost.
+AMQP = ""
+
+
+def make_vhost() -> str:
+    vhost = f"bench_vouchers_{uuid.uuid4().hex[:8]}"
+    requests.put(f"{MANAGEMENT}/api/vhosts/{vhost}", timeout=10).raise_for_status()
+    requests.put(
+        f"{MANAGEMENT}/api/permissions/{vhost}/guest",
+        json={"configure": ".*", "write": ".*", "read": ".*"},
+        timeout=10,
+    ).raise_for_status()
+    return vhost
+
+
 DC = {"government_run": False, "hub_region": "east", "chip_origin": "imported"}
 REDEEMED_QUEUE = "bench.vouchers.voucher_redeemed"
 
@@ -107,6 +126,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH_SIZE)
     args = parser.parse_args()
 
+    global AMQP
+    vhost = make_vhost()
+    AMQP = f"amqp://guest:guest@localhost:5672/{vhost}"
     name = f"cn_bench_vouchers_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -266,12 +288,7 @@ def main() -> int:
         process.wait(20)
         with psycopg.connect(ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        with Connection(AMQP) as connection:
-            for queue in (f"vouchers_{CITY}.usage_rated", REDEEMED_QUEUE):
-                try:
-                    connection.channel().queue_delete(queue)
-                except Exception:  # noqa: BLE001 - not there
-                    pass
+        requests.delete(f"{MANAGEMENT}/api/vhosts/{vhost}", timeout=10)
     print(f"redemptions_per_s={redemptions_per_s:.0f} issues_per_s={issues_per_s:.0f}")
     return 0
 
