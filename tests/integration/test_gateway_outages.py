@@ -26,15 +26,18 @@ from pathlib import Path
 import nameko
 import pytest
 import requests
-from nameko.rpc import rpc
 from nameko.standalone.rpc import ServiceRpcClient
 
 from services.common.config import AMQP_URI, DATABASE_URL, REGISTRY_CACHE_TTL_S
-from services.common.errors import EXPECTED, NotFound
 from services.common.migrations import upgrade
 from services.common.units import format_ts, utcnow
 from services.metering.service import MeteringService
-from services.metering.testing import DATACENTER, DATACENTER_ID, KEY_ID, SECRET
+from services.metering.testing import (
+    DATACENTER_ID,
+    KEY_ID,
+    SECRET,
+    StandInRegistry,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -44,30 +47,12 @@ BATCH = 500
 OUTAGE_S = 6
 
 
-class StandInCityRegistry:
-    name = "city_registry"
-
-    @rpc(expected_exceptions=EXPECTED)
-    def get_datacenter(self, datacenter_id):
-        if datacenter_id != DATACENTER_ID:
-            raise NotFound("datacenter_not_found", datacenter_id)
-        return DATACENTER
-
-    @rpc(expected_exceptions=EXPECTED)
-    def datacenter_signing_keys(self, datacenter_id):
-        return [{"key_id": KEY_ID, "secret": SECRET}]
-
-    @rpc
-    def voucher_prefixes(self):
-        return {}
-
-
 @pytest.fixture
 def metering(rabbit_config, pg_url_factory, container_factory):
     url = pg_url_factory("metering")
     upgrade("metering", url)
     with nameko.config.patch({DATABASE_URL: url, REGISTRY_CACHE_TTL_S: 300}):
-        container_factory(StandInCityRegistry).start()
+        container_factory(StandInRegistry).start()
         container_factory(MeteringService).start()
         yield nameko.config[AMQP_URI]
 

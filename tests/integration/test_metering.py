@@ -12,24 +12,21 @@ from datetime import timedelta
 import nameko
 import pytest
 from kombu import Connection, Exchange, Queue
-from nameko.rpc import rpc
 from nameko.standalone.rpc import ServiceRpcClient
 
 from services.common.amqp import FEDERATION_EXCHANGE, USAGE_EXCHANGE
 from services.common.config import AMQP_URI, DATABASE_URL, REGISTRY_CACHE_TTL_S
 from services.common.contracts import canonical_json
-from services.common.errors import EXPECTED, NotFound
 from services.common.migrations import upgrade
 from services.common.units import parse_ts, rate_cost_fen, utcnow
 from services.metering.domain import usage_rated_event_id
 from services.metering.service import MeteringService
 from services.metering.testing import (
-    DATACENTER,
     DATACENTER_ID,
     KEY_ID,
     PREFIXES,
     PRICE_H800,
-    SECRET,
+    StandInRegistry,
     capacity,
     signed_headers,
     usage,
@@ -41,32 +38,12 @@ pytestmark = pytest.mark.integration
 DEADLINE_S = 15
 
 
-class FakeCityRegistry:
-    """Just what metering asks the registry, answering for one data centre."""
-
-    name = "city_registry"
-
-    @rpc(expected_exceptions=EXPECTED)
-    def get_datacenter(self, datacenter_id):
-        if datacenter_id != DATACENTER_ID:
-            raise NotFound("datacenter_not_found", datacenter_id)
-        return DATACENTER
-
-    @rpc(expected_exceptions=EXPECTED)
-    def datacenter_signing_keys(self, datacenter_id):
-        return [{"key_id": KEY_ID, "secret": SECRET}]
-
-    @rpc
-    def voucher_prefixes(self):
-        return PREFIXES
-
-
 @pytest.fixture
 def metering(rabbit_config, pg_url_factory, container_factory):
     url = pg_url_factory("metering")
     upgrade("metering", url)
     with nameko.config.patch({DATABASE_URL: url, REGISTRY_CACHE_TTL_S: 30}):
-        container_factory(FakeCityRegistry).start()
+        container_factory(StandInRegistry).start()
         container_factory(MeteringService).start()
         yield nameko.config[AMQP_URI]
 
