@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import requests
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_AMQP_URI = "amqp://guest:guest@localhost:5672/"
@@ -259,7 +258,7 @@ class NetworkSpec:
     portal_port: int = 8000
     gateway_base_port: int = 8101
     simulate: bool = True
-    simulate_rate_per_min: int = 60
+    simulate_utilisation: float = 0.3
     heartbeat_interval_s: int = 15
     capacity_interval_s: int = 60
     echo: bool = True
@@ -558,25 +557,22 @@ class Network:
                 creds["gateway_url"],
                 "--token",
                 creds["agent_token"],
-                "--rate",
-                str(self.spec.simulate_rate_per_min),
+                # Small, frequent jobs keeping about 30 % of each centre busy
+                # (DESIGN.md §1: many run at 20-30 %), so the national view
+                # moves every few seconds and the demo vouchers last for days.
+                "--utilisation",
+                str(self.spec.simulate_utilisation),
+                "--max-gpus",
+                "8",
+                "--max-duration",
+                "3600",
                 "--tenant-without-voucher",
                 VOUCHERLESS_TENANT,
             ]
             for tenant in DEMO_TENANTS.get(dc, []):
                 if tenant in self.demo_vouchers:
                     argv += ["--tenant", f"{tenant}={self.demo_vouchers[tenant]}"]
-            for model in self._gpu_models(dc):
-                argv += ["--gpu-model", model]
             self._spawn(f"agent_{dc}", argv)
-
-    @staticmethod
-    def _gpu_models(dc: str) -> list[str]:
-        data = yaml.safe_load((ROOT / "deploy" / "datacenters.yaml").read_text())
-        for entry in data["datacenters"]:
-            if entry["id"] == dc:
-                return [item["gpu_model"] for item in entry["inventory"]]
-        raise NetworkError(f"data centre {dc} is not in deploy/datacenters.yaml")
 
     # -- run and stop -------------------------------------------------------
 

@@ -33,6 +33,8 @@ GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 GPU_COUNT_WEIGHTS = (30, 20, 18, 16, 7, 4, 2, 1.5, 1, 0.5)
 DEFAULT_GPU_MODELS = ("H800", "Ascend-910B")
 BATCH_INTERVAL_S = 3.0
+MIN_DURATION_S = 300  # 5 minutes
+MAX_DURATION_S = 3 * 24 * 3600  # 3 days
 
 
 @dataclass(frozen=True)
@@ -46,16 +48,20 @@ def make_job(
     tenant: Tenant,
     gpu_models: dict[str, int | None],
     late_s: int = 0,
+    max_gpus: int = GPU_COUNTS[-1],
+    max_duration_s: int = MAX_DURATION_S,
 ) -> dict[str, Any]:
     """One finished job as an agent reports it (voucher left to the gateway)."""
     model = rng.choice(sorted(gpu_models))
-    limit = gpu_models[model] or GPU_COUNTS[-1]
+    limit = min(gpu_models[model] or GPU_COUNTS[-1], max_gpus)
     choices = [
         (c, w) for c, w in zip(GPU_COUNTS, GPU_COUNT_WEIGHTS, strict=True) if c <= limit
-    ]
+    ] or [(1, 1)]
     count = rng.choices([c for c, _ in choices], [w for _, w in choices])[0]
-    # Log-uniform from 5 minutes to 3 days: many short jobs, some long runs.
-    duration_s = int(round(300 * (864 ** rng.random())))
+    # Log-uniform from 5 minutes to max_duration_s (3 days by default): many
+    # short jobs, some long runs.
+    span = max(max_duration_s, MIN_DURATION_S) / MIN_DURATION_S
+    duration_s = int(round(MIN_DURATION_S * (span ** rng.random())))
     ended = utcnow() - timedelta(seconds=rng.randint(0, 120) + late_s)
     started = ended - timedelta(seconds=duration_s)
     utilisation = rng.uniform(0.35, 0.98)
@@ -72,6 +78,37 @@ def make_job(
         "job_id": f"job-{rng.randrange(10**7):07d}",
         "correction_of": None,
     }
+
+
+def expected_gpu_seconds(
+    gpu_models: dict[str, int | None],
+    max_gpus: int = GPU_COUNTS[-1],
+    max_duration_s: int = MAX_DURATION_S,
+    samples: int = 4000,
+) -> float:
+    """The mean GPU-seconds of one simulated job (estimated, reproducibly)."""
+    rng = random.Random(0)
+    tenant = Tenant("estimate", None)
+    total = sum(
+        make_job(rng, tenant, gpu_models, 0, max_gpus, max_duration_s)["gpu_seconds"]
+        for _ in range(samples)
+    )
+    return total / samples
+
+
+def rate_for_utilisation(
+    target: float,
+    gpu_models: dict[str, int | None],
+    max_gpus: int = GPU_COUNTS[-1],
+    max_duration_s: int = MAX_DURATION_S,
+) -> float:
+    """Jobs per minute that keep ``target`` of the inventory's GPUs busy."""
+    counts = [count for count in gpu_models.values() if count]
+    if not counts:
+        raise ValueError("--utilisation needs the inventory's GPU counts")
+    capacity_per_min = sum(counts) * 60
+    per_job = expected_gpu_seconds(gpu_models, max_gpus, max_duration_s)
+    return target * capacity_per_min / per_job
 
 
 def day_night_factor(hour_utc: int, utc_offset_h: int = 8) -> float:
@@ -136,6 +173,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         help="default: the gateway's inventory",
     )
+    parser.add_argument(
+        "--utilisation",
+        type=float,
+        default=None,
+        help="instead of --rate: keep this share of the inventory busy (0..1)",
+    )
+    parser.add_argument("--max-gpus", type=int, default=GPU_COUNTS[-1])
+    parser.add_argument(
+        "--max-duration", type=int, default=MAX_DURATION_S, help="seconds"
+    )
     parser.add_argument("--count", type=int, default=None, help="stop after N records")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument(
@@ -164,6 +211,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("name at least one --tenant or --tenant-without-voucher")
     if args.rate <= 0:
         parser.error("--rate must be positive")
+    if args.utilisation is not None and not 0 < args.utilisation <= 1:
+        parser.error("--utilisation must be in (0, 1]")
+    if args.max_gpus < 1 or args.max_duration < MIN_DURATION_S:
+        parser.error(f"--max-gpus ≥ 1 and --max-duration ≥ {MIN_DURATION_S}")
     return args
 
 
@@ -200,8 +251,19 @@ def main(argv: list[str] | None = None) -> int:
                 i["gpu_model"]: i["count"] for i in status.get("inventory") or []
             }
             gpu_models = gpu_models or {m: None for m in DEFAULT_GPU_MODELS}
+        rate = args.rate
+        if args.utilisation is not None:
+            rate = rate_for_utilisation(
+                args.utilisation, gpu_models, args.max_gpus, args.max_duration
+            )
+            log.info(
+                "%.1f jobs/min keep %.0f %% of %d GPUs busy",
+                rate,
+                args.utilisation * 100,
+                sum(c for c in gpu_models.values() if c),
+            )
         sent = batch_no = 0
-        per_batch = args.rate * BATCH_INTERVAL_S / 60.0
+        per_batch = rate * BATCH_INTERVAL_S / 60.0
         carry = 0.0
         resend: list[dict[str, Any]] = []
         while args.count is None or sent < args.count:
@@ -220,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                         late_s=rng.randint(3600, 48 * 3600)
                         if rng.random() < args.late
                         else 0,
+                        max_gpus=args.max_gpus,
+                        max_duration_s=args.max_duration,
                     )
                     for _ in range(size)
                 ]
