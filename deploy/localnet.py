@@ -16,6 +16,7 @@ says otherwise: ``<NAME>_DATABASE_URL`` for one process (``METERING_DATABASE_URL
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import signal
@@ -115,6 +116,22 @@ DEMO_TENANTS = {
 VOUCHERLESS_TENANT = "metered-only-corp"
 
 
+# prctl(PR_SET_PDEATHSIG, SIGTERM): a child is sent SIGTERM when the launcher
+# dies, however it dies (even SIGKILL), so no process of the network outlives
+# it. Resolved here, before any fork: between fork and exec the child may call
+# nothing but this (the launcher has threads).
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def _die_with_launcher() -> None:
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class NetworkError(Exception):
     """The network could not start; the message says why in one line."""
 
@@ -204,6 +221,7 @@ class Child:
             stdin=subprocess.DEVNULL,
             # Ctrl-C reaches the launcher only, which stops the children in order.
             start_new_session=True,
+            preexec_fn=_die_with_launcher,
         )
         self._pump = threading.Thread(target=self._copy_output, daemon=True)
         self._pump.start()

@@ -68,3 +68,17 @@ def test_local_network_moves_from_the_first_minute_and_stops_on_ctrl_c(
 
     assert network.stop() == 0, network.logs()  # Ctrl-C
     assert processes_with_env(f"AMQP_URI={rabbit_uri}") == []
+
+
+def test_no_process_outlives_a_killed_launcher(launch_network, rabbit_uri, wait_for):
+    """Even SIGKILL, which the launcher cannot handle, leaves no orphans."""
+    import signal
+
+    network = launch_network("--no-simulate")
+    assert len(processes_with_env(f"AMQP_URI={rabbit_uri}")) >= 8
+    network.stop(signal.SIGKILL)
+    wait_for(
+        "every process of the network to end",
+        lambda: processes_with_env(f"AMQP_URI={rabbit_uri}") == [],
+        timeout=40,
+    )
