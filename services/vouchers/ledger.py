@@ -480,6 +480,23 @@ def book_usage(
             raise
 
 
+def _shift_program(
+    session: Session, program_id: str, now: datetime, **deltas_fen: int
+) -> None:
+    """Move money between a program's budget states: ``committed=-x, redeemed=x``.
+
+    A relative update (the database adds), so no read-modify-write is lost
+    between concurrent bookings on the same program.
+    """
+    values = {
+        f"{state}_fen": getattr(Program, f"{state}_fen") + delta
+        for state, delta in deltas_fen.items()
+    }
+    session.execute(
+        update(Program).where(Program.id == program_id).values(**values, updated_at=now)
+    )
+
+
 def book_usage_batch(
     session: Session, rules: domain.CityRules, records: Sequence[Mapping[str, Any]]
 ) -> list[BookingOutcome]:
@@ -912,15 +929,8 @@ def _write_redemption(
         )
         return row
     voucher.redeemed_fen += subsidy
-    # Relative updates: the database adds, so no read-modify-write is lost.
-    session.execute(
-        update(Program)
-        .where(Program.id == voucher.program_id)
-        .values(
-            committed_fen=Program.committed_fen - subsidy,
-            redeemed_fen=Program.redeemed_fen + subsidy,
-            updated_at=now,
-        )
+    _shift_program(
+        session, voucher.program_id, now, committed=-subsidy, redeemed=subsidy
     )
     _post(
         session,
@@ -942,15 +952,13 @@ def _release_reversal(
 ) -> None:
     voucher.redeemed_fen -= amount
     voucher.released_fen += amount
-    session.execute(
-        update(Program)
-        .where(Program.id == voucher.program_id)
-        .values(
-            redeemed_fen=Program.redeemed_fen - amount,
-            available_fen=Program.available_fen + amount,
-            released_fen=Program.released_fen + amount,
-            updated_at=now,
-        )
+    _shift_program(
+        session,
+        voucher.program_id,
+        now,
+        redeemed=-amount,
+        available=amount,
+        released=amount,
     )
     _post(
         session,
@@ -1064,15 +1072,13 @@ def _close(
     voucher.closed_at = now
     voucher.closed_by = actor
     voucher.close_reason = reason[:512]
-    session.execute(
-        update(Program)
-        .where(Program.id == voucher.program_id)
-        .values(
-            committed_fen=Program.committed_fen - amount,
-            available_fen=Program.available_fen + amount,
-            released_fen=Program.released_fen + amount,
-            updated_at=now,
-        )
+    _shift_program(
+        session,
+        voucher.program_id,
+        now,
+        committed=-amount,
+        available=amount,
+        released=amount,
     )
     _post(
         session,
