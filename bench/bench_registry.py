@@ -8,24 +8,33 @@ starts ``city_registry`` and ``metering`` as processes on a fresh RabbitMQ
 vhost and the portal under gunicorn, and times ``GET /api/v1/network/summary``
 and ``GET /api/v1/cities/<city>`` under 20 concurrent clients.
 
-The registry caches its summary for 2 s per process (``VIEW_CACHE_S``): what
-is measured is a national view at most 2 s old.
+The portal serves both from its PublicView (gateway/publicview.py): one
+snapshot of the registry's ``public_view``, rendered, replaced behind the
+readers once a second; the registry computes it at most every 2 s
+(``VIEW_CACHE_S``). What is measured is a national view at most ~3 s old.
+The baseline, measured in the same run against a second portal with
+``PUBLIC_CACHE_TTL_S=0``, asks the registry on every request.
+
+The 20 clients are keep-alive connections on one asyncio loop that does
+nothing else; threads with ``requests`` measured mostly their own turns at
+the GIL.
 
     .venv/bin/python bench/bench_registry.py [--requests 2000]
 
-Ends with ``summary_p50_ms=<n> summary_p99_ms=<n> city_p99_ms=<n>``.
+Ends with ``summary_p50_ms=<n> summary_p99_ms=<n> city_p99_ms=<n>
+baseline_summary_p99_ms=<n> baseline_city_p99_ms=<n>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -262,32 +271,48 @@ def wait(what, probe, timeout=90):
     raise SystemExit(f"bench: {what} did not start in {timeout} s")
 
 
-def timed(session: requests.Session, url: str) -> float:
-    began = time.perf_counter()
-    response = session.get(url, timeout=30)
-    elapsed = (time.perf_counter() - began) * 1000
-    response.raise_for_status()
-    return elapsed
+async def _client(index: int, host: str, port: int, paths, n: int, times) -> None:
+    """One dashboard: a keep-alive HTTP/1.1 connection, a GET at a time."""
+    reader, writer = await asyncio.open_connection(host, port)
+    rng = random.Random(index)
+    try:
+        for _ in range(n):
+            request = f"GET {rng.choice(paths)} HTTP/1.1\r\nHost: {host}\r\n\r\n"
+            began = time.perf_counter()
+            writer.write(request.encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            times.append((time.perf_counter() - began) * 1000)
+            status = head.split(b" ", 2)[1]
+            if status != b"200":
+                raise SystemExit(f"bench: {request.split()[1]} answered {status}")
+    finally:
+        writer.close()
 
 
-def load(urls: list[str], total: int) -> list[float]:
-    """``total`` GETs spread over CLIENTS threads, each with its own session."""
+def load(portal: str, paths: list[str], total: int) -> list[float]:
+    """``total`` GETs from CLIENTS concurrent connections, sorted latencies.
+
+    The clients share one event loop that does nothing else: a thread per
+    client (``requests``) measured mostly its own wait for the GIL, 20
+    threads taking 5 ms turns, not the portal."""
+    host, port = portal.removeprefix("http://").split(":")
     times: list[float] = []
-    lock = threading.Lock()
-    per_client = total // CLIENTS
 
-    def client(index: int) -> None:
-        session = requests.Session()
-        rng = random.Random(index)
-        mine = [timed(session, rng.choice(urls)) for _ in range(per_client)]
-        with lock:
-            times.extend(mine)
+    async def run() -> None:
+        await asyncio.gather(
+            *(
+                _client(i, host, int(port), paths, total // CLIENTS, times)
+                for i in range(CLIENTS)
+            )
+        )
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    asyncio.run(run())
     return sorted(times)
 
 
@@ -355,44 +380,65 @@ def main() -> int:
                     stderr=subprocess.DEVNULL,
                 )
             )
-        port = free_port()
-        procs.append(
-            subprocess.Popen(
-                [
-                    str(Path(sys.executable).parent / "gunicorn"),
-                    "-b",
-                    f"127.0.0.1:{port}",
-                    "-w",
-                    str(args.workers),
-                    "--threads",
-                    "10",
-                    "gateway.app:create_app()",
-                ],
-                cwd=ROOT,
-                env=dict(env, RPC_POOL_SIZE="10"),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+
+        def portal(public_cache_ttl_s: str) -> str:
+            port = free_port()
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(Path(sys.executable).parent / "gunicorn"),
+                        "-b",
+                        f"127.0.0.1:{port}",
+                        "-w",
+                        str(args.workers),
+                        "--threads",
+                        "10",
+                        "gateway.app:create_app()",
+                    ],
+                    cwd=ROOT,
+                    env=dict(
+                        env, RPC_POOL_SIZE="10", PUBLIC_CACHE_TTL_S=public_cache_ttl_s
+                    ),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             )
-        )
-        portal = f"http://127.0.0.1:{port}"
+            url = f"http://127.0.0.1:{port}"
 
-        def summary_ready() -> bool:
-            body = requests.get(f"{portal}/api/v1/network/summary", timeout=30)
-            return body.ok and body.json()["gpu_seconds"] is not None
+            def ready() -> bool:
+                body = requests.get(f"{url}/api/v1/network/summary", timeout=30)
+                return body.ok and body.json()["gpu_seconds"] is not None
 
-        wait("the portal and registry", summary_ready, timeout=120)
-        load([f"{portal}/api/v1/network/summary"], CLIENTS * 5)  # warm up
-        summary = load([f"{portal}/api/v1/network/summary"], args.requests)
-        city = load([f"{portal}/api/v1/cities/{c}" for c in codes], args.requests)
-        print(
-            f"summary: n={len(summary)} p50={pct(summary, 0.5)} ms "
-            f"p99={pct(summary, 0.99)} ms; city: n={len(city)} "
-            f"p50={pct(city, 0.5)} ms p99={pct(city, 0.99)} ms "
-            f"({CLIENTS} clients, gunicorn -w {args.workers} --threads 10)"
+            wait("the portal and registry", ready, timeout=120)
+            return url
+
+        # The portal as deployed (public view in memory, 1 s) and, as the
+        # baseline, the same portal asking the registry on every request.
+        served, asking = portal("1"), portal("0")
+        summary_path, city_paths = (
+            "/api/v1/network/summary",
+            [f"/api/v1/cities/{c}" for c in codes],
         )
+        figures = {}
+        for name, url in (("baseline", asking), ("portal", served)):
+            load(url, [summary_path], CLIENTS * 5)  # warm up
+            summary = load(url, [summary_path], args.requests)
+            city = load(url, city_paths, args.requests)
+            figures[name] = (summary, city)
+            print(
+                f"{name}: summary n={len(summary)} p50={pct(summary, 0.5)} ms "
+                f"p99={pct(summary, 0.99)} ms; city n={len(city)} "
+                f"p50={pct(city, 0.5)} ms p99={pct(city, 0.99)} ms "
+                f"({CLIENTS} clients, gunicorn -w {args.workers} --threads 10)",
+                flush=True,
+            )
+        summary, city = figures["portal"]
+        base_summary, base_city = figures["baseline"]
         print(
             f"summary_p50_ms={pct(summary, 0.5)} summary_p99_ms={pct(summary, 0.99)} "
-            f"city_p99_ms={pct(city, 0.99)}"
+            f"city_p99_ms={pct(city, 0.99)} "
+            f"baseline_summary_p99_ms={pct(base_summary, 0.99)} "
+            f"baseline_city_p99_ms={pct(base_city, 0.99)}"
         )
         return 0
     finally:

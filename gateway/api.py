@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify, render_template, request
+from flask import Blueprint, Flask, current_app, jsonify, render_template, request
 from marshmallow import Schema
 
 from gateway.audit import AUDIT, note
@@ -24,6 +24,7 @@ from gateway.listing import (
     wants_csv,
 )
 from gateway.openapi import build_spec
+from gateway.publicview import Body, PublicView, Snapshot
 from gateway.schemas import (
     CITY_CODE_PATTERN,
     ApplicationQuerySchema,
@@ -57,10 +58,11 @@ api = Blueprint("api", __name__, url_prefix="/api/v1")
 
 PREFIX_CACHE = "voucher_prefix_cache"  # key in app.extensions
 PREFIX_CACHE_TTL_S = 60.0
-# Public aggregates (the summary, a city's page) are the same for everyone and
-# are read by every dashboard: served from a per-process cache for
-# PUBLIC_CACHE_TTL_S (config key of the same name; 0 turns it off).
-PUBLIC_CACHE = "public_aggregate_cache"
+# The summary and the city pages are the same for everyone and are read by
+# every dashboard: served from the PublicView in memory, replaced behind the
+# readers once older than PUBLIC_CACHE_TTL_S (config key of the same name; 0
+# asks the registry on every request).
+PUBLIC_VIEW = "public_view"  # key in app.extensions
 PUBLIC_CACHE_TTL_S = "PUBLIC_CACHE_TTL_S"
 _CITY_CODE = re.compile(CITY_CODE_PATTERN)
 
@@ -69,15 +71,42 @@ def _rpc(service: str, method: str, *args: Any, **kwargs: Any) -> Any:
     return current_app.extensions["rpc"].call(service, method, *args, **kwargs)
 
 
-def _public(service: str, method: str, *args: Any) -> Any:
-    """``_rpc`` for public aggregates, through the short-lived shared cache."""
-    ttl = float(current_app.config.get(PUBLIC_CACHE_TTL_S, 1.0))
-    if ttl <= 0:
-        return _rpc(service, method, *args)
-    cache: TtlCache = current_app.extensions[PUBLIC_CACHE]
-    return cache.get_or_load(
-        (service, method, *args), lambda: _rpc(service, method, *args), lambda _: ttl
+def make_public_view(app: Flask, rpc: Any, ttl_s: float) -> PublicView:
+    """The registry's ``public_view``, rendered as this portal renders it."""
+
+    def renderer(schema: Schema):
+        def render(data: Any) -> bytes:
+            text = app.json.dumps(schema.dump(data), separators=(",", ":"))
+            return f"{text}\n".encode()
+
+        return render
+
+    return PublicView(
+        load=lambda: rpc.call("city_registry", "public_view"),
+        render_summary=renderer(SummarySchema()),
+        render_city=renderer(CitySchema()),
+        ttl_s=ttl_s,
     )
+
+
+def _public_snapshot() -> Snapshot | None:
+    """The snapshot to serve, or None when the cache is off."""
+    if float(current_app.config.get(PUBLIC_CACHE_TTL_S, 1.0)) <= 0:
+        return None
+    return current_app.extensions[PUBLIC_VIEW].current()
+
+
+def _public_response(body: Body):
+    """Rendered bytes with an entity tag: a dashboard polling with
+    ``If-None-Match`` gets 304 until the figures change."""
+    if body.etag in request.if_none_match:
+        response = current_app.response_class(status=304)
+    else:
+        response = current_app.response_class(body.data, mimetype="application/json")
+    ttl = float(current_app.config.get(PUBLIC_CACHE_TTL_S, 1.0))
+    response.headers["ETag"] = f'"{body.etag}"'
+    response.headers["Cache-Control"] = f"public, max-age={max(1, round(ttl))}"
+    return response
 
 
 def _dump(schema: Schema, data: Any):
@@ -104,7 +133,10 @@ def _json_body() -> dict:
 
 @api.get("/network/summary")
 def network_summary():
-    return _dump(SummarySchema(), _public("city_registry", "network_summary"))
+    snapshot = _public_snapshot()
+    if snapshot is None:
+        return _dump(SummarySchema(), _rpc("city_registry", "network_summary"))
+    return _public_response(snapshot.summary)
 
 
 @api.get("/cities")
@@ -116,7 +148,12 @@ def list_cities():
 
 @api.get("/cities/<city>")
 def get_city(city: str):
-    return _dump(CitySchema(), _public("city_registry", "get_city", city))
+    snapshot = _public_snapshot()
+    body = snapshot.cities.get(city) if snapshot is not None else None
+    if body is not None:
+        return _public_response(body)
+    # Off, or a city admitted since the snapshot (or none at all): ask.
+    return _dump(CitySchema(), _rpc("city_registry", "get_city", city))
 
 
 @api.get("/datacenters")

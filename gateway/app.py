@@ -19,7 +19,13 @@ from flask import Flask, current_app, jsonify
 from kombu import Connection
 
 from gateway import audit
-from gateway.api import PREFIX_CACHE, PUBLIC_CACHE, PUBLIC_CACHE_TTL_S, api
+from gateway.api import (
+    PREFIX_CACHE,
+    PUBLIC_CACHE_TTL_S,
+    PUBLIC_VIEW,
+    api,
+    make_public_view,
+)
 from gateway.auth import AUTH_CACHE, TtlCache
 from gateway.dashboard import dashboard
 from gateway.errors import error_response, register_error_handlers
@@ -102,8 +108,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions[RPC] = config[RPC] if RPC in config else _make_rpc(config)
     app.extensions[AUTH_CACHE] = TtlCache()
     app.extensions[PREFIX_CACHE] = TtlCache(max_entries=1)
-    app.extensions[PUBLIC_CACHE] = TtlCache(max_entries=1024)
     app.config[PUBLIC_CACHE_TTL_S] = float(config.get(PUBLIC_CACHE_TTL_S, 1.0))
+    app.extensions[PUBLIC_VIEW] = make_public_view(
+        app, app.extensions[RPC], app.config[PUBLIC_CACHE_TTL_S]
+    )
 
     audit.init_app(app, config.get(audit.AUDIT_DATABASE_URL) or audit.DEFAULT_AUDIT_URL)
     register_error_handlers(app)

@@ -429,6 +429,23 @@ def network_summary(
     }
 
 
+def public_view(
+    cities: Iterable[CityState],
+    datacenters: Iterable[DatacenterState],
+    overview: Mapping[str, Any] | None,
+    now: datetime,
+    stale_after_s: float,
+) -> dict[str, Any]:
+    """Everything anyone may read, as one consistent snapshot: the summary and
+    every city's page, computed from the same read of the read model, so that
+    the summary is always the sum of the cities shown beside it."""
+    cities = list(cities)
+    return {
+        "summary": network_summary(cities, datacenters, overview, now, stale_after_s),
+        "cities": [city_view(city, now, stale_after_s) for city in cities],
+    }
+
+
 # ---------------------------------------------------------------- roles, tokens
 
 

@@ -217,6 +217,21 @@ class CityRegistryService:
         )
 
     @rpc(expected_exceptions=EXPECTED)
+    def public_view(self) -> dict[str, Any]:
+        """The summary and every city's page in one answer: what the portal
+        keeps in memory and serves to anyone without asking again."""
+        return VIEWS.get(
+            "public",
+            lambda: domain.public_view(
+                self.store.cities(),
+                self.store.datacenters(),
+                self._usage_overview(),
+                utcnow(),
+                _stale_after_s(),
+            ),
+        )
+
+    @rpc(expected_exceptions=EXPECTED)
     def national_overview(self) -> dict[str, Any]:
         """Per city, data centre and hub region, with 24 h and 7 d utilisation."""
         return VIEWS.get(

@@ -296,6 +296,16 @@ def test_network_summary_with_metering():
     }
 
 
+def test_public_view_is_the_summary_beside_the_cities_it_sums():
+    cities = [_city(), _city(code="chengdu", last_heartbeat_at=None, programs=[])]
+    dcs = [_dc("east-1", "east", 8)]
+    view = domain.public_view(iter(cities), dcs, OVERVIEW, NOW, 90)
+    assert view["summary"] == domain.network_summary(cities, dcs, OVERVIEW, NOW, 90)
+    assert view["cities"] == [domain.city_view(c, NOW, 90) for c in cities]
+    for money in ("budget_fen", "committed_fen", "redeemed_fen", "released_fen"):
+        assert view["summary"][money] == sum(c[money] for c in view["cities"])
+
+
 def test_one_overshooting_datacenter_cannot_inflate_its_region_or_the_nation():
     overview = {
         "datacenters": {

@@ -95,6 +95,15 @@ def test_summary_uses_the_24_hour_window(service, metering):
     metering.usage_overview.assert_called_once_with(window_hours=24)
 
 
+def test_public_view_lists_every_city_beside_the_summary(service, metering):
+    metering.usage_overview.return_value = {"datacenters": {}}
+    view = service.public_view()
+    assert view["summary"] == service.network_summary()
+    assert [c["code"] for c in view["cities"]] == [
+        c["code"] for c in service.list_cities()
+    ]
+
+
 def test_unknown_city_and_datacenter(service):
     with pytest.raises(NotFound) as info:
         service.get_city("atlantis")

@@ -19,7 +19,9 @@ class FakeRpc:
     """Records every call; answers from ``replies[(service, method)]``.
 
     A reply may be a value, an exception (raised) or a callable (called with
-    the arguments). Tokens map to roles through ``roles``.
+    the arguments). Tokens map to roles through ``roles``. Unless answered
+    itself, the registry's ``public_view`` is composed as the registry does it:
+    the ``network_summary`` reply beside the ``list_cities`` one.
     """
 
     def __init__(self) -> None:
@@ -32,12 +34,25 @@ class FakeRpc:
         if (service, method) == ("city_registry", "authenticate"):
             role = self.roles.get(args[0])
             return {"role": role} if role else None
+        if (service, method) == ("city_registry", "public_view") and (
+            (service, method) not in self.replies
+        ):
+            return {
+                "summary": self._answer("network_summary"),
+                "cities": self._answer("list_cities") or [],
+            }
         reply = self.replies.get((service, method))
         if isinstance(reply, BaseException):
             raise reply
         if callable(reply):
             return reply(*args, **kwargs)
         return reply
+
+    def _answer(self, method: str) -> Any:
+        reply = self.replies.get(("city_registry", method))
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply() if callable(reply) else reply
 
     def called(self, service: str, method: str) -> list[tuple[tuple, dict]]:
         return [(a, k) for s, m, a, k in self.calls if (s, m) == (service, method)]

@@ -43,7 +43,16 @@ def test_cities_and_one_city(client, rpc, city_factory):
 
     assert client.get("/api/v1/cities").get_json() == [city]
     assert client.get("/api/v1/cities/shanghai").get_json() == city
-    assert rpc.called("city_registry", "get_city") == [(("shanghai",), {})]
+    # The page came from the public view, which lists every city.
+    assert rpc.called("city_registry", "get_city") == []
+
+
+def test_a_city_missing_from_the_public_view_is_asked_for(client, rpc, city_factory):
+    wuhan = city_factory(code="wuhan")
+    rpc.replies[("city_registry", "get_city")] = lambda code: wuhan
+
+    assert client.get("/api/v1/cities/wuhan").get_json() == wuhan
+    assert rpc.called("city_registry", "get_city") == [(("wuhan",), {})]
 
 
 def test_unknown_city_is_404(client, rpc):
