@@ -232,6 +232,13 @@ def test_national_view_projects_federation_events_once(registry, registry_rpc):
     assert summary["datacenters"] == 2
     assert summary["regions"]["west"]["gpus"] == 768
 
+    # What the portal holds in memory: the same, in one answer.
+    public = registry_rpc.public_view()
+    assert public["summary"] == summary
+    assert {city["code"]: city for city in public["cities"]} == {
+        code: registry_rpc.get_city(code) for code in cities
+    }
+
 
 def test_utilisation_comes_from_metering(registry, registry_rpc, container_factory):
     container_factory(FakeMetering).start()
