@@ -32,6 +32,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -325,6 +326,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="per endpoint")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers")
     args = parser.parse_args()
+    # Stopped with SIGTERM, still drop the processes, vhost and databases.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tag = uuid.uuid4().hex[:8]
     vhost = f"bench_registry_{tag}"
     auth = ("guest", "guest")

@@ -54,6 +54,9 @@ CITY_TIMEOUT_S = 5.0
 # The national summary and overview are recomputed at most this often per
 # registry process: under load the portal's readers share one answer.
 VIEW_CACHE_S = 2.0
+# metering's usage figures (GPU-seconds, utilisation over 24 h and 7 d) move
+# slowly against what they cost to aggregate: asked at most this often.
+USAGE_CACHE_S = 10.0
 
 
 # Federation events are applied one at a time, in the order they were
@@ -66,7 +69,8 @@ _PROJECTION_LOCK = Semaphore(1)
 
 
 class _ViewCache:
-    """One computed answer per key for ``VIEW_CACHE_S``; shared by workers.
+    """One computed answer per key for ``VIEW_CACHE_S`` (or ``ttl(answer)``);
+    shared by workers.
 
     Single flight: while one worker recomputes an expired answer, the others
     serve the previous one rather than all recomputing at once.
@@ -77,7 +81,12 @@ class _ViewCache:
         self._refreshing: set[str] = set()
         self._lock = threading.Lock()
 
-    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+    def get(
+        self,
+        key: str,
+        compute: Callable[[], Any],
+        ttl: Callable[[Any], float] = lambda _: VIEW_CACHE_S,
+    ) -> Any:
         now = time.monotonic()
         with self._lock:
             entry = self._entries.get(key)
@@ -92,7 +101,7 @@ class _ViewCache:
             with self._lock:
                 self._refreshing.discard(key)
         with self._lock:
-            self._entries[key] = (time.monotonic() + VIEW_CACHE_S, value)
+            self._entries[key] = (time.monotonic() + ttl(value), value)
         return value
 
     def clear(self) -> None:
@@ -481,11 +490,21 @@ class CityRegistryService:
         The registry's own answers (money, inventories) must not fail because
         metering does: GPU-seconds and utilisation are then null.
         """
-        try:
-            with eventlet.Timeout(METERING_TIMEOUT_S):
-                return self.metering_rpc.usage_overview(window_hours=window_hours)
-        except eventlet.Timeout:
-            log.warning("metering.usage_overview timed out")
-        except Exception as exc:  # noqa: BLE001 - any failure means "unknown"
-            log.warning("metering.usage_overview failed: %r", exc)
-        return None
+
+        def ask() -> dict[str, Any] | None:
+            try:
+                with eventlet.Timeout(METERING_TIMEOUT_S):
+                    return self.metering_rpc.usage_overview(window_hours=window_hours)
+            except eventlet.Timeout:
+                log.warning("metering.usage_overview timed out")
+            except Exception as exc:  # noqa: BLE001 - any failure means "unknown"
+                log.warning("metering.usage_overview failed: %r", exc)
+            return None
+
+        # Aggregating every rollup is metering's dearest query; an answer is
+        # kept USAGE_CACHE_S, a failure only as long as the money views.
+        return VIEWS.get(
+            f"usage:{window_hours}",
+            ask,
+            ttl=lambda answer: USAGE_CACHE_S if answer is not None else VIEW_CACHE_S,
+        )

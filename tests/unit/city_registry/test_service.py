@@ -1,6 +1,7 @@
 """The entrypoints, through nameko's worker_factory: no broker, SQLite store."""
 
 import json
+import time
 from unittest.mock import Mock
 
 import pytest
@@ -102,6 +103,24 @@ def test_public_view_lists_every_city_beside_the_summary(service, metering):
     assert [c["code"] for c in view["cities"]] == [
         c["code"] for c in service.list_cities()
     ]
+
+
+def test_metering_is_asked_once_for_every_view_in_a_while(service, metering):
+    metering.usage_overview.return_value = {"datacenters": {}}
+    service.network_summary()
+    service.public_view()
+    service.list_datacenters()
+    metering.usage_overview.assert_called_once_with(window_hours=24)
+
+
+def test_a_failed_metering_answer_is_kept_only_briefly(service, metering):
+    from services.city_registry import service as module
+
+    metering.usage_overview.side_effect = ConnectionError("broker gone")
+    assert service.network_summary()["gpu_seconds"] is None
+    expires, answer = module.VIEWS._entries["usage:24"]
+    assert answer is None
+    assert expires - time.monotonic() <= module.VIEW_CACHE_S < module.USAGE_CACHE_S
 
 
 def test_unknown_city_and_datacenter(service):
