@@ -37,6 +37,7 @@ from services.common.amqp import (
 )
 from services.common.config import STALE_AFTER_S
 from services.common.errors import EXPECTED, Conflict, InvalidRequest, NotFound
+from services.common.rpc import TRANSIENT
 from services.common.signing import new_key_id, new_secret
 from services.common.units import utcnow
 
@@ -120,8 +121,8 @@ class CityRegistryService:
     name = "city_registry"
 
     store = RegistryDatabase()
-    metering_rpc = ServiceRpc("metering")
-    cluster_rpc = ClusterRpc()
+    metering_rpc = ServiceRpc("metering", **TRANSIENT)
+    cluster_rpc = ClusterRpc(**TRANSIENT)
     broker = Broker()
 
     # ------------------------------------------------------------ federation

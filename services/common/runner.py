@@ -27,6 +27,7 @@ from nameko.runners import ServiceRunner  # noqa: E402
 
 from services.common.config import DATABASE_URL, TRACING, ConfigError, load_config  # noqa: E402
 from services.common.migrations import SERVICES_DIR, upgrade  # noqa: E402
+from services.common.rpc import transient_replies  # noqa: E402
 from services.common.telemetry import setup_tracing  # noqa: E402
 
 log = logging.getLogger("computenet.runner")
@@ -78,6 +79,7 @@ def main(
 
     setup_tracing(service_cls.name, cfg.get(TRACING), instrument_nameko=True)
 
+    transient_replies()
     runner = ServiceRunner()
     runner.add_service(service_cls)
 

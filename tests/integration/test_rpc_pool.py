@@ -48,3 +48,33 @@ def test_pool_serves_concurrent_callers_and_typed_errors(
     assert info.value.code == "thing_not_found"
     assert info.value.details == {"code": "x1"}
     pool.close()
+
+
+def test_requests_and_replies_are_transient(
+    rabbit_config, rabbit_uri, container_factory
+):
+    """Neither a call nor its answer waits for RabbitMQ's disk (rpc.py)."""
+    from kombu import Connection, Exchange, Queue
+
+    from services.common.rpc import transient_replies
+
+    transient_replies()  # what services.common.runner does in every service
+    container = container_factory(EchoService)
+    container.start()
+    with Connection(rabbit_uri) as conn:
+        spy = Queue(
+            "rpc-spy",
+            Exchange("nameko-rpc", type="topic", durable=True),
+            routing_key="#",
+            auto_delete=True,
+        )
+        spy(conn).declare()
+        pool = RpcPool(rabbit_uri, size=1, timeout=10)
+        assert pool.call("echo", "double", 21) == 42
+        pool.close()
+        seen = []
+        while (message := spy(conn).get(no_ack=True)) is not None:
+            seen.append((message.delivery_info["routing_key"], message.properties))
+    assert len(seen) == 2, seen  # the call and its reply
+    assert seen[0][0] == "echo.double"
+    assert [properties["delivery_mode"] for _, properties in seen] == [1, 1]
