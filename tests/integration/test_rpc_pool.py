@@ -78,3 +78,79 @@ def test_requests_and_replies_are_transient(
     assert len(seen) == 2, seen  # the call and its reply
     assert seen[0][0] == "echo.double"
     assert [properties["delivery_mode"] for _, properties in seen] == [1, 1]
+
+
+class SlowService:
+    name = "slow"
+
+    @rpc
+    def wait(self, seconds):
+        import eventlet
+
+        eventlet.sleep(seconds)
+        return seconds
+
+
+def _vhost_connections(rabbit_uri):
+    import requests
+
+    vhost = rabbit_uri.rsplit("/", 1)[1]
+    answer = requests.get(
+        f"http://127.0.0.1:15672/api/vhosts/{vhost}/connections",
+        auth=("guest", "guest"),
+        timeout=10,
+    )
+    answer.raise_for_status()
+    return [c["name"] for c in answer.json()]
+
+
+def test_a_client_keeps_one_reply_connection(
+    rabbit_config, rabbit_uri, container_factory
+):
+    """nameko's standalone client connected anew for each reply (rpc.py)."""
+    container_factory(EchoService).start()
+    pool = RpcPool(rabbit_uri, size=1, timeout=10)
+    assert pool.call("echo", "double", 1) == 2
+    (entry,) = list(pool._idle.queue)
+    replies = entry[0].reply_listener._replies
+    assert replies is not None
+    for i in range(20):
+        assert pool.call("echo", "double", i) == 2 * i
+    assert entry[0].reply_listener._replies is replies
+    pool.close()
+
+
+def test_a_client_whose_connections_were_closed_calls_again(
+    rabbit_config, rabbit_uri, container_factory
+):
+    import urllib.parse
+
+    import requests
+
+    container_factory(EchoService).start()
+    pool = RpcPool(rabbit_uri, size=1, timeout=10)
+    assert pool.call("echo", "double", 1) == 2
+    # The broker drops every connection of the vhost (as it does an idle
+    # client's that missed its heartbeats); the service reconnects by itself.
+    for name in _vhost_connections(rabbit_uri):
+        requests.delete(
+            f"http://127.0.0.1:15672/api/connections/{urllib.parse.quote(name)}",
+            auth=("guest", "guest"),
+            timeout=10,
+        )
+    # The request waits in the service's queue until it is back.
+    assert [pool.call("echo", "double", i) for i in range(5)] == [0, 2, 4, 6, 8]
+    pool.close()
+
+
+def test_a_timed_out_call_leaves_the_client_usable(
+    rabbit_config, rabbit_uri, container_factory
+):
+    from nameko.exceptions import RpcTimeout
+
+    container_factory(SlowService).start()
+    pool = RpcPool(rabbit_uri, size=1, timeout=0.5)
+    with pytest.raises(RpcTimeout):
+        pool.call("slow", "wait", 1.5)
+    assert pool.call("slow", "wait", 0) == 0  # the late reply is not taken
+    pool.close()
