@@ -9,6 +9,21 @@ and database and removes them. metering runs as a real process
 (``python -m services.metering``; ``--processes`` of them competing on the
 queue, default 2) with a stand-in ``city_registry`` process.
 Ends with ``metering_records_per_s=<n> baseline_records_per_s=<n> ratio=<r>``.
+
+The choices, on the 2-core machine the figures come from:
+
+- 2 processes: metering's Python is one core at most per process, and
+  RabbitMQ (about half of all CPU in the run), PostgreSQL and the publisher
+  need the rest; one process did worse, more would only contend.
+- ``--consumers`` 4 batch consumers per process (``CONSUMERS``, the deployed
+  default): a batch spends most of its time waiting (the database's
+  commit, the broker's confirms), so four keep each process busy where two
+  left it waiting. Batches of 500 (``BATCH_SIZE``, metering.yaml's default).
+- The baseline is the bare path of the same messages: one publisher with
+  the same confirm window, one consumer with manual acks (every 100,
+  prefetch 400) in its own process, a durable queue, persistent messages.
+  Each message carries ``message_id=<record_id>`` (CONTRACTS.md §1; before,
+  the key id was sent there by mistake, in both runs alike).
 """
 
 from __future__ import annotations
@@ -51,7 +66,7 @@ def make_vhost() -> str:
     return vhost
 
 
-def messages(count: int) -> list[tuple[bytes, dict]]:
+def messages(count: int) -> list[tuple[bytes, dict, str]]:
     codes = [voucher("SH") for _ in range(20)] + [voucher("CD") for _ in range(20)]
     out = []
     for n in range(count):
@@ -62,7 +77,7 @@ def messages(count: int) -> list[tuple[bytes, dict]]:
             gpu_seconds=3600 + n % 3600,
         )
         body = canonical_json(record)
-        out.append((body, signed_headers(body)))
+        out.append((body, signed_headers(body), record["record_id"]))
     return out
 
 
@@ -76,14 +91,14 @@ def publish(channel, bodies, exchange: str, routing_key: str) -> None:
             pending.discard(done)
 
     channel.events["basic_ack"].add(ack)
-    for body, headers in bodies:
+    for body, headers, record_id in bodies:
         channel.basic_publish(
             amqp.Message(
                 body,
                 content_type="application/json",
                 delivery_mode=2,
                 application_headers=headers,
-                message_id=headers.get("x-key-id"),
+                message_id=record_id,
             ),
             exchange,
             routing_key,
@@ -190,7 +205,7 @@ def run_metering(
         "deploy/config/metering.yaml",
     ]
     meterings = [subprocess.Popen([*wrapper, *command], cwd=ROOT, env=env)]
-    per_process = int(env.get("CONSUMERS", 2))
+    per_process = int(env.get("CONSUMERS", 4))
     try:
         connection = connect(vhost)
         channel = connection.channel()
@@ -258,7 +273,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--batch-size", default=None)
-    parser.add_argument("--consumers", default=None)
+    parser.add_argument(
+        "--consumers",
+        default="4",
+        help="batch consumers per metering process (default: %(default)s)",
+    )
     parser.add_argument(
         "--processes",
         type=int,

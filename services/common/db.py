@@ -44,7 +44,13 @@ def make_engine(url: str, **kwargs) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    # Every session in UTC, whatever the server's or database's default: a
+    # timestamptz comes back as UTC, so hours are cut at UTC hours everywhere
+    # (metering's rollups, a correction's reversal landing in its original's
+    # bucket) and the same on any server.
+    connect_args = dict(kwargs.pop("connect_args", {}))
+    connect_args.setdefault("options", "-c timezone=UTC")
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
 
 
 class Database(DependencyProvider):

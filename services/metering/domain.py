@@ -278,7 +278,7 @@ def fast_load_usage(data: Mapping[str, Any]) -> dict[str, Any] | None:
         started, ended = data["started_at"], data["ended_at"]
         if type(started) is not str or type(ended) is not str:
             return None
-        started, ended = parse_ts(started), parse_ts(ended)
+        started, ended = _parse_time(started), _parse_time(ended)
         # UsageRecordSchema.check_times, the same comparisons in the same order
         if ended <= started or ended - started > contracts.MAX_SPAN:
             return None
@@ -302,6 +302,12 @@ def fast_load_usage(data: Mapping[str, Any]) -> dict[str, Any] | None:
         "job_id": data.get("job_id"),
         "correction_of": correction_of,
     }
+
+
+# The records of a job, a sampling window or a batch share their times: parsed
+# once, they are also one object each, whose hash (for _wire_time's cache) is
+# computed once. A datetime is immutable, so sharing it is safe.
+_parse_time = functools.lru_cache(maxsize=4096)(parse_ts)
 
 
 def load_capacity(
@@ -329,9 +335,14 @@ def inventory_item(datacenter: Mapping[str, Any], gpu_model: str) -> dict[str, A
 def voucher_prefix(voucher_code: str) -> str:
     """The issuing city's prefix of a well-formed code, or ``unknown_voucher``."""
     try:
-        return vouchercode.parse(voucher_code)
+        return _parsed_voucher_prefix(voucher_code)
     except vouchercode.InvalidVoucherCode as exc:
         raise Refused(Reason.UNKNOWN_VOUCHER, str(exc)[:300]) from exc
+
+
+# A tenant's records carry the same code again and again: its check character
+# is computed once (only well-formed codes are kept; an error is not cached).
+_parsed_voucher_prefix = functools.lru_cache(maxsize=65536)(vouchercode.parse)
 
 
 def normalise_voucher_code(voucher_code: str) -> str:
@@ -362,24 +373,46 @@ def rate(record: Mapping[str, Any], datacenter: Mapping[str, Any]) -> Rating:
 
 RECORD_FIELDS = tuple(contracts.UsageRecordSchema().fields)
 _FIELD_NAMES = frozenset(RECORD_FIELDS)
-_TIME_FIELDS = frozenset({"started_at", "ended_at"})
 _ZERO = timedelta(0)
+
+
+# In key order: a dump is then already in its canonical order (record_json).
+_SORTED_FIELDS = tuple(sorted(RECORD_FIELDS))
 
 
 def dump_record(record: Mapping[str, Any]) -> dict[str, Any]:
     """``UsageRecordSchema().dump(record)``, without marshmallow (the hot path).
 
-    ``test_dump_record_equals_the_schema_dump`` keeps the two the same.
+    Spelt out field by field, in key order (twice as fast as a loop over the
+    fields); ``test_dump_record_equals_the_schema_dump`` keeps the two the
+    same, and the check below that no field of the contract is missing.
     """
+    get = record.get
     return {
-        name: _wire_time(record.get(name)) if name in _TIME_FIELDS else record.get(name)
-        for name in RECORD_FIELDS
+        "correction_of": get("correction_of"),
+        "datacenter_id": get("datacenter_id"),
+        "ended_at": _wire_time(get("ended_at")),
+        "gpu_count": get("gpu_count"),
+        "gpu_model": get("gpu_model"),
+        "gpu_seconds": get("gpu_seconds"),
+        "job_id": get("job_id"),
+        "record_id": get("record_id"),
+        "source": get("source"),
+        "started_at": _wire_time(get("started_at")),
+        "tenant_id": get("tenant_id"),
+        "voucher_code": get("voucher_code"),
     }
 
 
 def _wire_time(moment: datetime | None) -> str | None:
     if moment is None:
         return None
+    return _wire_time_cached(moment)
+
+
+# Records of one job, one sampling window or one batch share their times.
+@functools.lru_cache(maxsize=4096)
+def _wire_time_cached(moment: datetime) -> str:
     if moment.tzinfo is None or moment.utcoffset() == _ZERO:
         # format_ts's output, without strftime (a hot spot in the profile)
         if moment.year >= 1000:
@@ -392,6 +425,10 @@ def _wire_time(moment: datetime | None) -> str | None:
 def _wire_time_of_batch(moment: datetime) -> str | None:
     """:func:`_wire_time` of a time shared by a whole batch (its rating time)."""
     return _wire_time(moment)
+
+
+if tuple(dump_record({})) != _SORTED_FIELDS:  # pragma: no cover - a new field
+    raise RuntimeError("dump_record does not spell out UsageRecordSchema's fields")
 
 
 def canonical_sha256(message: Mapping[str, Any], schema_cls=None) -> str:
@@ -412,8 +449,41 @@ def wire_sha256(dumped: Mapping[str, Any]) -> str:
     return hashlib.sha256(contracts.canonical_json(dumped)).hexdigest()
 
 
+def record_json(record: Mapping[str, Any]) -> bytes:
+    """A loaded record's canonical JSON: what its digest is taken of
+    (``sha256(record_json(r)) == canonical_sha256(r)``), and what its
+    ``usage_rated`` body is made from (:func:`usage_rated_body`).
+
+    ``contracts.canonical_json`` of the dump, byte for byte (a stored digest
+    must keep matching): the dump's keys are in order already and its values
+    flat, so one encoder built once serialises it without sorting
+    (``json.dumps`` with options builds an encoder per call).
+    """
+    return _PRESORTED_CANONICAL.encode(dump_record(record)).encode()
+
+
+_PRESORTED_CANONICAL = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+_EVENT_ID_PREFIX = contracts._EVENT_NAMESPACE.bytes + b"usage_rated\x1f"
+
+
 def usage_rated_event_id(datacenter_id: str, record_id: str) -> str:
-    return contracts.event_id("usage_rated", datacenter_id, record_id)
+    """``contracts.event_id("usage_rated", datacenter_id, record_id)``, without
+    building ``uuid.UUID`` objects (once per record on the hot path).
+
+    A uuid5 by RFC 4122: SHA-1 of namespace and name, version and variant
+    bits set. ``test_usage_rated_event_id_is_the_contracts_uuid5`` checks it.
+    """
+    digest = bytearray(
+        hashlib.sha1(
+            _EVENT_ID_PREFIX + f"{datacenter_id}\x1f{record_id}".encode()
+        ).digest()[:16]
+    )
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    x = digest.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 def usage_rated_event(
@@ -446,6 +516,60 @@ def usage_rated_event(
         "chip_origin": rating.datacenter["chip_origin"],
     }
     return event
+
+
+def usage_rated_body(
+    record: Mapping[str, Any],
+    city: str,
+    rating: Rating,
+    rated_at: datetime,
+    record_json_: bytes | None = None,
+) -> bytes:
+    """:func:`usage_rated_event` as the JSON bytes to publish.
+
+    The record's fields are spliced in from its canonical JSON (already made
+    for its digest: ``record_json_``) rather than serialised a second time;
+    the rest is a few fields. The same record always yields the same bytes.
+    ``test_usage_rated_body_is_the_event`` checks it loads to the event.
+    """
+    if record_json_ is None:
+        record_json_ = record_json(record)
+    event_id = usage_rated_event_id(record["datacenter_id"], record["record_id"])
+    return b"".join(
+        (
+            _event_head(city, _wire_time_of_batch(rated_at)),
+            event_id.encode(),
+            b'",',
+            record_json_[1:-1],
+            b',"cost_fen":%d,"unit_price_fen_per_gpu_hour":%d,"datacenter":'
+            % (rating.cost_fen, rating.unit_price_fen_per_gpu_hour),
+            _datacenter_json(
+                bool(rating.datacenter["government_run"]),
+                rating.datacenter["hub_region"],
+                rating.datacenter["chip_origin"],
+            ),
+            b"}",
+        )
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _event_head(city: str, occurred_at: str) -> bytes:
+    return b'{"city":%s,"occurred_at":%s,"event_id":"' % (
+        contracts.canonical_json(city),
+        contracts.canonical_json(occurred_at),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _datacenter_json(government_run: bool, hub_region: str, chip_origin: str) -> bytes:
+    return contracts.canonical_json(
+        {
+            "government_run": government_run,
+            "hub_region": hub_region,
+            "chip_origin": chip_origin,
+        }
+    )
 
 
 def hour_of(moment: datetime) -> datetime:
@@ -508,20 +632,47 @@ def spread_over_hours(
     cumulative rounding puts them (never all in one hour). ``amount`` may be
     negative (taking back a corrected record) and is split the same way.
     """
+    hours, elapsed, span = _hours_of_span(started, ended, started.utcoffset())
+    if elapsed is None:
+        return [(hours[0], amount)]
+    return list(zip(hours, _shares(amount, elapsed, span), strict=True))
+
+
+@functools.lru_cache(maxsize=4096)
+def _hours_of_span(
+    started: datetime, ended: datetime, _offset: timedelta | None
+) -> tuple[tuple[datetime, ...], tuple[int, ...] | None, int]:
+    """The hours ``[started, ended)`` covers, and the microseconds from
+    ``started`` to the end of each of them (None: all in one hour), and the
+    span in microseconds. Cached: many records share a span (a job's GPUs,
+    an agent's sampling window), and it is asked twice per record.
+
+    ``_offset`` (``started.utcoffset()``) is part of the key only: the hours
+    are cut in ``started``'s own zone, and two equal instants in different
+    zones are equal keys otherwise."""
     span = (ended - started) // _MICROSECOND
     hour = hour_of(started)
     if span <= 0 or hour + HOUR >= ended:
-        return [(hour, amount)]
+        return (hour,), None, span
+    hours = []
+    elapsed = []
+    while hour < ended:
+        hours.append(hour)
+        elapsed.append((min(hour + HOUR, ended) - started) // _MICROSECOND)
+        hour += HOUR
+    return tuple(hours), tuple(elapsed), span
+
+
+def _shares(amount: int, elapsed: tuple[int, ...], span: int) -> list[int]:
+    """Each hour's share of ``amount`` (see :func:`spread_over_hours`)."""
     negative = amount < 0
     amount = abs(amount)
-    shares: list[tuple[datetime, int]] = []
+    shares = []
     given = 0
-    while hour < ended:
-        boundary = min(hour + HOUR, ended)
-        cumulative = amount * ((boundary - started) // _MICROSECOND) // span
-        shares.append((hour, -(cumulative - given) if negative else cumulative - given))
+    for upto in elapsed:
+        cumulative = amount * upto // span
+        shares.append(given - cumulative if negative else cumulative - given)
         given = cumulative
-        hour += HOUR
     return shares
 
 
@@ -537,7 +688,10 @@ def rollup_contribution(
     the hour its span started; its GPU-seconds and its cost are spread over
     the hours of its span (:func:`spread_over_hours`).
     """
-    started, ended = _aware(row["started_at"]), _aware(row["ended_at"])
+    started = _aware(row["started_at"])
+    hours, elapsed, span = _hours_of_span(
+        started, _aware(row["ended_at"]), started.utcoffset()
+    )
     base = (
         row["datacenter_id"],
         row.get("city") or "",
@@ -545,12 +699,14 @@ def rollup_contribution(
         row.get("voucher_code") or "",
         row["gpu_model"],
     )
-    seconds = spread_over_hours(sign * row["gpu_seconds"], started, ended)
-    costs = spread_over_hours(sign * row["cost_fen"], started, ended)
-    first = hour_of(started)
+    gpu_seconds, cost = sign * row["gpu_seconds"], sign * row["cost_fen"]
+    if elapsed is None:
+        return [((*base, hours[0]), sign, gpu_seconds, cost)]
+    seconds = _shares(gpu_seconds, elapsed, span)
+    costs = _shares(cost, elapsed, span)
     return [
-        ((*base, hour), sign if hour == first else 0, gpu_seconds, cost)
-        for (hour, gpu_seconds), (_same, cost) in zip(seconds, costs, strict=True)
+        ((*base, hour), sign if n == 0 else 0, seconds[n], costs[n])
+        for n, hour in enumerate(hours)
     ]
 
 

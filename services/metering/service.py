@@ -113,7 +113,7 @@ class MeteringService:
 
     def _publish(self, outcome: ingest.BatchOutcome) -> None:
         self.publish(
-            (event.routing_key, event.event_id, event.payload)
+            (event.routing_key, event.event_id, event.body)
             for event in outcome.outgoing
         )
 
@@ -148,7 +148,7 @@ class MeteringService:
         """Run a dead letter through every rule again (its cause fixed)."""
         registry = self.registry_cache(self.city_registry_rpc)
         result, outgoing = reports.replay_dead_letter(self.db, registry, dead_letter_id)
-        self.publish((e.routing_key, e.event_id, e.payload) for e in outgoing)
+        self.publish((e.routing_key, e.event_id, e.body) for e in outgoing)
         return result
 
 

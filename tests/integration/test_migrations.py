@@ -54,3 +54,25 @@ def test_migrations_match_models(service, backend, sqlite_url, pg_url_factory):
         assert f"alembic_version_{service}" in tables
     finally:
         engine.dispose()
+
+
+def test_sessions_are_in_utc_whatever_the_database_default(pg_url):
+    """Hours are cut in the zone a timestamp comes back in: always UTC."""
+    from datetime import timedelta
+
+    import psycopg
+    from sqlalchemy import text
+
+    from services.common.db import make_engine
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        name = pg_url.rsplit("/", 1)[1]
+        conn.execute(f"ALTER DATABASE \"{name}\" SET timezone TO 'Asia/Shanghai'")
+    with psycopg.connect(pg_url) as conn:  # the default really is not UTC
+        assert conn.execute("SHOW timezone").fetchone()[0] == "Asia/Shanghai"
+    engine = make_engine(pg_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SHOW timezone")).scalar() == "UTC"
+        at = conn.execute(text("SELECT timestamptz '2026-11-22 01:30:00+08'")).scalar()
+    engine.dispose()
+    assert at.utcoffset() == timedelta(0) and at.hour == 17

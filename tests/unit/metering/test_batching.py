@@ -138,3 +138,122 @@ def test_hand_framed_publish_is_what_py_amqp_writes(
 def test_an_event_too_big_for_one_frame_is_left_to_py_amqp():
     assert batching.publish_content_frames(1, "id", b"x" * 5000, 4096) is None
     assert batching.publish_content_frames(1, "i" * 256, b"{}", 131072) is None
+
+
+def _split_frames(data: bytes) -> list[tuple[int, int, bytes]]:
+    frames, offset = [], 0
+    while offset < len(data):
+        frame_type, channel, size = struct.unpack_from(">BHI", data, offset)
+        frames.append((frame_type, channel, data[offset + 7 : offset + 7 + size]))
+        offset += 8 + size
+    return frames
+
+
+class _Connection:
+    """What ``read_deliveries`` touches of a kombu connection, around a stub
+    py-amqp one whose own frame handler is py-amqp's (deliveries it would make
+    are collected)."""
+
+    def __init__(self):
+        self.connection = types.SimpleNamespace(bytes_recv=0)
+        self.by_py_amqp = []
+        self.connection.on_inbound_frame = amqp.method_framing.frame_handler(
+            self.connection,
+            lambda channel, method, args, content: self.by_py_amqp.append(
+                (channel, method, args, content)
+            ),
+        )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 8),
+    st.integers(1, 2**64 - 1),
+    st.booleans(),
+    st.text(max_size=60),
+    st.binary(max_size=9000),
+    st.dictionaries(
+        st.text(min_size=1, max_size=20),
+        # strings are read by hand; anything else (and bytes that are not
+        # UTF-8, sent as strings) is left to py-amqp
+        st.one_of(
+            st.text(max_size=80),
+            st.text(max_size=80),
+            st.integers(-(2**31), 2**31 - 1),
+            st.booleans(),
+            st.binary(max_size=20),
+        ),
+        max_size=4,
+    ),
+    st.one_of(st.none(), st.text(max_size=40)),
+    st.integers(4096, 131072),
+    st.dictionaries(
+        st.sampled_from(["content_encoding", "priority", "correlation_id"]),
+        st.sampled_from(["utf-8", "x"]),
+    ),
+)
+def test_a_hand_read_delivery_is_what_py_amqp_delivers(
+    channel_id,
+    tag,
+    redelivered,
+    routing_key,
+    body,
+    headers,
+    message_id,
+    frame_max,
+    more,
+):
+    stub = _Stub()
+    stub.frame_max = frame_max
+    frames: list[bytes] = []
+    write = frame_writer(stub, batching._Collector(frames))
+    properties = {"content_type": "application/json", "delivery_mode": 2}
+    if headers:
+        properties["application_headers"] = headers
+    if message_id is not None:
+        properties["message_id"] = message_id
+    for name, value in more.items():  # priority is a number, the others text
+        properties[name] = 5 if name == "priority" else value
+    args = amqp.serialization.dumps(
+        "sLbss", ("ctag", tag, redelivered, "computenet.usage", routing_key)
+    )
+    write(
+        1, channel_id, amqp.spec.Basic.Deliver, args, amqp.Message(body, **properties)
+    )
+    # frames of another channel and of the connection pass through to py-amqp
+    blocked = amqp.serialization.dumps("s", ("x",))
+    write(1, 0, amqp.spec.Connection.Blocked, blocked, None)
+    stream = _split_frames(b"".join(frames))
+
+    reference = _Connection()
+    for item in stream:
+        reference.connection.on_inbound_frame(item)
+    [(_channel, _method, ref_args, ref_message), blocked] = reference.by_py_amqp
+    assert blocked[0] == 0
+    ref_args, _offset = amqp.serialization.loads("sLbss", ref_args, 4)
+
+    ours = _Connection()
+    got = []
+    batching.read_deliveries(ours, channel_id, got.append)
+    for item in stream:
+        ours.connection.on_inbound_frame(item)
+    [delivery] = got
+    assert len(ours.by_py_amqp) == 1  # connection.blocked, py-amqp's
+    assert delivery.delivery_tag == ref_args[1] == tag
+    message = delivery.message
+    assert message.redelivered is ref_args[2] is redelivered
+    assert message.routing_key == ref_args[4] == routing_key
+    assert message.body == body
+    assert ref_message.body == (body or "")  # py-amqp: "" for no body at all
+    assert message.properties == ref_message.properties
+    assert message.headers == (ref_message.properties.get("application_headers") or {})
+    assert message.message_id == message_id
+
+
+def test_a_stray_frame_in_a_delivery_is_refused():
+    connection = _Connection()
+    batching.read_deliveries(connection, 1, lambda delivery: None)
+    args = amqp.serialization.dumps("sLbss", ("c", 1, False, "x", "dc.usage"))
+    connection.connection.on_inbound_frame((1, 1, b"\x00\x3c\x00\x3c" + args))
+    with pytest.raises(amqp.exceptions.UnexpectedFrame):
+        connection.connection.on_inbound_frame((3, 1, b"body before its header"))

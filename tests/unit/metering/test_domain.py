@@ -292,3 +292,11 @@ def test_readable_record_id_only_when_the_body_has_one():
     assert domain.readable_record_id(b'{"record_id": "r-1"}') == "r-1"
     assert domain.readable_record_id(b"junk") is None
     assert domain.readable_record_id(b'{"record_id": 5}') is None
+
+
+def test_a_refused_voucher_code_is_refused_every_time():
+    code = voucher("SH")
+    mistyped = code[:-1] + ("0" if code[-1] != "0" else "1")
+    for _ in range(2):  # the second time from the cache (errors are not cached)
+        assert domain.voucher_prefix(code) == "SH"
+        assert refused_reason(domain.voucher_prefix, mistyped) == "unknown_voucher"

@@ -1,8 +1,9 @@
 """Rollup rules without a broker or a database: spreading over hours, the
 correction rule, the hand-built event and record dump against the contract."""
 
+import json
 import random
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from itertools import permutations
 
 from hypothesis import given
@@ -140,3 +141,104 @@ def test_wire_time_is_format_ts(moment):
     aware = moment.replace(tzinfo=UTC)
     assert domain._wire_time(aware) == format_ts(aware)
     assert domain._wire_time(moment) == format_ts(aware)
+
+
+def _spread_as_first_written(amount, started, ended):
+    """spread_over_hours before its span shapes were cached: the reference.
+
+    A corrected record is taken out of the rollups by recomputing its
+    contribution, so the split must never change between releases.
+    """
+    span = (ended - started) // timedelta(microseconds=1)
+    hour = domain.hour_of(started)
+    if span <= 0 or hour + domain.HOUR >= ended:
+        return [(hour, amount)]
+    negative, amount = amount < 0, abs(amount)
+    shares, given = [], 0
+    while hour < ended:
+        boundary = min(hour + domain.HOUR, ended)
+        cumulative = amount * ((boundary - started) // timedelta(microseconds=1))
+        cumulative //= span
+        shares.append((hour, -(cumulative - given) if negative else cumulative - given))
+        given = cumulative
+        hour += domain.HOUR
+    return shares
+
+
+@given(
+    st.integers(-(10**12), 10**12),
+    st.integers(0, 10**9),
+    st.integers(0, 40 * 86_400 * 10**6),
+)
+def test_spread_is_the_split_first_written(amount, start_us, span_us):
+    started = T0 + timedelta(microseconds=start_us)
+    ended = started + timedelta(microseconds=span_us)
+    expected = _spread_as_first_written(amount, started, ended)
+    assert domain.spread_over_hours(amount, started, ended) == expected
+    assert domain.spread_over_hours(amount, started, ended) == expected  # cached
+    row = {
+        "datacenter_id": "dc",
+        "city": "shanghai",
+        "tenant_id": "t",
+        "voucher_code": None,
+        "gpu_model": "H800",
+        "started_at": started,
+        "ended_at": ended,
+        "gpu_seconds": abs(amount),
+        "cost_fen": abs(amount) // 3,
+    }
+    for sign in (1, -1):
+        parts = domain.rollup_contribution(row, sign)
+        seconds = _spread_as_first_written(sign * abs(amount), started, ended)
+        costs = _spread_as_first_written(sign * (abs(amount) // 3), started, ended)
+        assert [(key[-1], n) for key, _, n, _ in parts] == seconds
+        assert [(key[-1], c) for key, _, _, c in parts] == costs
+        assert [records for _, records, _, _ in parts] == [sign] + [0] * (
+            len(parts) - 1
+        )
+
+
+def test_record_json_is_the_canonical_json_of_the_dump():
+    for overrides in ({}, {"voucher_code": voucher("SH")}, {"job_id": "é\n\u2028"}):
+        record = domain.load_usage(usage(**overrides), DATACENTER["id"])
+        wire = domain.record_json(record)
+        assert wire == contracts.canonical_json(domain.dump_record(record))
+        assert wire == contracts.canonical_json(
+            contracts.UsageRecordSchema().dump(record)
+        )
+
+
+def test_usage_rated_body_is_the_event():
+    record = domain.load_usage(
+        usage(voucher_code=voucher("SH"), tenant_id='t "x" é'), DATACENTER["id"]
+    )
+    rating = domain.rate(record, DATACENTER)
+    rated_at = datetime(2025, 3, 1, 12, tzinfo=UTC)
+    body = domain.usage_rated_body(record, "shanghai", rating, rated_at)
+    assert json.loads(body) == domain.usage_rated_event(
+        record, "shanghai", rating, rated_at
+    )
+    given_json = domain.usage_rated_body(
+        record, "shanghai", rating, rated_at, domain.record_json(record)
+    )
+    assert given_json == body
+
+
+@given(st.text(max_size=40), st.text(min_size=1, max_size=40))
+def test_usage_rated_event_id_is_the_contracts_uuid5(datacenter_id, record_id):
+    assert domain.usage_rated_event_id(datacenter_id, record_id) == (
+        contracts.event_id("usage_rated", datacenter_id, record_id)
+    )
+
+
+def test_equal_instants_in_other_zones_are_cut_in_their_own_zone():
+    india = timezone(timedelta(hours=5, minutes=30))
+    started = datetime(2025, 3, 1, 10, 40, tzinfo=UTC)
+    ended = started + timedelta(hours=2)
+    for first, second in ((UTC, india), (india, UTC)):
+        for zone in (first, second):
+            a, b = started.astimezone(zone), ended.astimezone(zone)
+            assert domain.spread_over_hours(7200, a, b) == (
+                _spread_as_first_written(7200, a, b)
+            )
+        domain._hours_of_span.cache_clear()
