@@ -47,12 +47,13 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib import throwaway_vhost  # noqa: E402
+
 from services.common.migrations import upgrade  # noqa: E402
 
 ADMIN_PG = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-MANAGEMENT = os.environ.get("RABBIT_MANAGEMENT", "http://localhost:15672")
 CITIES, DATACENTERS, RECORDS, DAYS = 300, 1_000, 10_000_000, 7
 CLIENTS = 20
 
@@ -328,16 +329,12 @@ def main() -> int:
     args = parser.parse_args()
     # Stopped with SIGTERM, still drop the processes, vhost and databases.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with throwaway_vhost("bench_registry") as amqp_uri:
+        return run(args, amqp_uri)
+
+
+def run(args: argparse.Namespace, amqp_uri: str) -> int:
     tag = uuid.uuid4().hex[:8]
-    vhost = f"bench_registry_{tag}"
-    auth = ("guest", "guest")
-    requests.put(f"{MANAGEMENT}/api/vhosts/{vhost}", auth=auth).raise_for_status()
-    requests.put(
-        f"{MANAGEMENT}/api/permissions/{vhost}/guest",
-        json={"configure": ".*", "write": ".*", "read": ".*"},
-        auth=auth,
-    ).raise_for_status()
-    amqp_uri = f"amqp://guest:guest@localhost:5672/{vhost}"
     base = ADMIN_PG.rsplit("/", 1)[0]
     dbs = {name: f"cn_bench_{tag}_{name}" for name in ("city_registry", "metering")}
     with psycopg.connect(ADMIN_PG, autocommit=True) as conn:
@@ -455,7 +452,6 @@ def main() -> int:
         with psycopg.connect(ADMIN_PG, autocommit=True) as conn:
             for db in dbs.values():
                 conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        requests.delete(f"{MANAGEMENT}/api/vhosts/{vhost}", auth=auth)
         if empty_deploy.exists():
             empty_deploy.rmdir()
 

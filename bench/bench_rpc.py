@@ -24,15 +24,12 @@ import eventlet
 eventlet.monkey_patch()
 
 import argparse  # noqa: E402
-import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import nameko  # noqa: E402
 import nameko.rpc  # noqa: E402
-import requests  # noqa: E402
 from nameko.amqp.publish import Publisher  # noqa: E402
 from nameko.containers import ServiceContainer  # noqa: E402
 from nameko.rpc import rpc  # noqa: E402
@@ -40,9 +37,9 @@ from nameko.standalone.rpc import ClusterRpcClient  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.common.rpc import Client, TransientPublisher  # noqa: E402
+from benchlib import throwaway_vhost  # noqa: E402
 
-MANAGEMENT = os.environ.get("RABBIT_MANAGEMENT", "http://localhost:15672")
+from services.common.rpc import Client, TransientPublisher  # noqa: E402
 
 
 class Echo:
@@ -72,35 +69,27 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=500)
     args = parser.parse_args()
-    vhost, auth = f"bench_rpc_{uuid.uuid4().hex[:8]}", ("guest", "guest")
-    requests.put(f"{MANAGEMENT}/api/vhosts/{vhost}", auth=auth).raise_for_status()
-    requests.put(
-        f"{MANAGEMENT}/api/permissions/{vhost}/guest",
-        json={"configure": ".*", "write": ".*", "read": ".*"},
-        auth=auth,
-    ).raise_for_status()
-    amqp_uri = f"amqp://guest:guest@localhost:5672/{vhost}"
     figures = {}
-    try:
-        with nameko.config.patch({"AMQP_URI": amqp_uri}):
-            container = ServiceContainer(Echo)
-            container.start()
-            try:
-                for name, publisher, client in (
-                    ("baseline", Publisher, ClusterRpcClient(uri=amqp_uri, timeout=10)),
-                    ("computenet", TransientPublisher, Client(amqp_uri, timeout=10)),
-                ):
-                    nameko.rpc.Responder.publisher_cls = publisher
-                    figures[name] = times = round_trips(client, args.calls)
-                    print(
-                        f"{name}: {args.calls} calls p50={pct(times, 0.5)} ms "
-                        f"p99={pct(times, 0.99)} ms",
-                        flush=True,
-                    )
-            finally:
-                container.stop()
-    finally:
-        requests.delete(f"{MANAGEMENT}/api/vhosts/{vhost}", auth=auth)
+    with (
+        throwaway_vhost("bench_rpc") as amqp_uri,
+        nameko.config.patch({"AMQP_URI": amqp_uri}),
+    ):
+        container = ServiceContainer(Echo)
+        container.start()
+        try:
+            for name, publisher, client in (
+                ("baseline", Publisher, ClusterRpcClient(uri=amqp_uri, timeout=10)),
+                ("computenet", TransientPublisher, Client(amqp_uri, timeout=10)),
+            ):
+                nameko.rpc.Responder.publisher_cls = publisher
+                figures[name] = times = round_trips(client, args.calls)
+                print(
+                    f"{name}: {args.calls} calls p50={pct(times, 0.5)} ms "
+                    f"p99={pct(times, 0.99)} ms",
+                    flush=True,
+                )
+        finally:
+            container.stop()
     new, old = figures["computenet"], figures["baseline"]
     print(
         f"rpc_p50_ms={pct(new, 0.5)} rpc_p99_ms={pct(new, 0.99)} "

@@ -215,16 +215,7 @@ class CityRegistryService:
 
     @rpc(expected_exceptions=EXPECTED)
     def network_summary(self) -> dict[str, Any]:
-        return VIEWS.get(
-            "summary",
-            lambda: domain.network_summary(
-                self.store.cities(),
-                self.store.datacenters(),
-                self._usage_overview(),
-                utcnow(),
-                _stale_after_s(),
-            ),
-        )
+        return self.public_view()["summary"]
 
     @rpc(expected_exceptions=EXPECTED)
     def public_view(self) -> dict[str, Any]:
