@@ -245,14 +245,15 @@ def usage_by_tenant(
 
 def usage_by_hour(
     session: Session,
-    datacenter_id: str,
+    datacenter_id: str | None,
     window_hours: int = 24,
     now: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """A data centre's usage per hour in the window (hours without usage left out)."""
+    """A data centre's usage per hour in the window (hours without usage left
+    out); with ``datacenter_id`` None, the whole network's, in one query."""
     window_hours = _window_hours(window_hours)
     now = now or utcnow()
-    rows = session.execute(
+    query = (
         select(
             UsageRollup.hour,
             func.sum(UsageRollup.records),
@@ -260,13 +261,15 @@ def usage_by_hour(
             func.sum(UsageRollup.cost_fen),
         )
         .where(
-            UsageRollup.datacenter_id == datacenter_id,
             UsageRollup.hour >= _window_start(window_hours, now),
             UsageRollup.hour <= now,
         )
         .group_by(UsageRollup.hour)
         .order_by(UsageRollup.hour)
     )
+    if datacenter_id is not None:
+        query = query.where(UsageRollup.datacenter_id == datacenter_id)
+    rows = session.execute(query)
     return [
         {
             "hour": format_ts(as_utc(hour)),

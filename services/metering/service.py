@@ -131,7 +131,8 @@ class MeteringService:
         return reports.usage_by_tenant(self.db, datacenter_id, window_hours)
 
     @rpc(expected_exceptions=EXPECTED)
-    def usage_by_hour(self, datacenter_id: str, window_hours: int = 24) -> list:
+    def usage_by_hour(self, datacenter_id: str | None, window_hours: int = 24) -> list:
+        """Per hour; ``datacenter_id`` None sums the whole network."""
         return reports.usage_by_hour(self.db, datacenter_id, window_hours)
 
     @rpc(expected_exceptions=EXPECTED)

@@ -90,7 +90,7 @@ def _sign_in(client, token_for, role: str) -> None:
     assert response.status_code == 302
 
 
-def test_national_page_has_totals_charts_and_refreshes(client, network):
+def test_national_page_has_totals_charts_and_refreshes(client, rpc, network):
     html = client.get("/").get_data(as_text=True)
 
     assert 'http-equiv="refresh"' in html
@@ -99,6 +99,8 @@ def test_national_page_has_totals_charts_and_refreshes(client, network):
     assert data["budgets"]["committed"] == [2_000_000.0]
     assert data["regions"]["labels"] == ["west", "east"]
     assert data["hourly"]["values"] == [2.0]
+    # One question for the whole network, not one per data centre.
+    assert rpc.called("metering", "usage_by_hour") == [((None,), {"window_hours": 24})]
     assert "vendor/chart-4.6.1.umd.min.js" in html
     assert "cdn" not in html.lower()
 

@@ -115,6 +115,9 @@ def test_usage_by_tenant_hour_and_figures_per_region(session):
     ]
     by_hour = reports.usage_by_hour(session, DATACENTER_ID, 24, now=now)
     assert [r["gpu_seconds"] for r in by_hour] == [3600, 3600, 3600 + 600]
+    # The whole network (this one data centre), and a filter that filters.
+    assert reports.usage_by_hour(session, None, 24, now=now) == by_hour
+    assert reports.usage_by_hour(session, "elsewhere-01", 24, now=now) == []
     figures = reports.usage_figures(session, now=now)
     assert figures["datacenters"][DATACENTER_ID]["hub_region"] == "west"
     west = figures["regions"]["west"]
