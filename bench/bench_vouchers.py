@@ -8,9 +8,9 @@ fresh PostgreSQL database, then
   case for row locks) on the federation exchange and times until every one
   is booked **and** its ``voucher_redeemed`` event is on the bus (the real
   consumer path: AMQP → batch → schema → one ledger transaction per batch →
-  confirmed publish of the batch's events → ack), then checks the books:
-  exactly M redemptions, the voucher's redeemed total to the fen, and
-  ``check_ledger`` clean.
+  confirmed publish of the batch's events, overlapping the next batch's
+  transaction → ack), then checks the books: exactly M redemptions, the
+  voucher's redeemed total to the fen, and ``check_ledger`` clean.
 
 Ends with ``redemptions_per_s=<n> issues_per_s=<n>`` (CONTRACTS.md §9).
 

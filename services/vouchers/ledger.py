@@ -18,9 +18,9 @@ from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import String, any_, func, insert, literal, select, update
-from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.exc import IntegrityError
+import psycopg
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from services.common import vouchercode
@@ -539,12 +539,70 @@ def _lock_rows(session: Session, model, key, values, *, key_share=False) -> dict
     }
 
 
-def _among(session: Session, column, values: list[str]):
-    """``column IN values``; on PostgreSQL as ``= ANY(array)``: one parameter,
-    so a batch's statement is compiled and planned like any other."""
+# The lookups of a batch stay index probes per record in any state of the
+# statistics. A fresh city's tables have none until autovacuum analyses them
+# (a minute at least), and without them PostgreSQL's plans (custom or the
+# generic one of a prepared statement) read the whole table, or a data
+# centre's whole prefix of an index, for `… = ANY(ids)`: each batch cost time
+# in proportion to every record booked before it. So on PostgreSQL each
+# lookup is a LATERAL subquery per id, kept by OFFSET 0 from being flattened
+# into a join the planner could misjudge, on a column that only one index
+# leads: a record's own row by its unique event id, its corrections through
+# the corrections-only index, its rejection by the unique key.
+_BOOKED_SQL = text(
+    "SELECT r.* FROM unnest(CAST(:ids AS TEXT[])) AS k(id) CROSS JOIN LATERAL "
+    "(SELECT * FROM redemptions WHERE event_id = k.id OFFSET 0) AS r "
+    "ORDER BY r.id"
+)
+_CORRECTIONS_SQL = text(
+    "SELECT r.datacenter_id, r.correction_of, r.record_id "
+    "FROM unnest(CAST(:ids AS TEXT[])) AS k(id) CROSS JOIN LATERAL "
+    "(SELECT id, datacenter_id, correction_of, record_id FROM redemptions "
+    f"WHERE correction_of = k.id AND kind = '{USAGE}' OFFSET 0) AS r "
+    "ORDER BY r.id"
+)
+_REJECTED_SQL = text(
+    "SELECT r.record_id, r.reason FROM unnest(CAST(:ids AS TEXT[])) AS k(id) "
+    "CROSS JOIN LATERAL (SELECT record_id, reason FROM rejected_usage "
+    "WHERE datacenter_id = :dc AND record_id = k.id OFFSET 0) AS r"
+)
+
+
+def _booked(session: Session, event_ids: list[str]) -> list[Redemption]:
     if session.get_bind().dialect.name == "postgresql":
-        return column == any_(literal(list(values), ARRAY(String)))
-    return column.in_(values)
+        statement = select(Redemption).from_statement(_BOOKED_SQL)
+        return list(session.scalars(statement, {"ids": event_ids}))
+    return list(
+        session.scalars(
+            select(Redemption)
+            .where(Redemption.event_id.in_(event_ids))
+            .order_by(Redemption.id)
+        )
+    )
+
+
+def _corrections(session: Session, record_ids: list[str]):
+    """(datacenter_id, corrected record, correction) of the booked corrections
+    of ``record_ids`` (in any data centre), in booking order."""
+    if session.get_bind().dialect.name == "postgresql":
+        return session.execute(_CORRECTIONS_SQL, {"ids": record_ids}).all()
+    return session.execute(
+        select(Redemption.datacenter_id, Redemption.correction_of, Redemption.record_id)
+        .where(Redemption.correction_of.in_(record_ids), Redemption.kind == USAGE)
+        .order_by(Redemption.id)
+    ).all()
+
+
+def _rejected(session: Session, dc: str, record_ids: list[str]):
+    """(record_id, reason) of those of ``record_ids`` rejected before."""
+    if session.get_bind().dialect.name == "postgresql":
+        return session.execute(_REJECTED_SQL, {"dc": dc, "ids": record_ids}).all()
+    return session.execute(
+        select(RejectedUsage.record_id, RejectedUsage.reason).where(
+            RejectedUsage.datacenter_id == dc,
+            RejectedUsage.record_id.in_(record_ids),
+        )
+    ).all()
 
 
 def _by_datacenter(keys: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
@@ -555,44 +613,65 @@ def _by_datacenter(keys: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
 
 
 def _already_done_many(
-    session: Session, keys: list[tuple[str, str]]
+    session: Session, event_ids: dict[tuple[str, str], str]
 ) -> tuple[dict[tuple[str, str], BookingOutcome], dict[tuple[str, str], str]]:
-    """:func:`_already_done` for many records, and which of them a booked
-    correction already replaced (record → its correction): two queries per
-    data centre."""
-    done: dict[tuple[str, str], BookingOutcome] = {}
-    superseded: dict[tuple[str, str], str] = {}
-    for dc, record_ids in _by_datacenter(keys).items():
-        wanted = set(record_ids)
-        for row in session.scalars(
-            select(Redemption)
-            .where(
+    """:func:`_already_done` for many records without ``correction_of`` (their
+    keys → the event ids of their bookings), and which of them a booked
+    correction already replaced (record → its latest correction)."""
+    keys = list(event_ids)
+    rows = _booked(session, list(event_ids.values()))
+    # A record whose row has a correction_of was booked as a correction (a
+    # body that differs from this one) and wrote a reversal too, under its id
+    # as the source: rare, so those are read again with every row they wrote.
+    again = {(r.datacenter_id, r.source_record_id) for r in rows if r.correction_of}
+    for dc, record_ids in _by_datacenter(again).items():
+        rows += session.scalars(
+            select(Redemption).where(
                 Redemption.datacenter_id == dc,
-                _among(session, Redemption.source_record_id, record_ids)
-                | (
-                    _among(session, Redemption.correction_of, record_ids)
-                    & (Redemption.kind == USAGE)
-                ),
+                Redemption.source_record_id.in_(record_ids),
+                Redemption.kind == REVERSAL,
             )
-            .order_by(Redemption.id)
-        ):
-            if row.source_record_id in wanted:
-                outcome = done.setdefault(
-                    (dc, row.source_record_id), BookingOutcome(duplicate=True)
-                )
-                outcome.redemptions.append(row)
-            if row.kind == USAGE and row.correction_of in wanted:
-                superseded[(dc, row.correction_of)] = row.record_id
-        missing = [r for r in record_ids if (dc, r) not in done]
-        if missing:
-            for record_id, reason in session.execute(
-                select(RejectedUsage.record_id, RejectedUsage.reason).where(
-                    RejectedUsage.datacenter_id == dc,
-                    _among(session, RejectedUsage.record_id, missing),
-                )
-            ):
-                done[(dc, record_id)] = BookingOutcome(rejected=reason, duplicate=True)
+        )
+    done: dict[tuple[str, str], BookingOutcome] = {}
+    for row in sorted(rows, key=lambda r: r.id) if again else rows:
+        outcome = done.setdefault(
+            (row.datacenter_id, row.source_record_id), BookingOutcome(duplicate=True)
+        )
+        outcome.redemptions.append(row)
+    wanted = set(keys)
+    superseded = {
+        (dc, corrected): correction
+        for dc, corrected, correction in _corrections(
+            session, sorted({r for _dc, r in keys})
+        )
+        if (dc, corrected) in wanted
+    }
+    for dc, record_ids in _by_datacenter(k for k in keys if k not in done).items():
+        for record_id, reason in _rejected(session, dc, record_ids):
+            done[(dc, record_id)] = BookingOutcome(rejected=reason, duplicate=True)
     return done, superseded
+
+
+def _insert_rows(session: Session, table, rows: list[dict[str, Any]]) -> None:
+    """Insert ``rows`` (dicts with the same keys) in the session's transaction.
+
+    On PostgreSQL by COPY: one stream instead of one INSERT per row, which
+    cost the server (and the hub, waiting on each) several times more. Its
+    errors come as SQLAlchemy's, so that a unique violation is an
+    ``IntegrityError`` to the callers as with ``insert``.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        session.execute(insert(table), rows)
+        return
+    columns = list(rows[0])
+    statement = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN"
+    connection = session.connection().connection.driver_connection
+    try:
+        with connection.cursor() as cursor, cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row([row[c] for c in columns])
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
 
 
 def _book_batch(
@@ -622,15 +701,15 @@ def _book_batch(
     first: dict[tuple[str, str], int] = {}
     for n, record in enumerate(records):
         first.setdefault((record["datacenter_id"], record["record_id"]), n)
-    keys = list(first)
-    done, superseded = _already_done_many(session, keys)
+    event_ids = {key: _redeemed_event_id(rules.city, *key, USAGE) for key in first}
+    done, superseded = _already_done_many(session, event_ids)
 
     now = utcnow()
     redemptions: list[dict[str, Any]] = []
     rejections: list[dict[str, Any]] = []
     entries: list[dict[str, Any]] = []
     outcomes: dict[tuple[str, str], BookingOutcome] = dict(done)
-    for key in keys:
+    for key, eid in event_ids.items():
         if key in done:
             continue
         record = records[first[key]]
@@ -689,7 +768,7 @@ def _book_batch(
             "cost_fen": record["cost_fen"],
             "rate_bp": rate_bp,
             "subsidy_fen": subsidy,
-            "event_id": _redeemed_event_id(rules.city, dc, record_id, USAGE),
+            "event_id": eid,
             "booked_at": now,
         }
         redemptions.append(row)
@@ -712,11 +791,11 @@ def _book_batch(
     if redemptions:
         # A unique violation here (a competing consumer, a conflicting
         # duplicate) rolls the whole batch back: book_usage_batch retries.
-        session.execute(insert(Redemption.__table__), redemptions)
+        _insert_rows(session, Redemption.__table__, redemptions)
     if rejections:
-        session.execute(insert(RejectedUsage.__table__), rejections)
+        _insert_rows(session, RejectedUsage.__table__, rejections)
     if entries:
-        session.execute(insert(LedgerEntry.__table__), entries)
+        _insert_rows(session, LedgerEntry.__table__, entries)
 
     result = []
     for n, record in enumerate(records):

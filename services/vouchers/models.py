@@ -170,7 +170,14 @@ class Redemption(Base):
     __table_args__ = (
         UniqueConstraint("datacenter_id", "record_id", "kind"),
         Index("ix_redemptions_source", "datacenter_id", "source_record_id"),
-        Index("ix_redemptions_correction_of", "datacenter_id", "correction_of"),
+        # Corrections only (migration 0003): led by the corrected record.
+        Index(
+            "ix_redemptions_correction_of",
+            "correction_of",
+            "datacenter_id",
+            postgresql_where=text("correction_of IS NOT NULL"),
+            sqlite_where=text("correction_of IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)

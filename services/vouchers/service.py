@@ -37,7 +37,7 @@ from services.common.contracts import (
     make_event,
 )
 from services.common.errors import EXPECTED, InvalidRequest, NotFound
-from services.common.units import cny_to_fen, utcnow
+from services.common.units import cny_to_fen, format_ts, utcnow
 from services.vouchers import domain
 from services.vouchers.batching import ConfirmedPublisher, consume_batch
 from services.vouchers.dependencies import Ledger, OutboxMarks, Uptime
@@ -67,7 +67,6 @@ MARK_INTERVAL_S = 0.2
 _CITY = re.compile(r"^[a-z0-9_]+$")
 # Built once: a marshmallow schema costs more to build than to use.
 _USAGE_RATED = EVENT_SCHEMAS["usage_rated"]()
-_VOUCHER_REDEEMED = EVENT_SCHEMAS["voucher_redeemed"]()
 _VOUCHER = VoucherSchema()
 _APPLICATION = ApplicationSchema()
 _APPLICATION_REQUEST = ApplicationRequestSchema()
@@ -94,6 +93,25 @@ def _voucher_body(city: str, voucher, redemptions=(), total: int = 0) -> dict[st
             "close_reason": voucher.close_reason,
         }
     )
+
+
+def redeemed_body(city: str, row, occurred_at: str) -> dict[str, Any]:
+    """The ``voucher_redeemed`` event of one redemption row, as the schema
+    dumps it (a property test holds them equal): dumping through the schema
+    took about 5 % of the consumer's time, for fields that are plain strings
+    and ints already."""
+    return {
+        "event_id": row.event_id,
+        "city": city,
+        "occurred_at": occurred_at,
+        "voucher_code": row.voucher_code,
+        "program_id": row.program_id,
+        "record_id": row.record_id,
+        "datacenter_id": row.datacenter_id,
+        "gpu_seconds": row.gpu_seconds,
+        "cost_fen": row.cost_fen,
+        "subsidy_fen": row.subsidy_fen,
+    }
 
 
 def _application_body(city: str, application, voucher=None) -> dict[str, Any]:
@@ -328,12 +346,14 @@ class VouchersService:
             log.info("relaying %d unpublished events", len(events))
             self._publish_outbox(events)
 
-    def handle_usage_rated(self, messages: list[RawMessage]) -> None:
+    def handle_usage_rated(self, messages: list[RawMessage]) -> Any:
         """Book a batch of rated records in one transaction, then publish.
 
         The ``voucher_redeemed`` events (the same ids for a redelivered record)
-        are published and confirmed after the commit and before the batch is
-        acked; if anything fails the batch is requeued and booked as no-ops.
+        are published after the commit; the returned confirmation tells the
+        consumer when the broker has them, and only then is the batch acked
+        (the next batch is booked meanwhile). If anything fails the batch is
+        requeued and booked as no-ops.
         """
         records = []
         for message in messages:
@@ -346,8 +366,10 @@ class VouchersService:
                 detail = getattr(err, "messages", str(err))
                 log.error("malformed usage_rated %r: %s", message.message_id, detail)
         if not records:
-            return
+            return None
         outcomes = self.ledger.book_usage_batch(records)
+        key = federation_key(self.city, "voucher_redeemed")
+        occurred_at = format_ts(utcnow())
         events = []
         for record, outcome in zip(records, outcomes, strict=True):
             if outcome.rejected is not None and not outcome.duplicate:
@@ -357,26 +379,11 @@ class VouchersService:
                     record["record_id"],
                     outcome.rejected,
                 )
-            events.extend(self._redeemed(row) for row in outcome.redemptions)
-        self.publish_confirmed(events)
-
-    def _redeemed(self, row) -> tuple[str, str, dict[str, Any]]:
-        """A ``voucher_redeemed`` event for one redemption row, ready to publish."""
-        body = _VOUCHER_REDEEMED.dump(
-            {
-                "event_id": row.event_id,
-                "city": self.city,
-                "occurred_at": utcnow(),
-                "voucher_code": row.voucher_code,
-                "program_id": row.program_id,
-                "record_id": row.record_id,
-                "datacenter_id": row.datacenter_id,
-                "gpu_seconds": row.gpu_seconds,
-                "cost_fen": row.cost_fen,
-                "subsidy_fen": row.subsidy_fen,
-            }
-        )
-        return federation_key(self.city, "voucher_redeemed"), row.event_id, body
+            events.extend(
+                (key, row.event_id, redeemed_body(self.city, row, occurred_at))
+                for row in outcome.redemptions
+            )
+        return self.publish_confirmed(events)
 
     def publish_state(self) -> None:
         """Heartbeat every tick; the programs on the first and every 10th."""
@@ -433,8 +440,8 @@ def build(config: dict) -> type:
     interval = float(config.get(HEARTBEAT_INTERVAL_S) or DEFAULT_HEARTBEAT_INTERVAL_S)
 
     # Fresh functions per class: nameko records entrypoints on the function.
-    def handle_usage_rated(self, messages: list[RawMessage]) -> None:
-        VouchersService.handle_usage_rated(self, messages)
+    def handle_usage_rated(self, messages: list[RawMessage]) -> Any:
+        return VouchersService.handle_usage_rated(self, messages)
 
     def publish_state(self) -> None:
         VouchersService.publish_state(self)

@@ -64,9 +64,13 @@ def _stream(history):
     return records
 
 
-def _books(city_rules):
-    engine, factory = make_session_factory()
-    session = factory()
+def _books(city_rules, session=None):
+    """A funded city with the VOUCHERS issued, on ``session`` (or on a new
+    SQLite database, whose engine comes back first)."""
+    engine = None
+    if session is None:
+        engine, factory = make_session_factory()
+        session = factory()
     ledger.sync_programs(session, city_rules)
     codes = []
     for n, (program_id, face) in enumerate(VOUCHERS):
@@ -215,6 +219,32 @@ def test_a_record_whose_correction_came_first_is_superseded(city_rules):
         assert late[0].rejected == domain.SUPERSEDED
         assert [r.subsidy_fen for r in late[1].redemptions] == [800]
         assert ledger.check_ledger(session) == []
+    finally:
+        session.close()
+        engine.dispose()
+
+
+def check_correction_redelivered_without_correction_of(session, rules, codes):
+    """A correction that comes again without its correction_of (a body that
+    conflicts) is a duplicate: the batch gives back every row it wrote, the
+    reversal too, as booking it alone does."""
+    original = _record(("o1", 0, 4_000, "east", None), codes)
+    correction = _record(("c1", 0, 2_000, "east", "o1"), codes)
+    ledger.book_usage_batch(session, rules, [original])
+    ledger.book_usage_batch(session, rules, [correction])
+    again = dict(correction, correction_of=None)
+    [batch] = ledger.book_usage_batch(session, rules, [again])
+    single = ledger.book_usage(session, rules, again)
+    assert batch.duplicate
+    assert [r.kind for r in batch.redemptions] == [ledger.REVERSAL, ledger.USAGE]
+    assert _summary(batch, codes) == _summary(single, codes)
+    assert ledger.check_ledger(session) == []
+
+
+def test_a_correction_redelivered_without_correction_of(city_rules):
+    engine, session, codes = _books(city_rules)
+    try:
+        check_correction_redelivered_without_correction_of(session, city_rules, codes)
     finally:
         session.close()
         engine.dispose()

@@ -1,12 +1,20 @@
-"""build(): one service class per city, refusing a broken rules file."""
+"""build(): one service class per city, refusing a broken rules file; the
+consumer's hand-written event body."""
 
+import json
+from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.common.config import CITY_CODE, RULES_FILE, ConfigError
+from services.common.contracts import EVENT_SCHEMAS
+from services.common.units import format_ts
 from services.vouchers.rules import RulesError
-from services.vouchers.service import build
+from services.vouchers.service import build, redeemed_body
 
 SHANGHAI = Path(__file__).resolve().parents[3] / "deploy" / "cities" / "shanghai.yaml"
 
@@ -34,3 +42,32 @@ def test_build_refuses_bad_configuration(tmp_path):
         ValueError, match=r"shanghai.yaml:\d+: .*above max_rate_percent"
     ):
         build({CITY_CODE: "shanghai", RULES_FILE: str(broken)})
+
+
+_text = st.text(min_size=1, max_size=40)
+_fen = st.integers(-(10**12), 10**12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {
+            "event_id": _text,
+            "voucher_code": _text,
+            "program_id": st.one_of(st.none(), _text),
+            "record_id": _text,
+            "datacenter_id": _text,
+            "gpu_seconds": _fen,
+            "cost_fen": _fen,
+            "subsidy_fen": _fen,
+        }
+    ),
+    st.datetimes(datetime(2000, 1, 1), datetime(2100, 1, 1), timezones=st.just(UTC)),
+)
+def test_redeemed_body_is_what_the_schema_dumps(row, moment):
+    """The consumer's hand-written voucher_redeemed body equals the schema's
+    dump of the same row (and loads back through the schema)."""
+    schema = EVENT_SCHEMAS["voucher_redeemed"]()
+    body = redeemed_body("shanghai", SimpleNamespace(**row), format_ts(moment))
+    assert body == schema.dump({**row, "city": "shanghai", "occurred_at": moment})
+    assert schema.load(json.loads(json.dumps(body)))["record_id"] == row["record_id"]

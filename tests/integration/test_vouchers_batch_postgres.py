@@ -1,0 +1,96 @@
+"""Booking a batch equals booking its records one by one, on PostgreSQL.
+
+The unit test (``tests/unit/vouchers/test_vouchers_batch.py``) proves it on
+SQLite; on PostgreSQL the batch path has lookups (LATERAL probes) and writes
+(COPY) of its own, so the same property runs here on two real databases,
+emptied between examples.
+"""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from sqlalchemy import text
+from sqlalchemy.orm import sessionmaker
+
+from services.common.db import make_engine
+from services.common.migrations import upgrade
+from services.vouchers import ledger
+from services.vouchers.rules import parse_rules
+from tests.unit.vouchers.conftest import CITY_RULES
+from tests.unit.vouchers.test_vouchers_batch import (
+    _books,
+    _record,
+    _state,
+    _stream,
+    _summary,
+    check_correction_redelivered_without_correction_of,
+    cuts,
+    steps,
+)
+
+pytestmark = pytest.mark.integration
+
+RULES = parse_rules(CITY_RULES, "testcity.yaml")
+TABLES = (
+    "ledger_entries, redemptions, rejected_usage, outbox, vouchers, "
+    "applications, programs"
+)
+
+
+@pytest.fixture
+def databases(pg_url_factory):
+    engines = []
+    for hint in ("one", "batch"):
+        url = pg_url_factory(f"vouchers_{hint}")
+        upgrade("vouchers", url)
+        engines.append(make_engine(url))
+    yield [sessionmaker(engine, expire_on_commit=False) for engine in engines]
+    for engine in engines:
+        engine.dispose()
+
+
+def _fresh(factory):
+    session = factory()
+    session.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
+    session.commit()
+    _engine, session, codes = _books(RULES, session)
+    return session, codes
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(steps, cuts)
+def test_batches_book_like_one_by_one_on_postgresql(databases, history, sizes):
+    stream = _stream(history)
+    one, one_codes = _fresh(databases[0])
+    batch, batch_codes = _fresh(databases[1])
+    try:
+        expected = [
+            _summary(ledger.book_usage(one, RULES, _record(r, one_codes)), one_codes)
+            for r in stream
+        ]
+        got, start, n = [], 0, 0
+        while start < len(stream):
+            size = sizes[n % len(sizes)]
+            chunk = [_record(r, batch_codes) for r in stream[start : start + size]]
+            got += [
+                _summary(outcome, batch_codes)
+                for outcome in ledger.book_usage_batch(batch, RULES, chunk)
+            ]
+            start, n = start + size, n + 1
+        assert got == expected
+        assert _state(batch, batch_codes) == _state(one, one_codes)
+        assert ledger.check_ledger(batch) == []
+    finally:
+        one.close()
+        batch.close()
+
+
+def test_a_correction_redelivered_without_correction_of_on_postgresql(databases):
+    session, codes = _fresh(databases[1])
+    try:
+        check_correction_redelivered_without_correction_of(session, RULES, codes)
+    finally:
+        session.close()
