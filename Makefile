@@ -41,7 +41,7 @@ e2e: $(STAMP)
 	$(BIN)/python -m pytest -q tests/e2e
 
 bench: $(STAMP)
-	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	@for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf var $(VENV)
