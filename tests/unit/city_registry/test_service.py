@@ -113,6 +113,16 @@ def test_metering_is_asked_once_for_every_view_in_a_while(service, metering):
     metering.usage_overview.assert_called_once_with(window_hours=24)
 
 
+def test_a_week_of_usage_is_kept_longer_than_a_day(service, metering):
+    from services.city_registry import service as module
+
+    metering.usage_overview.return_value = {"datacenters": {}}
+    service.national_overview()
+    day, _ = module.VIEWS._entries["usage:24"]
+    week, _ = module.VIEWS._entries["usage:168"]
+    assert week - day >= 6 * module.USAGE_CACHE_S - 1
+
+
 def test_a_failed_metering_answer_is_kept_only_briefly(service, metering):
     from services.city_registry import service as module
 
