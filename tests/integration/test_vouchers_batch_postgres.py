@@ -13,15 +13,12 @@ from sqlalchemy.orm import sessionmaker
 
 from services.common.db import make_engine
 from services.common.migrations import upgrade
-from services.vouchers import ledger
 from services.vouchers.rules import parse_rules
 from tests.unit.vouchers.conftest import CITY_RULES
 from tests.unit.vouchers.test_vouchers_batch import (
     _books,
-    _record,
-    _state,
     _stream,
-    _summary,
+    check_batches_book_like_one_by_one,
     check_correction_redelivered_without_correction_of,
     cuts,
     steps,
@@ -67,22 +64,9 @@ def test_batches_book_like_one_by_one_on_postgresql(databases, history, sizes):
     one, one_codes = _fresh(databases[0])
     batch, batch_codes = _fresh(databases[1])
     try:
-        expected = [
-            _summary(ledger.book_usage(one, RULES, _record(r, one_codes)), one_codes)
-            for r in stream
-        ]
-        got, start, n = [], 0, 0
-        while start < len(stream):
-            size = sizes[n % len(sizes)]
-            chunk = [_record(r, batch_codes) for r in stream[start : start + size]]
-            got += [
-                _summary(outcome, batch_codes)
-                for outcome in ledger.book_usage_batch(batch, RULES, chunk)
-            ]
-            start, n = start + size, n + 1
-        assert got == expected
-        assert _state(batch, batch_codes) == _state(one, one_codes)
-        assert ledger.check_ledger(batch) == []
+        check_batches_book_like_one_by_one(
+            RULES, stream, sizes, (one, one_codes), (batch, batch_codes)
+        )
     finally:
         one.close()
         batch.close()

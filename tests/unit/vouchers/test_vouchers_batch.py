@@ -142,6 +142,30 @@ def _summary(outcome, codes):
     )
 
 
+def check_batches_book_like_one_by_one(rules, stream, sizes, one_by_one, batched):
+    """Book ``stream`` one record at a time into one books and in batches of
+    ``sizes`` (cycled) into the other: same outcomes, same state, sound ledger."""
+    one, one_codes = one_by_one
+    batch, batch_codes = batched
+    expected = [
+        _summary(ledger.book_usage(one, rules, _record(r, one_codes)), one_codes)
+        for r in stream
+    ]
+    got, start, n = [], 0, 0
+    while start < len(stream):
+        size = sizes[n % len(sizes)]
+        chunk = [_record(r, batch_codes) for r in stream[start : start + size]]
+        got += [
+            _summary(outcome, batch_codes)
+            for outcome in ledger.book_usage_batch(batch, rules, chunk)
+        ]
+        start, n = start + size, n + 1
+    # The event ids do not depend on the voucher code: compare them too.
+    assert got == expected
+    assert _state(batch, batch_codes) == _state(one, one_codes)
+    assert ledger.check_ledger(batch) == []
+
+
 @settings(
     max_examples=120,
     deadline=None,
@@ -153,25 +177,9 @@ def test_batches_book_like_one_by_one(city_rules, history, sizes):
     one_engine, one, one_codes = _books(city_rules)
     batch_engine, batch, batch_codes = _books(city_rules)
     try:
-        expected = [
-            _summary(
-                ledger.book_usage(one, city_rules, _record(r, one_codes)), one_codes
-            )
-            for r in stream
-        ]
-        got, start, n = [], 0, 0
-        while start < len(stream):
-            size = sizes[n % len(sizes)]
-            chunk = [_record(r, batch_codes) for r in stream[start : start + size]]
-            got += [
-                _summary(outcome, batch_codes)
-                for outcome in ledger.book_usage_batch(batch, city_rules, chunk)
-            ]
-            start, n = start + size, n + 1
-        # The event ids do not depend on the voucher code: compare them too.
-        assert got == expected
-        assert _state(batch, batch_codes) == _state(one, one_codes)
-        assert ledger.check_ledger(batch) == []
+        check_batches_book_like_one_by_one(
+            city_rules, stream, sizes, (one, one_codes), (batch, batch_codes)
+        )
     finally:
         for session, engine in ((one, one_engine), (batch, batch_engine)):
             session.close()
