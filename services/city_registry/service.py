@@ -48,6 +48,9 @@ DEFAULT_STALE_AFTER_S = 90
 USAGE_WINDOW_HOURS = 24
 # The portal waits for us; a slow metering must not make it wait for ever.
 METERING_TIMEOUT_S = 3.0
+# A week's figures aggregate seven days of rollups and capacity reports: they
+# may take longer, up to this, still inside the portal's 10 s RPC timeout.
+METERING_WEEK_TIMEOUT_S = 8.0
 WEEK_HOURS = 7 * 24
 # A city asked for its ledger (reconciliation, recommendations) must answer
 # within this; a silent city is reported, not waited for.
@@ -111,6 +114,13 @@ class _ViewCache:
 
 
 VIEWS = _ViewCache()
+
+
+def metering_timeout_s(window_hours: int) -> float:
+    """How long to wait for metering's figures over ``window_hours``."""
+    return min(
+        METERING_TIMEOUT_S * max(1.0, window_hours / 24), METERING_WEEK_TIMEOUT_S
+    )
 
 
 def _stale_after_s() -> float:
@@ -485,7 +495,7 @@ class CityRegistryService:
 
         def ask() -> dict[str, Any] | None:
             try:
-                with eventlet.Timeout(METERING_TIMEOUT_S):
+                with eventlet.Timeout(metering_timeout_s(window_hours)):
                     return self.metering_rpc.usage_overview(window_hours=window_hours)
             except eventlet.Timeout:
                 log.warning("metering.usage_overview timed out")

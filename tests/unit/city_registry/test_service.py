@@ -123,6 +123,14 @@ def test_a_week_of_usage_is_kept_longer_than_a_day(service, metering):
     assert week - day >= 6 * module.USAGE_CACHE_S - 1
 
 
+def test_a_week_of_figures_may_take_longer_but_not_past_the_portal():
+    from services.city_registry.service import metering_timeout_s
+
+    assert metering_timeout_s(24) == 3.0
+    assert metering_timeout_s(48) == 6.0
+    assert metering_timeout_s(7 * 24) == 8.0  # the portal gives up at 10 s
+
+
 def test_a_failed_metering_answer_is_kept_only_briefly(service, metering):
     from services.city_registry import service as module
 
