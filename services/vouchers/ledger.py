@@ -1252,24 +1252,10 @@ def list_applications(
     session: Session, status: str | None, limit: int, offset: int
 ) -> tuple[list[Application], int]:
     limit, offset = _page(limit, offset)
-    if status is not None and status not in domain.APPLICATION_STATUSES:
-        raise InvalidRequest(
-            "invalid_status",
-            f"status must be one of {', '.join(domain.APPLICATION_STATUSES)}",
-        )
+    _check_status(status, domain.APPLICATION_STATUSES)
     where = [] if status is None else [Application.decision == status]
-    rows = list(
-        session.scalars(
-            select(Application)
-            .where(*where)
-            .order_by(Application.decided_at, Application.id)
-            .limit(limit)
-            .offset(offset)
-        )
-    )
-    total = session.scalar(select(func.count()).select_from(Application).where(*where))
-    session.rollback()
-    return rows, total
+    order = (Application.decided_at, Application.id)
+    return _listed(session, Application, where, order, limit, offset)
 
 
 def get_application(session: Session, application_id: str) -> Application:
@@ -1288,26 +1274,31 @@ def list_vouchers(
     offset: int,
 ) -> tuple[list[Voucher], int]:
     limit, offset = _page(limit, offset)
-    if status is not None and status not in domain.VOUCHER_STATUSES:
-        raise InvalidRequest(
-            "invalid_status",
-            f"status must be one of {', '.join(domain.VOUCHER_STATUSES)}",
-        )
+    _check_status(status, domain.VOUCHER_STATUSES)
     where = []
     if company_id is not None:
         where.append(Voucher.company_id == company_id)
     if status is not None:
         where.append(Voucher.status == status)
+    order = (Voucher.issued_at, Voucher.code)
+    return _listed(session, Voucher, where, order, limit, offset)
+
+
+def _check_status(status: str | None, allowed) -> None:
+    if status is not None and status not in allowed:
+        raise InvalidRequest(
+            "invalid_status", f"status must be one of {', '.join(allowed)}"
+        )
+
+
+def _listed(session: Session, model, where: list, order, limit: int, offset: int):
+    """One page of ``model`` rows matching ``where`` and the count of them all."""
     rows = list(
         session.scalars(
-            select(Voucher)
-            .where(*where)
-            .order_by(Voucher.issued_at, Voucher.code)
-            .limit(limit)
-            .offset(offset)
+            select(model).where(*where).order_by(*order).limit(limit).offset(offset)
         )
     )
-    total = session.scalar(select(func.count()).select_from(Voucher).where(*where))
+    total = session.scalar(select(func.count()).select_from(model).where(*where))
     session.rollback()
     return rows, total
 
