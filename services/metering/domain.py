@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -133,8 +134,30 @@ def check_signature(
             Reason.BAD_SIGNATURE,
             f"key id {key_id[:128]!r} is not an active key of this data centre",
         )
-    if not signing.verify(body, secret, header_text(headers, signing.SIGNATURE_HEADER)):
+    if not verify_signature(
+        body, secret, header_text(headers, signing.SIGNATURE_HEADER)
+    ):
         raise Refused(Reason.BAD_SIGNATURE, "signature does not match the body")
+
+
+def verify_signature(body: bytes, secret: str, signature: str | None) -> bool:
+    """``signing.verify``, decided the same way, without keying a new HMAC
+    for every message: a data centre's secret is keyed once, then copied.
+    ``test_verify_signature_is_signing_verify`` holds the two together.
+    """
+    if not signature or not isinstance(signature, str):
+        return False
+    if type(secret) is not str:  # pragma: no cover - the registry sends text
+        return signing.verify(body, secret, signature)
+    mac = _keyed_hmac(secret).copy()
+    mac.update(body)
+    return hmac.compare_digest(mac.hexdigest(), signature.lower())
+
+
+@functools.lru_cache(maxsize=256)
+def _keyed_hmac(secret: str) -> hmac.HMAC:
+    """An HMAC-SHA256 keyed with ``secret`` and fed nothing: copy, then use."""
+    return hmac.new(secret.encode(), digestmod=hashlib.sha256)
 
 
 # -- the body ----------------------------------------------------------------
@@ -164,7 +187,10 @@ def _storable(value: Any) -> bool:
 def parse_body(body: bytes) -> dict[str, Any]:
     """The body as a JSON object, or :class:`Refused` ``schema``."""
     try:
-        data = json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
+        data = _whole_object(text)
+        if data is None:
+            data = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise Refused(Reason.SCHEMA, f"body is not JSON: {str(exc)[:200]}") from exc
     if not isinstance(data, dict):
@@ -175,6 +201,29 @@ def parse_body(body: bytes) -> dict[str, Any]:
     if b"\\u" in body and not _storable(data):
         raise Refused(Reason.SCHEMA, "a string holds NUL or is not valid UTF-8")
     return data
+
+
+def _whole_object(text: str) -> dict[str, Any] | None:
+    """``json.loads(text)`` when ``text`` is one JSON object from its first
+    character to its last (no whitespace around it), else None.
+
+    ``json.loads`` runs the same scanner, after two regular-expression
+    matches for the whitespace around it and the checks of its arguments:
+    half its cost on a usage record. Anything else (whitespace, a BOM, an
+    error) is None, and ``json.loads`` then decides, or words the error.
+    ``test_whole_object_is_json_loads`` holds the two together.
+    """
+    if text[:1] != "{" or text[-1:] != "}":
+        return None
+    try:
+        data, end = _scan_once(text, 0)
+    except (StopIteration, ValueError, RecursionError):
+        return None
+    return data if end == len(text) else None
+
+
+# json.loads's own scanner (the default decoder's settings), called directly.
+_scan_once = json.JSONDecoder().scan_once
 
 
 def readable_record_id(body: bytes) -> str | None:
@@ -358,16 +407,35 @@ def unknown_prefix(prefix: str) -> Refused:
 
 def rate(record: Mapping[str, Any], datacenter: Mapping[str, Any]) -> Rating:
     """Price a validated record with its data centre's price for its GPU model."""
-    item = inventory_item(datacenter, record["gpu_model"])
-    price = int(item["price_fen_per_gpu_hour"])
+    price, government_run, hub_region, chip_origin = price_terms(
+        datacenter, record["gpu_model"]
+    )
     return Rating(
         cost_fen=rate_cost_fen(record["gpu_seconds"], price),
         unit_price_fen_per_gpu_hour=price,
         datacenter={
-            "government_run": bool(datacenter.get("government_run")),
-            "hub_region": datacenter.get("hub_region") or "",
-            "chip_origin": item.get("chip_origin") or "imported",
+            "government_run": government_run,
+            "hub_region": hub_region,
+            "chip_origin": chip_origin,
         },
+    )
+
+
+PriceTerms = tuple[int, bool, str, str]
+
+
+def price_terms(datacenter: Mapping[str, Any], gpu_model: str) -> PriceTerms:
+    """What :func:`rate` takes from the data centre for ``gpu_model``:
+    ``(price_fen_per_gpu_hour, government_run, hub_region, chip_origin)``;
+    the same for every record of that model (the hot path asks once a batch).
+    """
+    item = inventory_item(datacenter, gpu_model)
+    price = int(item["price_fen_per_gpu_hour"])
+    return (
+        price,
+        bool(datacenter.get("government_run")),
+        datacenter.get("hub_region") or "",
+        item.get("chip_origin") or "imported",
     )
 
 
@@ -459,10 +527,55 @@ def record_json(record: Mapping[str, Any]) -> bytes:
     flat, so one encoder built once serialises it without sorting
     (``json.dumps`` with options builds an encoder per call).
     """
+    get = record.get
+    count, seconds = get("gpu_count"), get("gpu_seconds")
+    if type(count) is not int or type(seconds) is not int:
+        return slow_record_json(record)  # bool, float, None: the encoder's way
+    correction_of, job_id = get("correction_of"), get("job_id")
+    voucher_code = get("voucher_code")
+    quote = _quote
+    try:
+        text = _RECORD_JSON % (
+            "null" if correction_of is None else quote(correction_of),
+            quote(get("datacenter_id")),
+            quote(_wire_time(get("ended_at"))),
+            count,
+            quote(get("gpu_model")),
+            seconds,
+            "null" if job_id is None else quote(job_id),
+            quote(get("record_id")),
+            quote(get("source")),
+            quote(_wire_time(get("started_at"))),
+            quote(get("tenant_id")),
+            "null" if voucher_code is None else quote(voucher_code),
+        )
+    except TypeError:  # not text (None included where text is due)
+        return slow_record_json(record)
+    return text.encode()
+
+
+def slow_record_json(record: Mapping[str, Any]) -> bytes:
+    """:func:`record_json` through ``json``'s encoder: the reference, and
+    the way for a value of any other type than ``str``, ``int`` or None."""
     return _PRESORTED_CANONICAL.encode(dump_record(record)).encode()
 
 
 _PRESORTED_CANONICAL = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# The dump's keys in order, each followed by its value as the encoder writes
+# it (a str quoted by the encoder's own function, an int as %d, None as null),
+# without building an encoder per record (JSONEncoder.encode does).
+# ``test_record_json_is_the_encoders`` holds the two together.
+_INT_FIELDS = frozenset({"gpu_count", "gpu_seconds"})
+_RECORD_JSON = (
+    "{"
+    + ",".join(
+        f'"{name}":%d' if name in _INT_FIELDS else f'"{name}":%s'
+        for name in _SORTED_FIELDS
+    )
+    + "}"
+)
+# What JSONEncoder(ensure_ascii=False) writes a str with (C when available).
+_quote = json.encoder.encode_basestring
 
 
 _EVENT_ID_PREFIX = contracts._EVENT_NAMESPACE.bytes + b"usage_rated\x1f"
@@ -534,7 +647,32 @@ def usage_rated_body(
     """
     if record_json_ is None:
         record_json_ = record_json(record)
-    event_id = usage_rated_event_id(record["datacenter_id"], record["record_id"])
+    return usage_rated_bytes(
+        usage_rated_event_id(record["datacenter_id"], record["record_id"]),
+        city,
+        rated_at,
+        record_json_,
+        rating.cost_fen,
+        rating.unit_price_fen_per_gpu_hour,
+        rating.datacenter["government_run"],
+        rating.datacenter["hub_region"],
+        rating.datacenter["chip_origin"],
+    )
+
+
+def usage_rated_bytes(
+    event_id: str,
+    city: str,
+    rated_at: datetime,
+    record_json_: bytes,
+    cost_fen: int,
+    unit_price_fen_per_gpu_hour: int,
+    government_run: Any,
+    hub_region: str,
+    chip_origin: str,
+) -> bytes:
+    """:func:`usage_rated_body` from its parts (no :class:`Rating` to build:
+    the hot path has them as a stored row's columns, and the event id)."""
     return b"".join(
         (
             _event_head(city, _wire_time_of_batch(rated_at)),
@@ -542,12 +680,8 @@ def usage_rated_body(
             b'",',
             record_json_[1:-1],
             b',"cost_fen":%d,"unit_price_fen_per_gpu_hour":%d,"datacenter":'
-            % (rating.cost_fen, rating.unit_price_fen_per_gpu_hour),
-            _datacenter_json(
-                bool(rating.datacenter["government_run"]),
-                rating.datacenter["hub_region"],
-                rating.datacenter["chip_origin"],
-            ),
+            % (cost_fen, unit_price_fen_per_gpu_hour),
+            _datacenter_json(bool(government_run), hub_region, chip_origin),
             b"}",
         )
     )
@@ -715,6 +849,7 @@ def _aware(moment: datetime) -> datetime:
 
 
 RecordKey = tuple[str, str]  # (datacenter_id, record_id)
+_NO_KEYS: frozenset[RecordKey] = frozenset()
 
 
 def effectiveness_changes(
@@ -739,7 +874,7 @@ def effectiveness_changes(
         correctors.setdefault(corrected, set()).add(corrector)
     changes = {}
     for key in inserted | stored_targets:
-        by = correctors.get(key, set())
+        by = correctors.get(key, _NO_KEYS)
         before = key not in inserted and not (by - inserted)
         after = not by
         if after != before:

@@ -16,19 +16,20 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import operator
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import select, text, tuple_
+from sqlalchemy import select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from services.common import contracts, signing
 from services.common.amqp import RawMessage, federation_key
-from services.common.units import format_ts, utcnow
+from services.common.units import format_ts, rate_cost_fen, utcnow
 from services.metering import domain
 from services.metering.domain import Reason, Refused
 from services.metering.models import (
@@ -63,20 +64,22 @@ _ROW_COLUMNS = [
 ]
 
 
-@dataclass(frozen=True)
-class Outgoing:
-    """A federation event to publish once the transaction has committed."""
+class Outgoing(NamedTuple):
+    """A federation event to publish once the transaction has committed.
+
+    A named tuple: one is made per rated record, at a third of the cost of a
+    frozen dataclass."""
 
     routing_key: str
     event_id: str
-    body: bytes  # the JSON to publish, made once (domain.usage_rated_body)
+    body: bytes  # the JSON to publish, made once (domain.usage_rated_bytes)
 
     @property
     def payload(self) -> dict[str, Any]:
         return json.loads(self.body)
 
 
-@dataclass
+@dataclass(slots=True)
 class Checked:
     """A message that passed every rule that does not need the database."""
 
@@ -85,8 +88,9 @@ class Checked:
     datacenter_id: str
     loaded: dict[str, Any]
     digest: str
-    row: dict[str, Any] | None = None  # usage: the row to insert
+    row: dict[str, Any] | None = None  # usage: the row to insert (``loaded`` too)
     wire: bytes | None = None  # usage: its canonical JSON (domain.record_json)
+    key: domain.RecordKey | None = None  # usage: (datacenter_id, record_id)
 
 
 @dataclass
@@ -106,8 +110,76 @@ def as_utc(moment: datetime) -> datetime:
 # -- the rules ------------------------------------------------------------------
 
 
+class Lookups:
+    """What one batch asks the registry, each asked once (a batch comes
+    mostly from one data centre, its few GPU models and vouchers).
+
+    The same three questions as :class:`CachedRegistry`, answered as it
+    would be: only answers that let a record through are kept, so an unknown
+    data centre, key id or voucher prefix is asked again every time (and the
+    registry refetches it, as ever). A batch lasts well under the registry's
+    TTL, so keeping an answer for one batch changes no decision.
+    """
+
+    __slots__ = ("registry", "_datacenters", "_keys", "_cities", "_codes", "_terms")
+
+    def __init__(self, registry: CachedRegistry):
+        self.registry = registry
+        self._datacenters: dict[str, dict] = {}
+        self._keys: dict[str, dict[str, str]] = {}
+        self._cities: dict[str, str] = {}
+        # voucher code as sent → (normalised, its city)
+        self._codes: dict[str, tuple[str, str]] = {}
+        self._terms: dict[tuple[str, str], domain.PriceTerms] = {}
+
+    def datacenter(self, datacenter_id: str) -> dict | None:
+        found = self._datacenters.get(datacenter_id)
+        if found is None:
+            found = self.registry.datacenter(datacenter_id)
+            if found is not None:
+                self._datacenters[datacenter_id] = found
+        return found
+
+    def signing_keys(self, datacenter_id: str, key_id: str | None) -> dict[str, str]:
+        keys = self._keys.get(datacenter_id)
+        if keys is None or not key_id or key_id not in keys:
+            keys = self.registry.signing_keys(datacenter_id, key_id)
+            self._keys[datacenter_id] = keys
+        return keys
+
+    def city_of_prefix(self, prefix: str) -> str | None:
+        city = self._cities.get(prefix)
+        if city is None:
+            city = self.registry.city_of_prefix(prefix)
+            if city is not None:
+                self._cities[prefix] = city
+        return city
+
+    def voucher(self, voucher_code: str) -> tuple[str, str]:
+        """``(normalised code, issuing city)``, or :class:`Refused`."""
+        known = self._codes.get(voucher_code)
+        if known is None:
+            code = domain.normalise_voucher_code(voucher_code)
+            prefix = domain.voucher_prefix(code)
+            city = self.city_of_prefix(prefix)
+            if city is None:
+                raise domain.unknown_prefix(prefix)
+            known = self._codes[voucher_code] = (code, city)
+        return known
+
+    def price_terms(
+        self, datacenter_id: str, datacenter: dict, gpu_model: str
+    ) -> domain.PriceTerms:
+        """``domain.price_terms`` of ``datacenter`` (this batch's for its id)."""
+        terms = self._terms.get((datacenter_id, gpu_model))
+        if terms is None:
+            terms = domain.price_terms(datacenter, gpu_model)
+            self._terms[(datacenter_id, gpu_model)] = terms
+        return terms
+
+
 def _verified_body(
-    registry: CachedRegistry, message: RawMessage, datacenter_id: str
+    registry: CachedRegistry | Lookups, message: RawMessage, datacenter_id: str
 ) -> tuple[dict, dict]:
     """Envelope, data centre and signature checks; returns (datacenter, JSON)."""
     domain.check_envelope(message.body, message.content_type)
@@ -123,43 +195,59 @@ def _verified_body(
 
 
 def check(
-    registry: CachedRegistry, message: RawMessage, index: int, rated_at: datetime
+    registry: CachedRegistry | Lookups,
+    message: RawMessage,
+    index: int,
+    rated_at: datetime,
 ) -> Checked:
-    """Every rule but dedup; raises :class:`Refused` with the first one broken."""
+    """Every rule but dedup; raises :class:`Refused` with the first one broken.
+
+    ``registry``: a batch's :class:`Lookups` (else asked through new ones).
+    """
+    lookups = registry if type(registry) is Lookups else Lookups(registry)
     datacenter_id, kind = domain.split_routing_key(message.routing_key)
-    if kind not in (domain.USAGE, domain.CAPACITY):
+    if kind != domain.USAGE and kind != domain.CAPACITY:
         raise Refused(
             Reason.SCHEMA, f"routing key {message.routing_key[:255]!r} is not metered"
         )
-    datacenter, data = _verified_body(registry, message, datacenter_id)
+    datacenter, data = _verified_body(lookups, message, datacenter_id)
     if kind == domain.CAPACITY:
         report = domain.load_capacity(data, datacenter_id)
         digest = domain.canonical_sha256(report, contracts.CapacityReportSchema)
         return Checked(index, kind, datacenter_id, report, digest)
 
     record = domain.load_usage(data, datacenter_id)
-    rating = domain.rate(record, datacenter)
+    # domain.rate, its data-centre part asked once a batch
+    price, government_run, hub_region, chip_origin = lookups.price_terms(
+        datacenter_id, datacenter, record["gpu_model"]
+    )
+    cost_fen = rate_cost_fen(record["gpu_seconds"], price)
     city = None
     if record["voucher_code"] is not None:
-        record["voucher_code"] = domain.normalise_voucher_code(record["voucher_code"])
-        prefix = domain.voucher_prefix(record["voucher_code"])
-        city = registry.city_of_prefix(prefix)
-        if city is None:
-            raise domain.unknown_prefix(prefix)
+        record["voucher_code"], city = lookups.voucher(record["voucher_code"])
     wire = domain.record_json(record)  # once: for the digest and the event
     digest = hashlib.sha256(wire).hexdigest()
-    row = {name: record[name] for name in RECORD_FIELDS}
-    row.update(
-        record_sha256=digest,
-        city=city,
-        cost_fen=rating.cost_fen,
-        unit_price_fen_per_gpu_hour=rating.unit_price_fen_per_gpu_hour,
-        government_run=rating.datacenter["government_run"],
-        hub_region=rating.datacenter["hub_region"],
-        chip_origin=rating.datacenter["chip_origin"],
-        rated_at=rated_at,
+    # The row to insert is the record itself, with what rating adds (a loaded
+    # record has exactly RECORD_FIELDS; nothing reads it as a record again).
+    row = record
+    row["record_sha256"] = digest
+    row["city"] = city
+    row["cost_fen"] = cost_fen
+    row["unit_price_fen_per_gpu_hour"] = price
+    row["government_run"] = government_run
+    row["hub_region"] = hub_region
+    row["chip_origin"] = chip_origin
+    row["rated_at"] = rated_at
+    return Checked(
+        index,
+        kind,
+        datacenter_id,
+        record,
+        digest,
+        row,
+        wire,
+        (datacenter_id, record["record_id"]),
     )
-    return Checked(index, kind, datacenter_id, record, digest, row, wire)
 
 
 # -- the batch ------------------------------------------------------------------
@@ -182,9 +270,10 @@ def process_batch(
     usage: list[Checked] = []
     capacity: list[Checked] = []
     refusals: list[tuple[int, Refused]] = []
+    lookups = Lookups(registry)
     for index, message in enumerate(messages):
         try:
-            checked = check(registry, message, index, rated_at)
+            checked = check(lookups, message, index, rated_at)
         except Refused as refused:
             refusals.append((index, refused))
             continue
@@ -235,22 +324,25 @@ def _store_usage(
     first: dict[domain.RecordKey, Checked] = {}
     repeats: list[Checked] = []
     for checked in usage:
-        key = (checked.datacenter_id, checked.loaded["record_id"])
-        if key in first:
+        if checked.key in first:
             repeats.append(checked)
         else:
-            first[key] = checked
+            first[checked.key] = checked
 
-    _lock_records(session, first.values())
+    # Taken in the round trip that inserts them (_insert_records); SQLite
+    # has one writer at a time anyway.
+    lock = None
+    if session.get_bind().dialect.name == "postgresql":
+        lock = _lock_statement(first.values())
     inserted_keys, correctors = _insert_records(
-        session, [c.row for c in first.values()]
+        session, [c.row for c in first.values()], lock
     )
     outcome.inserted = len(inserted_keys)
 
     stored_before = [key for key in first if key not in inserted_keys]
     stored_rows = _stored_rows(session, stored_before)
     for checked in [*(first[key] for key in stored_before), *repeats]:
-        key = (checked.datacenter_id, checked.loaded["record_id"])
+        key = checked.key
         existing = first[key].row if key in inserted_keys else stored_rows.get(key)
         if existing is None:  # pragma: no cover - the insert saw it, so it is there
             raise RuntimeError(f"usage record {key} neither inserted nor found")
@@ -271,28 +363,30 @@ def _store_usage(
         # The same fact again: its event goes out again, with the same id.
         outcome.outgoing.extend(events_of(existing))
     _update_rollups(session, {key: first[key].row for key in inserted_keys}, correctors)
+    outgoing = outcome.outgoing
     for key in inserted_keys:
-        outcome.outgoing.extend(events_of(first[key].row, first[key].wire))
+        checked = first[key]
+        if checked.row["city"] is not None:  # events_of, the wire at hand
+            outgoing.append(_usage_rated(checked.row, checked.wire))
     return refusals
 
 
-def _lock_records(session: Session, checked: Iterable[Checked]) -> None:
-    """Serialise against other writers of the same records or their corrections."""
-    if session.get_bind().dialect.name != "postgresql":
-        return  # SQLite has one writer at a time anyway
+def _lock_statement(checked: Iterable[Checked]) -> str:
+    """Serialise against other writers of the same records or their
+    corrections: the statement taking their advisory locks (PostgreSQL)."""
     keys = set()
+    lock_key = domain.lock_key
     for item in checked:
-        keys.add(domain.lock_key(item.datacenter_id, item.loaded["record_id"]))
-        if item.loaded["correction_of"] is not None:
-            keys.add(domain.lock_key(item.datacenter_id, item.loaded["correction_of"]))
-    # In one order everywhere, so two batches never wait for each other in a ring.
-    session.execute(
-        text(
-            "SELECT count(pg_advisory_xact_lock(k)) FROM "
-            "(SELECT unnest(CAST(:keys AS bigint[])) AS k ORDER BY 1) AS ordered"
-        ),
-        # as an array literal: cheaper to send than a list dumped item by item
-        {"keys": "{" + ",".join(map(str, sorted(keys))) + "}"},
+        keys.add(lock_key(item.datacenter_id, item.key[1]))
+        correction_of = item.loaded["correction_of"]
+        if correction_of is not None:
+            keys.add(lock_key(item.datacenter_id, correction_of))
+    # In one order everywhere, so two batches never wait for each other in a
+    # ring. The keys are ints: written into the statement as an array literal.
+    return (
+        "SELECT count(pg_advisory_xact_lock(k)) FROM "
+        "(SELECT unnest(CAST('{" + ",".join(map(str, sorted(keys))) + "}'"
+        " AS bigint[])) AS k ORDER BY 1) AS ordered"
     )
 
 
@@ -305,18 +399,22 @@ Correctors = dict[domain.RecordKey, set[domain.RecordKey]]
 
 
 def _insert_records(
-    session: Session, rows: list[dict[str, Any]]
+    session: Session, rows: list[dict[str, Any]], lock: str | None = None
 ) -> tuple[set[domain.RecordKey], Correctors | None]:
     """Insert what is new; returns the keys actually inserted (RETURNING) and,
     on PostgreSQL, the records stored *before* this statement that name one
     of them in ``correction_of`` (``{corrected: {correctors}}``), found by the
-    same statement. On SQLite that second part is None (asked separately)."""
+    same statement. On SQLite that second part is None (asked separately).
+
+    ``lock`` (PostgreSQL): a statement to run just before the insert, in the
+    same round trip (:func:`_lock_statement`)."""
     if not rows:
         return set(), {}
     if session.get_bind().dialect.name == "postgresql":
         inserted: set[domain.RecordKey] = set()
         correctors: Correctors = {}
-        for dc, record_id, corrector in _copy_in(session, _RECORDS, rows):
+        values = map(_RECORD_VALUES, rows)
+        for dc, record_id, corrector in _copy_in(session, _RECORDS, values, lock):
             inserted.add((dc, record_id))
             if corrector is not None:
                 correctors.setdefault((dc, record_id), set()).add((dc, corrector))
@@ -342,8 +440,12 @@ def _insert_records(
 # a data-modifying WITH sees the table as it was before the statement (rows of
 # this batch are not in it; the caller knows those), and it runs after the
 # batch's advisory locks are held, so a concurrent corrector has committed
-# (and is seen) or waits for this transaction (and sees these records).
+# (and is seen) or waits for this transaction (and sees these records). The
+# locks are taken by the statement sent just before it, in the same simple
+# query (one round trip): under READ COMMITTED each statement of it takes its
+# own snapshot, so the insert's is taken once the locks are held.
 _RECORD_COLUMNS = [name for name in _RECORDS.c.keys() if name != "id"]
+_RECORD_VALUES = operator.itemgetter(*_RECORD_COLUMNS)  # a row's, in COPY order
 _COPY_TARGETS = {
     "usage_records": (
         _RECORD_COLUMNS,
@@ -376,7 +478,16 @@ _STAGING_READY = "metering_staging_ready"  # {staging table: its column types}
 _DATACENTERS_WRITTEN = "metering_datacenters_written"
 
 
-def _copy_in(session: Session, table, rows: list[dict[str, Any]]) -> list[tuple]:
+def _copy_in(
+    session: Session,
+    table,
+    rows: Iterable[Sequence[Any]],
+    before: str | None = None,
+) -> list[tuple]:
+    """COPY ``rows`` (each its values in ``_COPY_TARGETS``' column order) to
+    the table's staging table, then move them over; returns what the move
+    returns. ``before``: a statement to run just before the move, sent with
+    it (one round trip; each still sees what committed before it began)."""
     columns, move = _COPY_TARGETS[table.name]
     names = ", ".join(columns)
     staging = f"incoming_{table.name}"
@@ -405,9 +516,16 @@ def _copy_in(session: Session, table, rows: list[dict[str, Any]]) -> list[tuple]
         ) as copy:
             copy.set_types(types)
             write_row = copy.write_row
-            for row in rows:
-                write_row([row[name] for name in columns])
-        cursor.execute(move.format(names=names))
+            for values in rows:
+                write_row(values)
+        if before is None:
+            cursor.execute(move.format(names=names))
+        else:
+            # Two statements in one simple query (never prepared: its text
+            # changes with ``before``); the move's result is the second.
+            cursor.execute(before + "; " + move.format(names=names), prepare=False)
+            if not cursor.nextset():  # pragma: no cover - PostgreSQL answers both
+                raise RuntimeError("no result from the move after its lock")
         return cursor.fetchall() if cursor.description else []
 
 
@@ -506,6 +624,11 @@ def _upsert_rollups(
     so that two writers never deadlock on the same buckets."""
     if not buckets:
         return
+    ordered = sorted(buckets.items())
+    if session.get_bind().dialect.name == "postgresql":
+        # In the staging table's column order: _BUCKET, then the three sums.
+        _copy_in(session, _ROLLUPS, [(*bucket, *sums) for bucket, sums in ordered])
+        return
     values = [
         {
             **dict(zip(_BUCKET, bucket, strict=True)),
@@ -513,11 +636,8 @@ def _upsert_rollups(
             "gpu_seconds": gpu_seconds,
             "cost_fen": cost,
         }
-        for bucket, (records, gpu_seconds, cost) in sorted(buckets.items())
+        for bucket, (records, gpu_seconds, cost) in ordered
     ]
-    if session.get_bind().dialect.name == "postgresql":
-        _copy_in(session, _ROLLUPS, values)
-        return
     statement = _insert(session)(_ROLLUPS)
     statement = statement.on_conflict_do_update(
         index_elements=list(_BUCKET),
@@ -571,27 +691,29 @@ def _remember_datacenters(
 def events_of(row: Mapping[str, Any], wire: bytes | None = None) -> list[Outgoing]:
     """The ``<city>.usage_rated`` of a stored record (none without a voucher);
     ``wire``: its :func:`domain.record_json`, when known."""
-    city = row["city"]
-    if city is None:
+    if row["city"] is None:
         return []
-    rating = domain.Rating(
-        cost_fen=row["cost_fen"],
-        unit_price_fen_per_gpu_hour=row["unit_price_fen_per_gpu_hour"],
-        datacenter={
-            "government_run": row["government_run"],
-            "hub_region": row["hub_region"],
-            "chip_origin": row["chip_origin"],
-        },
+    return [_usage_rated(row, domain.record_json(row) if wire is None else wire)]
+
+
+def _usage_rated(row: Mapping[str, Any], wire: bytes) -> Outgoing:
+    """The event of a stored record that has a city (``events_of``)."""
+    event_id = domain.usage_rated_event_id(row["datacenter_id"], row["record_id"])
+    return Outgoing(
+        _usage_rated_key(row["city"]),
+        event_id,
+        domain.usage_rated_bytes(
+            event_id,
+            row["city"],
+            row["rated_at"],
+            wire,
+            row["cost_fen"],
+            row["unit_price_fen_per_gpu_hour"],
+            row["government_run"],
+            row["hub_region"],
+            row["chip_origin"],
+        ),
     )
-    return [
-        Outgoing(
-            routing_key=_usage_rated_key(city),
-            event_id=domain.usage_rated_event_id(
-                row["datacenter_id"], row["record_id"]
-            ),
-            body=domain.usage_rated_body(row, city, rating, row["rated_at"], wire),
-        )
-    ]
 
 
 @functools.lru_cache(maxsize=1024)

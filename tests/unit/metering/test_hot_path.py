@@ -1,0 +1,434 @@
+"""The hot path's shortcuts give what the slow references they replace give.
+
+- ``domain.record_json`` (values written into a template) against the
+  encoder (``domain.slow_record_json``) and ``canonical_json`` of the
+  schema's dump;
+- ``domain.verify_signature`` (one OpenSSL call) against ``signing.verify``;
+- ``ingest.check`` (registry answers and prices asked once a batch, the row
+  being the record) against the rules applied one by one as before;
+- ``ingest.events_of`` (no ``Rating`` built) against ``usage_rated_body``.
+"""
+
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta, timezone
+
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from services.common import contracts, signing
+from services.common.amqp import RawMessage
+from services.common.units import format_ts, utcnow
+from services.metering import domain, ingest
+from services.metering.domain import Refused
+from services.metering.registry import CachedRegistry, RegistryCacheState
+from services.metering.testing import (
+    DATACENTER,
+    DATACENTER_ID,
+    KEY_ID,
+    PREFIXES,
+    SECRET,
+    signed_headers,
+    usage,
+    voucher,
+)
+
+SCHEMA = contracts.UsageRecordSchema()
+
+
+def outcome(function, *args):
+    """What a call gives: ("ok", value) or ("raises", exception type, text)."""
+    try:
+        return ("ok", function(*args))
+    except Exception as exc:  # noqa: BLE001 - compared, whatever it is
+        return ("raises", type(exc), str(exc))
+
+
+# -- record_json ----------------------------------------------------------------
+
+
+class Text(str):
+    """A str subclass: the encoder writes it as its text."""
+
+
+class Count(int):
+    """An int subclass: left to the encoder."""
+
+
+texts = st.one_of(
+    st.text(max_size=20),
+    st.sampled_from(['"', "\\", "\x00", "\n", "\u2028", "é", "\ud800", "漢字"]),
+    st.text(max_size=5).map(Text),
+)
+moments = st.one_of(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.none(),
+    ),
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.sampled_from(
+            [UTC, timezone(timedelta(hours=8)), timezone(timedelta(hours=-5))]
+        ),
+    ),
+)
+values = st.one_of(
+    st.none(),
+    texts,
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.booleans(),
+    st.floats(allow_nan=False),
+    st.integers(0, 10).map(Count),
+    moments,
+)
+
+
+@st.composite
+def dumpable_records(draw):
+    """Loaded records, and records with any field of any type or missing."""
+    record = domain.load_usage(
+        usage(
+            voucher_code=draw(st.sampled_from([None, voucher("SH")])),
+            job_id=draw(st.none() | st.text(max_size=10)),
+            tenant_id=draw(st.text(min_size=1, max_size=20)),
+        ),
+        DATACENTER_ID,
+    )
+    for name in draw(st.lists(st.sampled_from(domain.RECORD_FIELDS), max_size=4)):
+        if name in ("started_at", "ended_at"):
+            record[name] = draw(st.none() | moments)
+        elif draw(st.booleans()):
+            record.pop(name, None)
+        else:
+            record[name] = draw(values)
+    return record
+
+
+@settings(max_examples=1500, deadline=None)
+@given(dumpable_records())
+@example(domain.load_usage(usage(job_id='é"\n\u2028\x00'), DATACENTER_ID))
+@example({**domain.load_usage(usage(), DATACENTER_ID), "gpu_count": True})
+@example({**domain.load_usage(usage(), DATACENTER_ID), "record_id": "\ud800"})
+@example({})
+def test_record_json_is_the_encoders(record):
+    assert outcome(domain.record_json, record) == outcome(
+        domain.slow_record_json, record
+    )
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    tenant=st.text(min_size=1, max_size=128),
+    job_id=st.none() | st.text(max_size=20),
+    record_id=st.text(min_size=1, max_size=128),
+    voucher_code=st.sampled_from([None, voucher("SH"), voucher("CD")]),
+    gpu_seconds=st.integers(0, 7200),
+)
+def test_record_json_of_a_loaded_record_is_the_schemas_dump(
+    tenant, job_id, record_id, voucher_code, gpu_seconds
+):
+    record = domain.load_usage(
+        usage(
+            tenant_id=tenant,
+            job_id=job_id,
+            record_id=record_id,
+            voucher_code=voucher_code,
+            gpu_seconds=gpu_seconds,
+        ),
+        DATACENTER_ID,
+    )
+    wire = outcome(domain.record_json, record)
+    assert wire == outcome(domain.slow_record_json, record)
+    assert wire == outcome(contracts.canonical_json, SCHEMA.dump(record))
+
+
+# -- signatures -------------------------------------------------------------------
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    body=st.binary(max_size=200),
+    secret=st.text(max_size=20) | st.sampled_from([SECRET, "\ud800"]),
+    how=st.sampled_from(["right", "upper", "wrong", "none", "empty", "other"]),
+    other=st.one_of(st.text(max_size=70), st.binary(max_size=10), st.integers()),
+)
+def test_verify_signature_is_signing_verify(body, secret, how, other):
+    try:
+        right = signing.sign(body, secret)
+    except UnicodeEncodeError:
+        right = "0" * 64
+    signature = {
+        "right": right,
+        "upper": right.upper(),
+        "wrong": right[:-1] + ("0" if right[-1] != "0" else "1"),
+        "none": None,
+        "empty": "",
+        "other": other,
+    }[how]
+    assert outcome(domain.verify_signature, body, secret, signature) == outcome(
+        signing.verify, body, secret, signature
+    )
+
+
+# -- check ---------------------------------------------------------------------
+
+
+class FakeRegistry:
+    def get_datacenter(self, datacenter_id):
+        from services.common.errors import NotFound
+
+        if datacenter_id != DATACENTER_ID:
+            raise NotFound("datacenter_not_found")
+        return DATACENTER
+
+    def datacenter_signing_keys(self, datacenter_id):
+        return [{"key_id": KEY_ID, "secret": SECRET}]
+
+    def voucher_prefixes(self):
+        return PREFIXES
+
+
+def reference_check(registry, message, index, rated_at):
+    """``ingest.check`` as it was: every rule asked of the registry and
+    ``domain`` one by one, the row a new dict."""
+    datacenter_id, kind = domain.split_routing_key(message.routing_key)
+    if kind not in (domain.USAGE, domain.CAPACITY):
+        raise Refused(
+            domain.Reason.SCHEMA,
+            f"routing key {message.routing_key[:255]!r} is not metered",
+        )
+    domain.check_envelope(message.body, message.content_type)
+    datacenter = registry.datacenter(datacenter_id) if datacenter_id else None
+    if datacenter is None:
+        raise Refused(
+            domain.Reason.UNKNOWN_DATACENTER,
+            f"{datacenter_id[:64]!r} is not registered",
+        )
+    key_id = domain.header_text(message.headers, signing.KEY_ID_HEADER)
+    keys = registry.signing_keys(datacenter_id, key_id)
+    key_id = domain.header_text(message.headers, signing.KEY_ID_HEADER)
+    if not key_id:
+        raise Refused(domain.Reason.BAD_SIGNATURE, "no x-key-id header")
+    if keys.get(key_id) is None:
+        raise Refused(
+            domain.Reason.BAD_SIGNATURE,
+            f"key id {key_id[:128]!r} is not an active key of this data centre",
+        )
+    signature = domain.header_text(message.headers, signing.SIGNATURE_HEADER)
+    if not signing.verify(message.body, keys[key_id], signature):
+        raise Refused(domain.Reason.BAD_SIGNATURE, "signature does not match the body")
+    data = domain.parse_body(message.body)
+    if kind == domain.CAPACITY:
+        report = domain.load_capacity(data, datacenter_id)
+        return report, domain.canonical_sha256(report, contracts.CapacityReportSchema)
+    record = domain.load_usage(data, datacenter_id)
+    rating = domain.rate(record, datacenter)
+    city = None
+    if record["voucher_code"] is not None:
+        record["voucher_code"] = domain.normalise_voucher_code(record["voucher_code"])
+        prefix = domain.voucher_prefix(record["voucher_code"])
+        city = registry.city_of_prefix(prefix)
+        if city is None:
+            raise domain.unknown_prefix(prefix)
+    wire = domain.slow_record_json(record)
+    digest = hashlib.sha256(wire).hexdigest()
+    assert digest == domain.canonical_sha256(record)
+    row = {name: record[name] for name in domain.RECORD_FIELDS}
+    row.update(
+        record_sha256=digest,
+        city=city,
+        cost_fen=rating.cost_fen,
+        unit_price_fen_per_gpu_hour=rating.unit_price_fen_per_gpu_hour,
+        government_run=rating.datacenter["government_run"],
+        hub_region=rating.datacenter["hub_region"],
+        chip_origin=rating.datacenter["chip_origin"],
+        rated_at=rated_at,
+    )
+    return row, digest, wire, (datacenter_id, record["record_id"])
+
+
+def judged(function, *args):
+    try:
+        return ("passed", function(*args))
+    except Refused as refused:
+        return ("refused", refused.reason, refused.detail_text)
+
+
+@st.composite
+def messages(draw):
+    """A usage or capacity message, good or broken in one of many ways."""
+    now = utcnow().replace(microsecond=0)
+    record = usage(
+        record_id=draw(st.sampled_from(["r1", "r2", "r3", "", "x" * 129])),
+        voucher_code=draw(
+            st.sampled_from(
+                [None, voucher("SH"), voucher("CD"), " sh-abc ", "ZZ-1", "", 7]
+            )
+            | st.just(voucher("SH").lower())
+            | st.just(voucher("ZZ"))
+        ),
+        gpu_model=draw(st.sampled_from(["H800", "Ascend-910B", "B200"])),
+        gpu_seconds=draw(st.sampled_from([0, 1, 1799, 1800, 7200, 7201])),
+        datacenter_id=draw(st.sampled_from([DATACENTER_ID, "other-dc"])),
+        correction_of=draw(st.sampled_from([None, "r1", "r0"])),
+        started_at=format_ts(now - timedelta(hours=1)),
+        ended_at=format_ts(now),
+    )
+    kind = draw(st.sampled_from(["usage", "usage", "usage", "capacity", "other"]))
+    if kind == "capacity":
+        record = {
+            "datacenter_id": record["datacenter_id"],
+            "reported_at": format_ts(now),
+            "gpus": [{"model": "H800", "total": 10, "allocated": 3}],
+        }
+    body = contracts.canonical_json(record)
+    if draw(st.integers(0, 9)) == 0:
+        body = draw(st.sampled_from([b"[]", b"{", b'{"a": "\\u0000"}', b"x" * 70000]))
+    headers = signed_headers(body)
+    spoil = draw(st.sampled_from(["", "", "", "key", "nokey", "signature", "bytes"]))
+    if spoil == "key":
+        headers["x-key-id"] = "unknown-key"
+    elif spoil == "nokey":
+        del headers["x-key-id"]
+    elif spoil == "signature":
+        headers["x-signature"] = headers["x-signature"][::-1]
+    elif spoil == "bytes":
+        headers = {name: value.encode() for name, value in headers.items()}
+    routing_dc = draw(st.sampled_from([DATACENTER_ID, DATACENTER_ID, "unknown-dc", ""]))
+    return RawMessage(
+        body=body,
+        headers=headers,
+        properties={
+            "content_type": draw(st.sampled_from(["application/json", "text/plain"]))
+        },
+        routing_key=f"{routing_dc}.{kind}",
+        redelivered=False,
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(messages(), min_size=1, max_size=8))
+def test_check_decides_and_rows_as_the_rules_one_by_one(batch):
+    registry = CachedRegistry(RegistryCacheState(ttl_s=30), FakeRegistry())
+    rated_at = datetime(2025, 3, 1, 12, tzinfo=UTC)
+    lookups = ingest.Lookups(registry)  # shared by the batch, as process_batch does
+    for index, message in enumerate(batch):
+        fast = judged(ingest.check, lookups, message, index, rated_at)
+        slow = judged(reference_check, registry, message, index, rated_at)
+        assert fast[0] == slow[0], (fast, slow)
+        if fast[0] == "refused":
+            assert fast == slow
+            continue
+        checked = fast[1]
+        assert checked.index == index
+        if checked.kind == domain.CAPACITY:
+            assert (checked.loaded, checked.digest) == slow[1]
+            continue
+        row, digest, wire, key = slow[1]
+        assert checked.row == row
+        assert (checked.digest, checked.wire, checked.key) == (digest, wire, key)
+        assert checked.loaded["record_id"] == row["record_id"]
+        assert checked.loaded["correction_of"] == row["correction_of"]
+
+
+# -- events ----------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    tenant=st.text(min_size=1, max_size=20),
+    city=st.sampled_from(["shanghai", "chengdu", None]),
+    government_run=st.sampled_from([True, False, 1, 0]),
+    hub_region=st.text(max_size=8),
+    wire_known=st.booleans(),
+)
+def test_events_of_is_the_usage_rated_body(
+    tenant, city, government_run, hub_region, wire_known
+):
+    record = domain.load_usage(
+        usage(voucher_code=voucher("SH"), tenant_id=tenant), DATACENTER_ID
+    )
+    rated_at = datetime(2025, 3, 1, 12, tzinfo=UTC)
+    rating = domain.Rating(
+        cost_fen=1234,
+        unit_price_fen_per_gpu_hour=1800,
+        datacenter={
+            "government_run": government_run,
+            "hub_region": hub_region,
+            "chip_origin": "domestic",
+        },
+    )
+    row = {
+        **record,
+        "city": city,
+        "cost_fen": rating.cost_fen,
+        "unit_price_fen_per_gpu_hour": rating.unit_price_fen_per_gpu_hour,
+        "government_run": government_run,
+        "hub_region": hub_region,
+        "chip_origin": "domestic",
+        "rated_at": rated_at,
+    }
+    wire = domain.record_json(record) if wire_known else None
+    events = ingest.events_of(row, wire)
+    if city is None:
+        assert events == []
+        return
+    (event,) = events
+    body = domain.usage_rated_body(record, city, rating, rated_at)
+    assert event.body == body
+    assert event.routing_key == f"{city}.usage_rated"
+    assert event.event_id == contracts.event_id(
+        "usage_rated", DATACENTER_ID, record["record_id"]
+    )
+    assert event.payload == domain.usage_rated_event(record, city, rating, rated_at)
+    assert json.loads(body)["event_id"] == event.event_id
+
+
+# -- parsing ---------------------------------------------------------------------
+
+json_texts = st.one_of(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+        ),
+        max_leaves=8,
+    ).map(json.dumps),
+    st.text(max_size=30),
+    st.sampled_from(
+        ["{}", "{} ", " {}", "{}{}", '{"a":1}x', "\ufeff{}", "{", "}", '{"a":}'],
+    ),
+    st.sampled_from(['{"a":NaN}', '{"a":"\\ud800"}', '{"a":"\x01"}', "[" * 5000]),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(json_texts)
+@example("{" * 100000 + "}" * 100000)
+def test_whole_object_is_json_loads(text):
+    fast = domain._whole_object(text)
+    slow = outcome(json.loads, text)
+    if fast is not None:
+        assert slow[0] == "ok"
+        assert fast == slow[1] or json.dumps(fast) == json.dumps(slow[1])
+        assert type(fast) is dict
+    body = text.encode("utf-8", "surrogatepass")
+    assert judged(domain.parse_body, body) == judged(reference_parse_body, body)
+
+
+def reference_parse_body(body):
+    """``domain.parse_body`` as it was: ``json.loads`` of the decoded body."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise Refused(
+            domain.Reason.SCHEMA, f"body is not JSON: {str(exc)[:200]}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise Refused(domain.Reason.SCHEMA, "body is not a JSON object")
+    if b"\\u" in body and not domain._storable(data):
+        raise Refused(domain.Reason.SCHEMA, "a string holds NUL or is not valid UTF-8")
+    return data
