@@ -2,13 +2,21 @@
 ``computenet.usage`` → verified, rated, committed → ``usage_rated`` published,
 beside a bare kombu publish-and-consume of the same messages (confirms, acks).
 
-    .venv/bin/python bench/bench_metering.py [--records 100000]
+    .venv/bin/python bench/bench_metering.py [--records 100000] [--runs 3]
 
 Needs RabbitMQ (management API on 15672) and PostgreSQL; makes its own vhost
-and database and removes them. metering runs as a real process
+and database for each run and removes them. metering runs as a real process
 (``python -m services.metering``; ``--processes`` of them competing on the
 queue, default 2) with a stand-in ``city_registry`` process.
-Ends with ``metering_records_per_s=<n> baseline_records_per_s=<n> ratio=<r>``.
+
+A run is the baseline, then metering, on the same messages. On this shared
+2-core machine one run's figures swing by ±20 % from one minute to the next,
+so ``--runs`` (default 3) runs are made and the last line gives the medians
+(``ratio`` is the median of each run's own ratio):
+``metering_records_per_s=<n> baseline_records_per_s=<n> ratio=<r>``.
+Each phase also prints the CPU seconds that RabbitMQ, PostgreSQL, the bench's
+publisher (and baseline consumer) and metering spent, read from ``/proc``,
+and per record: where the time goes, whatever the machine's other load.
 
 The choices, on the 2-core machine the figures come from:
 
@@ -19,9 +27,14 @@ The choices, on the 2-core machine the figures come from:
   default): a batch spends most of its time waiting (the database's
   commit, the broker's confirms), so four keep each process busy where two
   left it waiting. Batches of 500 (``BATCH_SIZE``, metering.yaml's default).
-- The baseline is the bare path of the same messages: one publisher with
-  the same confirm window, one consumer with manual acks (every 100,
-  prefetch 400) in its own process, a durable queue, persistent messages.
+- The baseline is the bare path of the same messages: the same publisher
+  (py-amqp's ``basic_publish`` one by one, as kombu does, at most
+  ``WINDOW`` unconfirmed), one consumer with manual acks (every 100,
+  prefetch 400) in its own process, persistent messages, and a queue like
+  metering's own (durable, lazy, dead-lettered, bound to ``computenet.usage``
+  by ``*.usage``, published with the same routing key). metering's
+  ``usage_rated`` events go to a queue declared as a city's voucher service
+  declares its own.
   Each message carries ``message_id=<record_id>`` (CONTRACTS.md §1; before,
   the key id was sent there by mistake, in both runs alike).
 """
@@ -32,6 +45,7 @@ import argparse
 import multiprocessing
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -45,6 +59,13 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib import CpuMeter  # noqa: E402
+
+from services.common.amqp import (  # noqa: E402
+    FEDERATION_EXCHANGE,
+    USAGE_EXCHANGE,
+    durable_queue,
+)
 from services.common.contracts import canonical_json  # noqa: E402
 from services.metering.testing import signed_headers, usage, voucher  # noqa: E402
 
@@ -52,7 +73,9 @@ MANAGEMENT = os.environ.get("RABBIT_MANAGEMENT", "http://guest:guest@localhost:1
 PG_ADMIN = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-WINDOW = 2000  # messages published before waiting for their confirms
+WINDOW = 2000  # messages published and not yet confirmed, at most
+ROUTING_KEY = "guian-gov-01.usage"  # the data centre of services/metering/testing.py
+STALL_S = 60  # metering published nothing for this long: it is stuck
 
 
 def make_vhost() -> str:
@@ -81,16 +104,27 @@ def messages(count: int) -> list[tuple[bytes, dict, str]]:
     return out
 
 
-def publish(channel, bodies, exchange: str, routing_key: str) -> None:
-    """Publish with confirms, ``WINDOW`` at a time."""
-    pending = set()
-    published = 0
+def publish(connection, channel, bodies, exchange: str, routing_key: str) -> None:
+    """Publish one by one, as kombu does (py-amqp's ``basic_publish``), with
+    confirms: at most ``WINDOW`` outstanding. Both runs publish alike."""
+    confirmed = [0]  # every delivery tag up to this one is confirmed
+    singles: set[int] = set()  # confirmed one by one, beyond it
 
     def ack(tag, multiple):
-        for done in [t for t in pending if t <= tag] if multiple else [tag]:
-            pending.discard(done)
+        if multiple:
+            confirmed[0] = max(confirmed[0], tag)
+        else:
+            singles.add(tag)
+        while confirmed[0] + 1 in singles:
+            confirmed[0] += 1
+            singles.discard(confirmed[0])
+
+    def nack(tag, multiple):
+        raise RuntimeError(f"the broker refused message {tag}")
 
     channel.events["basic_ack"].add(ack)
+    channel.events["basic_nack"].add(nack)
+    written = 0
     for body, headers, record_id in bodies:
         channel.basic_publish(
             amqp.Message(
@@ -103,13 +137,12 @@ def publish(channel, bodies, exchange: str, routing_key: str) -> None:
             exchange,
             routing_key,
         )
-        published += 1
-        pending.add(published)
-        if len(pending) >= WINDOW:
-            while len(pending) > WINDOW // 2:
-                channel.connection.drain_events(timeout=30)
-    while pending:
-        channel.connection.drain_events(timeout=30)
+        written += 1
+        if written - confirmed[0] >= WINDOW:
+            while written - confirmed[0] > WINDOW // 2:
+                connection.drain_events(timeout=30)
+    while confirmed[0] < written:
+        connection.drain_events(timeout=30)
 
 
 def connect(vhost: str) -> amqp.Connection:
@@ -118,7 +151,7 @@ def connect(vhost: str) -> amqp.Connection:
     return connection
 
 
-def baseline_consumer(vhost: str, queue: str, count: int, ready, done) -> None:
+def baseline_consumer(vhost: str, queue: str, count: int, ready, done, release) -> None:
     connection = connect(vhost)
     channel = connection.channel()
     channel.basic_qos(0, 400, False)
@@ -134,28 +167,48 @@ def baseline_consumer(vhost: str, queue: str, count: int, ready, done) -> None:
     while seen[0] < count:
         connection.drain_events(timeout=60)
     done.set()
+    release.wait(30)  # alive until its CPU time is read
     connection.close()
 
 
-def run_baseline(vhost: str, bodies) -> float:
+def run_baseline(vhost: str, bodies) -> tuple[float, CpuMeter]:
     connection = connect(vhost)
     channel = connection.channel()
-    channel.queue_declare("bench.baseline", durable=True, auto_delete=False)
+    # the queue metering consumes, under another name: same exchange, key,
+    # arguments (durable, lazy, dead-lettered)
+    declare(channel, durable_queue("bench.baseline", USAGE_EXCHANGE, ["*.usage"]))
     channel.confirm_select()
-    ready, done = multiprocessing.Event(), multiprocessing.Event()
+    ready, done, release = (multiprocessing.Event() for _ in range(3))
     consumer = multiprocessing.Process(
         target=baseline_consumer,
-        args=(vhost, "bench.baseline", len(bodies), ready, done),
+        args=(vhost, "bench.baseline", len(bodies), ready, done, release),
     )
     consumer.start()
     ready.wait(30)
+    meter = CpuMeter(bench=[os.getpid()], consumer=[consumer.pid]).start()
     started = time.perf_counter()
-    publish(channel, bodies, "", "bench.baseline")
+    publish(connection, channel, bodies, USAGE_EXCHANGE.name, ROUTING_KEY)
     done.wait(600)
     elapsed = time.perf_counter() - started
+    meter.stop()
+    release.set()
     consumer.join(30)
+    channel.queue_delete("bench.baseline")  # metering's run publishes there next
     connection.close()
-    return len(bodies) / elapsed
+    return len(bodies) / elapsed, meter
+
+
+def declare(channel, queue) -> None:
+    """A kombu ``Queue`` of services/common/amqp.py, on a py-amqp channel."""
+    channel.queue_declare(
+        queue.name, durable=True, auto_delete=False, arguments=queue.queue_arguments
+    )
+    for bound in queue.bindings:
+        exchange = bound.exchange
+        channel.exchange_declare(
+            exchange.name, exchange.type, durable=True, auto_delete=False
+        )
+        channel.queue_bind(queue.name, exchange.name, bound.routing_key)
 
 
 def queue_depth(channel, name: str) -> int:
@@ -164,7 +217,7 @@ def queue_depth(channel, name: str) -> int:
 
 def run_metering(
     vhost: str, db_url: str, bodies, env_extra: dict, processes: int
-) -> float:
+) -> tuple[float, CpuMeter]:
     amqp_uri = f"amqp://guest:guest@localhost:5672/{vhost}"
     env = dict(
         os.environ,
@@ -209,12 +262,10 @@ def run_metering(
     try:
         connection = connect(vhost)
         channel = connection.channel()
-        channel.exchange_declare(
-            "computenet.federation", "topic", durable=True, auto_delete=False
-        )
-        channel.queue_declare("bench.usage_rated", durable=True, auto_delete=False)
-        channel.queue_bind(
-            "bench.usage_rated", "computenet.federation", "*.usage_rated"
+        # stands in for a city's queue, declared as its voucher service does
+        declare(
+            channel,
+            durable_queue("bench.usage_rated", FEDERATION_EXCHANGE, ["*.usage_rated"]),
         )
 
         def wait_consumers(count: int) -> None:
@@ -239,17 +290,27 @@ def run_metering(
         ]
         wait_consumers(per_process * processes)
         channel.confirm_select()
+        meter = CpuMeter(
+            bench=[os.getpid()], metering=[m.pid for m in meterings]
+        ).start()
         started = time.perf_counter()
-        publish(channel, bodies, "computenet.usage", "guian-gov-01.usage")
+        publish(connection, channel, bodies, "computenet.usage", "guian-gov-01.usage")
         print(f"published in {time.perf_counter() - started:.1f} s", flush=True)
         probe = connection.channel()
         last = time.monotonic()
+        seen, moved = 0, time.monotonic()
         while (depth := queue_depth(probe, "bench.usage_rated")) < len(bodies):
-            if time.monotonic() - last > 5:
+            now = time.monotonic()
+            if depth > seen:
+                seen, moved = depth, now
+            elif now - moved > STALL_S:
+                raise RuntimeError(f"no usage_rated for {STALL_S} s, {depth} in all")
+            if now - last > 5:
                 print(f"... {depth} usage_rated so far", flush=True)
-                last = time.monotonic()
+                last = now
             time.sleep(0.05)
         elapsed = time.perf_counter() - started
+        meter.stop()
         with psycopg.connect(db_url) as db:
             stored = db.execute("SELECT count(*) FROM usage_records").fetchone()[0]
             rolled = db.execute(
@@ -258,7 +319,7 @@ def run_metering(
         assert stored == len(bodies) == rolled, (stored, rolled)
         assert all(m.poll() is None for m in meterings), "a metering process died"
         connection.close()
-        return len(bodies) / elapsed
+        return len(bodies) / elapsed, meter
     finally:
         # py-spy writes its profile on SIGINT, and passes it on to metering
         for n, metering in enumerate(meterings):
@@ -272,6 +333,13 @@ def run_metering(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="baseline-then-metering pairs; the medians are reported"
+        " (default: %(default)s)",
+    )
     parser.add_argument("--batch-size", default=None)
     parser.add_argument(
         "--consumers",
@@ -290,31 +358,49 @@ def main() -> None:
         env_extra["BATCH_SIZE"] = args.batch_size
     if args.consumers:
         env_extra["CONSUMERS"] = args.consumers
+    bodies = messages(args.records)
+    runs = []
+    for run in range(1, args.runs + 1):
+        print(f"== run {run} of {args.runs}; load before: {os.getloadavg()}")
+        runs.append(one_run(bodies, env_extra, args.processes))
+    metering = statistics.median(m for m, _ in runs)
+    baseline = statistics.median(b for _, b in runs)
+    ratio = statistics.median(m / b for m, b in runs)
+    if args.runs > 1:
+        print(
+            "runs (metering / baseline records/s): "
+            + ", ".join(f"{m:.0f} / {b:.0f}" for m, b in runs)
+            + "; the medians:"
+        )
+    print(
+        f"metering_records_per_s={metering:.0f} "
+        f"baseline_records_per_s={baseline:.0f} ratio={ratio:.2f}"
+    )
+
+
+def one_run(bodies, env_extra: dict, processes: int) -> tuple[float, float]:
+    """The baseline, then metering, each on a new vhost and database."""
     vhost = make_vhost()
     db_name = f"cn_bench_metering_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{db_name}"')
     db_url = f"{PG_ADMIN.rsplit('/', 1)[0]}/{db_name}"
     try:
-        bodies = messages(args.records)
-        print(f"load before: {os.getloadavg()}", flush=True)
-        baseline = run_baseline(vhost, bodies)
+        baseline, meter = run_baseline(vhost, bodies)
         print(f"baseline: {baseline:.0f} records/s", flush=True)
-        metering = run_metering(vhost, db_url, bodies, env_extra, args.processes)
+        print(f"baseline {meter.line(len(bodies))}", flush=True)
+        metering, meter = run_metering(vhost, db_url, bodies, env_extra, processes)
         print(
-            f"metering ({args.processes} competing process(es)):"
-            f" {metering:.0f} records/s",
+            f"metering ({processes} competing process(es)): {metering:.0f} records/s",
             flush=True,
         )
+        print(f"metering {meter.line(len(bodies))}", flush=True)
         print(f"load after: {os.getloadavg()}", flush=True)
     finally:
         requests.delete(f"{MANAGEMENT}/api/vhosts/{vhost}", timeout=10)
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-    print(
-        f"metering_records_per_s={metering:.0f} "
-        f"baseline_records_per_s={baseline:.0f} ratio={metering / baseline:.2f}"
-    )
+    return metering, baseline
 
 
 if __name__ == "__main__":

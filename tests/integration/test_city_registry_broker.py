@@ -6,9 +6,10 @@ from urllib.parse import urlsplit
 
 import amqp.exceptions
 import pytest
-from kombu import Connection, Exchange, Producer, Queue
+from kombu import Connection, Exchange, Producer
 
 from services.city_registry import broker
+from services.common.amqp import durable_queue
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +40,7 @@ def _publish(exchange, key):
 
 
 def _queue(name, exchange, key):
-    return lambda ch: Queue(
-        name,
-        exchange=exchange,
-        routing_key=key,
-        durable=True,
-        queue_arguments={"x-dead-letter-exchange": "computenet.dead"},
-    )(ch).declare()
+    return lambda ch: durable_queue(name, exchange, [key])(ch).declare()
 
 
 def test_a_city_user_is_confined_to_its_own_names(admin, rabbit_uri):

@@ -34,7 +34,7 @@ from services.common.migrations import upgrade
 from services.common.units import format_ts, utcnow
 from services.metering import batching, ingest
 from services.metering.registry import CachedRegistry, RegistryCacheState
-from services.metering.service import MeteringService
+from services.metering.service import USAGE_QUEUE, MeteringService
 from services.metering.testing import (
     DATACENTER_ID,
     KEY_ID,
@@ -445,13 +445,7 @@ def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(
         )
         events(connection.default_channel).declare()
         USAGE_EXCHANGE(connection.default_channel).declare()
-        Queue(
-            "metering.usage",
-            exchange=USAGE_EXCHANGE,
-            routing_key="*.usage",
-            durable=True,
-            queue_arguments={"x-dead-letter-exchange": "computenet.dead"},
-        )(connection.default_channel).declare()
+        USAGE_QUEUE(connection.default_channel).declare()  # as metering will
         with connection.Producer() as producer:
             for body in bodies:  # all in flight before metering starts
                 producer.publish(

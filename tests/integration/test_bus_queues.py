@@ -1,0 +1,36 @@
+"""The queues every service declares (services/common/amqp.py), on the broker."""
+
+from __future__ import annotations
+
+import requests
+from kombu import Connection
+
+from services.common.amqp import USAGE_EXCHANGE, durable_queue
+from services.metering.service import USAGE_QUEUE
+
+
+def _queue_info(rabbit_uri: str, name: str) -> dict:
+    vhost = rabbit_uri.rsplit("/", 1)[1]
+    answer = requests.get(
+        f"http://127.0.0.1:15672/api/queues/{vhost}/{name}",
+        auth=("guest", "guest"),
+        timeout=10,
+    )
+    answer.raise_for_status()
+    return answer.json()
+
+
+def test_durable_queues_are_lazy_and_dead_lettered(rabbit_uri):
+    """A backlog (metering or a city down for hours) waits on disk."""
+    with Connection(rabbit_uri) as connection:
+        durable_queue("test.backlog", USAGE_EXCHANGE, ["*.usage"])(
+            connection.default_channel
+        ).declare()
+        USAGE_QUEUE(connection.default_channel).declare()
+    for name in ("test.backlog", "metering.usage"):
+        info = _queue_info(rabbit_uri, name)
+        assert info["durable"] is True
+        assert info["arguments"] == {
+            "x-dead-letter-exchange": "computenet.dead",
+            "x-queue-mode": "lazy",
+        }
