@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from typing import Any
 import psycopg
 import pytest
 import requests
+
+from tests.ports import free_block
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_PG = os.environ.get(
@@ -38,30 +39,7 @@ NETWORK_DATABASES = [
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _free_block(size: int) -> int:
-    """The first of ``size`` consecutive ports that are all free now."""
-    for _ in range(200):
-        first = _free_port()
-        if first + size > 65535:
-            continue
-        sockets = []
-        try:
-            for port in range(first, first + size):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-        return first
-    raise RuntimeError(f"no {size} consecutive free ports")
+    return free_block(1)
 
 
 def _wait_for(what, probe, timeout=90.0, interval=0.5):
@@ -150,7 +128,7 @@ def launch_network(rabbit_uri, tmp_path):
 
     def launch(*args: str, env: dict[str, str] | None = None, timeout=150):
         var_dir = tmp_path / f"var{len(launched) or ''}"
-        ports = _free_block(1 + 4)
+        ports = free_block(1 + 4)
         environ = dict(os.environ, AMQP_URI=rabbit_uri, PYTHONUNBUFFERED="1")
         environ.pop("DATABASE_URL_TEMPLATE", None)
         environ.update(env or {})

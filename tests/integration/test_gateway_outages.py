@@ -14,7 +14,6 @@ and ``start_app`` always runs.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ from services.metering.testing import (
     SECRET,
     StandInRegistry,
 )
+from tests.ports import free_block
 
 pytestmark = pytest.mark.integration
 
@@ -58,9 +58,7 @@ def metering(rabbit_config, pg_url_factory, container_factory):
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_block(1)  # outside the ephemeral range: it is bound again later
 
 
 class GatewayProcess:
