@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import requests
 from kombu import Connection
 
 from services.common.amqp import USAGE_EXCHANGE, durable_queue
 from services.metering.service import USAGE_QUEUE
-
-
-def _queue_info(rabbit_uri: str, name: str) -> dict:
-    vhost = rabbit_uri.rsplit("/", 1)[1]
-    answer = requests.get(
-        f"http://127.0.0.1:15672/api/queues/{vhost}/{name}",
-        auth=("guest", "guest"),
-        timeout=10,
-    )
-    answer.raise_for_status()
-    return answer.json()
+from tests import management
 
 
 def test_durable_queues_are_lazy_and_dead_lettered(rabbit_uri):
@@ -28,7 +17,7 @@ def test_durable_queues_are_lazy_and_dead_lettered(rabbit_uri):
         ).declare()
         USAGE_QUEUE(connection.default_channel).declare()
     for name in ("test.backlog", "metering.usage"):
-        info = _queue_info(rabbit_uri, name)
+        info = management.get("queues", management.vhost_of(rabbit_uri), name)
         assert info["durable"] is True
         assert info["arguments"] == {
             "x-dead-letter-exchange": "computenet.dead",

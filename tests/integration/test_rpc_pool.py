@@ -8,6 +8,7 @@ from nameko.rpc import rpc
 
 from services.common.errors import NotFound
 from services.common.rpc import RpcPool
+from tests import management
 
 pytestmark = pytest.mark.integration
 
@@ -92,16 +93,8 @@ class SlowService:
 
 
 def _vhost_connections(rabbit_uri):
-    import requests
-
-    vhost = rabbit_uri.rsplit("/", 1)[1]
-    answer = requests.get(
-        f"http://127.0.0.1:15672/api/vhosts/{vhost}/connections",
-        auth=("guest", "guest"),
-        timeout=10,
-    )
-    answer.raise_for_status()
-    return [c["name"] for c in answer.json()]
+    vhost = management.vhost_of(rabbit_uri)
+    return [c["name"] for c in management.get("vhosts", vhost, "connections")]
 
 
 def test_a_client_keeps_one_reply_connection(
@@ -123,21 +116,13 @@ def test_a_client_keeps_one_reply_connection(
 def test_a_client_whose_connections_were_closed_calls_again(
     rabbit_config, rabbit_uri, container_factory
 ):
-    import urllib.parse
-
-    import requests
-
     container_factory(EchoService).start()
     pool = RpcPool(rabbit_uri, size=1, timeout=10)
     assert pool.call("echo", "double", 1) == 2
     # The broker drops every connection of the vhost (as it does an idle
     # client's that missed its heartbeats); the service reconnects by itself.
     for name in _vhost_connections(rabbit_uri):
-        requests.delete(
-            f"http://127.0.0.1:15672/api/connections/{urllib.parse.quote(name)}",
-            auth=("guest", "guest"),
-            timeout=10,
-        )
+        management.delete("connections", name)
     # The request waits in the service's queue until it is back.
     assert [pool.call("echo", "double", i) for i in range(5)] == [0, 2, 4, 6, 8]
     pool.close()

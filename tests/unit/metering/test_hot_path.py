@@ -23,11 +23,9 @@ from services.metering import domain, ingest
 from services.metering.domain import Refused
 from services.metering.registry import CachedRegistry, RegistryCacheState
 from services.metering.testing import (
-    DATACENTER,
     DATACENTER_ID,
-    KEY_ID,
-    PREFIXES,
     SECRET,
+    StandInRegistry,
     signed_headers,
     usage,
     voucher,
@@ -175,21 +173,6 @@ def test_verify_signature_is_signing_verify(body, secret, how, other):
 # -- check ---------------------------------------------------------------------
 
 
-class FakeRegistry:
-    def get_datacenter(self, datacenter_id):
-        from services.common.errors import NotFound
-
-        if datacenter_id != DATACENTER_ID:
-            raise NotFound("datacenter_not_found")
-        return DATACENTER
-
-    def datacenter_signing_keys(self, datacenter_id):
-        return [{"key_id": KEY_ID, "secret": SECRET}]
-
-    def voucher_prefixes(self):
-        return PREFIXES
-
-
 def reference_check(registry, message, index, rated_at):
     """``ingest.check`` as it was: every rule asked of the registry and
     ``domain`` one by one, the row a new dict."""
@@ -311,7 +294,7 @@ def messages(draw):
 @settings(max_examples=300, deadline=None)
 @given(st.lists(messages(), min_size=1, max_size=8))
 def test_check_decides_and_rows_as_the_rules_one_by_one(batch):
-    registry = CachedRegistry(RegistryCacheState(ttl_s=30), FakeRegistry())
+    registry = CachedRegistry(RegistryCacheState(ttl_s=30), StandInRegistry())
     rated_at = datetime(2025, 3, 1, 12, tzinfo=UTC)
     lookups = ingest.Lookups(registry)  # shared by the batch, as process_batch does
     for index, message in enumerate(batch):
