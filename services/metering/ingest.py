@@ -18,7 +18,7 @@ import hashlib
 import json
 import operator
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -110,6 +110,17 @@ def as_utc(moment: datetime) -> datetime:
 # -- the rules ------------------------------------------------------------------
 
 
+def _kept(answers: dict, key: str, ask: Callable[[str], Any]) -> Any:
+    """``answers[key]``, else ``ask(key)``, kept only when it is an answer
+    (None, "not known", is asked again next time)."""
+    found = answers.get(key)
+    if found is None:
+        found = ask(key)
+        if found is not None:
+            answers[key] = found
+    return found
+
+
 class Lookups:
     """What one batch asks the registry, each asked once (a batch comes
     mostly from one data centre, its few GPU models and vouchers).
@@ -133,12 +144,7 @@ class Lookups:
         self._terms: dict[tuple[str, str], domain.PriceTerms] = {}
 
     def datacenter(self, datacenter_id: str) -> dict | None:
-        found = self._datacenters.get(datacenter_id)
-        if found is None:
-            found = self.registry.datacenter(datacenter_id)
-            if found is not None:
-                self._datacenters[datacenter_id] = found
-        return found
+        return _kept(self._datacenters, datacenter_id, self.registry.datacenter)
 
     def signing_keys(self, datacenter_id: str, key_id: str | None) -> dict[str, str]:
         keys = self._keys.get(datacenter_id)
@@ -148,12 +154,7 @@ class Lookups:
         return keys
 
     def city_of_prefix(self, prefix: str) -> str | None:
-        city = self._cities.get(prefix)
-        if city is None:
-            city = self.registry.city_of_prefix(prefix)
-            if city is not None:
-                self._cities[prefix] = city
-        return city
+        return _kept(self._cities, prefix, self.registry.city_of_prefix)
 
     def voucher(self, voucher_code: str) -> tuple[str, str]:
         """``(normalised code, issuing city)``, or :class:`Refused`."""
