@@ -1,6 +1,6 @@
 """metering's tables: rated usage records, hourly rollups, capacity, dead letters.
 
-``migrations/versions/`` (0001–0003) create exactly these; change both
+``migrations/versions/`` (0001–0004) create exactly these; change both
 together.
 """
 
@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -43,8 +44,16 @@ class UsageRecord(Base):
     __tablename__ = "usage_records"
     __table_args__ = (
         UniqueConstraint("datacenter_id", "record_id"),
-        # "is this record corrected?" is asked for every record stored.
-        Index(None, "datacenter_id", "correction_of"),
+        # "is this record corrected?" is asked for every record stored; only
+        # corrections are in it (migration 0004), so the other records, nearly
+        # all of them, cost no entry in it.
+        Index(
+            "ix_usage_records_datacenter_id_correction_of",
+            "datacenter_id",
+            "correction_of",
+            postgresql_where=text("correction_of IS NOT NULL"),
+            sqlite_where=text("correction_of IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
