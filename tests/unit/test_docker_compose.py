@@ -85,3 +85,23 @@ def test_dockerfile_copies_what_exists():
         if line.startswith("COPY"):
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), source
+
+
+def test_the_database_has_room_for_a_dozen_meterings_advisory_locks():
+    """A metering batch holds an advisory lock per record and per corrected
+    record until it commits; a lock table too small fails batches with "out
+    of shared memory" (then retried one message at a time, slowly)."""
+    argv = SERVICES["postgres"].get("command", ["postgres"])
+    settings = dict(
+        argv[n + 1].split("=", 1) for n, arg in enumerate(argv) if arg == "-c"
+    )
+    lock_table = int(settings.get("max_locks_per_transaction", 64)) * int(
+        settings.get("max_connections", 100)
+    )
+    metering = yaml.safe_load((ROOT / "deploy/config/metering.yaml").read_text())
+
+    def default(key: str) -> int:  # "${BATCH_SIZE:500}" -> 500
+        return int(re.fullmatch(r"\$\{\w+:(\d+)\}", str(metering[key])).group(1))
+
+    per_copy = 2 * default("BATCH_SIZE") * default("CONSUMERS")
+    assert lock_table >= 12 * per_copy
