@@ -219,6 +219,13 @@ def seed_metering(url: str, codes: list[str], now: datetime) -> int:
             ],
             rollups(),
         )
+        # the all-time totals metering keeps beside the rollups
+        conn.execute(
+            "INSERT INTO usage_totals (datacenter_id, stripe, records,"
+            " gpu_seconds, cost_fen) SELECT datacenter_id, 0, sum(records),"
+            " sum(gpu_seconds), sum(cost_fen) FROM usage_rollups_hourly"
+            " GROUP BY datacenter_id"
+        )
 
         def reports():
             for i in range(DATACENTERS):

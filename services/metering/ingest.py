@@ -39,12 +39,14 @@ from services.metering.models import (
     MeteredDatacenter,
     UsageRecord,
     UsageRollup,
+    UsageTotal,
 )
 from services.metering.registry import CachedRegistry
 
 RECORD_FIELDS = domain.RECORD_FIELDS
 _RECORDS = UsageRecord.__table__
 _ROLLUPS = UsageRollup.__table__
+_TOTALS = UsageTotal.__table__
 _CAPACITY = CapacityReport.__table__
 _BUCKET = ("datacenter_id", "city", "tenant_id", "voucher_code", "gpu_model", "hour")
 # What a stored record needs to be announced again or taken out of the rollups.
@@ -463,15 +465,29 @@ _COPY_TARGETS = {
         # what lets the planner use the partial index of corrections
         " AND stored.correction_of IS NOT NULL",
     ),
+    # The rollups and, in the same statement (a data-modifying WITH runs to
+    # completion whether or not it is read), each data centre's all-time
+    # totals, on this connection's stripe.
     "usage_rollups_hourly": (
         [*_BUCKET, "records", "gpu_seconds", "cost_fen"],
-        "INSERT INTO usage_rollups_hourly ({names})"
+        "WITH rolled AS ("
+        " INSERT INTO usage_rollups_hourly ({names})"
         " SELECT {names} FROM incoming_usage_rollups_hourly"
         " ORDER BY " + ", ".join(_BUCKET) + " ON CONFLICT (" + ", ".join(_BUCKET) + ")"
         " DO UPDATE SET"
         " records = usage_rollups_hourly.records + excluded.records,"
         " gpu_seconds = usage_rollups_hourly.gpu_seconds + excluded.gpu_seconds,"
-        " cost_fen = usage_rollups_hourly.cost_fen + excluded.cost_fen",
+        " cost_fen = usage_rollups_hourly.cost_fen + excluded.cost_fen)"
+        " INSERT INTO usage_totals"
+        " (datacenter_id, stripe, records, gpu_seconds, cost_fen)"
+        f" SELECT datacenter_id, pg_backend_pid() % {UsageTotal.STRIPES},"
+        " sum(records), sum(gpu_seconds), sum(cost_fen)"
+        " FROM incoming_usage_rollups_hourly"
+        " GROUP BY datacenter_id ORDER BY datacenter_id"
+        " ON CONFLICT (datacenter_id, stripe) DO UPDATE SET"
+        " records = usage_totals.records + excluded.records,"
+        " gpu_seconds = usage_totals.gpu_seconds + excluded.gpu_seconds,"
+        " cost_fen = usage_totals.cost_fen + excluded.cost_fen",
     ),
 }
 # Keys of the SQLAlchemy connection's ``info`` (which lives as long as the
@@ -669,6 +685,36 @@ def _upsert_rollups(
     # RETURNING makes SQLAlchemy send the rows as multi-row VALUES
     # ("insertmanyvalues"), not one statement per row.
     session.execute(statement.returning(_ROLLUPS.c.id), values).all()
+    # Each data centre's all-time totals, as PostgreSQL's statement keeps them
+    # (SQLite has one writer at a time: one stripe).
+    sums: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for bucket, (records, gpu_seconds, cost) in ordered:
+        total = sums[bucket[0]]
+        total[0] += records
+        total[1] += gpu_seconds
+        total[2] += cost
+    statement = _insert(session)(_TOTALS)
+    statement = statement.on_conflict_do_update(
+        index_elements=["datacenter_id", "stripe"],
+        set_={
+            "records": _TOTALS.c.records + statement.excluded.records,
+            "gpu_seconds": _TOTALS.c.gpu_seconds + statement.excluded.gpu_seconds,
+            "cost_fen": _TOTALS.c.cost_fen + statement.excluded.cost_fen,
+        },
+    )
+    session.execute(
+        statement.returning(_TOTALS.c.stripe),
+        [
+            {
+                "datacenter_id": datacenter_id,
+                "stripe": 0,
+                "records": records,
+                "gpu_seconds": gpu_seconds,
+                "cost_fen": cost,
+            }
+            for datacenter_id, (records, gpu_seconds, cost) in sorted(sums.items())
+        ],
+    ).all()
 
 
 def _remember_datacenters(

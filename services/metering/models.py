@@ -1,6 +1,6 @@
 """metering's tables: rated usage records, hourly rollups, capacity, dead letters.
 
-``migrations/versions/`` (0001–0004) create exactly these; change both
+``migrations/versions/`` (0001–0005) create exactly these; change both
 together.
 """
 
@@ -110,6 +110,29 @@ class UsageRollup(Base):
     voucher_code: Mapped[str] = mapped_column(String(32))
     gpu_model: Mapped[str] = mapped_column(String(64))
     hour: Mapped[datetime] = mapped_column(Timestamp)
+    records: Mapped[int] = mapped_column(BigInteger)
+    gpu_seconds: Mapped[int] = mapped_column(BigInteger)
+    cost_fen: Mapped[int] = mapped_column(BigInteger)
+
+
+class UsageTotal(Base):
+    """All-time usage per data centre: the sum of its hourly rollups, kept by
+    the same transactions (migration 0005), so the overview's all-time
+    figures cost one row per data centre and stripe, not every rollup ever
+    written.
+
+    A transaction adds to its connection's ``stripe`` (PostgreSQL: the
+    backend's pid modulo ``STRIPES``; SQLite: 0), so concurrent consumers of
+    one data centre rarely wait on one another's row; readers sum the
+    stripes.
+    """
+
+    __tablename__ = "usage_totals"
+
+    STRIPES = 16
+
+    datacenter_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    stripe: Mapped[int] = mapped_column(Integer, primary_key=True)
     records: Mapped[int] = mapped_column(BigInteger)
     gpu_seconds: Mapped[int] = mapped_column(BigInteger)
     cost_fen: Mapped[int] = mapped_column(BigInteger)

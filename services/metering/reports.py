@@ -19,6 +19,7 @@ from services.metering.models import (
     DeadLetter,
     MeteredDatacenter,
     UsageRollup,
+    UsageTotal,
 )
 from services.metering.registry import CachedRegistry
 
@@ -70,13 +71,15 @@ def usage_overview(
             "utilisation_window": None,
         }
     )
+    # Kept at ingest (usage_totals): one row per data centre and stripe, not
+    # every rollup ever written.
     totals = session.execute(
         select(
-            UsageRollup.datacenter_id,
-            func.sum(UsageRollup.gpu_seconds),
-            func.sum(UsageRollup.records),
-            func.sum(UsageRollup.cost_fen),
-        ).group_by(UsageRollup.datacenter_id)
+            UsageTotal.datacenter_id,
+            func.sum(UsageTotal.gpu_seconds),
+            func.sum(UsageTotal.records),
+            func.sum(UsageTotal.cost_fen),
+        ).group_by(UsageTotal.datacenter_id)
     )
     for datacenter_id, gpu_seconds, records, cost_fen in totals:
         row = rows[datacenter_id]

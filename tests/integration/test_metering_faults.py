@@ -89,11 +89,19 @@ def publish(connection, body: bytes, routing_key=None, headers=None, **propertie
 
 def totals(url: str) -> tuple[int, int, int, int]:
     with psycopg.connect(url) as db:
+        # one snapshot for every figure, while metering may be committing
+        db.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         records = db.execute("SELECT count(*) FROM usage_records").fetchone()[0]
         rolled = db.execute(
             "SELECT coalesce(sum(records), 0), coalesce(sum(gpu_seconds), 0),"
             " coalesce(sum(cost_fen), 0) FROM usage_rollups_hourly"
         ).fetchone()
+        # the all-time totals metering keeps beside the rollups (on stripes)
+        kept = db.execute(
+            "SELECT coalesce(sum(records), 0), coalesce(sum(gpu_seconds), 0),"
+            " coalesce(sum(cost_fen), 0) FROM usage_totals"
+        ).fetchone()
+    assert kept == rolled, (kept, rolled)
     return (records, *(int(value) for value in rolled))
 
 

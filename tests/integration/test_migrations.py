@@ -76,3 +76,55 @@ def test_sessions_are_in_utc_whatever_the_database_default(pg_url):
         at = conn.execute(text("SELECT timestamptz '2026-11-22 01:30:00+08'")).scalar()
     engine.dispose()
     assert at.utcoffset() == timedelta(0) and at.hour == 17
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_metering_totals_start_from_the_rollups_already_written(
+    backend, sqlite_url, pg_url_factory
+):
+    """Migration 0005 fills usage_totals from the existing hourly rollups."""
+    from sqlalchemy import text
+
+    url = sqlite_url if backend == "sqlite" else pg_url_factory("totals")
+    upgrade("metering", url, "0004")
+    engine = make_engine(url)
+    buckets = [
+        ("dc-a", "shanghai", "t1", "SH-1", "H100", "2026-12-01 00:00:00", 2, 7200, 90),
+        ("dc-a", "shanghai", "t2", "SH-2", "H100", "2026-12-01 01:00:00", 1, 60, 5),
+        ("dc-b", "", "t3", "", "A800", "2026-12-01 00:00:00", 3, 900, 40),
+    ]
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO usage_rollups_hourly (datacenter_id, city,"
+                    " tenant_id, voucher_code, gpu_model, hour, records,"
+                    " gpu_seconds, cost_fen) VALUES (:dc, :city, :tenant, :code,"
+                    " :model, :hour, :records, :seconds, :cost)"
+                ),
+                [
+                    dict(
+                        zip(
+                            ("dc", "city", "tenant", "code", "model", "hour")
+                            + ("records", "seconds", "cost"),
+                            bucket,
+                            strict=True,
+                        )
+                    )
+                    for bucket in buckets
+                ],
+            )
+        upgrade("metering", url)
+        with engine.connect() as connection:
+            kept = connection.execute(
+                text(
+                    "SELECT datacenter_id, stripe, records, gpu_seconds, cost_fen"
+                    " FROM usage_totals ORDER BY datacenter_id"
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    assert [tuple(row) for row in kept] == [
+        ("dc-a", 0, 3, 7260, 95),
+        ("dc-b", 0, 3, 900, 40),
+    ]

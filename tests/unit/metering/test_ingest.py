@@ -1,5 +1,6 @@
 """metering's use cases on SQLite with a fake registry: dedup, rollups, reads."""
 
+import random
 from datetime import timedelta
 
 import pytest
@@ -18,6 +19,7 @@ from services.metering.models import (
     DeliveryAttempt,
     UsageRecord,
     UsageRollup,
+    UsageTotal,
 )
 from services.metering.registry import CachedRegistry, RegistryCacheState
 from services.metering.testing import (
@@ -285,3 +287,60 @@ def test_a_freshly_reporting_datacenter_is_not_read_as_full(session, registry):
     assert row["gpu_seconds_covered"] == 1800
     assert row["capacity_gpu_seconds_window"] == 8 * 1800
     assert row["utilisation_window"] == pytest.approx(1 / 8)
+
+
+def _with_corrections(count: int, rng: random.Random) -> list[dict]:
+    """Records, some corrected (by a chain now and then), ids unique."""
+    code = voucher("SH")
+    records = []
+    for n in range(count):
+        record = usage(record_id=f"t-{n}", voucher_code=code, gpu_seconds=n * 37)
+        records.append(record)
+        if rng.random() < 0.3:
+            fix = dict(record, record_id=f"t-{n}-fix", gpu_seconds=n * 11)
+            fix["correction_of"] = record["record_id"]
+            records.append(fix)
+            if rng.random() < 0.3:
+                again = dict(fix, record_id=f"t-{n}-fix2", gpu_seconds=n)
+                again["correction_of"] = fix["record_id"]
+                records.append(again)
+    return records
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_all_time_totals_are_the_sum_of_the_rollups_in_any_order(
+    session, registry, seed
+):
+    """usage_totals moves with the rollups in the same transaction: after
+    corrections in any order (before their original, in chains, redelivered),
+    in batches of any size, the overview's all-time figures are the rollups'."""
+    rng = random.Random(seed)
+    records = _with_corrections(60, rng)
+    arrivals = records + rng.sample(records, 10)  # and some delivered again
+    rng.shuffle(arrivals)
+    while arrivals:
+        size = rng.randint(1, 25)
+        batch, arrivals = arrivals[:size], arrivals[size:]
+        ingest.process_batch(session, registry, [raw_message(r) for r in batch])
+    effective = {r["record_id"] for r in records} - {
+        r["correction_of"] for r in records
+    }
+    expected = rollup_totals(session)
+    assert expected[:2] == (
+        len(effective),
+        sum(r["gpu_seconds"] for r in records if r["record_id"] in effective),
+    )
+    kept = session.execute(
+        select(
+            func.sum(UsageTotal.records),
+            func.sum(UsageTotal.gpu_seconds),
+            func.sum(UsageTotal.cost_fen),
+        )
+    ).one()
+    assert tuple(int(value) for value in kept) == expected
+    overview = reports.usage_overview(session)["datacenters"][DATACENTER_ID]
+    assert (
+        overview["records_total"],
+        overview["gpu_seconds_total"],
+        overview["cost_fen_total"],
+    ) == expected
