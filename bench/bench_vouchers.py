@@ -43,10 +43,7 @@ from services.common.amqp import FEDERATION_EXCHANGE, federation_key  # noqa: E4
 from services.common.contracts import make_event  # noqa: E402
 from services.common.db import make_engine  # noqa: E402
 from services.common.units import utcnow  # noqa: E402
-from services.vouchers.batching import (  # noqa: E402
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_CONSUMERS,
-)
+from services.vouchers.batching import UsageRatedConsumer  # noqa: E402
 from services.vouchers.ledger import check_ledger  # noqa: E402
 
 CITY = "benchcity"
@@ -121,9 +118,14 @@ def main() -> int:
     parser.add_argument("--issues", type=int, default=400)
     parser.add_argument("--callers", type=int, default=8)
     parser.add_argument(
-        "--consumers", type=int, default=DEFAULT_CONSUMERS, help="CONSUMERS"
+        "--consumers",
+        type=int,
+        default=UsageRatedConsumer.default_consumers,
+        help="CONSUMERS",
     )
-    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument(
+        "--batch", type=int, default=UsageRatedConsumer.default_batch_size
+    )
     args = parser.parse_args()
 
     global AMQP

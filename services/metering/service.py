@@ -1,7 +1,8 @@
 """metering's nameko entrypoints: the batch usage consumer and its RPC.
 
 The rules are in ``domain``, the storing in ``ingest``, the reads in
-``reports``, the batch consumer and confirmed publisher in ``batching``.
+``reports``, the batch consumer's policy in ``batching`` (the consumer and the
+confirmed publisher are ``services.common.batching``'s).
 Deliveries are handled in batches: one transaction stores a batch's records,
 rollups and dead letters, its ``usage_rated`` events are published with
 confirms, then the deliveries are acked. A refused message is a dead letter
@@ -17,10 +18,11 @@ from nameko import config
 from nameko.rpc import ServiceRpc, rpc
 
 from services.common.amqp import FEDERATION_EXCHANGE, USAGE_EXCHANGE, durable_queue
+from services.common.batching import ConfirmedPublisher
 from services.common.db import Database
 from services.common.errors import EXPECTED, Unavailable
 from services.metering import ingest, reports
-from services.metering.batching import ConfirmedPublisher, consume_batch
+from services.metering.batching import consume_batch
 from services.metering.registry import RegistryCache
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ from services.common.amqp import (
     durable_queue,
     federation_key,
 )
+from services.common.batching import OrderedConfirmedPublisher
 from services.common.config import (
     CITY_CODE,
     HEARTBEAT_INTERVAL_S,
@@ -39,7 +40,7 @@ from services.common.contracts import (
 from services.common.errors import EXPECTED, InvalidRequest, NotFound
 from services.common.units import cny_to_fen, format_ts, utcnow
 from services.vouchers import domain
-from services.vouchers.batching import ConfirmedPublisher, consume_batch
+from services.vouchers.batching import consume_batch
 from services.vouchers.dependencies import Ledger, OutboxMarks, Uptime
 from services.vouchers.rules import load_rules
 from services.vouchers.schemas import (
@@ -464,7 +465,7 @@ def build(config: dict) -> type:
         {
             "name": f"vouchers_{city}",
             "publish": Publisher(exchange=FEDERATION_EXCHANGE),
-            "publish_confirmed": ConfirmedPublisher(FEDERATION_EXCHANGE),
+            "publish_confirmed": OrderedConfirmedPublisher(FEDERATION_EXCHANGE),
             "handle_usage_rated": consume_batch(queue)(handle_usage_rated),
             "publish_state": timer(interval=interval, eager=True)(publish_state),
             "expire_vouchers": timer(interval=expiry_s, eager=True)(expire_vouchers),

@@ -25,14 +25,14 @@ from kombu import Connection, Exchange, Queue
 from nameko.standalone.rpc import ServiceRpcClient
 from sqlalchemy.orm import sessionmaker
 
-from services.common import signing
+from services.common import batching, signing
 from services.common.amqp import FEDERATION_EXCHANGE, USAGE_EXCHANGE
 from services.common.config import AMQP_URI, DATABASE_URL, REGISTRY_CACHE_TTL_S
 from services.common.contracts import canonical_json
 from services.common.db import make_engine
 from services.common.migrations import upgrade
 from services.common.units import format_ts, utcnow
-from services.metering import batching, ingest
+from services.metering import ingest
 from services.metering.registry import CachedRegistry, RegistryCacheState
 from services.metering.service import USAGE_QUEUE, MeteringService
 from services.metering.testing import (

@@ -8,11 +8,16 @@ A real RabbitMQ (a fresh vhost per test) and a real PostgreSQL database:
 - the expiry timer releases an expired voucher's balance and publishes
   ``voucher_released`` once;
 - an event whose publish failed after its commit is published by the outbox
-  timer, with the same ``event_id``.
+  timer, with the same ``event_id``;
+- ``usage_rated`` deliveries are read from their frames by hand, and a batch
+  is acked only once its events are confirmed.
 """
 
+import json
+import time
 from datetime import timedelta
 
+import eventlet
 import nameko
 import pytest
 from kombu import Connection, Queue, binding
@@ -22,6 +27,7 @@ from nameko.standalone.rpc import ClusterRpcClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from services.common import batching
 from services.common.amqp import FEDERATION_EXCHANGE, federation_key
 from services.common.config import (
     CITY_CODE,
@@ -38,9 +44,11 @@ from services.vouchers.models import OutboxEvent, Voucher
 from services.vouchers.service import (
     EXPIRY_INTERVAL_S,
     OUTBOX_INTERVAL_S,
+    VouchersService,
     build,
 )
 
+from .test_metering import wait_for
 from .test_vouchers import COMMERCIAL, application, drain, rated
 
 pytestmark = pytest.mark.integration
@@ -122,9 +130,8 @@ def rules_file(tmp_path):
 
 
 @pytest.fixture
-def start_city(database, federation, container_factory, rules_file):
-    """``start_city(publisher=None)`` → an RPC proxy of a running city."""
-    clients = []
+def start_container(database, federation, container_factory, rules_file):
+    """``start_container(publisher=None)`` → a running container of the city."""
 
     def start(publisher=None):
         config = {
@@ -143,6 +150,18 @@ def start_city(database, federation, container_factory, rules_file):
             )
         container = container_factory(service_cls, config)
         container.start()
+        return container
+
+    return start
+
+
+@pytest.fixture
+def start_city(start_container):
+    """``start_city(publisher=None)`` → an RPC proxy of a running city."""
+    clients = []
+
+    def start(publisher=None):
+        start_container(publisher)
         client = ClusterRpcClient(uri=nameko.config["AMQP_URI"], timeout=10)
         clients.append(client)
         return getattr(client.start(), f"vouchers_{CITY}")
@@ -386,3 +405,108 @@ def test_outbox_timer_publishes_an_event_whose_publish_failed(
     with Session(engine) as session:
         row = session.scalar(select(OutboxEvent).where(OutboxEvent.event_id == dropped))
         assert row.published_at is not None
+
+
+def _ready(connection, queue: str) -> int | None:
+    """The messages waiting in ``queue`` (not those delivered and unacked)."""
+    channel = connection.channel()
+    try:
+        return channel.queue_declare(queue, passive=True).message_count
+    except Exception:  # noqa: BLE001 - not declared yet
+        return None
+    finally:
+        try:
+            channel.close()
+        except Exception:  # noqa: BLE001 - a failed declare closed it
+            pass
+
+
+def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
+    start_container, federation, engine, monkeypatch
+):
+    """The consumer reads each delivery from its frames by hand (headers of
+    any type among them, left to py-amqp's decoder) and acks a batch only
+    once the broker confirmed its ``voucher_redeemed`` events: a consumer
+    killed before that leaves every message to be redelivered, and each
+    record is booked once."""
+    connection, simple = federation
+    queue = f"vouchers_{CITY}.usage_rated"
+    first = start_container()
+    with ClusterRpcClient(uri=nameko.config["AMQP_URI"], timeout=10) as rpc:
+        city = getattr(rpc, f"vouchers_{CITY}")
+        code = city.apply(application())["voucher"]["code"]
+    assert wait_for(lambda: _ready(connection, queue) is not None)
+
+    by_py_amqp = []  # deliveries the hand reader left to py-amqp
+    real_raw = batching._raw
+
+    def raw(message):
+        by_py_amqp.append(message)
+        return real_raw(message)
+
+    handed = []  # what the workers received
+
+    def handle_usage_rated(self, messages):
+        handed.extend(messages)
+        return real_handle(self, messages)
+
+    real_handle = VouchersService.handle_usage_rated
+    held = []  # the batches of events held back from the broker
+    release = eventlet.event.Event()
+
+    def publish_all(self, exchange, events):
+        held.append(len(events))
+        release.wait()
+        return real_publish_all(self, exchange, events)
+
+    real_publish_all = batching.ConfirmingChannel.publish_all
+    monkeypatch.setattr(batching, "_raw", raw)
+    monkeypatch.setattr(VouchersService, "handle_usage_rated", handle_usage_rated)
+    monkeypatch.setattr(batching.ConfirmingChannel, "publish_all", publish_all)
+
+    headers = [
+        {"x-trace": "t-1"},  # strings: read by hand
+        {"x-attempt": 3, "x-urgent": True, "x-origin": {"dc": "dc-test-01"}},
+    ]
+    count = 40
+    producer = connection.Producer()
+    for n in range(count):
+        producer.publish(
+            rated(code, f"h{n}", 1_000, COMMERCIAL),
+            exchange=FEDERATION_EXCHANGE,
+            routing_key=federation_key(CITY, "usage_rated"),
+            serializer="json",
+            delivery_mode=2,
+            headers=headers[n % 2],
+            message_id=f"m-{n}",
+        )
+
+    assert wait_for(lambda: held)
+    time.sleep(0.5)  # long enough for a consumer that acks too early to do so
+    assert handed and not by_py_amqp
+    for message in handed:
+        n = int(message.message_id.removeprefix("m-"))
+        assert message.headers == headers[n % 2]
+        assert message.routing_key == federation_key(CITY, "usage_rated")
+        assert message.content_type == "application/json"
+        assert not message.redelivered
+        assert json.loads(message.body)["record_id"] == f"h{n}"
+    first.kill()  # booked, never confirmed: nothing may have been acked
+    assert wait_for(lambda: _ready(connection, queue) == count), "acked too early"
+
+    handed.clear()
+    release.send()
+    second = start_container()
+    messages = drain(simple, lambda m: len(_events(m, "voucher_redeemed")) >= count)
+    redeemed = _events(messages, "voucher_redeemed")
+    assert sorted(b["record_id"] for b in redeemed) == sorted(
+        f"h{n}" for n in range(count)
+    )
+    assert len(handed) == count and not by_py_amqp
+    assert all(message.redelivered for message in handed)
+    second.stop()  # what was not acked goes back to the queue
+    assert _ready(connection, queue) == 0
+    with Session(engine) as session:
+        voucher = session.scalar(select(Voucher).where(Voucher.code == code))
+        assert voucher.redeemed_fen == count * 800
+        assert ledger.check_ledger(session) == []

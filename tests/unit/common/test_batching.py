@@ -1,4 +1,4 @@
-"""The consumer's read-ahead of py-amqp frames: the same frames, fewer reads."""
+"""The shared batching pieces: read-ahead, hand-read deliveries, hand framing."""
 
 import struct
 import types
@@ -11,7 +11,7 @@ from amqp.method_framing import frame_writer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.metering import batching
+from services.common import batching
 
 
 def frame(frame_type: int, channel: int, payload: bytes) -> bytes:
