@@ -447,6 +447,14 @@ def _insert_records(
 # locks are taken by the statement sent just before it, in the same simple
 # query (one round trip): under READ COMMITTED each statement of it takes its
 # own snapshot, so the insert's is taken once the locks are held.
+_SUMS = ("records", "gpu_seconds", "cost_fen")  # what rollups and totals add up
+
+
+def _add_sums(table: str) -> str:
+    """``ON CONFLICT … DO UPDATE SET`` adding the incoming sums to ``table``'s."""
+    return ", ".join(f"{name} = {table}.{name} + excluded.{name}" for name in _SUMS)
+
+
 _RECORD_COLUMNS = [name for name in _RECORDS.c.keys() if name != "id"]
 _RECORD_VALUES = operator.itemgetter(*_RECORD_COLUMNS)  # a row's, in COPY order
 _COPY_TARGETS = {
@@ -469,25 +477,20 @@ _COPY_TARGETS = {
     # completion whether or not it is read), each data centre's all-time
     # totals, on this connection's stripe.
     "usage_rollups_hourly": (
-        [*_BUCKET, "records", "gpu_seconds", "cost_fen"],
+        [*_BUCKET, *_SUMS],
         "WITH rolled AS ("
         " INSERT INTO usage_rollups_hourly ({names})"
         " SELECT {names} FROM incoming_usage_rollups_hourly"
         " ORDER BY " + ", ".join(_BUCKET) + " ON CONFLICT (" + ", ".join(_BUCKET) + ")"
-        " DO UPDATE SET"
-        " records = usage_rollups_hourly.records + excluded.records,"
-        " gpu_seconds = usage_rollups_hourly.gpu_seconds + excluded.gpu_seconds,"
-        " cost_fen = usage_rollups_hourly.cost_fen + excluded.cost_fen)"
+        " DO UPDATE SET " + _add_sums("usage_rollups_hourly") + ")"
         " INSERT INTO usage_totals"
         " (datacenter_id, stripe, records, gpu_seconds, cost_fen)"
         f" SELECT datacenter_id, pg_backend_pid() % {UsageTotal.STRIPES},"
         " sum(records), sum(gpu_seconds), sum(cost_fen)"
         " FROM incoming_usage_rollups_hourly"
         " GROUP BY datacenter_id ORDER BY datacenter_id"
-        " ON CONFLICT (datacenter_id, stripe) DO UPDATE SET"
-        " records = usage_totals.records + excluded.records,"
-        " gpu_seconds = usage_totals.gpu_seconds + excluded.gpu_seconds,"
-        " cost_fen = usage_totals.cost_fen + excluded.cost_fen",
+        " ON CONFLICT (datacenter_id, stripe) DO UPDATE SET "
+        + _add_sums("usage_totals"),
     ),
 }
 # Keys of the SQLAlchemy connection's ``info`` (which lives as long as the
@@ -664,57 +667,34 @@ def _upsert_rollups(
         # In the staging table's column order: _BUCKET, then the three sums.
         _copy_in(session, _ROLLUPS, [(*bucket, *sums) for bucket, sums in ordered])
         return
+    _add_rows(session, _ROLLUPS, _BUCKET, ordered)
+    # Each data centre's all-time totals, as PostgreSQL's statement keeps them
+    # (SQLite has one writer at a time: one stripe).
+    totals: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for bucket, sums in ordered:
+        total = totals[(bucket[0], 0)]
+        for n, value in enumerate(sums):
+            total[n] += value
+    _add_rows(session, _TOTALS, ("datacenter_id", "stripe"), sorted(totals.items()))
+
+
+def _add_rows(
+    session: Session, table, key: Sequence[str], rows: Iterable[tuple[tuple, list]]
+) -> None:
+    """SQLite: add each row's ``_SUMS`` to ``table``'s row of the same ``key``
+    (inserted if new), in one statement."""
     values = [
-        {
-            **dict(zip(_BUCKET, bucket, strict=True)),
-            "records": records,
-            "gpu_seconds": gpu_seconds,
-            "cost_fen": cost,
-        }
-        for bucket, (records, gpu_seconds, cost) in ordered
+        {**dict(zip(key, keys, strict=True)), **dict(zip(_SUMS, sums, strict=True))}
+        for keys, sums in rows
     ]
-    statement = _insert(session)(_ROLLUPS)
+    statement = _insert(session)(table)
     statement = statement.on_conflict_do_update(
-        index_elements=list(_BUCKET),
-        set_={
-            "records": _ROLLUPS.c.records + statement.excluded.records,
-            "gpu_seconds": _ROLLUPS.c.gpu_seconds + statement.excluded.gpu_seconds,
-            "cost_fen": _ROLLUPS.c.cost_fen + statement.excluded.cost_fen,
-        },
+        index_elements=list(key),
+        set_={name: table.c[name] + statement.excluded[name] for name in _SUMS},
     )
     # RETURNING makes SQLAlchemy send the rows as multi-row VALUES
     # ("insertmanyvalues"), not one statement per row.
-    session.execute(statement.returning(_ROLLUPS.c.id), values).all()
-    # Each data centre's all-time totals, as PostgreSQL's statement keeps them
-    # (SQLite has one writer at a time: one stripe).
-    sums: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-    for bucket, (records, gpu_seconds, cost) in ordered:
-        total = sums[bucket[0]]
-        total[0] += records
-        total[1] += gpu_seconds
-        total[2] += cost
-    statement = _insert(session)(_TOTALS)
-    statement = statement.on_conflict_do_update(
-        index_elements=["datacenter_id", "stripe"],
-        set_={
-            "records": _TOTALS.c.records + statement.excluded.records,
-            "gpu_seconds": _TOTALS.c.gpu_seconds + statement.excluded.gpu_seconds,
-            "cost_fen": _TOTALS.c.cost_fen + statement.excluded.cost_fen,
-        },
-    )
-    session.execute(
-        statement.returning(_TOTALS.c.stripe),
-        [
-            {
-                "datacenter_id": datacenter_id,
-                "stripe": 0,
-                "records": records,
-                "gpu_seconds": gpu_seconds,
-                "cost_fen": cost,
-            }
-            for datacenter_id, (records, gpu_seconds, cost) in sorted(sums.items())
-        ],
-    ).all()
+    session.execute(statement.returning(table.c[key[0]]), values).all()
 
 
 def _remember_datacenters(

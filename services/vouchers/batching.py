@@ -24,7 +24,6 @@ class UsageRatedConsumer(ConfirmedBatchConsumer):
     default_batch_size = 200
     default_batch_wait_ms = 20
     default_consumers = 1
-    prefetch_batches = 3  # one being booked, one awaiting its confirms, one arriving
 
 
 consume_batch = UsageRatedConsumer.decorator

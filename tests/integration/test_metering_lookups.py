@@ -12,7 +12,7 @@ must not scan ``usage_records``; their answers are checked too.
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
 from services.common.db import make_engine
@@ -44,14 +44,12 @@ def _fill(engine) -> None:
         for n in range(1, RECORDS + 1)
     ]
     with engine.begin() as connection:
-        connection.exec_driver_sql(
-            f"INSERT INTO usage_records ({columns}) VALUES (%(dc)s, %(rid)s, 'x',"
-            " 't', 'H100', 1, %(at)s, %(at)s, 60, 'slurm', %(corr)s, 1, 100,"
-            " true, 'west', 'imported', %(at)s)"
-            if engine.dialect.name == "postgresql"
-            else f"INSERT INTO usage_records ({columns}) VALUES (:dc, :rid, 'x',"
-            " 't', 'H100', 1, :at, :at, 60, 'slurm', :corr, 1, 100,"
-            " 1, 'west', 'imported', :at)",
+        connection.execute(
+            text(
+                f"INSERT INTO usage_records ({columns}) VALUES (:dc, :rid, 'x',"
+                " 't', 'H100', 1, :at, :at, 60, 'slurm', :corr, 1, 100,"
+                " true, 'west', 'imported', :at)"
+            ),
             rows,
         )
         connection.exec_driver_sql("ANALYZE")
