@@ -8,7 +8,6 @@ table in ``gateway/errors.py`` turns them into responses.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, jsonify, render_template, request
@@ -26,7 +25,6 @@ from gateway.listing import (
 from gateway.openapi import build_spec
 from gateway.publicview import Body, PublicView, Snapshot
 from gateway.schemas import (
-    CITY_CODE_PATTERN,
     ApplicationQuerySchema,
     ApplicationRequestSchema,
     ApplicationResponseSchema,
@@ -52,6 +50,7 @@ from gateway.schemas import (
     VoucherSchema,
 )
 from services.common import vouchercode
+from services.common.contracts import CITY_CODE
 from services.common.errors import InvalidRequest, NotFound
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -64,7 +63,6 @@ PREFIX_CACHE_TTL_S = 60.0
 # asks the registry on every request).
 PUBLIC_VIEW = "public_view"  # key in app.extensions
 PUBLIC_CACHE_TTL_S = "PUBLIC_CACHE_TTL_S"
-_CITY_CODE = re.compile(CITY_CODE_PATTERN)
 
 
 def _rpc(service: str, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -312,7 +310,7 @@ def _staff_city(city: str):
 
 def _known_city(city: str) -> None:
     # The city code becomes a service name: never route an arbitrary string.
-    if not _CITY_CODE.match(city):
+    if not CITY_CODE.match(city):
         raise _city_not_found(city)
     _rpc("city_registry", "get_city", city)  # NotFound city_not_found
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from marshmallow import RAISE, Schema, fields, validate
 
-from gateway.schemas import CITY_CODE_PATTERN, CitySchema, DatacenterSchema
-from services.common.contracts import UtcTimestamp
+from gateway.schemas import CitySchema, DatacenterSchema
+from services.common.contracts import CITY_CODE_PATTERN, UtcTimestamp
 
 DATACENTER_ID_PATTERN = r"^[a-z0-9-]+$"
 

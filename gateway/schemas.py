@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from marshmallow import RAISE, Schema, fields, validate
 
-from services.common.contracts import UtcTimestamp
+from services.common.contracts import CITY_CODE_PATTERN, UtcTimestamp
 
-CITY_CODE_PATTERN = r"^[a-z0-9_]+$"  # CONTRACTS.md §5
 APPLICATION_STATUSES = ("approved", "rejected", "pending_review")
 VOUCHER_STATUSES = ("active", "exhausted", "expired", "revoked")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from marshmallow import ValidationError
 
-from services.common.contracts import load_event
+from services.common.contracts import CITY_CODE, load_event
 from services.common.errors import InvalidRequest
 from services.common.units import format_ts
 
@@ -39,7 +39,6 @@ REMOVED = "removed"  # the status of a city the national admin removed
 # one while messages signed with the old one are still in flight.
 ACTIVE_KEYS_PER_DATACENTER = 2
 
-CITY_CODE = re.compile(r"^[a-z0-9_]+$")
 DATACENTER_ID = re.compile(r"^[a-z0-9-]+$")
 VOUCHER_PREFIX = re.compile(r"^[A-Z]{2,4}$")
 # A company id is the registration id the city knows it by: anything printable

@@ -139,6 +139,11 @@ class CapacityReportSchema(Schema):
     gpus = fields.List(fields.Nested(CapacityGpuSchema), required=True)
 
 
+# CONTRACTS.md §5: a city code. Every module that checks one uses these.
+CITY_CODE_PATTERN = r"^[a-z0-9_]+$"
+CITY_CODE = re.compile(CITY_CODE_PATTERN)
+
+
 class FederationEventSchema(Schema):
     """CONTRACTS.md §3: every federation event carries these."""
 
@@ -146,7 +151,7 @@ class FederationEventSchema(Schema):
         unknown = EXCLUDE
 
     event_id = fields.String(required=True, validate=validate.Length(1, 128))
-    city = fields.String(required=True, validate=validate.Regexp(r"^[a-z0-9_]+$"))
+    city = fields.String(required=True, validate=validate.Regexp(CITY_CODE_PATTERN))
     occurred_at = UtcTimestamp(required=True)
 
 
@@ -296,7 +301,6 @@ _RATED_TEXT = (  # required strings and their longest length
     ("gpu_model", 64),
     ("source", 32),
 )
-_CITY = re.compile(r"^[a-z0-9_]+$")
 
 
 def fast_load_usage_rated(body: Any) -> dict[str, Any] | None:
@@ -316,7 +320,7 @@ def fast_load_usage_rated(body: Any) -> dict[str, Any] | None:
             if type(value) is not str or not 1 <= len(value) <= longest:
                 return None
         city = body["city"]
-        if type(city) is not str or not _CITY.match(city):
+        if type(city) is not str or not CITY_CODE.match(city):
             return None
         optional = {}
         for name in ("voucher_code", "job_id", "correction_of"):

@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
+from services.common.contracts import CITY_CODE
 from services.common.units import cny_to_fen, percent_to_bp
 from services.vouchers import domain
 
-CITY_CODE = re.compile(r"^[a-z0-9_]+$")
 PREFIX = re.compile(r"^[A-Z]{2,4}$")
 PROGRAM_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any
 
 from marshmallow import ValidationError
@@ -30,6 +29,9 @@ from services.common.config import (
     HEARTBEAT_INTERVAL_S,
     RULES_FILE,
     ConfigError,
+)
+from services.common.contracts import (
+    CITY_CODE as CITY_CODE_SHAPE,
 )
 from services.common.contracts import (
     EVENT_SCHEMAS,
@@ -65,7 +67,6 @@ DEFAULT_EXPIRY_INTERVAL_S = 60.0
 DEFAULT_OUTBOX_INTERVAL_S = 2.0
 # Well inside the relay's 1 s grace, so that it rarely republishes an event.
 MARK_INTERVAL_S = 0.2
-_CITY = re.compile(r"^[a-z0-9_]+$")
 # Built once: a marshmallow schema costs more to build than to use.
 _USAGE_RATED = EVENT_SCHEMAS["usage_rated"]()
 _VOUCHER = VoucherSchema()
@@ -428,7 +429,7 @@ def build(config: dict) -> type:
     a message naming the file, the line and the problem (a ``ValueError``).
     """
     city = config.get(CITY_CODE)
-    if not isinstance(city, str) or not _CITY.match(city):
+    if not isinstance(city, str) or not CITY_CODE_SHAPE.match(city):
         raise ConfigError(f"{CITY_CODE} must be a city code ([a-z0-9_]+), not {city!r}")
     if not config.get(RULES_FILE):
         raise ConfigError(f"{RULES_FILE} is not set")
