@@ -7,7 +7,6 @@ down the round is skipped (the next report supersedes it), not queued.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,16 @@ from services.common.amqp import capacity_key
 from services.common.config import DATACENTER_ID, DATACENTERS_FILE, INVENTORY
 from services.common.units import format_ts, utcnow
 from services.datacenter_gateway import domain
+from services.datacenter_gateway.background import BackgroundLoop
 from services.datacenter_gateway.outbox import Outbox
 from services.datacenter_gateway.relay import open_producer, publish_signed
 
 log = logging.getLogger("computenet.datacenter_gateway.capacity")
 
 
-class CapacityReporter:
+class CapacityReporter(BackgroundLoop):
+    thread_name = "capacity"
+
     def __init__(
         self,
         outbox: Outbox,
@@ -44,8 +46,7 @@ class CapacityReporter:
         self.inventory = list(inventory)
         self.interval_s = float(interval_s)
         self.keys = keys or domain.SigningKeys(domain.SigningKey(key_id, secret))
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
     def start(self) -> None:
         if not self.inventory:
@@ -54,15 +55,7 @@ class CapacityReporter:
                 self.datacenter_id,
             )
             return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self.run, name="capacity", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        super().start()
 
     def run(self) -> None:
         while not self._stop.is_set():

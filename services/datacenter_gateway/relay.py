@@ -22,6 +22,7 @@ from services.common import telemetry
 from services.common.amqp import USAGE_EXCHANGE, usage_key
 from services.common.units import utcnow
 from services.datacenter_gateway import domain
+from services.datacenter_gateway.background import BackgroundLoop
 from services.datacenter_gateway.outbox import Outbox
 
 log = logging.getLogger("computenet.datacenter_gateway.relay")
@@ -113,13 +114,16 @@ def publish_signed(
     )
 
 
-class Relay:
+class Relay(BackgroundLoop):
     """Publishes unpublished outbox rows in order, in batches, until stopped.
 
     One batch = publish every row on a channel in confirm mode, then wait for
     the broker's acks of the whole batch (one round trip per batch, not per
     message), then mark the acked, routed rows published in one transaction.
     """
+
+    thread_name = "relay"
+    stop_timeout_s = 15.0
 
     def __init__(
         self,
@@ -141,8 +145,7 @@ class Relay:
         self.batch_size = max(1, int(batch_size))
         self.status = status or RelayStatus()
         self.poll_interval_s = poll_interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self._conn: Connection | None = None
         self._channel = None  # py-amqp channel in confirm mode
         self._tag = 0  # delivery tag of the last message published
@@ -151,17 +154,6 @@ class Relay:
         self._returned: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self.run, name="relay", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 15.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
 
     def run(self) -> None:
         backoff = domain.Backoff()

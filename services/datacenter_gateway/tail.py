@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable
 
 from services.datacenter_gateway import domain
+from services.datacenter_gateway.background import BackgroundLoop
 from services.datacenter_gateway.outbox import Conflict, Outbox
 from services.datacenter_gateway.parsers import ParseResult
 
@@ -31,7 +31,9 @@ Parse = Callable[[str, list[str] | None], ParseResult]
 MAX_READ = 8 * 1024 * 1024
 
 
-class SacctTail:
+class SacctTail(BackgroundLoop):
+    thread_name = "tail"
+
     def __init__(
         self,
         path: str,
@@ -49,19 +51,7 @@ class SacctTail:
         self.gpu_models = list(gpu_models or [])
         self.delimiter = delimiter
         self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self.run, name="tail", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        super().__init__()
 
     def run(self) -> None:
         while not self._stop.is_set():
