@@ -16,18 +16,16 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
-    DateTime,
     Engine,
     Index,
     Integer,
     LargeBinary,
     MetaData,
     String,
-    TypeDecorator,
     func,
     insert,
     select,
@@ -36,6 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from services.common.sqltypes import Id, UtcDateTime
 from services.common.units import utcnow
 from services.datacenter_gateway.domain import PreparedRecord
 
@@ -44,23 +43,6 @@ NAMING = {
     "uq": "uq_%(table_name)s_%(column_0_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-
-class UtcDateTime(TypeDecorator):
-    """Aware UTC datetimes in, aware UTC datetimes out (SQLite forgets the zone)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value, dialect):
-        if value is not None and value.tzinfo is None:
-            raise ValueError("naive datetime: computenet keeps every time in UTC")
-        return value.astimezone(UTC) if value is not None else None
-
-    def process_result_value(self, value, dialect):
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC) if value is not None else None
 
 
 class Base(DeclarativeBase):
@@ -73,7 +55,7 @@ class OutboxRecord(Base):
     __tablename__ = "outbox_records"
 
     id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"),
+        Id,
         primary_key=True,
         autoincrement=True,
     )

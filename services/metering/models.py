@@ -23,8 +23,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-# SQLite only auto-increments an INTEGER PRIMARY KEY.
-BigId = BigInteger().with_variant(Integer(), "sqlite")
+from services.common.sqltypes import Id
+
 Timestamp = DateTime(timezone=True)
 
 NAMING = {
@@ -56,7 +56,7 @@ class UsageRecord(Base):
         ),
     )
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     datacenter_id: Mapped[str] = mapped_column(String(64))
     record_id: Mapped[str] = mapped_column(String(128))
     # sha256 of the canonical record: tells a redelivery from a conflicting one.
@@ -103,7 +103,7 @@ class UsageRollup(Base):
         Index(None, "hour"),
     )
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     datacenter_id: Mapped[str] = mapped_column(String(64))
     city: Mapped[str] = mapped_column(String(64))
     tenant_id: Mapped[str] = mapped_column(String(128))
@@ -147,7 +147,7 @@ class CapacityReport(Base):
         Index(None, "reported_at"),
     )
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     datacenter_id: Mapped[str] = mapped_column(String(64))
     reported_at: Mapped[datetime] = mapped_column(Timestamp)
     received_at: Mapped[datetime] = mapped_column(Timestamp)
@@ -166,7 +166,7 @@ class DeadLetter(Base):
         Index(None, "reason", "received_at"),
     )
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     received_at: Mapped[datetime] = mapped_column(Timestamp)
     routing_key: Mapped[str] = mapped_column(String(255))
     datacenter_id: Mapped[str] = mapped_column(String(255))

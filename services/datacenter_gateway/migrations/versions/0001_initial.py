@@ -8,7 +8,7 @@ Create Date: 2025-01-01
 import sqlalchemy as sa
 from alembic import op
 
-from services.datacenter_gateway.outbox import UtcDateTime
+from services.common.sqltypes import UtcDateTime
 
 revision = "0001"
 down_revision = None
