@@ -18,9 +18,9 @@ from nameko import config
 from nameko.rpc import ServiceRpc, rpc
 
 from services.common.amqp import FEDERATION_EXCHANGE, USAGE_EXCHANGE, durable_queue
-from services.common.batching import ConfirmedPublisher
 from services.common.db import Database
 from services.common.errors import EXPECTED, Unavailable
+from services.common.publishing import ConfirmedPublisher
 from services.metering import ingest, reports
 from services.metering.batching import consume_batch
 from services.metering.registry import RegistryCache

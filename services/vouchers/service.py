@@ -23,7 +23,6 @@ from services.common.amqp import (
     durable_queue,
     federation_key,
 )
-from services.common.batching import OrderedConfirmedPublisher
 from services.common.config import (
     CITY_CODE,
     HEARTBEAT_INTERVAL_S,
@@ -40,6 +39,7 @@ from services.common.contracts import (
     make_event,
 )
 from services.common.errors import EXPECTED, InvalidRequest, NotFound
+from services.common.publishing import OrderedConfirmedPublisher
 from services.common.units import cny_to_fen, format_ts, utcnow
 from services.vouchers import domain
 from services.vouchers.batching import consume_batch

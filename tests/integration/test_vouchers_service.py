@@ -27,7 +27,7 @@ from nameko.standalone.rpc import ClusterRpcClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from services.common import batching
+from services.common import batching, publishing
 from services.common.amqp import FEDERATION_EXCHANGE, federation_key
 from services.common.config import (
     CITY_CODE,
@@ -438,7 +438,7 @@ def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
     assert wait_for(lambda: _ready(connection, queue) is not None)
 
     by_py_amqp = []  # deliveries the hand reader left to py-amqp
-    real_raw = batching._raw
+    real_raw = batching.as_delivery
 
     def raw(message):
         by_py_amqp.append(message)
@@ -459,10 +459,10 @@ def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
         release.wait()
         return real_publish_all(self, exchange, events)
 
-    real_publish_all = batching.ConfirmingChannel.publish_all
-    monkeypatch.setattr(batching, "_raw", raw)
+    real_publish_all = publishing.ConfirmingChannel.publish_all
+    monkeypatch.setattr(batching, "as_delivery", raw)
     monkeypatch.setattr(VouchersService, "handle_usage_rated", handle_usage_rated)
-    monkeypatch.setattr(batching.ConfirmingChannel, "publish_all", publish_all)
+    monkeypatch.setattr(publishing.ConfirmingChannel, "publish_all", publish_all)
 
     headers = [
         {"x-trace": "t-1"},  # strings: read by hand

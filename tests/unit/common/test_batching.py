@@ -11,7 +11,7 @@ from amqp.method_framing import frame_writer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.common import batching
+from services.common import deliveries, publishing
 
 
 def frame(frame_type: int, channel: int, payload: bytes) -> bytes:
@@ -37,7 +37,7 @@ def transport_reading(chunks: list[bytes]):
         return chunk
 
     transport._quick_recv = recv
-    transport._read = types.MethodType(batching._buffered_read, transport)
+    transport._read = types.MethodType(deliveries._buffered_read, transport)
     return transport, asked
 
 
@@ -65,7 +65,7 @@ def test_read_ahead_yields_the_same_frames_however_the_bytes_arrive(frames, cuts
     transport, _asked = transport_reading(chunks)
     got = []
     while len(got) < len(frames):
-        buffered = batching._buffered_frame(transport)
+        buffered = deliveries._buffered_frame(transport)
         if buffered is None:
             buffered = transport.read_frame()
         got.append(tuple(buffered))
@@ -77,10 +77,10 @@ def test_many_small_frames_take_one_read():
     frames = [(3, 1, b"x" * 200) for _ in range(50)]
     transport, asked = transport_reading([b"".join(frame(*f) for f in frames)])
     got = [transport.read_frame()]
-    while (buffered := batching._buffered_frame(transport)) is not None:
+    while (buffered := deliveries._buffered_frame(transport)) is not None:
         got.append(buffered)
     assert got == frames
-    assert len(asked) == 1 and asked[0] >= batching.READ_CHUNK
+    assert len(asked) == 1 and asked[0] >= deliveries.READ_CHUNK
 
 
 def test_a_timeout_keeps_what_was_read():
@@ -96,7 +96,7 @@ def test_a_broken_frame_end_is_refused():
     transport, _asked = transport_reading([])
     transport._read_buffer = frame(3, 1, b"z")[:-1] + b"\x00"
     with pytest.raises(amqp.exceptions.UnexpectedFrame):
-        batching._buffered_frame(transport)
+        deliveries._buffered_frame(transport)
 
 
 class _Stub:
@@ -117,7 +117,7 @@ def test_hand_framed_publish_is_what_py_amqp_writes(
 ):
     """The frames of one event are byte for byte py-amqp's basic.publish."""
     frames: list[bytes] = []
-    write = frame_writer(_Stub(), batching._Collector(frames))
+    write = frame_writer(_Stub(), publishing._Collector(frames))
     message = amqp.Message(
         body=body,
         content_type="application/json",
@@ -127,17 +127,17 @@ def test_hand_framed_publish_is_what_py_amqp_writes(
     )
     args = amqp.serialization.dumps("Bssbb", (0, exchange, routing_key, False, False))
     write(1, channel_id, amqp.spec.Basic.Publish, args, message)
-    ours = batching.publish_content_frames(
+    ours = publishing.publish_content_frames(
         channel_id, message_id, body, _Stub.frame_max
     )
     assert ours is not None
-    mine = batching.publish_method_frame(channel_id, exchange, routing_key) + ours
+    mine = publishing.publish_method_frame(channel_id, exchange, routing_key) + ours
     assert mine == b"".join(frames)
 
 
 def test_an_event_too_big_for_one_frame_is_left_to_py_amqp():
-    assert batching.publish_content_frames(1, "id", b"x" * 5000, 4096) is None
-    assert batching.publish_content_frames(1, "i" * 256, b"{}", 131072) is None
+    assert publishing.publish_content_frames(1, "id", b"x" * 5000, 4096) is None
+    assert publishing.publish_content_frames(1, "i" * 256, b"{}", 131072) is None
 
 
 def _split_frames(data: bytes) -> list[tuple[int, int, bytes]]:
@@ -206,7 +206,7 @@ def test_a_hand_read_delivery_is_what_py_amqp_delivers(
     stub = _Stub()
     stub.frame_max = frame_max
     frames: list[bytes] = []
-    write = frame_writer(stub, batching._Collector(frames))
+    write = frame_writer(stub, publishing._Collector(frames))
     properties = {"content_type": "application/json", "delivery_mode": 2}
     if headers:
         properties["application_headers"] = headers
@@ -234,7 +234,7 @@ def test_a_hand_read_delivery_is_what_py_amqp_delivers(
 
     ours = _Connection()
     got = []
-    batching.read_deliveries(ours, channel_id, got.append)
+    deliveries.read_deliveries(ours, channel_id, got.append)
     for item in stream:
         ours.connection.on_inbound_frame(item)
     [delivery] = got
@@ -252,7 +252,7 @@ def test_a_hand_read_delivery_is_what_py_amqp_delivers(
 
 def test_a_stray_frame_in_a_delivery_is_refused():
     connection = _Connection()
-    batching.read_deliveries(connection, 1, lambda delivery: None)
+    deliveries.read_deliveries(connection, 1, lambda delivery: None)
     args = amqp.serialization.dumps("sLbss", ("c", 1, False, "x", "dc.usage"))
     connection.connection.on_inbound_frame((1, 1, b"\x00\x3c\x00\x3c" + args))
     with pytest.raises(amqp.exceptions.UnexpectedFrame):

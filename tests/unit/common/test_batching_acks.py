@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.common import batching
+from services.common import batching, deliveries, publishing
 from services.common.amqp import RawMessage
 
 
@@ -34,9 +34,9 @@ class _Confirmation:
             raise ConnectionError("nacked")
 
 
-def _batch(first: int, size: int) -> list[batching.Delivery]:
+def _batch(first: int, size: int) -> list[deliveries.Delivery]:
     message = RawMessage(b"{}", {}, {}, "dc.usage", False)
-    return [batching.Delivery(tag, message) for tag in range(first, first + size)]
+    return [deliveries.Delivery(tag, message) for tag in range(first, first + size)]
 
 
 @pytest.fixture(autouse=True)
@@ -139,9 +139,9 @@ def test_each_policy_keeps_its_service_defaults():
     assert [getattr(UsageRatedConsumer, name) for name in defaults] == [200, 20, 1, 3]
 
 
-def _counting_channel() -> batching.ConfirmingChannel:
+def _counting_channel() -> publishing.ConfirmingChannel:
     """A ConfirmingChannel's confirm count, without a broker."""
-    channel = object.__new__(batching.ConfirmingChannel)
+    channel = object.__new__(publishing.ConfirmingChannel)
     channel.published, channel.confirmed, channel.acked = 0, 0, set()
     channel.nacked = False
     return channel
