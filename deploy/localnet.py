@@ -16,12 +16,9 @@ says otherwise: ``<NAME>_DATABASE_URL`` for one process (``METERING_DATABASE_URL
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -31,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import requests
+
+from deploy.preflight import broker_problem, port_free, postgres_problem
+from deploy.processes import Child
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_AMQP_URI = "amqp://guest:guest@localhost:5672/"
@@ -116,151 +116,12 @@ DEMO_TENANTS = {
 VOUCHERLESS_TENANT = "metered-only-corp"
 
 
-# prctl(PR_SET_PDEATHSIG, SIGTERM): a child is sent SIGTERM when the launcher
-# dies, however it dies (even SIGKILL), so no process of the network outlives
-# it. Resolved here, before any fork: between fork and exec the child may call
-# nothing but this (the launcher has threads).
-_PR_SET_PDEATHSIG = 1
-try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _prctl = None
-
-
-def _die_with_launcher() -> None:
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class NetworkError(Exception):
     """The network could not start; the message says why in one line."""
 
 
 def log(message: str) -> None:
     print(f"[localnet] {message}", flush=True)
-
-
-# --------------------------------------------------------------------------
-# Pre-flight checks
-
-
-def broker_problem(amqp_uri: str, timeout: float = 3.0) -> str | None:
-    """One line saying why RabbitMQ cannot be used, or None if it can."""
-    from kombu import Connection
-
-    try:
-        with Connection(amqp_uri, connect_timeout=timeout) as conn:
-            conn.ensure_connection(max_retries=1, timeout=timeout)
-    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
-        return (
-            f"RabbitMQ is not reachable at {_redact(amqp_uri)} "
-            f"({exc.__class__.__name__}); "
-            "start it with: rabbitmq-server -detached"
-        )
-    return None
-
-
-def postgres_problem(url: str) -> str | None:
-    import psycopg
-
-    try:
-        with psycopg.connect(url, connect_timeout=3):
-            pass
-    except Exception as exc:  # noqa: BLE001
-        return (
-            f"PostgreSQL is not reachable at {url} ({exc.__class__.__name__}); "
-            "start it with: "
-            "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
-        )
-    return None
-
-
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _redact(uri: str) -> str:
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return uri
-
-
-# --------------------------------------------------------------------------
-# Child processes
-
-
-class Child:
-    """One process of the network, its output prefixed and kept in a log file."""
-
-    def __init__(
-        self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, echo: bool
-    ):
-        self.name = name
-        self.argv = argv
-        self.env = env
-        self.log_path = log_dir / f"{name}.log"
-        self.echo = echo
-        self.proc: subprocess.Popen | None = None
-        self._pump: threading.Thread | None = None
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            self.argv,
-            cwd=ROOT,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            # Ctrl-C reaches the launcher only, which stops the children in order.
-            start_new_session=True,
-            preexec_fn=_die_with_launcher,
-        )
-        self._pump = threading.Thread(target=self._copy_output, daemon=True)
-        self._pump.start()
-
-    def _copy_output(self) -> None:
-        assert self.proc and self.proc.stdout
-        with self.log_path.open("ab") as logfile:
-            for line in iter(self.proc.stdout.readline, b""):
-                logfile.write(line)
-                logfile.flush()
-                if self.echo:
-                    text = line.decode(errors="replace").rstrip()
-                    print(f"{self.name:>22} | {text}", flush=True)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if not self.running:
-            return
-        assert self.proc
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(
-                self.log_path.read_text(errors="replace").splitlines()[-lines:]
-            )
-        except OSError:
-            return ""
 
 
 # --------------------------------------------------------------------------
