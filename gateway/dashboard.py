@@ -70,12 +70,16 @@ def _page_globals() -> dict[str, Any]:
     return {"signed_in": _signed_in() if SESSION_TOKEN in session else None}
 
 
-def _hourly_gpu_hours(datacenter_id: str | None = None) -> dict[str, float]:
+def _hourly_chart(datacenter_id: str | None = None) -> dict[str, list]:
     """GPU-hours per hour over the last day, of one data centre or (None) of
-    the whole network: one question to metering either way, not one per data
-    centre (a thousand of them nationally)."""
+    the whole network, as the chart's labels (HH:MM) and values: one question
+    to metering either way, not one per data centre (a thousand of them
+    nationally)."""
     rows = _rpc("metering", "usage_by_hour", datacenter_id, window_hours=HOURS)
-    return {row["hour"]: gpu_hours(row["gpu_seconds"]) for row in rows}
+    return {
+        "labels": [row["hour"][11:16] for row in rows],
+        "values": [gpu_hours(row["gpu_seconds"]) for row in rows],
+    }
 
 
 @dashboard.get("/")
@@ -83,7 +87,7 @@ def national():
     summary = _rpc("city_registry", "network_summary")
     cities = _rpc("city_registry", "list_cities")
     datacenters = _rpc("city_registry", "list_datacenters")
-    hourly = _hourly_gpu_hours()
+    hourly = _hourly_chart()
     charts = {
         "budgets": {
             "labels": [c["name"] for c in cities],
@@ -98,10 +102,7 @@ def national():
                 for r in summary.get("regions", {}).values()
             ],
         },
-        "hourly": {
-            "labels": [h[11:16] for h in hourly],
-            "values": list(hourly.values()),
-        },
+        "hourly": hourly,
     }
     return render_template(
         "national.html",
@@ -198,7 +199,7 @@ def city_page(city: str):
 @dashboard.get("/datacenters/<datacenter_id>")
 def datacenter_page(datacenter_id: str):
     dc = _rpc("city_registry", "get_datacenter", datacenter_id)
-    hourly = _hourly_gpu_hours(datacenter_id)
+    hourly = _hourly_chart(datacenter_id)
     role = _signed_in()
     own = role is not None and (
         role.is_national_admin or role.is_datacenter(datacenter_id)
@@ -209,12 +210,7 @@ def datacenter_page(datacenter_id: str):
             "metering", "list_dead_letters", datacenter_id=datacenter_id, limit=20
         )
         tenants = _rpc("metering", "usage_by_tenant", datacenter_id, window_hours=HOURS)
-    charts = {
-        "hourly": {
-            "labels": [h[11:16] for h in hourly],
-            "values": list(hourly.values()),
-        }
-    }
+    charts = {"hourly": hourly}
     return render_template(
         "datacenter.html",
         dc=dc,
