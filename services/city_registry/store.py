@@ -23,13 +23,14 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from services.city_registry import domain
-from services.city_registry.domain import (
+from services.city_registry.domain import events, seeds, tokens
+from services.city_registry.domain.reconciliation import RECONCILED_FIELDS
+from services.city_registry.domain.seeds import SeedError
+from services.city_registry.domain.state import (
     CityState,
     DatacenterState,
     InventoryItem,
     ProgramState,
-    SeedError,
 )
 from services.city_registry.models import (
     City,
@@ -65,12 +66,12 @@ def read_deploy_dir(
             raise SeedError(f"{path}: {exc}") from exc
 
     cities = [
-        domain.parse_city_seed(load(path), str(path))
+        seeds.parse_city_seed(load(path), str(path))
         for path in sorted((root / "cities").glob("*.yaml"))
     ]
     dc_file = root / "datacenters.yaml"
     datacenters = (
-        domain.parse_datacenter_seeds(load(dc_file), str(dc_file))
+        seeds.parse_datacenter_seeds(load(dc_file), str(dc_file))
         if dc_file.is_file()
         else []
     )
@@ -163,7 +164,7 @@ class RegistryStore:
             self._ensure_city(city)
             if event == "heartbeat":
                 self._heartbeat(
-                    city, domain.heartbeat_moment(body["occurred_at"], received_at)
+                    city, events.heartbeat_moment(body["occurred_at"], received_at)
                 )
             elif event == "program_published":
                 self._publish(city, body)
@@ -220,12 +221,12 @@ class RegistryStore:
                     rate_bp=program["rate_bp"],
                     rules_version=program["rules_version"],
                     rules_sha256=program["rules_sha256"],
-                    terms=domain.program_terms(program),
+                    terms=events.program_terms(program),
                 )
             )
 
     def _book(self, city: str, event: str, body: dict[str, Any]) -> None:
-        delta = domain.ledger_delta(event, body)
+        delta = events.ledger_delta(event, body)
         program_id = body.get("program_id")
         if event == "voucher_issued":
             self._insert_absent(
@@ -357,7 +358,7 @@ class RegistryStore:
             )
             self.session.flush()
             active = [key["key_id"] for key in self.active_keys(datacenter_id)]
-            revoke = domain.keys_to_revoke(active)
+            revoke = tokens.keys_to_revoke(active)
             if revoke:
                 self.session.execute(
                     update(DatacenterKey)
@@ -500,12 +501,10 @@ class RegistryStore:
         applied on top, so rebuild a city while it is quiet, then reconcile.
         """
         try:
-            figures = {k: 0 for k in domain.RECONCILED_FIELDS[1:]}
+            figures = {k: 0 for k in RECONCILED_FIELDS[1:]}
             for program in totals.get("programs") or []:
                 self._ensure_program(code, program["program_id"])
-                values = {
-                    key: program.get(key) or 0 for key in domain.RECONCILED_FIELDS
-                }
+                values = {key: program.get(key) or 0 for key in RECONCILED_FIELDS}
                 self.session.execute(
                     update(Program)
                     .where(
@@ -531,7 +530,7 @@ class RegistryStore:
         )
 
 
-def _increments(model: type, delta: domain.LedgerDelta) -> dict[str, Any]:
+def _increments(model: type, delta: events.LedgerDelta) -> dict[str, Any]:
     return {
         "committed_fen": model.committed_fen + delta.committed_fen,
         "redeemed_fen": model.redeemed_fen + delta.redeemed_fen,

@@ -1,16 +1,15 @@
 """One error contract for every service (STYLE.md principle 4).
 
 Services raise these with a machine-readable ``code`` (``voucher_not_found``,
-``budget_exhausted`` …); they cross RPC as themselves (registered for
-deserialisation), and the portal maps each class to one HTTP status in one
-table (``gateway/errors.py``).
+``budget_exhausted`` …); they cross RPC as themselves (``remote_errors.py``
+registers them with nameko for deserialisation, so that this module stays
+pure and domain modules may raise them), and the portal maps each class to one
+HTTP status in one table (``gateway/errors.py``).
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-from nameko.exceptions import deserialize_to_instance
 
 
 class ComputenetError(Exception):
@@ -28,32 +27,26 @@ class ComputenetError(Exception):
         return f"{self.code}: {self.message}"
 
 
-@deserialize_to_instance
 class InvalidRequest(ComputenetError):
     default_code = "invalid_request"
 
 
-@deserialize_to_instance
 class Unauthorized(ComputenetError):
     default_code = "unauthorized"
 
 
-@deserialize_to_instance
 class Forbidden(ComputenetError):
     default_code = "forbidden"
 
 
-@deserialize_to_instance
 class NotFound(ComputenetError):
     default_code = "not_found"
 
 
-@deserialize_to_instance
 class Conflict(ComputenetError):
     default_code = "conflict"
 
 
-@deserialize_to_instance
 class Unavailable(ComputenetError):
     default_code = "unavailable"
 
