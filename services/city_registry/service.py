@@ -185,13 +185,7 @@ class CityRegistryService:
         keeps in memory and serves to anyone without asking again."""
         return self.view_cache.get(
             "public",
-            lambda: views.public_view(
-                self.store.cities(),
-                self.store.datacenters(),
-                self._usage_overview(),
-                utcnow(),
-                _stale_after_s(),
-            ),
+            lambda: views.public_view(self._snapshot(), self._usage_overview()),
         )
 
     @rpc(expected_exceptions=EXPECTED)
@@ -200,12 +194,9 @@ class CityRegistryService:
         return self.view_cache.get(
             "overview",
             lambda: views.national_overview(
-                self.store.cities(),
-                self.store.datacenters(),
+                self._snapshot(),
                 self._usage_overview(),
                 self._usage_overview(WEEK_HOURS),
-                utcnow(),
-                _stale_after_s(),
             ),
         )
 
@@ -409,6 +400,12 @@ class CityRegistryService:
             return getattr(self.cluster_rpc[f"vouchers_{city}"], method)(*args)
 
     # ------------------------------------------------------------ helpers
+
+    def _snapshot(self) -> views.Snapshot:
+        """Every city and data centre of the read model, as of now."""
+        return views.Snapshot.of(
+            self.store.cities(), self.store.datacenters(), utcnow(), _stale_after_s()
+        )
 
     def _datacenter(self, datacenter_id: str) -> DatacenterState:
         dc = (

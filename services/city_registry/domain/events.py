@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from marshmallow import ValidationError
 
+from services.city_registry.domain.state import Figures
 from services.common.contracts import CITY_CODE, load_event
 from services.common.terms import TERMS_ON_THE_WIRE
 
@@ -98,23 +98,9 @@ def _check_lengths(routing_key: str, body: Mapping[str, Any]) -> None:
                 raise RejectedEvent(f"{routing_key}: {key} longer than {limit}")
 
 
-@dataclass(frozen=True)
-class LedgerDelta:
-    """How one federation event moves the money of a program and its city."""
-
-    committed_fen: int = 0
-    redeemed_fen: int = 0
-    released_fen: int = 0
-    vouchers_issued: int = 0
-
-    @property
-    def is_zero(self) -> bool:
-        return not (
-            self.committed_fen
-            or self.redeemed_fen
-            or self.released_fen
-            or self.vouchers_issued
-        )
+# How one federation event moves the figures of a program and its city: the
+# same figures as theirs, each the difference the event makes.
+LedgerDelta = Figures
 
 
 def ledger_delta(event: str, body: Mapping[str, Any]) -> LedgerDelta:

@@ -13,35 +13,51 @@ REMOVED = "removed"  # the status of a city the national admin removed
 DATACENTER_ID = re.compile(r"^[a-z0-9-]+$")
 
 
+@dataclass(kw_only=True)
+class Figures:
+    """What the federation events moved, for a program or a whole city (or
+    what one event moves: ``events.LedgerDelta``)."""
+
+    committed_fen: int = 0
+    redeemed_fen: int = 0
+    released_fen: int = 0
+    vouchers_issued: int = 0
+    vouchers_closed: int = 0
+
+    @property
+    def vouchers_active(self) -> int:
+        return self.vouchers_issued - self.vouchers_closed
+
+    @property
+    def is_zero(self) -> bool:
+        return not (
+            self.committed_fen
+            or self.redeemed_fen
+            or self.released_fen
+            or self.vouchers_issued
+            or self.vouchers_closed
+        )
+
+
 @dataclass
-class ProgramState:
+class ProgramState(Figures):
     id: str
     kind: str | None = None
     budget_fen: int = 0
     rate_bp: int | None = None
     rules_version: str | None = None
     rules_sha256: str | None = None
-    committed_fen: int = 0
-    redeemed_fen: int = 0
-    released_fen: int = 0
-    vouchers_issued: int = 0
-    vouchers_closed: int = 0
     # max_rate_bp, bonuses, datacenters when the city publishes them
     terms: dict[str, Any] | None = None
 
 
 @dataclass
-class CityState:
+class CityState(Figures):
     code: str
     name: str
     region: str | None = None
     voucher_prefix: str | None = None
     last_heartbeat_at: datetime | None = None
-    committed_fen: int = 0
-    redeemed_fen: int = 0
-    released_fen: int = 0
-    vouchers_issued: int = 0
-    vouchers_closed: int = 0
     admitted_at: datetime | None = None
     removed_at: datetime | None = None
     programs: list[ProgramState] = field(default_factory=list)
@@ -69,7 +85,3 @@ class DatacenterState:
     @property
     def gpus(self) -> int:
         return sum(item.count for item in self.inventory)
-
-
-def vouchers_active(city_or_program: CityState | ProgramState) -> int:
-    return city_or_program.vouchers_issued - city_or_program.vouchers_closed

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -14,7 +15,6 @@ from services.city_registry.domain.state import (
     CityState,
     DatacenterState,
     ProgramState,
-    vouchers_active,
 )
 from services.city_registry.domain.usage import (
     UsageTotals,
@@ -61,7 +61,7 @@ def program_view(program: ProgramState) -> dict[str, Any]:
         "redeemed_fen": program.redeemed_fen,
         "released_fen": program.released_fen,
         "vouchers_issued": program.vouchers_issued,
-        "vouchers_active": vouchers_active(program),
+        "vouchers_active": program.vouchers_active,
     }
 
 
@@ -88,7 +88,7 @@ def city_view(city: CityState, now: datetime, stale_after_s: float) -> dict[str,
         "redeemed_fen": city.redeemed_fen,
         "released_fen": city.released_fen,
         "vouchers_issued": city.vouchers_issued,
-        "vouchers_active": vouchers_active(city),
+        "vouchers_active": city.vouchers_active,
         "programs": [
             program_view(program)
             for program in sorted(city.programs, key=lambda p: p.id)
@@ -125,12 +125,48 @@ def datacenter_view(
     }
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """One read of the read model, at one moment: every part of a national
+    answer is computed from the same one, so that a summary is always the sum
+    of the cities shown beside it."""
+
+    cities: tuple[CityState, ...]
+    datacenters: tuple[DatacenterState, ...]
+    now: datetime
+    stale_after_s: float
+
+    @classmethod
+    def of(
+        cls,
+        cities: Iterable[CityState],
+        datacenters: Iterable[DatacenterState],
+        now: datetime,
+        stale_after_s: float,
+    ) -> Snapshot:
+        return cls(tuple(cities), tuple(datacenters), now, stale_after_s)
+
+    def city_views(self) -> list[dict[str, Any]]:
+        return [city_view(city, self.now, self.stale_after_s) for city in self.cities]
+
+
+# A city's money, summed over the nation by the summary.
+_MONEY = (
+    "budget_fen",
+    "available_fen",
+    "committed_fen",
+    "redeemed_fen",
+    "released_fen",
+)
+
+
+def _sums(rows: Iterable[Mapping[str, Any]], keys: Iterable[str]) -> dict[str, Any]:
+    rows = list(rows)
+    return {key: sum(row[key] for row in rows) for key in keys}
+
+
 def network_summary(
-    cities: Iterable[CityState],
-    datacenters: Iterable[DatacenterState],
-    overview: Mapping[str, Any] | None,
-    now: datetime,
-    stale_after_s: float,
+    snapshot: Snapshot, overview: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     """CONTRACTS.md §7 network summary.
 
@@ -138,8 +174,8 @@ def network_summary(
     window metering was asked for: GPU-seconds used ÷ GPU-seconds of reported
     capacity) are metering's, and null when metering did not answer.
     """
-    views = [city_view(city, now, stale_after_s) for city in cities]
-    datacenters = list(datacenters)
+    views = snapshot.city_views()
+    datacenters = snapshot.datacenters
     usage = (overview or {}).get("datacenters", {}) if overview is not None else None
 
     known = usage is not None
@@ -161,11 +197,7 @@ def network_summary(
         "cities": len(views),
         "live_cities": sum(1 for view in views if view["status"] == "live"),
         "datacenters": len(datacenters),
-        "budget_fen": sum(view["budget_fen"] for view in views),
-        "available_fen": sum(view["available_fen"] for view in views),
-        "committed_fen": sum(view["committed_fen"] for view in views),
-        "redeemed_fen": sum(view["redeemed_fen"] for view in views),
-        "released_fen": sum(view["released_fen"] for view in views),
+        **_sums(views, _MONEY),
         "gpu_seconds": gpu_seconds,
         "utilisation": utilisation,
         "regions": {
@@ -181,57 +213,36 @@ def network_summary(
 
 
 def public_view(
-    cities: Iterable[CityState],
-    datacenters: Iterable[DatacenterState],
-    overview: Mapping[str, Any] | None,
-    now: datetime,
-    stale_after_s: float,
+    snapshot: Snapshot, overview: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     """Everything anyone may read, as one consistent snapshot: the summary and
-    every city's page, computed from the same read of the read model, so that
-    the summary is always the sum of the cities shown beside it."""
-    cities = list(cities)
+    every city's page."""
     return {
-        "summary": network_summary(cities, datacenters, overview, now, stale_after_s),
-        "cities": [city_view(city, now, stale_after_s) for city in cities],
+        "summary": network_summary(snapshot, overview),
+        "cities": snapshot.city_views(),
     }
 
 
+# A city's figures that the overview lists per city and totals over them.
+_CITY_FIGURES = (*_MONEY, "vouchers_issued", "vouchers_active")
+
+
 def national_overview(
-    cities: Iterable[CityState],
-    datacenters: Iterable[DatacenterState],
+    snapshot: Snapshot,
     day: Mapping[str, Any] | None,
     week: Mapping[str, Any] | None,
-    now: datetime,
-    stale_after_s: float,
 ) -> dict[str, Any]:
     """The national admin's view: per city money and vouchers; per data centre
     and hub region GPU-seconds, utilisation over 24 h and 7 d, spare GPUs;
     totals. Utilisation of a group = used ÷ capacity, each used capped at its
     capacity (see ``usage.used_within_capacity``)."""
-    city_rows = []
-    for city in cities:
-        view = city_view(city, now, stale_after_s)
-        city_rows.append(
-            {
-                key: view[key]
-                for key in (
-                    "code",
-                    "name",
-                    "status",
-                    "budget_fen",
-                    "available_fen",
-                    "committed_fen",
-                    "redeemed_fen",
-                    "released_fen",
-                    "vouchers_issued",
-                )
-            }
-            | {"vouchers_active": vouchers_active(city)}
-        )
+    city_rows = [
+        {key: view[key] for key in ("code", "name", "status", *_CITY_FIGURES)}
+        for view in snapshot.city_views()
+    ]
     dc_rows = []
     regions: defaultdict[str, UsageTotals] = defaultdict(lambda: UsageTotals(2))
-    for dc in datacenters:
+    for dc in snapshot.datacenters:
         d, w = datacenter_usage(day, dc.id), datacenter_usage(week, dc.id)
         row = {
             "id": dc.id,
@@ -251,27 +262,14 @@ def national_overview(
         dc_rows.append(row)
         regions[dc.hub_region].add(d, w, gpus=dc.gpus, spare_gpus=row["spare_gpus"])
 
-    totals = {
-        key: sum(row[key] for row in city_rows)
-        for key in (
-            "budget_fen",
-            "available_fen",
-            "committed_fen",
-            "redeemed_fen",
-            "released_fen",
-            "vouchers_issued",
-            "vouchers_active",
-        )
-    } | {
+    totals = _sums(city_rows, _CITY_FIGURES) | {
         "cities": len(city_rows),
         "live_cities": sum(1 for row in city_rows if row["status"] == "live"),
         "datacenters": len(dc_rows),
-        "gpus": sum(row["gpus"] for row in dc_rows),
-        "spare_gpus": sum(row["spare_gpus"] for row in dc_rows),
-        "gpu_seconds": sum(row["gpu_seconds"] for row in dc_rows),
+        **_sums(dc_rows, ("gpus", "spare_gpus", "gpu_seconds")),
     }
     return {
-        "as_of": format_ts(now),
+        "as_of": format_ts(snapshot.now),
         "totals": totals,
         "cities": city_rows,
         "datacenters": dc_rows,

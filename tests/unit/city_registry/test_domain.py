@@ -223,9 +223,26 @@ def _city(**overrides):
         vouchers_issued=3,
         programs=[
             ProgramState(
-                "sh-compute-2025", "compute", 1000, 8000, "v1", SHA, 250, 150, 50
+                "sh-compute-2025",
+                "compute",
+                1000,
+                8000,
+                "v1",
+                SHA,
+                committed_fen=250,
+                redeemed_fen=150,
+                released_fen=50,
             ),
-            ProgramState("sh-data-2025", "training_data", 500, 5000, "v1", SHA, 50, 50),
+            ProgramState(
+                "sh-data-2025",
+                "training_data",
+                500,
+                5000,
+                "v1",
+                SHA,
+                committed_fen=50,
+                redeemed_fen=50,
+            ),
         ],
     )
     base.update(overrides)
@@ -280,7 +297,7 @@ def test_network_summary_with_metering():
         _dc("west-1", "west", 16),
         _dc("west-2", "west", 4),
     ]
-    summary = views.network_summary(cities, dcs, OVERVIEW, NOW, 90)
+    summary = views.network_summary(views.Snapshot.of(cities, dcs, NOW, 90), OVERVIEW)
     assert summary["cities"] == 2 and summary["live_cities"] == 1
     assert summary["datacenters"] == 3
     assert summary["budget_fen"] == 1500
@@ -298,8 +315,10 @@ def test_network_summary_with_metering():
 def test_public_view_is_the_summary_beside_the_cities_it_sums():
     cities = [_city(), _city(code="chengdu", last_heartbeat_at=None, programs=[])]
     dcs = [_dc("east-1", "east", 8)]
-    view = views.public_view(iter(cities), dcs, OVERVIEW, NOW, 90)
-    assert view["summary"] == views.network_summary(cities, dcs, OVERVIEW, NOW, 90)
+    view = views.public_view(views.Snapshot.of(iter(cities), dcs, NOW, 90), OVERVIEW)
+    assert view["summary"] == views.network_summary(
+        views.Snapshot.of(cities, dcs, NOW, 90), OVERVIEW
+    )
     assert view["cities"] == [views.city_view(c, NOW, 90) for c in cities]
     for money in ("budget_fen", "committed_fen", "redeemed_fen", "released_fen"):
         assert view["summary"][money] == sum(c[money] for c in view["cities"])
@@ -323,7 +342,9 @@ def test_one_overshooting_datacenter_cannot_inflate_its_region_or_the_nation():
         _dc("west-1", "west", 16),
         _dc("west-2", "west", 4),
     ]
-    summary = views.network_summary([_city()], dcs, overview, NOW, 90)
+    summary = views.network_summary(
+        views.Snapshot.of([_city()], dcs, NOW, 90), overview
+    )
     assert summary["regions"]["west"]["utilisation"] == pytest.approx(
         (300 + 1_200) / (600 + 1_200)
     )
@@ -333,7 +354,7 @@ def test_one_overshooting_datacenter_cannot_inflate_its_region_or_the_nation():
 
 def test_network_summary_without_metering_keeps_the_money():
     summary = views.network_summary(
-        [_city()], [_dc("east-1", "east", 8)], None, NOW, 90
+        views.Snapshot.of([_city()], [_dc("east-1", "east", 8)], NOW, 90), None
     )
     assert summary["budget_fen"] == 1500
     assert summary["gpu_seconds"] is None and summary["utilisation"] is None
@@ -342,7 +363,9 @@ def test_network_summary_without_metering_keeps_the_money():
 
 def test_utilisation_is_null_without_capacity():
     overview = {"datacenters": {"east-1": {"gpu_seconds_total": 5}}}
-    summary = views.network_summary([], [_dc("east-1", "east", 8)], overview, NOW, 90)
+    summary = views.network_summary(
+        views.Snapshot.of([], [_dc("east-1", "east", 8)], NOW, 90), overview
+    )
     assert summary["gpu_seconds"] == 5
     assert summary["utilisation"] is None
     assert summary["regions"]["east"]["utilisation"] is None
