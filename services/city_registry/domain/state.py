@@ -5,7 +5,7 @@ other module of the domain."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -37,6 +37,10 @@ class Figures:
             or self.vouchers_issued
             or self.vouchers_closed
         )
+
+
+# The names of those figures, as the tables name their columns too.
+FIGURES = tuple(figure.name for figure in fields(Figures))
 
 
 @dataclass
