@@ -28,26 +28,41 @@ class ComputenetError(Exception):
 
 
 class InvalidRequest(ComputenetError):
+    """The request itself is wrong (a malformed code, an unknown role, a face
+    value out of range): asking again the same way will fail again. HTTP 400."""
+
     default_code = "invalid_request"
 
 
 class Unauthorized(ComputenetError):
+    """No valid token. HTTP 401."""
+
     default_code = "unauthorized"
 
 
 class Forbidden(ComputenetError):
+    """A valid token whose role may not do this (another city's admin, a company
+    reading another company's voucher). HTTP 403."""
+
     default_code = "forbidden"
 
 
 class NotFound(ComputenetError):
+    """No such city, voucher, data centre or key. HTTP 404."""
+
     default_code = "not_found"
 
 
 class Conflict(ComputenetError):
+    """The request is well formed but the state forbids it now: a voucher
+    already revoked, a city already admitted, a budget exhausted. HTTP 409."""
+
     default_code = "conflict"
 
 
 class Unavailable(ComputenetError):
+    """Something this answer needs is down or slow; try again later. HTTP 503."""
+
     default_code = "unavailable"
 
 

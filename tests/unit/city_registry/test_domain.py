@@ -454,47 +454,31 @@ def test_datacenter_seeds():
     assert parsed[0].gpus == 4 and parsed[0].government_run is True
 
 
+def _entry_with_item(**item):
+    """A data-centre entry, complete but for its one inventory item's faults."""
+    good = {
+        "gpu_model": "H1",
+        "count": 1,
+        "chip_origin": "imported",
+        "price_fen_per_gpu_hour": 1,
+    }
+    return {
+        "id": "dc-1",
+        "name": "n",
+        "operator": "o",
+        "city": "c",
+        "hub_region": "w",
+        "inventory": [good | item],
+    }
+
+
 @pytest.mark.parametrize(
     "entry, message",
     [
         ({"id": "DC_1"}, "must match"),
         ({"id": "dc-1", "name": "n", "operator": "o", "city": "c"}, "hub_region"),
-        (
-            {
-                "id": "dc-1",
-                "name": "n",
-                "operator": "o",
-                "city": "c",
-                "hub_region": "w",
-                "inventory": [
-                    {
-                        "gpu_model": "H1",
-                        "count": -1,
-                        "chip_origin": "imported",
-                        "price_fen_per_gpu_hour": 1,
-                    }
-                ],
-            },
-            "count",
-        ),
-        (
-            {
-                "id": "dc-1",
-                "name": "n",
-                "operator": "o",
-                "city": "c",
-                "hub_region": "w",
-                "inventory": [
-                    {
-                        "gpu_model": "H1",
-                        "count": 1,
-                        "chip_origin": "alien",
-                        "price_fen_per_gpu_hour": 1,
-                    }
-                ],
-            },
-            "chip_origin",
-        ),
+        (_entry_with_item(count=-1), "count"),
+        (_entry_with_item(chip_origin="alien"), "chip_origin"),
     ],
 )
 def test_bad_datacenter_seed_is_refused(entry, message):
