@@ -2,7 +2,7 @@
 
 RPC for the portal and metering, and the consumer of the federation events
 that keeps the national read model. The rules are in ``domain/``, the SQL in
-``store.py``.
+``store.py``, the answers' cache and the projection lock in ``dependencies.py``.
 """
 
 from __future__ import annotations
