@@ -1,25 +1,21 @@
 """Entrypoints of ``city_registry``, the national registry (docs/ARCHITECTURE.md).
 
 RPC for the portal and metering, and the consumer of the federation events
-that keeps the national read model. The rules are in ``domain.py``, the SQL in
-``store.py``.
+that keeps the national read model. The rules are in ``domain/``, the SQL in
+``store.py``, the answers' cache and the projection lock in ``dependencies.py``.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import eventlet
-from eventlet.semaphore import Semaphore
 from nameko import config
 from nameko.rpc import ClusterRpc, ServiceRpc, rpc
 
-from services.city_registry import domain
+import services.common.remote_errors  # noqa: F401 - errors cross RPC as themselves
 from services.city_registry.broker import (
     Broker,
     city_permissions,
@@ -27,6 +23,16 @@ from services.city_registry.broker import (
     datacenter_permissions,
     datacenter_username,
 )
+from services.city_registry.dependencies import VIEW_CACHE_S, ProjectionLock, Views
+from services.city_registry.domain import (
+    events,
+    recommendations,
+    reconciliation,
+    seeds,
+    tokens,
+    views,
+)
+from services.city_registry.domain.state import DatacenterState
 from services.city_registry.store import RegistryDatabase
 from services.common import vouchercode
 from services.common.amqp import (
@@ -55,65 +61,9 @@ WEEK_HOURS = 7 * 24
 # A city asked for its ledger (reconciliation, recommendations) must answer
 # within this; a silent city is reported, not waited for.
 CITY_TIMEOUT_S = 5.0
-# The national summary and overview are recomputed at most this often per
-# registry process: under load the portal's readers share one answer.
-VIEW_CACHE_S = 2.0
 # metering's usage figures (GPU-seconds, utilisation over 24 h and 7 d) move
 # slowly against what they cost to aggregate: asked at most this often.
 USAGE_CACHE_S = 10.0
-
-
-# Federation events are applied one at a time, in the order they were
-# delivered. The increments are atomic, but attribution is not: a redemption
-# or release that does not name its program (program_id is an extension of
-# CONTRACTS §3) takes it from the voucher_issued before it, which must have
-# been applied first. Green threads waiting on PostgreSQL would otherwise
-# interleave them. The semaphore's waiters are woken in FIFO order.
-_PROJECTION_LOCK = Semaphore(1)
-
-
-class _ViewCache:
-    """One computed answer per key for ``VIEW_CACHE_S`` (or ``ttl(answer)``);
-    shared by workers.
-
-    Single flight: while one worker recomputes an expired answer, the others
-    serve the previous one rather than all recomputing at once.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[float, Any]] = {}
-        self._refreshing: set[str] = set()
-        self._lock = threading.Lock()
-
-    def get(
-        self,
-        key: str,
-        compute: Callable[[], Any],
-        ttl: Callable[[Any], float] = lambda _: VIEW_CACHE_S,
-    ) -> Any:
-        now = time.monotonic()
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry[0] > now:
-                return entry[1]
-            if entry is not None and key in self._refreshing:
-                return entry[1]
-            self._refreshing.add(key)
-        try:
-            value = compute()
-        finally:
-            with self._lock:
-                self._refreshing.discard(key)
-        with self._lock:
-            self._entries[key] = (time.monotonic() + ttl(value), value)
-        return value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-
-VIEWS = _ViewCache()
 
 
 def metering_timeout_s(window_hours: int) -> float:
@@ -134,21 +84,23 @@ class CityRegistryService:
     metering_rpc = ServiceRpc("metering", **TRANSIENT)
     cluster_rpc = ClusterRpc(**TRANSIENT)
     broker = Broker()
+    view_cache = Views()
+    projection_lock = ProjectionLock()
 
     # ------------------------------------------------------------ federation
 
     @consume_raw(
-        durable_queue(FEDERATION_QUEUE, FEDERATION_EXCHANGE, domain.ROUTING_KEYS),
+        durable_queue(FEDERATION_QUEUE, FEDERATION_EXCHANGE, events.ROUTING_KEYS),
         requeue_on_error=True,
     )
     def handle_federation_event(self, message: RawMessage) -> None:
         """Project one city event; a database fault requeues it, nothing is lost."""
         try:
-            event, body = domain.decode_event(message.routing_key, message.body)
-        except domain.RejectedEvent as exc:
+            event, body = events.decode_event(message.routing_key, message.body)
+        except events.RejectedEvent as exc:
             log.warning("dropped federation message: %s", exc)
             return
-        with _PROJECTION_LOCK:
+        with self.projection_lock:
             applied = self.store.apply_event(event, body, utcnow())
         if not applied:
             log.info("duplicate %s %s dropped", event, body["event_id"])
@@ -158,7 +110,7 @@ class CityRegistryService:
     @rpc(expected_exceptions=EXPECTED)
     def list_cities(self) -> list[dict[str, Any]]:
         now, stale = utcnow(), _stale_after_s()
-        return [domain.city_view(city, now, stale) for city in self.store.cities()]
+        return [views.city_view(city, now, stale) for city in self.store.cities()]
 
     @rpc(expected_exceptions=EXPECTED)
     def get_city(self, code: str) -> dict[str, Any]:
@@ -169,27 +121,27 @@ class CityRegistryService:
             city = self.store.city(code)
             if city is None:
                 return None
-            return domain.city_view(city, utcnow(), _stale_after_s())
+            return views.city_view(city, utcnow(), _stale_after_s())
 
-        found = VIEWS.get(f"city:{code}", view)
+        found = self.view_cache.get(f"city:{code}", view)
         if found is None:
             raise NotFound("city_not_found", f"no city {code!r}", {"city": code})
         return found
 
     @rpc(expected_exceptions=EXPECTED)
     def voucher_prefixes(self) -> dict[str, str]:
-        return domain.voucher_prefixes(self.store.cities())
+        return views.voucher_prefixes(self.store.cities())
 
     # ------------------------------------------------------------ data centres
 
     @rpc(expected_exceptions=EXPECTED)
     def list_datacenters(self) -> list[dict[str, Any]]:
         overview = self._usage_overview()
-        return [domain.datacenter_view(dc, overview) for dc in self.store.datacenters()]
+        return [views.datacenter_view(dc, overview) for dc in self.store.datacenters()]
 
     @rpc(expected_exceptions=EXPECTED)
     def get_datacenter(self, datacenter_id: str) -> dict[str, Any]:
-        return domain.datacenter_view(
+        return views.datacenter_view(
             self._datacenter(datacenter_id), self._usage_overview()
         )
 
@@ -209,16 +161,16 @@ class CityRegistryService:
 
     @rpc(expected_exceptions=EXPECTED)
     def issue_token(self, role: str) -> str:
-        role = domain.validate_role(role)
-        token = domain.new_token()
-        self.store.add_token(domain.token_digest(token), role, utcnow())
+        role = tokens.validate_role(role)
+        token = tokens.new_token()
+        self.store.add_token(tokens.token_digest(token), role, utcnow())
         return token
 
     @rpc(expected_exceptions=EXPECTED, sensitive_arguments=("token",))
     def authenticate(self, token: str) -> dict[str, str] | None:
         if not isinstance(token, str) or not token:
             return None
-        role = self.store.role_for(domain.token_digest(token))
+        role = self.store.role_for(tokens.token_digest(token))
         return {"role": role} if role is not None else None
 
     # ------------------------------------------------------------ national view
@@ -231,29 +183,20 @@ class CityRegistryService:
     def public_view(self) -> dict[str, Any]:
         """The summary and every city's page in one answer: what the portal
         keeps in memory and serves to anyone without asking again."""
-        return VIEWS.get(
+        return self.view_cache.get(
             "public",
-            lambda: domain.public_view(
-                self.store.cities(),
-                self.store.datacenters(),
-                self._usage_overview(),
-                utcnow(),
-                _stale_after_s(),
-            ),
+            lambda: views.public_view(self._snapshot(), self._usage_overview()),
         )
 
     @rpc(expected_exceptions=EXPECTED)
     def national_overview(self) -> dict[str, Any]:
         """Per city, data centre and hub region, with 24 h and 7 d utilisation."""
-        return VIEWS.get(
+        return self.view_cache.get(
             "overview",
-            lambda: domain.national_overview(
-                self.store.cities(),
-                self.store.datacenters(),
+            lambda: views.national_overview(
+                self._snapshot(),
                 self._usage_overview(),
                 self._usage_overview(WEEK_HOURS),
-                utcnow(),
-                _stale_after_s(),
             ),
         )
 
@@ -262,7 +205,7 @@ class CityRegistryService:
     @rpc(expected_exceptions=EXPECTED)
     def admit_city(self, code: str, name: str) -> dict[str, Any]:
         """Admit a city; its credentials are in this answer and nowhere else."""
-        code, name = domain.check_city_admission(code, name)
+        code, name = seeds.check_city_admission(code, name)
         outcome = self.store.admit_city(code, name, utcnow())
         if outcome != "admitted":
             raise Conflict(
@@ -274,7 +217,7 @@ class CityRegistryService:
         username = city_username(code)
         self.broker.grant(username, password, city_permissions(code))
         token = self.issue_token(f"city_admin:{code}")
-        VIEWS.clear()
+        self.view_cache.clear()
         return {
             "city": self.get_city(code),
             "admin_token": token,
@@ -289,13 +232,13 @@ class CityRegistryService:
             raise Conflict("city_removed", f"city {code} is already removed")
         self.broker.delete_user(city_username(code))
         self.store.revoke_tokens(f"city_admin:{code}", utcnow())
-        VIEWS.clear()
+        self.view_cache.clear()
         return self.get_city(code)
 
     @rpc(expected_exceptions=EXPECTED)
     def register_datacenter(self, registration: dict) -> dict[str, Any]:
         """Register; key id, secret, AMQP user and token are returned only here."""
-        dc = domain.parse_datacenter_registration(registration)
+        dc = seeds.parse_datacenter_registration(registration)
         if not self.store.add_datacenter(dc, utcnow()):
             raise Conflict(
                 "datacenter_exists", f"data centre {dc.id} exists", {"id": dc.id}
@@ -304,9 +247,9 @@ class CityRegistryService:
         password = secrets.token_urlsafe(24)
         username = datacenter_username(dc.id)
         self.broker.grant(username, password, datacenter_permissions(dc.id))
-        VIEWS.clear()
+        self.view_cache.clear()
         return {
-            "datacenter": domain.datacenter_view(dc, None),
+            "datacenter": views.datacenter_view(dc, None),
             "key_id": key["key_id"],
             "secret": key["secret"],
             "amqp": {"username": username, "password": password},
@@ -319,8 +262,8 @@ class CityRegistryService:
         return [
             {
                 "key_id": key["key_id"],
-                "created_at": domain._ts(key["created_at"]),
-                "revoked_at": domain._ts(key["revoked_at"]),
+                "created_at": views.timestamp(key["created_at"]),
+                "revoked_at": views.timestamp(key["revoked_at"]),
                 "active": key["revoked_at"] is None,
             }
             for key in self.store.keys(datacenter_id)
@@ -344,8 +287,8 @@ class CityRegistryService:
             raise Conflict("datacenter_removed", f"{datacenter_id} is already removed")
         self.broker.delete_user(datacenter_username(datacenter_id))
         self.store.revoke_tokens(f"datacenter:{datacenter_id}", utcnow())
-        VIEWS.clear()
-        return domain.datacenter_view(self._datacenter(datacenter_id), None)
+        self.view_cache.clear()
+        return views.datacenter_view(self._datacenter(datacenter_id), None)
 
     # ------------------------------------------------------------ reconciliation
 
@@ -353,9 +296,9 @@ class CityRegistryService:
     def reconcile(self) -> dict[str, Any]:
         """Ask every live city for its ledger totals; name every drift."""
         now, stale = utcnow(), _stale_after_s()
-        report = {"as_of": domain._ts(now), "cities": {}, "drift": []}
+        report = {"as_of": views.timestamp(now), "cities": {}, "drift": []}
         for city in self.store.cities():
-            status = domain.city_view(city, now, stale)["status"]
+            status = views.city_view(city, now, stale)["status"]
             if status != "live":
                 report["cities"][city.code] = {"status": status, "checked": False}
                 continue
@@ -368,7 +311,7 @@ class CityRegistryService:
                     "error": f"{exc.__class__.__name__}: {exc}"[:300],
                 }
                 continue
-            drift = domain.ledger_drift(city, totals)
+            drift = reconciliation.ledger_drift(city, totals)
             report["cities"][city.code] = {
                 "status": status,
                 "checked": True,
@@ -393,12 +336,12 @@ class CityRegistryService:
             else [
                 c.code
                 for c in self.store.cities()
-                if domain.city_view(c, now, stale)["status"] == "live"
+                if views.city_view(c, now, stale)["status"] == "live"
             ]
         )
         for code in codes:
             self.store.rebuild_city(code, self._city_call(code, "ledger_totals"))
-        VIEWS.clear()
+        self.view_cache.clear()
         return {"rebuilt": codes}
 
     # ------------------------------------------------------------ recommendations
@@ -408,7 +351,7 @@ class CityRegistryService:
         self, gpu_model: str, gpus: int, hours: float, voucher: str | None = None
     ) -> dict[str, Any]:
         terms = self._voucher_terms(voucher) if voucher else None
-        ranked = domain.recommend(
+        ranked = recommendations.recommend(
             self.store.datacenters(),
             self._usage_overview(),
             gpu_model,
@@ -424,14 +367,14 @@ class CityRegistryService:
             "items": ranked,
         }
 
-    def _voucher_terms(self, code: str) -> domain.VoucherTerms:
+    def _voucher_terms(self, code: str) -> recommendations.VoucherTerms:
         """The voucher's program terms: balance from its city (RPC), rate and
         bonuses from the city's latest ``program_published``."""
         try:
             prefix = vouchercode.parse(code)
         except vouchercode.InvalidVoucherCode as exc:
             raise InvalidRequest("invalid_voucher_code", str(exc)) from None
-        city_code = domain.voucher_prefixes(self.store.cities()).get(prefix)
+        city_code = views.voucher_prefixes(self.store.cities()).get(prefix)
         city = self.store.city(city_code) if city_code else None
         if city is None:
             raise NotFound("voucher_not_found", f"no city issues {prefix}- vouchers")
@@ -448,16 +391,8 @@ class CityRegistryService:
                 "program_unknown",
                 f"{city.code} has not published program {voucher['program_id']}",
             )
-        terms = program.terms or {}
-        return domain.VoucherTerms(
-            city=city.code,
-            program_id=program.id,
-            rate_bp=program.rate_bp,
-            max_rate_bp=terms.get("max_rate_bp"),
-            bonuses=tuple(terms.get("bonuses") or ()),
-            datacenters=terms.get("datacenters", "any"),
-            balance_fen=voucher.get("balance_fen"),
-            terms_published=bool(terms),
+        return recommendations.voucher_terms(
+            city.code, program, voucher.get("balance_fen")
         )
 
     def _city_call(self, city: str, method: str, *args: Any) -> Any:
@@ -466,7 +401,13 @@ class CityRegistryService:
 
     # ------------------------------------------------------------ helpers
 
-    def _datacenter(self, datacenter_id: str) -> domain.DatacenterState:
+    def _snapshot(self) -> views.Snapshot:
+        """Every city and data centre of the read model, as of now."""
+        return views.Snapshot.of(
+            self.store.cities(), self.store.datacenters(), utcnow(), _stale_after_s()
+        )
+
+    def _datacenter(self, datacenter_id: str) -> DatacenterState:
         dc = (
             self.store.datacenter(datacenter_id)
             if isinstance(datacenter_id, str)
@@ -509,7 +450,7 @@ class CityRegistryService:
         # answer is kept USAGE_CACHE_S per day of window, so a 7-day figure is
         # asked for every 70 s; a failure only as long as the money views.
         kept = USAGE_CACHE_S * max(1.0, window_hours / 24)
-        return VIEWS.get(
+        return self.view_cache.get(
             f"usage:{window_hours}",
             ask,
             ttl=lambda answer: kept if answer is not None else VIEW_CACHE_S,

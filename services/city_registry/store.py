@@ -13,6 +13,8 @@ the deploy/ seed applied in ``setup()``, before any entrypoint starts.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,15 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from services.city_registry import domain
-from services.city_registry.domain import (
+from services.city_registry.domain import events, seeds, tokens
+from services.city_registry.domain.reconciliation import RECONCILED_FIELDS
+from services.city_registry.domain.seeds import SeedError
+from services.city_registry.domain.state import (
+    FIGURES,
     CityState,
     DatacenterState,
     InventoryItem,
     ProgramState,
-    SeedError,
 )
 from services.city_registry.models import (
     City,
@@ -65,12 +69,12 @@ def read_deploy_dir(
             raise SeedError(f"{path}: {exc}") from exc
 
     cities = [
-        domain.parse_city_seed(load(path), str(path))
+        seeds.parse_city_seed(load(path), str(path))
         for path in sorted((root / "cities").glob("*.yaml"))
     ]
     dc_file = root / "datacenters.yaml"
     datacenters = (
-        domain.parse_datacenter_seeds(load(dc_file), str(dc_file))
+        seeds.parse_datacenter_seeds(load(dc_file), str(dc_file))
         if dc_file.is_file()
         else []
     )
@@ -84,6 +88,16 @@ class RegistryStore:
         self.session = session
 
     # ------------------------------------------------------------ helpers
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Commit what the block did, or roll it back and re-raise."""
+        try:
+            yield
+            self.session.commit()
+        except Exception:
+            self.session.rollback()
+            raise
 
     def _insert_absent(self, model: type, **values: Any) -> bool:
         """INSERT … ON CONFLICT DO NOTHING; True if the row is new."""
@@ -108,7 +122,7 @@ class RegistryStore:
 
     def seed(self, cities: list[CityState], datacenters: list[DatacenterState]) -> None:
         """Upsert what deploy/ lists; idempotent, and keys and money untouched."""
-        try:
+        with self._transaction():
             for city in cities:
                 self._ensure_city(city.code)
                 self.session.execute(
@@ -135,10 +149,6 @@ class RegistryStore:
                         .where(Datacenter.id == dc.id)
                         .values(**values)
                     )
-            self.session.commit()
-        except Exception:
-            self.session.rollback()
-            raise
 
     # ------------------------------------------------------------ read model
 
@@ -147,7 +157,7 @@ class RegistryStore:
     ) -> bool:
         """Apply one loaded federation event; False if it was seen before."""
         city = body["city"]
-        try:
+        with self._transaction():
             # Heartbeats are not claimed: applying one twice changes nothing
             # (the latest moment wins), and at one per city every few seconds
             # they would be most of processed_events.
@@ -163,17 +173,13 @@ class RegistryStore:
             self._ensure_city(city)
             if event == "heartbeat":
                 self._heartbeat(
-                    city, domain.heartbeat_moment(body["occurred_at"], received_at)
+                    city, events.heartbeat_moment(body["occurred_at"], received_at)
                 )
             elif event == "program_published":
                 self._publish(city, body)
             else:
                 self._book(city, event, body)
-            self.session.commit()
             return True
-        except Exception:
-            self.session.rollback()
-            raise
 
     def _heartbeat(self, city: str, moment: datetime) -> None:
         self.session.execute(
@@ -220,12 +226,12 @@ class RegistryStore:
                     rate_bp=program["rate_bp"],
                     rules_version=program["rules_version"],
                     rules_sha256=program["rules_sha256"],
-                    terms=domain.program_terms(program),
+                    terms=events.program_terms(program),
                 )
             )
 
     def _book(self, city: str, event: str, body: dict[str, Any]) -> None:
-        delta = domain.ledger_delta(event, body)
+        delta = events.ledger_delta(event, body)
         program_id = body.get("program_id")
         if event == "voucher_issued":
             self._insert_absent(
@@ -338,7 +344,7 @@ class RegistryStore:
         False if the data centre is unknown. The data centre's row is locked
         (PostgreSQL) so that two rotations at once cannot leave three active.
         """
-        try:
+        with self._transaction():
             locked = self.session.scalar(
                 select(Datacenter.id)
                 .where(Datacenter.id == datacenter_id)
@@ -357,48 +363,36 @@ class RegistryStore:
             )
             self.session.flush()
             active = [key["key_id"] for key in self.active_keys(datacenter_id)]
-            revoke = domain.keys_to_revoke(active)
+            revoke = tokens.keys_to_revoke(active)
             if revoke:
                 self.session.execute(
                     update(DatacenterKey)
                     .where(DatacenterKey.key_id.in_(revoke))
                     .values(revoked_at=now)
                 )
-            self.session.commit()
             return True
-        except Exception:
-            self.session.rollback()
-            raise
 
     # ------------------------------------------------------------ tokens
 
     def add_token(self, digest: str, role: str, now: datetime) -> None:
-        try:
+        with self._transaction():
             self.session.add(Token(token_sha256=digest, role=role, created_at=now))
-            self.session.commit()
-        except Exception:
-            self.session.rollback()
-            raise
 
     def revoke_tokens(self, role: str, now: datetime) -> int:
-        try:
+        with self._transaction():
             result = self.session.execute(
                 update(Token)
                 .where(Token.role == role, Token.revoked_at.is_(None))
                 .values(revoked_at=now)
                 .returning(Token.token_sha256)
             ).all()
-            self.session.commit()
             return len(result)
-        except Exception:
-            self.session.rollback()
-            raise
 
     # ------------------------------------------------------------ federation
 
     def admit_city(self, code: str, name: str, now: datetime) -> str:
         """``admitted`` (new or seeded city), ``exists`` or ``removed``."""
-        try:
+        with self._transaction():
             self._insert_absent(City, code=code, name=name, created_at=now)
             row = self.session.get(City, code, with_for_update=True)
             if row.removed_at is not None:
@@ -408,18 +402,14 @@ class RegistryStore:
             else:
                 row.admitted_at, row.name = now, name
                 outcome = "admitted"
-            self.session.commit()
             return outcome
-        except Exception:
-            self.session.rollback()
-            raise
 
     def remove_city(self, code: str, now: datetime) -> bool:
         return self._mark_removed(City, code, now)
 
     def add_datacenter(self, dc: DatacenterState, now: datetime) -> bool:
         """False if the id is taken (also by a removed data centre)."""
-        try:
+        with self._transaction():
             added = self._insert_absent(
                 Datacenter,
                 id=dc.id,
@@ -431,11 +421,7 @@ class RegistryStore:
                 inventory=[vars(item) for item in dc.inventory],
                 created_at=now,
             )
-            self.session.commit()
             return added
-        except Exception:
-            self.session.rollback()
-            raise
 
     def remove_datacenter(self, datacenter_id: str, now: datetime) -> bool:
         """Mark removed and revoke every key; False if unknown or removed."""
@@ -445,7 +431,7 @@ class RegistryStore:
         return True
 
     def _mark_removed(self, model: type, key: str, now: datetime) -> bool:
-        try:
+        with self._transaction():
             pk = model.__table__.primary_key.columns[0]
             done = self.session.execute(
                 update(model)
@@ -453,11 +439,7 @@ class RegistryStore:
                 .values(removed_at=now)
                 .returning(pk)
             ).first()
-            self.session.commit()
             return done is not None
-        except Exception:
-            self.session.rollback()
-            raise
 
     def keys(self, datacenter_id: str) -> list[dict[str, Any]]:
         """Every key of the data centre, newest first, without secrets."""
@@ -477,7 +459,7 @@ class RegistryStore:
 
     def revoke_key(self, datacenter_id: str, key_id: str | None, now: datetime) -> int:
         """Revoke one key (or all with ``key_id=None``); how many were active."""
-        try:
+        with self._transaction():
             query = update(DatacenterKey).where(
                 DatacenterKey.datacenter_id == datacenter_id,
                 DatacenterKey.revoked_at.is_(None),
@@ -487,11 +469,7 @@ class RegistryStore:
             done = self.session.execute(
                 query.values(revoked_at=now).returning(DatacenterKey.key_id)
             ).all()
-            self.session.commit()
             return len(done)
-        except Exception:
-            self.session.rollback()
-            raise
 
     def rebuild_city(self, code: str, totals: dict[str, Any]) -> None:
         """Set a city's read model to its ledger's totals (``ledger_totals``).
@@ -499,13 +477,11 @@ class RegistryStore:
         Events already applied stay claimed; events still in flight will be
         applied on top, so rebuild a city while it is quiet, then reconcile.
         """
-        try:
-            figures = {k: 0 for k in domain.RECONCILED_FIELDS[1:]}
+        with self._transaction():
+            figures = {k: 0 for k in RECONCILED_FIELDS[1:]}
             for program in totals.get("programs") or []:
                 self._ensure_program(code, program["program_id"])
-                values = {
-                    key: program.get(key) or 0 for key in domain.RECONCILED_FIELDS
-                }
+                values = {key: program.get(key) or 0 for key in RECONCILED_FIELDS}
                 self.session.execute(
                     update(Program)
                     .where(
@@ -518,10 +494,6 @@ class RegistryStore:
             self.session.execute(
                 update(City).where(City.code == code).values(**figures)
             )
-            self.session.commit()
-        except Exception:
-            self.session.rollback()
-            raise
 
     def role_for(self, digest: str) -> str | None:
         return self.session.scalar(
@@ -531,7 +503,7 @@ class RegistryStore:
         )
 
 
-def _increments(model: type, delta: domain.LedgerDelta) -> dict[str, Any]:
+def _increments(model: type, delta: events.LedgerDelta) -> dict[str, Any]:
     return {
         "committed_fen": model.committed_fen + delta.committed_fen,
         "redeemed_fen": model.redeemed_fen + delta.redeemed_fen,
@@ -540,48 +512,34 @@ def _increments(model: type, delta: domain.LedgerDelta) -> dict[str, Any]:
     }
 
 
+def _columns(row: Any, *names: str) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in names}
+
+
 def _program_state(row: Program) -> ProgramState:
     return ProgramState(
-        id=row.id,
-        kind=row.kind,
-        budget_fen=row.budget_fen,
-        rate_bp=row.rate_bp,
-        rules_version=row.rules_version,
-        rules_sha256=row.rules_sha256,
-        committed_fen=row.committed_fen,
-        redeemed_fen=row.redeemed_fen,
-        released_fen=row.released_fen,
-        vouchers_issued=row.vouchers_issued,
-        vouchers_closed=row.vouchers_closed,
-        terms=row.terms,
+        **_columns(
+            row,
+            *("id", "kind", "budget_fen", "rate_bp", "rules_version", "rules_sha256"),
+            *("terms", *FIGURES),
+        )
     )
 
 
 def _city_state(row: City, programs: list[ProgramState]) -> CityState:
     return CityState(
-        code=row.code,
-        name=row.name,
-        region=row.region,
-        voucher_prefix=row.voucher_prefix,
-        last_heartbeat_at=row.last_heartbeat_at,
-        committed_fen=row.committed_fen,
-        redeemed_fen=row.redeemed_fen,
-        released_fen=row.released_fen,
-        vouchers_issued=row.vouchers_issued,
-        vouchers_closed=row.vouchers_closed,
-        admitted_at=row.admitted_at,
-        removed_at=row.removed_at,
+        **_columns(
+            row,
+            *("code", "name", "region", "voucher_prefix", "last_heartbeat_at"),
+            *("admitted_at", "removed_at", *FIGURES),
+        ),
         programs=programs,
     )
 
 
 def _datacenter_state(row: Datacenter) -> DatacenterState:
     return DatacenterState(
-        id=row.id,
-        name=row.name,
-        operator=row.operator,
-        city=row.city,
-        hub_region=row.hub_region,
+        **_columns(row, "id", "name", "operator", "city", "hub_region"),
         government_run=row.government_run,
         inventory=[InventoryItem(**item) for item in row.inventory or []],
         removed=row.removed_at is not None,

@@ -1,16 +1,15 @@
 """One error contract for every service (STYLE.md principle 4).
 
 Services raise these with a machine-readable ``code`` (``voucher_not_found``,
-``budget_exhausted`` …); they cross RPC as themselves (registered for
-deserialisation), and the portal maps each class to one HTTP status in one
-table (``gateway/errors.py``).
+``budget_exhausted`` …); they cross RPC as themselves (``remote_errors.py``
+registers them with nameko for deserialisation, so that this module stays
+pure and domain modules may raise them), and the portal maps each class to one
+HTTP status in one table (``gateway/errors.py``).
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-from nameko.exceptions import deserialize_to_instance
 
 
 class ComputenetError(Exception):
@@ -28,33 +27,42 @@ class ComputenetError(Exception):
         return f"{self.code}: {self.message}"
 
 
-@deserialize_to_instance
 class InvalidRequest(ComputenetError):
+    """The request itself is wrong (a malformed code, an unknown role, a face
+    value out of range): asking again the same way will fail again. HTTP 400."""
+
     default_code = "invalid_request"
 
 
-@deserialize_to_instance
 class Unauthorized(ComputenetError):
+    """No valid token. HTTP 401."""
+
     default_code = "unauthorized"
 
 
-@deserialize_to_instance
 class Forbidden(ComputenetError):
+    """A valid token whose role may not do this (another city's admin, a company
+    reading another company's voucher). HTTP 403."""
+
     default_code = "forbidden"
 
 
-@deserialize_to_instance
 class NotFound(ComputenetError):
+    """No such city, voucher, data centre or key. HTTP 404."""
+
     default_code = "not_found"
 
 
-@deserialize_to_instance
 class Conflict(ComputenetError):
+    """The request is well formed but the state forbids it now: a voucher
+    already revoked, a city already admitted, a budget exhausted. HTTP 409."""
+
     default_code = "conflict"
 
 
-@deserialize_to_instance
 class Unavailable(ComputenetError):
+    """Something this answer needs is down or slow; try again later. HTTP 503."""
+
     default_code = "unavailable"
 
 

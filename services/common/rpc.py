@@ -21,6 +21,8 @@ from nameko.constants import NON_PERSISTENT
 from nameko.exceptions import RpcTimeout
 from nameko.standalone.rpc import ClusterRpcClient, ReplyListener
 
+import services.common.remote_errors  # noqa: F401 - errors cross RPC as themselves
+
 # RPC requests and replies are published transient. nameko makes them
 # persistent, and a confirmed persistent message to a durable queue waits for
 # RabbitMQ to write it to disk: 1–10 ms per publish here, twice per call, for

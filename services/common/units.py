@@ -41,6 +41,24 @@ def gpu_hours(gpu_seconds: int) -> float:
     return gpu_seconds / SECONDS_PER_HOUR
 
 
+def gpu_seconds_of(gpus: int, hours: float) -> int:
+    """``gpus`` GPUs for ``hours`` hours (a request, not a record): GPU-seconds,
+    rounded to the nearest second."""
+    return round(gpus * hours * SECONDS_PER_HOUR)
+
+
+def format_cny_amount(fen: int) -> str:
+    """``123456`` → ``'1234.56'``: the amount alone, for people only."""
+    sign = "-" if fen < 0 else ""
+    whole, cents = divmod(abs(fen), FEN_PER_CNY)
+    return f"{sign}{whole}.{cents:02d}"
+
+
+def format_rate(rate_bp: int) -> str:
+    """``8000`` → ``'80 %'``, ``550`` → ``'5.5 %'``, for people only."""
+    return f"{rate_bp / 100:g} %"
+
+
 def rate_cost_fen(gpu_seconds: int, price_fen_per_gpu_hour: int) -> int:
     """The rental cost of one usage record, in fen.
 

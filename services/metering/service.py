@@ -17,6 +17,7 @@ import logging
 from nameko import config
 from nameko.rpc import ServiceRpc, rpc
 
+import services.common.remote_errors  # noqa: F401 - errors cross RPC as themselves
 from services.common.amqp import FEDERATION_EXCHANGE, USAGE_EXCHANGE, durable_queue
 from services.common.db import Database
 from services.common.errors import EXPECTED, Unavailable

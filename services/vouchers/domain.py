@@ -12,7 +12,16 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Union
 
-from services.common.units import apply_rate_fen
+from services.common.terms import (  # noqa: F401 - the vouchers' names for them
+    ANYWHERE,
+    DATACENTER_ATTRIBUTES,
+    UTILISATION_BELOW,
+    Bonus,
+    DatacenterScope,
+    effective_rate_bp,
+    subsidy_fen,
+    terms_to_wire,
+)
 
 KINDS = ("compute", "training_data")
 REVIEWS = ("auto", "manual")
@@ -292,56 +301,8 @@ def evaluate(rule: Rule, company: Mapping[str, Any]) -> Verdict:
 
 
 # --------------------------------------------------------------------------
-# Programs: rates, bonuses, where a voucher may be spent.
-
-DATACENTER_ATTRIBUTES = ("government_run", "chip_origin", "hub_region")
-# A bonus condition on the data centre's recent utilisation (0..1 in the rated
-# record's ``datacenter.utilisation``): below this percentage, the bonus
-# applies; when the attribute is missing the bonus does not apply.
-UTILISATION_BELOW = "utilisation_below_percent"
-
-
-def _condition_holds(datacenter: Mapping[str, Any], key: str, wanted: Any) -> bool:
-    if key == UTILISATION_BELOW:
-        actual = datacenter.get("utilisation")
-        return actual is not None and actual * 100 < wanted
-    return datacenter.get(key) == wanted
-
-
-@dataclass(frozen=True)
-class Bonus:
-    """``add_bp`` more subsidy when every condition in ``when`` holds."""
-
-    when: tuple[tuple[str, Any], ...]
-    add_bp: int
-
-    def applies(self, datacenter: Mapping[str, Any]) -> bool:
-        return all(_condition_holds(datacenter, k, v) for k, v in self.when)
-
-
-@dataclass(frozen=True)
-class DatacenterScope:
-    """Where a program's vouchers may be spent: anywhere, listed ids, a hub."""
-
-    ids: frozenset[str] | None = None
-    hub_region: str | None = None
-    government_run: bool | None = None
-    chip_origin: str | None = None
-    exclude: frozenset[str] = frozenset()
-
-    def admits(self, datacenter_id: str, datacenter: Mapping[str, Any]) -> bool:
-        if self.ids is not None and datacenter_id not in self.ids:
-            return False
-        if datacenter_id in self.exclude:
-            return False
-        for key in ("hub_region", "government_run", "chip_origin"):
-            wanted = getattr(self, key)
-            if wanted is not None and datacenter.get(key) != wanted:
-                return False
-        return True
-
-
-ANYWHERE = DatacenterScope()
+# Programs: rates, bonuses, where a voucher may be spent. The terms are written
+# once, in services/common/terms.py, for the registry's recommendations too.
 
 
 @dataclass(frozen=True)
@@ -358,21 +319,6 @@ class Program:
     eligibility: Rule = ALWAYS
     bonuses: tuple[Bonus, ...] = ()
     datacenters: DatacenterScope = ANYWHERE
-
-
-def _scope_on_the_wire(scope: DatacenterScope) -> Any:
-    """A program's data-centre scope as the rules file writes it."""
-    if scope == ANYWHERE:
-        return "any"
-    wire: dict[str, Any] = {}
-    if scope.ids is not None:
-        wire["ids"] = sorted(scope.ids)
-    for key in ("hub_region", "government_run", "chip_origin"):
-        if getattr(scope, key) is not None:
-            wire[key] = getattr(scope, key)
-    if scope.exclude:
-        wire["exclude"] = sorted(scope.exclude)
-    return wire
 
 
 def program_summary(
@@ -400,12 +346,7 @@ def program_summary(
         "available_fen": available_fen,
         "committed_fen": committed_fen,
         "redeemed_fen": redeemed_fen,
-        "max_rate_bp": program.max_rate_bp,
-        "bonuses": [
-            {"when": dict(bonus.when), "add_bp": bonus.add_bp}
-            for bonus in program.bonuses
-        ],
-        "datacenters": _scope_on_the_wire(program.datacenters),
+        **terms_to_wire(program),
     }
 
 
@@ -448,21 +389,6 @@ def face_value_problem(program: Program, face_value_fen: int) -> str | None:
             f"{program.face_max_fen // 100} CNY for program {program.id}"
         )
     return None
-
-
-def effective_rate_bp(program: Program, datacenter: Mapping[str, Any]) -> int:
-    """Program rate plus every bonus that applies, capped by the maximum rate."""
-    bonus = sum(b.add_bp for b in program.bonuses if b.applies(datacenter))
-    return min(program.rate_bp + bonus, program.max_rate_bp)
-
-
-def subsidy_fen(
-    cost_fen: int, rate_bp: int, balance_fen: int, committed_fen: int
-) -> int:
-    """min(cost × rate rounded down, voucher balance, program's committed funds)."""
-    if cost_fen < 0:
-        raise ValueError("cost must be non-negative")
-    return max(0, min(apply_rate_fen(cost_fen, rate_bp), balance_fen, committed_fen))
 
 
 def usage_problem(

@@ -16,6 +16,7 @@ from nameko.messaging import Publisher
 from nameko.rpc import rpc
 from nameko.timer import timer
 
+import services.common.remote_errors  # noqa: F401 - errors cross RPC as themselves
 from services.common import vouchercode
 from services.common.amqp import (
     FEDERATION_EXCHANGE,

@@ -15,7 +15,7 @@ from nameko import config
 from nameko.rpc import rpc
 from nameko.standalone.rpc import ServiceRpcClient
 
-from services.city_registry.service import VIEWS, CityRegistryService
+from services.city_registry.service import CityRegistryService
 from services.common.amqp import FEDERATION_EXCHANGE, federation_key
 from services.common.config import DATABASE_URL, DEPLOY_DIR, STALE_AFTER_S
 from services.common.contracts import make_event
@@ -48,11 +48,6 @@ class FakeMetering:
                 },
             }
         }
-
-
-@pytest.fixture(autouse=True)
-def _fresh_view_cache():
-    VIEWS.clear()  # the registry caches its national views per process
 
 
 @pytest.fixture

@@ -7,14 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.city_registry import domain
-from services.city_registry.domain import (
+from services.city_registry.domain import events, seeds, tokens, views
+from services.city_registry.domain.events import LedgerDelta, RejectedEvent
+from services.city_registry.domain.state import (
     CityState,
     DatacenterState,
     InventoryItem,
-    LedgerDelta,
     ProgramState,
-    RejectedEvent,
 )
 from services.common.contracts import event_id, make_event
 from services.common.errors import InvalidRequest
@@ -31,28 +30,28 @@ def _bytes(body):
 
 
 def test_issue_commits_the_face_value():
-    delta = domain.ledger_delta("voucher_issued", {"face_value_fen": 150_000_00})
+    delta = events.ledger_delta("voucher_issued", {"face_value_fen": 150_000_00})
     assert delta == LedgerDelta(committed_fen=150_000_00, vouchers_issued=1)
 
 
 def test_redemption_moves_subsidy_from_committed_to_redeemed():
-    delta = domain.ledger_delta("voucher_redeemed", {"subsidy_fen": 800})
+    delta = events.ledger_delta("voucher_redeemed", {"subsidy_fen": 800})
     assert delta == LedgerDelta(committed_fen=-800, redeemed_fen=800)
 
 
 def test_correction_reversal_moves_subsidy_back():
-    delta = domain.ledger_delta("voucher_redeemed", {"subsidy_fen": -800})
+    delta = events.ledger_delta("voucher_redeemed", {"subsidy_fen": -800})
     assert delta == LedgerDelta(committed_fen=800, redeemed_fen=-800)
 
 
 def test_release_returns_the_balance():
-    delta = domain.ledger_delta("voucher_released", {"released_fen": 500})
+    delta = events.ledger_delta("voucher_released", {"released_fen": 500})
     assert delta == LedgerDelta(committed_fen=-500, released_fen=500)
 
 
 @pytest.mark.parametrize("event", ["heartbeat", "program_published"])
 def test_other_events_move_no_money(event):
-    assert domain.ledger_delta(event, {}).is_zero
+    assert events.ledger_delta(event, {}).is_zero
 
 
 @given(
@@ -66,14 +65,14 @@ def test_available_committed_redeemed_sum_to_budget(budget, faces, data):
         subsidy = data.draw(st.integers(min_value=0, max_value=face))
         rest = face - subsidy
         for delta in (
-            domain.ledger_delta("voucher_issued", {"face_value_fen": face}),
-            domain.ledger_delta("voucher_redeemed", {"subsidy_fen": subsidy}),
-            domain.ledger_delta("voucher_released", {"released_fen": rest}),
+            events.ledger_delta("voucher_issued", {"face_value_fen": face}),
+            events.ledger_delta("voucher_redeemed", {"subsidy_fen": subsidy}),
+            events.ledger_delta("voucher_released", {"released_fen": rest}),
         ):
             committed += delta.committed_fen
             redeemed += delta.redeemed_fen
             released += delta.released_fen
-    available = domain.available_fen(budget, committed, redeemed)
+    available = views.available_fen(budget, committed, redeemed)
     assert available + committed + redeemed == budget
     assert committed == 0  # every voucher fully redeemed or released
     assert redeemed + released == sum(faces)
@@ -83,19 +82,19 @@ def test_available_committed_redeemed_sum_to_budget(budget, faces, data):
 
 
 def test_city_never_heard_from_is_unknown():
-    assert domain.city_status(None, NOW, 90) == "unknown"
+    assert views.city_status(None, NOW, 90) == "unknown"
 
 
 def test_city_is_live_within_the_window_and_stale_after():
-    assert domain.city_status(NOW - timedelta(seconds=90), NOW, 90) == "live"
-    assert domain.city_status(NOW - timedelta(seconds=91), NOW, 90) == "stale"
+    assert views.city_status(NOW - timedelta(seconds=90), NOW, 90) == "live"
+    assert views.city_status(NOW - timedelta(seconds=91), NOW, 90) == "stale"
 
 
 def test_heartbeat_from_a_fast_clock_is_not_in_the_future():
     ahead = NOW + timedelta(minutes=10)
-    assert domain.heartbeat_moment(ahead, NOW) == NOW
+    assert events.heartbeat_moment(ahead, NOW) == NOW
     behind = NOW - timedelta(seconds=5)
-    assert domain.heartbeat_moment(behind, NOW) == behind
+    assert events.heartbeat_moment(behind, NOW) == behind
 
 
 # ------------------------------------------------------------- decoding
@@ -113,7 +112,7 @@ def _issued(city="shanghai", **overrides):
 
 
 def test_decode_event_loads_body_by_routing_key():
-    event, body = domain.decode_event("shanghai.voucher_issued", _bytes(_issued()))
+    event, body = events.decode_event("shanghai.voucher_issued", _bytes(_issued()))
     assert event == "voucher_issued"
     assert body["face_value_fen"] == 100
     assert body["occurred_at"].tzinfo is not None
@@ -121,7 +120,7 @@ def test_decode_event_loads_body_by_routing_key():
 
 def test_decode_event_refuses_a_body_of_another_city():
     with pytest.raises(RejectedEvent, match="names city 'chengdu'"):
-        domain.decode_event("shanghai.voucher_issued", _bytes(_issued("chengdu")))
+        events.decode_event("shanghai.voucher_issued", _bytes(_issued("chengdu")))
 
 
 @pytest.mark.parametrize(
@@ -137,17 +136,17 @@ def test_decode_event_refuses_a_body_of_another_city():
 )
 def test_decode_event_rejects_malformed_messages(routing_key, body):
     with pytest.raises(RejectedEvent):
-        domain.decode_event(routing_key, body)
+        events.decode_event(routing_key, body)
 
 
 def test_decode_event_refuses_values_wider_than_their_columns():
     body = _issued(voucher_code="SH-" + "A" * 70)
     with pytest.raises(RejectedEvent, match="voucher_code longer than 64"):
-        domain.decode_event("shanghai.voucher_issued", _bytes(body))
+        events.decode_event("shanghai.voucher_issued", _bytes(body))
 
 
 def test_routing_keys_cover_the_registry_events():
-    assert domain.ROUTING_KEYS == [
+    assert events.ROUTING_KEYS == [
         "*.program_published",
         "*.voucher_issued",
         "*.voucher_redeemed",
@@ -169,7 +168,7 @@ def test_routing_keys_cover_the_registry_events():
     ],
 )
 def test_valid_roles_are_accepted(role):
-    assert domain.validate_role(role) == role
+    assert tokens.validate_role(role) == role
 
 
 @pytest.mark.parametrize(
@@ -192,20 +191,20 @@ def test_valid_roles_are_accepted(role):
 )
 def test_invalid_roles_are_refused(role):
     with pytest.raises(InvalidRequest) as info:
-        domain.validate_role(role)
+        tokens.validate_role(role)
     assert info.value.code == "invalid_role"
 
 
 def test_tokens_are_random_and_stored_as_sha256():
-    first, second = domain.new_token(), domain.new_token()
+    first, second = tokens.new_token(), tokens.new_token()
     assert first != second and len(first) >= 40
-    digest = domain.token_digest(first)
+    digest = tokens.token_digest(first)
     assert len(digest) == 64 and first not in digest
 
 
 def test_only_the_two_newest_keys_stay_active():
-    assert domain.keys_to_revoke(["k3", "k2", "k1"]) == ["k1"]
-    assert domain.keys_to_revoke(["k2", "k1"]) == []
+    assert tokens.keys_to_revoke(["k3", "k2", "k1"]) == ["k1"]
+    assert tokens.keys_to_revoke(["k2", "k1"]) == []
 
 
 # ------------------------------------------------------------- views
@@ -224,9 +223,26 @@ def _city(**overrides):
         vouchers_issued=3,
         programs=[
             ProgramState(
-                "sh-compute-2025", "compute", 1000, 8000, "v1", SHA, 250, 150, 50
+                "sh-compute-2025",
+                "compute",
+                1000,
+                8000,
+                "v1",
+                SHA,
+                committed_fen=250,
+                redeemed_fen=150,
+                released_fen=50,
             ),
-            ProgramState("sh-data-2025", "training_data", 500, 5000, "v1", SHA, 50, 50),
+            ProgramState(
+                "sh-data-2025",
+                "training_data",
+                500,
+                5000,
+                "v1",
+                SHA,
+                committed_fen=50,
+                redeemed_fen=50,
+            ),
         ],
     )
     base.update(overrides)
@@ -246,7 +262,7 @@ def _dc(dc_id, region, count):
 
 
 def test_city_view_money_and_programs():
-    view = domain.city_view(_city(), NOW, 90)
+    view = views.city_view(_city(), NOW, 90)
     assert view["status"] == "live"
     assert view["budget_fen"] == 1500
     assert view["available_fen"] == 1500 - 300 - 200
@@ -281,7 +297,7 @@ def test_network_summary_with_metering():
         _dc("west-1", "west", 16),
         _dc("west-2", "west", 4),
     ]
-    summary = domain.network_summary(cities, dcs, OVERVIEW, NOW, 90)
+    summary = views.network_summary(views.Snapshot.of(cities, dcs, NOW, 90), OVERVIEW)
     assert summary["cities"] == 2 and summary["live_cities"] == 1
     assert summary["datacenters"] == 3
     assert summary["budget_fen"] == 1500
@@ -299,9 +315,11 @@ def test_network_summary_with_metering():
 def test_public_view_is_the_summary_beside_the_cities_it_sums():
     cities = [_city(), _city(code="chengdu", last_heartbeat_at=None, programs=[])]
     dcs = [_dc("east-1", "east", 8)]
-    view = domain.public_view(iter(cities), dcs, OVERVIEW, NOW, 90)
-    assert view["summary"] == domain.network_summary(cities, dcs, OVERVIEW, NOW, 90)
-    assert view["cities"] == [domain.city_view(c, NOW, 90) for c in cities]
+    view = views.public_view(views.Snapshot.of(iter(cities), dcs, NOW, 90), OVERVIEW)
+    assert view["summary"] == views.network_summary(
+        views.Snapshot.of(cities, dcs, NOW, 90), OVERVIEW
+    )
+    assert view["cities"] == [views.city_view(c, NOW, 90) for c in cities]
     for money in ("budget_fen", "committed_fen", "redeemed_fen", "released_fen"):
         assert view["summary"][money] == sum(c[money] for c in view["cities"])
 
@@ -324,7 +342,9 @@ def test_one_overshooting_datacenter_cannot_inflate_its_region_or_the_nation():
         _dc("west-1", "west", 16),
         _dc("west-2", "west", 4),
     ]
-    summary = domain.network_summary([_city()], dcs, overview, NOW, 90)
+    summary = views.network_summary(
+        views.Snapshot.of([_city()], dcs, NOW, 90), overview
+    )
     assert summary["regions"]["west"]["utilisation"] == pytest.approx(
         (300 + 1_200) / (600 + 1_200)
     )
@@ -333,8 +353,8 @@ def test_one_overshooting_datacenter_cannot_inflate_its_region_or_the_nation():
 
 
 def test_network_summary_without_metering_keeps_the_money():
-    summary = domain.network_summary(
-        [_city()], [_dc("east-1", "east", 8)], None, NOW, 90
+    summary = views.network_summary(
+        views.Snapshot.of([_city()], [_dc("east-1", "east", 8)], NOW, 90), None
     )
     assert summary["budget_fen"] == 1500
     assert summary["gpu_seconds"] is None and summary["utilisation"] is None
@@ -343,14 +363,16 @@ def test_network_summary_without_metering_keeps_the_money():
 
 def test_utilisation_is_null_without_capacity():
     overview = {"datacenters": {"east-1": {"gpu_seconds_total": 5}}}
-    summary = domain.network_summary([], [_dc("east-1", "east", 8)], overview, NOW, 90)
+    summary = views.network_summary(
+        views.Snapshot.of([], [_dc("east-1", "east", 8)], NOW, 90), overview
+    )
     assert summary["gpu_seconds"] == 5
     assert summary["utilisation"] is None
     assert summary["regions"]["east"]["utilisation"] is None
 
 
 def test_datacenter_view_has_contract_shape():
-    view = domain.datacenter_view(_dc("east-1", "east", 8), OVERVIEW)
+    view = views.datacenter_view(_dc("east-1", "east", 8), OVERVIEW)
     assert view["utilisation"] == 0.25
     assert view["inventory"] == [
         {
@@ -360,19 +382,19 @@ def test_datacenter_view_has_contract_shape():
             "price_fen_per_gpu_hour": 3000,
         }
     ]
-    assert domain.datacenter_view(_dc("x", "east", 1), None)["utilisation"] is None
+    assert views.datacenter_view(_dc("x", "east", 1), None)["utilisation"] is None
 
 
 def test_voucher_prefixes():
     cities = [_city(), _city(code="beijing", voucher_prefix=None)]
-    assert domain.voucher_prefixes(cities) == {"SH": "shanghai"}
+    assert views.voucher_prefixes(cities) == {"SH": "shanghai"}
 
 
 # ------------------------------------------------------------- seed files
 
 
 def test_city_seed_needs_only_the_listing_fields():
-    city = domain.parse_city_seed(
+    city = seeds.parse_city_seed(
         {
             "city": "shanghai",
             "name": "Shanghai",
@@ -400,13 +422,13 @@ def test_city_seed_needs_only_the_listing_fields():
     ],
 )
 def test_bad_city_seed_names_the_file_and_problem(data, message):
-    with pytest.raises(domain.SeedError, match=message) as info:
-        domain.parse_city_seed(data, "bad.yaml")
+    with pytest.raises(seeds.SeedError, match=message) as info:
+        seeds.parse_city_seed(data, "bad.yaml")
     assert "bad.yaml" in str(info.value)
 
 
 def test_datacenter_seeds():
-    seeds = domain.parse_datacenter_seeds(
+    parsed = seeds.parse_datacenter_seeds(
         {
             "datacenters": [
                 {
@@ -429,7 +451,25 @@ def test_datacenter_seeds():
         },
         "datacenters.yaml",
     )
-    assert seeds[0].gpus == 4 and seeds[0].government_run is True
+    assert parsed[0].gpus == 4 and parsed[0].government_run is True
+
+
+def _entry_with_item(**item):
+    """A data-centre entry, complete but for its one inventory item's faults."""
+    good = {
+        "gpu_model": "H1",
+        "count": 1,
+        "chip_origin": "imported",
+        "price_fen_per_gpu_hour": 1,
+    }
+    return {
+        "id": "dc-1",
+        "name": "n",
+        "operator": "o",
+        "city": "c",
+        "hub_region": "w",
+        "inventory": [good | item],
+    }
 
 
 @pytest.mark.parametrize(
@@ -437,44 +477,10 @@ def test_datacenter_seeds():
     [
         ({"id": "DC_1"}, "must match"),
         ({"id": "dc-1", "name": "n", "operator": "o", "city": "c"}, "hub_region"),
-        (
-            {
-                "id": "dc-1",
-                "name": "n",
-                "operator": "o",
-                "city": "c",
-                "hub_region": "w",
-                "inventory": [
-                    {
-                        "gpu_model": "H1",
-                        "count": -1,
-                        "chip_origin": "imported",
-                        "price_fen_per_gpu_hour": 1,
-                    }
-                ],
-            },
-            "count",
-        ),
-        (
-            {
-                "id": "dc-1",
-                "name": "n",
-                "operator": "o",
-                "city": "c",
-                "hub_region": "w",
-                "inventory": [
-                    {
-                        "gpu_model": "H1",
-                        "count": 1,
-                        "chip_origin": "alien",
-                        "price_fen_per_gpu_hour": 1,
-                    }
-                ],
-            },
-            "chip_origin",
-        ),
+        (_entry_with_item(count=-1), "count"),
+        (_entry_with_item(chip_origin="alien"), "chip_origin"),
     ],
 )
 def test_bad_datacenter_seed_is_refused(entry, message):
-    with pytest.raises(domain.SeedError, match=message):
-        domain.parse_datacenter_seeds({"datacenters": [entry]}, "datacenters.yaml")
+    with pytest.raises(seeds.SeedError, match=message):
+        seeds.parse_datacenter_seeds({"datacenters": [entry]}, "datacenters.yaml")

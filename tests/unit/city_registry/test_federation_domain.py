@@ -4,13 +4,14 @@ import re
 
 import pytest
 
-from services.city_registry import broker, domain
-from services.city_registry.domain import (
+from services.city_registry import broker
+from services.city_registry.domain import recommendations, reconciliation, seeds
+from services.city_registry.domain.recommendations import voucher_terms
+from services.city_registry.domain.state import (
     CityState,
     DatacenterState,
     InventoryItem,
     ProgramState,
-    VoucherTerms,
 )
 from services.common.errors import InvalidRequest
 
@@ -30,12 +31,12 @@ def _dc(dc_id, price, hub="west", gov=False, count=64):
 @pytest.mark.parametrize("code", ["", "Ningbo", "a-b", "x" * 49, None])
 def test_bad_city_codes_are_refused(code):
     with pytest.raises(InvalidRequest):
-        domain.check_city_admission(code, "Name")
+        seeds.check_city_admission(code, "Name")
 
 
 def test_datacenter_registration_needs_an_inventory():
     with pytest.raises(InvalidRequest):
-        domain.parse_datacenter_registration({"id": "dc-1", "inventory": []})
+        seeds.parse_datacenter_registration({"id": "dc-1", "inventory": []})
 
 
 def test_drift_names_city_program_and_field():
@@ -67,27 +68,24 @@ def test_drift_names_city_program_and_field():
             }
         ]
     }
-    drift = domain.ledger_drift(city, totals)
+    drift = reconciliation.ledger_drift(city, totals)
     assert {
         (d["city"], d["program_id"], d["field"], d["difference"]) for d in drift
     } == {("nb", "p", "redeemed_fen", 100), ("nb", None, "redeemed_fen", 100)}
     totals["programs"][0]["redeemed_fen"] = 600
-    assert domain.ledger_drift(city, totals) == []
+    assert reconciliation.ledger_drift(city, totals) == []
 
 
 def test_recommendations_rank_by_net_cost_after_bonuses_and_scope():
-    terms = VoucherTerms(
-        city="sh",
-        program_id="p",
-        rate_bp=5000,
-        max_rate_bp=6000,
-        bonuses=({"when": {"government_run": True}, "add_bp": 2000},),
-        datacenters={"exclude": ["banned"]},
-        balance_fen=10**9,
-        terms_published=True,
-    )
+    published = {
+        "max_rate_bp": 6000,
+        "bonuses": [{"when": {"government_run": True}, "add_bp": 2000}],
+        "datacenters": {"exclude": ["banned"]},
+    }
+    program = ProgramState(id="p", rate_bp=5000, terms=published)
+    terms = voucher_terms("sh", program, balance_fen=10**9)
     dcs = [_dc("cheap", 1000), _dc("gov", 1200, gov=True), _dc("banned", 100)]
-    ranked = domain.recommend(dcs, None, "H800", 1, 1, terms)
+    ranked = recommendations.recommend(dcs, None, "H800", 1, 1, terms)
     assert [r["datacenter_id"] for r in ranked] == ["gov", "cheap", "banned"]
     gov = ranked[0]
     assert gov["rate_bp"] == 6000 and gov["net_cost_fen"] == 1200 - 720
@@ -97,7 +95,7 @@ def test_recommendations_rank_by_net_cost_after_bonuses_and_scope():
 
 def test_recommendations_prefer_spare_capacity_at_equal_cost():
     overview = {"datacenters": {"busy": {"utilisation_window": 0.9}}}
-    ranked = domain.recommend(
+    ranked = recommendations.recommend(
         [_dc("busy", 1000), _dc("idle", 1000)], overview, "H800", 4, 1
     )
     assert [r["datacenter_id"] for r in ranked] == ["idle", "busy"]

@@ -5,10 +5,12 @@ import time
 from unittest.mock import Mock
 
 import pytest
+from eventlet.semaphore import Semaphore
 from nameko.exceptions import UnknownService
 from nameko.testing.services import worker_factory
 from sqlalchemy.orm import Session
 
+from services.city_registry.dependencies import ViewCache
 from services.city_registry.service import CityRegistryService
 from services.city_registry.store import RegistryStore
 from services.common.amqp import RawMessage
@@ -34,7 +36,14 @@ def metering():
 
 @pytest.fixture
 def service(store, metering):
-    return worker_factory(CityRegistryService, store=store, metering_rpc=metering)
+    # A cache and a lock of its own, as each container gets (dependencies.py).
+    return worker_factory(
+        CityRegistryService,
+        store=store,
+        metering_rpc=metering,
+        view_cache=ViewCache(),
+        projection_lock=Semaphore(1),
+    )
 
 
 def _message(routing_key, body):
@@ -118,8 +127,8 @@ def test_a_week_of_usage_is_kept_longer_than_a_day(service, metering):
 
     metering.usage_overview.return_value = {"datacenters": {}}
     service.national_overview()
-    day, _ = module.VIEWS._entries["usage:24"]
-    week, _ = module.VIEWS._entries["usage:168"]
+    day, _ = service.view_cache._entries["usage:24"]
+    week, _ = service.view_cache._entries["usage:168"]
     assert week - day >= 6 * module.USAGE_CACHE_S - 1
 
 
@@ -136,7 +145,7 @@ def test_a_failed_metering_answer_is_kept_only_briefly(service, metering):
 
     metering.usage_overview.side_effect = ConnectionError("broker gone")
     assert service.network_summary()["gpu_seconds"] is None
-    expires, answer = module.VIEWS._entries["usage:24"]
+    expires, answer = service.view_cache._entries["usage:24"]
     assert answer is None
     assert expires - time.monotonic() <= module.VIEW_CACHE_S < module.USAGE_CACHE_S
 

@@ -50,3 +50,22 @@ def test_timestamps_are_utc_with_z():
     assert units.format_ts(moment) == "2025-03-01T00:00:00Z"
     with pytest.raises(ValueError):
         units.parse_ts("2025-03-01T08:00:00")
+
+
+@given(st.integers(-(10**12), 10**12))
+def test_an_amount_of_cny_is_the_fen_exactly(fen):
+    # Printed without a float: equal to the float's two decimals where a
+    # float is exact, and never off by a fen beyond that.
+    text = units.format_cny_amount(fen)
+    whole, cents = text.lstrip("-").split(".")
+    assert (-1 if fen < 0 else 1) * (int(whole) * 100 + int(cents)) == fen
+    if abs(fen) < 2**50:
+        assert text == f"{fen / 100:.2f}"
+
+
+def test_rates_and_requested_gpu_time_for_people():
+    assert units.format_rate(8000) == "80 %"
+    assert units.format_rate(550) == "5.5 %"
+    assert units.format_rate(0) == "0 %"
+    assert units.gpu_seconds_of(2, 3) == 21_600
+    assert units.gpu_seconds_of(1, 0.01) == 36

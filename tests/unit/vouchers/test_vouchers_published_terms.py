@@ -5,8 +5,11 @@ import itertools
 
 import pytest
 
-from services.city_registry import domain as registry
+from services.city_registry.domain.events import program_terms
+from services.city_registry.domain.recommendations import voucher_terms
+from services.city_registry.domain.state import ProgramState
 from services.common.contracts import ProgramPublishedSchema
+from services.common.terms import effective_rate_bp
 from services.vouchers import domain
 from services.vouchers.rules import load_rules, parse_rules
 
@@ -29,26 +32,26 @@ def published(rules):
     ]
 
 
+def registry_terms(city, program):
+    """The terms the registry prices with, from a published program."""
+    state = ProgramState(
+        id=program["id"], rate_bp=program["rate_bp"], terms=program_terms(program)
+    )
+    return voucher_terms(city, state, None)
+
+
 @pytest.mark.parametrize(
     "city", ["shanghai", "chengdu", "shandong", "beijing", "shenzhen"]
 )
 def test_the_registry_prices_as_the_city_books(city):
     rules = load_rules(f"deploy/cities/{city}.yaml")
     for program, summary in zip(rules.programs, published(rules), strict=True):
-        terms = registry.VoucherTerms(
-            city=city,
-            program_id=program.id,
-            rate_bp=summary["rate_bp"],
-            max_rate_bp=summary["max_rate_bp"],
-            bonuses=tuple(summary["bonuses"]),
-            datacenters=summary["datacenters"],
-            terms_published=True,
-        )
+        terms = registry_terms(city, summary).terms
         for dc_id, attrs in DATACENTERS:
-            assert registry.scope_admits(terms.datacenters, dc_id, attrs) == (
+            assert terms.datacenters.admits(dc_id, attrs) == (
                 program.datacenters.admits(dc_id, attrs)
             )
-            rate, _ = registry.effective_rate(terms, attrs)
+            rate = effective_rate_bp(terms, attrs)
             assert rate == domain.effective_rate_bp(program, attrs)
 
 
@@ -89,20 +92,10 @@ programs:
     program = body["programs"][0]
     assert program["max_rate_bp"] == 6500
     assert program["datacenters"] == {"hub_region": "west", "exclude": ["guian-gov-02"]}
-    terms = registry.VoucherTerms(
-        city="testcity",
-        program_id="tc-1",
-        rate_bp=program["rate_bp"],
-        max_rate_bp=program["max_rate_bp"],
-        bonuses=tuple(program["bonuses"]),
-        datacenters=program["datacenters"],
-        terms_published=True,
-    )
+    terms = registry_terms("testcity", program).terms
     west_gov_domestic = DATACENTERS[0][1]
-    assert registry.effective_rate(terms, west_gov_domestic)[0] == 6500  # capped
+    assert effective_rate_bp(terms, west_gov_domestic) == 6500  # capped
     for dc_id, attrs in itertools.product(
         ["guian-gov-01", "guian-gov-02"], [west_gov_domestic]
     ):
-        assert registry.scope_admits(terms.datacenters, dc_id, attrs) == (
-            dc_id == "guian-gov-01"
-        )
+        assert terms.datacenters.admits(dc_id, attrs) == (dc_id == "guian-gov-01")

@@ -1,0 +1,87 @@
+"""Dependency providers of the registry: the cache of its computed answers and
+the lock that applies federation events one at a time. Both are one object per
+container, shared by all of its workers (STYLE.md principle 2): a test's
+container starts with its own, and nothing lives at module level."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from eventlet.semaphore import Semaphore
+from nameko.extensions import DependencyProvider
+
+# The national summary and overview are recomputed at most this often per
+# registry process: under load the portal's readers share one answer.
+VIEW_CACHE_S = 2.0
+
+
+class ViewCache:
+    """One computed answer per key for ``VIEW_CACHE_S`` (or ``ttl(answer)``);
+    shared by workers.
+
+    Single flight: while one worker recomputes an expired answer, the others
+    serve the previous one rather than all recomputing at once.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, Any]] = {}
+        self._refreshing: set[str] = set()
+        self._lock = threading.Lock()
+
+    def get(
+        self,
+        key: str,
+        compute: Callable[[], Any],
+        ttl: Callable[[Any], float] = lambda _: VIEW_CACHE_S,
+    ) -> Any:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] > now:
+                return entry[1]
+            if entry is not None and key in self._refreshing:
+                return entry[1]
+            self._refreshing.add(key)
+        try:
+            value = compute()
+        finally:
+            with self._lock:
+                self._refreshing.discard(key)
+        with self._lock:
+            self._entries[key] = (time.monotonic() + ttl(value), value)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+class Views(DependencyProvider):
+    """Injects the container's :class:`ViewCache`, the same for every worker."""
+
+    def setup(self) -> None:
+        self.cache = ViewCache()
+
+    def get_dependency(self, worker_ctx: Any) -> ViewCache:
+        return self.cache
+
+
+class ProjectionLock(DependencyProvider):
+    """Injects the container's one-at-a-time lock for federation events.
+
+    Events are applied in the order they were delivered. The increments are
+    atomic, but attribution is not: a redemption or release that does not name
+    its program (program_id is an extension of CONTRACTS §3) takes it from the
+    voucher_issued before it, which must have been applied first. Green threads
+    waiting on PostgreSQL would otherwise interleave them. The semaphore's
+    waiters are woken in FIFO order.
+    """
+
+    def setup(self) -> None:
+        self.lock = Semaphore(1)
+
+    def get_dependency(self, worker_ctx: Any) -> Semaphore:
+        return self.lock
