@@ -1,15 +1,15 @@
 """A city's voucher rules, pure Python: eligibility, subsidy and ledger arithmetic.
 
 No nameko, no SQLAlchemy, no I/O. ``rules.py`` turns a rules file into the
-types defined here; ``ledger.py`` applies the decisions taken here to the
-database. Money is integer fen, rates integer basis points (``units.py``).
+types defined here; the ``ledger`` package applies the decisions taken here to
+the database. Money is integer fen, rates integer basis points (``units.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, Union
 
 from services.common.units import apply_rate_fen
@@ -478,12 +478,58 @@ def usage_problem(
         return UNKNOWN_VOUCHER
     if voucher_status == REVOKED:
         return VOUCHER_REVOKED
-    if voucher_status != ACTIVE or started_at >= expires_at:
+    if voucher_status != ACTIVE or expired(expires_at, started_at):
         return VOUCHER_EXPIRED
     scope = program.datacenters if program is not None else ANYWHERE
     if not scope.admits(datacenter_id, datacenter):
         return VOUCHER_WRONG_DATACENTER
     return None
+
+
+# --------------------------------------------------------------------------
+# The rules the database holds the ledger to as well: the ledger decides with
+# these, and its unique index, CHECK constraints and row locks keep the
+# decisions true when two transactions race.
+
+ACTIVE_VOUCHER_EXISTS = "active_voucher_exists"
+BUDGET_EXHAUSTED = "budget_exhausted"
+
+
+def active_voucher(held: Iterable[tuple[str, str]]) -> str | None:
+    """Of one company's vouchers of one program, as (code, status), the active
+    one, which forbids issuing another; None when one may be issued.
+
+    The partial unique index ``uq_vouchers_active_company_program`` states the
+    same rule to two applications racing.
+    """
+    return next((code for code, status in held if status == ACTIVE), None)
+
+
+def expiry_date(issued_at: datetime, valid_days: int) -> datetime:
+    """When a voucher of a program valid ``valid_days`` issued then expires."""
+    return issued_at + timedelta(days=valid_days)
+
+
+def expired(expires_at: datetime, at: datetime) -> bool:
+    """Whether a voucher expiring at ``expires_at`` is past its date ``at`` a
+    moment: usage that started then is refused, and from then it is due."""
+    return at >= expires_at
+
+
+def due_to_expire(status: str, expires_at: datetime, now: datetime) -> bool:
+    """Whether the expiry timer closes this voucher ``now``."""
+    return status == ACTIVE and expired(expires_at, now)
+
+
+def covers(funds_fen: int, amount_fen: int) -> bool:
+    """Whether ``funds_fen`` cover ``amount_fen``: a program's available funds a
+    face value issued from them; a voucher's balance, and its program's
+    committed funds, a subsidy (``subsidy_fen`` caps it at both).
+
+    The CHECK constraints on ``programs`` and ``vouchers`` (no balance below
+    zero) state the same rule to the database.
+    """
+    return amount_fen <= funds_fen
 
 
 # --------------------------------------------------------------------------
