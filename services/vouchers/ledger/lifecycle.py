@@ -4,9 +4,10 @@ or revocation (its unspent balance goes back to the program's budget)."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from services.common.contracts import event_id
 from services.common.errors import Conflict, NotFound
@@ -15,6 +16,7 @@ from services.vouchers import domain
 from services.vouchers.ledger.issue import ApplicationResult, issue, one_active_voucher
 from services.vouchers.ledger.outbox import write_event
 from services.vouchers.ledger.postings import post, shift_program
+from services.vouchers.ledger.queries import not_found
 from services.vouchers.ledger.sql import dialect, locked, transaction
 from services.vouchers.models import Application, OutboxEvent, Voucher
 
@@ -35,17 +37,14 @@ def review(
     now = utcnow()
     race = "the company already holds an active voucher of the program"
     with one_active_voucher(race), transaction(session):
-        application = session.execute(
-            locked(session, select(Application).where(Application.id == application_id))
-        ).scalar_one_or_none()
-        if application is None:
-            raise NotFound("application_not_found", f"no application {application_id}")
-        if application.decision != domain.PENDING_REVIEW:
-            raise Conflict(
-                "application_not_pending",
-                f"application {application_id} is {application.decision}",
-                {"decision": application.decision},
-            )
+        application = _locked_one(session, Application.id, application_id)
+        _expect(
+            application.decision,
+            domain.PENDING_REVIEW,
+            "application_not_pending",
+            f"application {application_id}",
+            "decision",
+        )
         program = rules.program(application.program_id)
         if program is None:
             raise NotFound(
@@ -150,16 +149,30 @@ def revoke(
 ) -> tuple[Voucher, OutboxEvent]:
     """A city admin revokes an active voucher; its balance is released."""
     with transaction(session):
-        voucher = session.execute(
-            locked(session, select(Voucher).where(Voucher.code == code))
-        ).scalar_one_or_none()
-        if voucher is None:
-            raise NotFound("voucher_not_found", f"no voucher {code}")
-        if voucher.status != domain.ACTIVE:
-            raise Conflict(
-                "voucher_not_active",
-                f"voucher {code} is {voucher.status}",
-                {"status": voucher.status},
-            )
+        voucher = _locked_one(session, Voucher.code, code)
+        _expect(
+            voucher.status,
+            domain.ACTIVE,
+            "voucher_not_active",
+            f"voucher {code}",
+            "status",
+        )
         event = _close(session, rules, voucher, domain.REVOKED, actor, reason, utcnow())
     return voucher, event
+
+
+def _locked_one(session: Session, key: InstrumentedAttribute, value: str) -> Any:
+    """The row whose ``key`` is ``value``, locked; ``NotFound`` without one."""
+    model = key.class_
+    row = session.execute(
+        locked(session, select(model).where(key == value))
+    ).scalar_one_or_none()
+    if row is None:
+        raise not_found(model, value)
+    return row
+
+
+def _expect(state: str, wanted: str, code: str, what: str, field: str) -> None:
+    """``Conflict code`` unless ``what`` (its ``field``) is in state ``wanted``."""
+    if state != wanted:
+        raise Conflict(code, f"{what} is {state}", {field: state})

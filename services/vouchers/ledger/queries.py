@@ -3,6 +3,8 @@ reconciliation of the row balances with the ledger's sums."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 from sqlalchemy import func, select
@@ -24,10 +26,7 @@ def get_voucher(
     session: Session, code: str, limit: int = 100
 ) -> tuple[Voucher, list, int]:
     """The voucher, its latest ``limit`` redemption lines, and how many there are."""
-    voucher = session.get(Voucher, code)
-    if voucher is None:
-        session.rollback()
-        raise NotFound("voucher_not_found", f"no voucher {code}")
+    voucher = _found(session, Voucher, code)
     lines = list(
         session.scalars(
             select(Redemption)
@@ -39,6 +38,21 @@ def get_voucher(
     total = session.scalar(select(func.count()).where(Redemption.voucher_code == code))
     session.rollback()
     return voucher, lines[::-1], total
+
+
+def not_found(model: type, key: str) -> NotFound:
+    """``<model>_not_found``: no ``model`` row has the key ``key``."""
+    name = model.__name__.lower()
+    return NotFound(f"{name}_not_found", f"no {name} {key}")
+
+
+def _found(session: Session, model: type, key: str) -> Any:
+    """The ``model`` row of ``key``; ``NotFound`` (the read ended) without one."""
+    row = session.get(model, key)
+    if row is None:
+        session.rollback()
+        raise not_found(model, key)
+    return row
 
 
 def _page(limit: int, offset: int) -> tuple[int, int]:
@@ -60,10 +74,8 @@ def list_applications(
 
 
 def get_application(session: Session, application_id: str) -> Application:
-    row = session.get(Application, application_id)
+    row = _found(session, Application, application_id)
     session.rollback()
-    if row is None:
-        raise NotFound("application_not_found", f"no application {application_id}")
     return row
 
 
@@ -132,17 +144,10 @@ def _entries(session: Session, accounts: list[str], limit: int, offset: int):
 def voucher_statement(
     session: Session, code: str, limit: int = 1000, offset: int = 0
 ) -> tuple[Voucher, list[dict], int]:
-    limit, offset = _page(limit, offset)
-    voucher = session.get(Voucher, code)
-    if voucher is None:
-        session.rollback()
-        raise NotFound("voucher_not_found", f"no voucher {code}")
-    accounts = [
-        domain.voucher_account(code, c) for c in ("face", "redeemed", "released")
-    ]
-    entries, total = _entries(session, accounts, limit, offset)
-    session.rollback()
-    return voucher, entries, total
+    columns = ("face", "redeemed", "released")
+    return _statement(
+        session, Voucher, code, domain.voucher_account, columns, limit, offset
+    )
 
 
 PROGRAM_COLUMNS = ("available", "committed", "redeemed", "released")
@@ -151,15 +156,33 @@ PROGRAM_COLUMNS = ("available", "committed", "redeemed", "released")
 def program_statement(
     session: Session, program_id: str, limit: int = 1000, offset: int = 0
 ) -> tuple[Program, list[dict], int]:
+    return _statement(
+        session,
+        Program,
+        program_id,
+        domain.program_account,
+        PROGRAM_COLUMNS,
+        limit,
+        offset,
+    )
+
+
+def _statement(
+    session: Session,
+    model: type,
+    key: str,
+    account: Callable[[str, str], str],
+    columns: Sequence[str],
+    limit: int,
+    offset: int,
+) -> tuple[Any, list[dict], int]:
+    """The ``model`` row of ``key`` and one page of its accounts' entries."""
     limit, offset = _page(limit, offset)
-    program = session.get(Program, program_id)
-    if program is None:
-        session.rollback()
-        raise NotFound("program_not_found", f"no program {program_id}")
-    accounts = [domain.program_account(program_id, c) for c in PROGRAM_COLUMNS]
+    row = _found(session, model, key)
+    accounts = [account(key, c) for c in columns]
     entries, total = _entries(session, accounts, limit, offset)
     session.rollback()
-    return program, entries, total
+    return row, entries, total
 
 
 def ledger_totals(session: Session, rules: domain.CityRules) -> dict[str, Any]:
@@ -214,20 +237,13 @@ def check_ledger(session: Session) -> list[str]:
     )
     problems = []
     for row in session.scalars(select(Program).order_by(Program.id)):
-        columns = {
-            "available": row.available_fen,
-            "committed": row.committed_fen,
-            "redeemed": row.redeemed_fen,
-            "released": row.released_fen,
-        }
-        for column, value in columns.items():
-            ledger = int(sums.get(domain.program_account(row.id, column)) or 0)
-            if ledger != value:
-                problems.append(
-                    f"program {row.id}: {column} {value} but ledger says {ledger}"
-                )
-            if value < 0:
-                problems.append(f"program {row.id}: {column} {value} is negative")
+        problems += _drift(
+            f"program {row.id}",
+            {c: getattr(row, f"{c}_fen") for c in PROGRAM_COLUMNS},
+            partial(domain.program_account, row.id),
+            sums,
+            negative=True,
+        )
         total = row.available_fen + row.committed_fen + row.redeemed_fen
         if total != row.budget_fen:
             problems.append(
@@ -235,20 +251,37 @@ def check_ledger(session: Session) -> list[str]:
                 f"!= budget {row.budget_fen}"
             )
     for voucher in session.scalars(select(Voucher).order_by(Voucher.code)):
-        columns = {
-            "face": voucher.face_value_fen,
-            "redeemed": voucher.redeemed_fen,
-            "released": voucher.released_fen,
-        }
-        for column, value in columns.items():
-            ledger = int(sums.get(domain.voucher_account(voucher.code, column)) or 0)
-            if ledger != value:
-                problems.append(
-                    f"voucher {voucher.code}: {column} {value} but ledger says {ledger}"
-                )
+        problems += _drift(
+            f"voucher {voucher.code}",
+            {
+                "face": voucher.face_value_fen,
+                "redeemed": voucher.redeemed_fen,
+                "released": voucher.released_fen,
+            },
+            partial(domain.voucher_account, voucher.code),
+            sums,
+        )
         if voucher.balance_fen < 0:
             problems.append(
                 f"voucher {voucher.code}: balance {voucher.balance_fen} is negative"
             )
     session.rollback()
     return problems
+
+
+def _drift(
+    name: str,
+    balances: dict[str, int],
+    account: Callable[[str], str],
+    sums: dict[str, int],
+    *,
+    negative: bool = False,
+) -> Iterator[str]:
+    """Where ``name``'s balances differ from the sums of their ledger accounts
+    (and, with ``negative``, where they are below zero)."""
+    for column, value in balances.items():
+        ledger = int(sums.get(account(column)) or 0)
+        if ledger != value:
+            yield f"{name}: {column} {value} but ledger says {ledger}"
+        if negative and value < 0:
+            yield f"{name}: {column} {value} is negative"
