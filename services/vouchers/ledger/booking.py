@@ -382,23 +382,28 @@ class _Batch:
 # What is booked already
 
 
-def _as_row(row: Redemption) -> RedemptionRow:
-    return RedemptionRow(*(getattr(row, c) for c in REDEMPTION_COLUMNS))
+# Looked up as plain rows (typed, so that times come back in UTC): loading
+# ORM objects only to copy them cost a redelivered batch a quarter more time.
+_TABLE = Redemption.__table__
+_LOOKED_UP = (_TABLE.c.id, *(_TABLE.c[c] for c in REDEMPTION_COLUMNS))
+
+
+def _found(session: Session, statement, params=None) -> list[tuple[int, RedemptionRow]]:
+    """(id, row) of the redemptions ``statement`` selects (``_LOOKED_UP``)."""
+    return [(r[0], RedemptionRow(*r[1:])) for r in session.execute(statement, params)]
 
 
 def _originals(session: Session, corrected: Iterable[Key]) -> dict[Key, RedemptionRow]:
     """The booked usage rows of the ``corrected`` records not reversed yet."""
     usage, reversed_ = {}, set()
     for dc, record_ids in _by_datacenter(corrected).items():
-        for row in session.scalars(
-            select(Redemption).where(
-                Redemption.datacenter_id == dc,
-                Redemption.record_id.in_(record_ids),
-            )
-        ):
+        statement = select(*_LOOKED_UP).where(
+            _TABLE.c.datacenter_id == dc, _TABLE.c.record_id.in_(record_ids)
+        )
+        for _id, row in _found(session, statement):
             key = (row.datacenter_id, row.record_id)
             if row.kind == USAGE:
-                usage[key] = _as_row(row)
+                usage[key] = row
             else:
                 reversed_.add(key)
     return {key: row for key, row in usage.items() if key not in reversed_}
@@ -415,10 +420,11 @@ def _originals(session: Session, corrected: Iterable[Key]) -> dict[Key, Redempti
 # leads: a record's own row by its unique event id, its corrections through
 # the corrections-only index, its rejection by the unique key.
 _BOOKED_SQL = text(
-    "SELECT r.* FROM unnest(CAST(:ids AS TEXT[])) AS k(id) CROSS JOIN LATERAL "
+    f"SELECT {', '.join(f'r.{c.name}' for c in _LOOKED_UP)} "
+    "FROM unnest(CAST(:ids AS TEXT[])) AS k(id) CROSS JOIN LATERAL "
     "(SELECT * FROM redemptions WHERE event_id = k.id OFFSET 0) AS r "
     "ORDER BY r.id"
-)
+).columns(*_LOOKED_UP)
 _CORRECTIONS_SQL = text(
     "SELECT r.datacenter_id, r.correction_of, r.record_id "
     "FROM unnest(CAST(:ids AS TEXT[])) AS k(id) CROSS JOIN LATERAL "
@@ -433,16 +439,14 @@ _REJECTED_SQL = text(
 )
 
 
-def _booked(session: Session, event_ids: list[str]) -> list[Redemption]:
+def _booked(session: Session, event_ids: list[str]) -> list[tuple[int, RedemptionRow]]:
     if dialect(session) == "postgresql":
-        statement = select(Redemption).from_statement(_BOOKED_SQL)
-        return list(session.scalars(statement, {"ids": event_ids}))
-    return list(
-        session.scalars(
-            select(Redemption)
-            .where(Redemption.event_id.in_(event_ids))
-            .order_by(Redemption.id)
-        )
+        return _found(session, _BOOKED_SQL, {"ids": event_ids})
+    return _found(
+        session,
+        select(*_LOOKED_UP)
+        .where(_TABLE.c.event_id.in_(event_ids))
+        .order_by(_TABLE.c.id),
     )
 
 
@@ -488,20 +492,21 @@ def _already_done(
     # A record whose row has a correction_of was booked as a correction and
     # wrote a reversal too, under its id as the source: rare, so those are
     # read again with every row they wrote.
-    again = {(r.datacenter_id, r.source_record_id) for r in rows if r.correction_of}
+    again = {
+        (r.datacenter_id, r.source_record_id) for _id, r in rows if r.correction_of
+    }
     for dc, record_ids in _by_datacenter(again).items():
-        rows += session.scalars(
-            select(Redemption).where(
-                Redemption.datacenter_id == dc,
-                Redemption.source_record_id.in_(record_ids),
-                Redemption.kind == REVERSAL,
-            )
+        rows += _found(
+            session,
+            select(*_LOOKED_UP).where(
+                _TABLE.c.datacenter_id == dc,
+                _TABLE.c.source_record_id.in_(record_ids),
+                _TABLE.c.kind == REVERSAL,
+            ),
         )
     booked: dict[Key, list[RedemptionRow]] = {}
-    for row in sorted(rows, key=lambda r: r.id) if again else rows:
-        booked.setdefault((row.datacenter_id, row.source_record_id), []).append(
-            _as_row(row)
-        )
+    for _id, row in sorted(rows, key=lambda r: r[0]) if again else rows:
+        booked.setdefault((row.datacenter_id, row.source_record_id), []).append(row)
     done = {
         key: BookingOutcome(tuple(lines), duplicate=True)
         for key, lines in booked.items()
