@@ -76,18 +76,31 @@ def _registered_in(company: Mapping[str, Any], city: str) -> tuple[bool, str]:
     return str(actual).lower() == city.lower(), f"registered_in={actual}"
 
 
-def _max_employees(company: Mapping[str, Any], limit: int) -> tuple[bool, str]:
-    employees = company.get("employees")
-    if employees is None:
-        return False, "employees not given"
-    return employees <= limit, f"employees={employees} (at most {limit})"
+def _bound(
+    fact: str, *, at_most: bool
+) -> Callable[[Mapping[str, Any], int], tuple[bool, str]]:
+    """The check that the company's ``fact`` is at most (or at least) a bound."""
+
+    def check(company: Mapping[str, Any], bound: int) -> tuple[bool, str]:
+        value = company.get(fact)
+        if value is None:
+            return False, f"{fact} not given"
+        passed = value <= bound if at_most else value >= bound
+        word = "at most" if at_most else "at least"
+        return passed, f"{fact}={value} ({word} {bound})"
+
+    return check
 
 
-def _min_revenue(company: Mapping[str, Any], floor: int) -> tuple[bool, str]:
-    revenue = company.get("annual_revenue_cny")
-    if revenue is None:
-        return False, "annual_revenue_cny not given"
-    return revenue >= floor, f"annual_revenue_cny={revenue} (at least {floor})"
+def _bound_spec(name: str, fact: str, *, at_most: bool) -> PredicateSpec:
+    """A predicate bounding a whole-number fact (of CNY when it is money)."""
+    unit = " of CNY" if fact.endswith("_cny") else ""
+    return PredicateSpec(
+        name,
+        f"a whole number{unit} ≥ 0",
+        lambda v: _is_int(v) and v >= 0,
+        _bound(fact, at_most=at_most),
+    )
 
 
 def _research_project(company: Mapping[str, Any], wanted: bool) -> tuple[bool, str]:
@@ -98,20 +111,6 @@ def _research_project(company: Mapping[str, Any], wanted: bool) -> tuple[bool, s
     else:
         evidence = f"government_research_project={str(actual).lower()}"
     return bool(actual) == wanted, evidence
-
-
-def _min_employees(company: Mapping[str, Any], floor: int) -> tuple[bool, str]:
-    employees = company.get("employees")
-    if employees is None:
-        return False, "employees not given"
-    return employees >= floor, f"employees={employees} (at least {floor})"
-
-
-def _max_revenue(company: Mapping[str, Any], limit: int) -> tuple[bool, str]:
-    revenue = company.get("annual_revenue_cny")
-    if revenue is None:
-        return False, "annual_revenue_cny not given"
-    return revenue <= limit, f"annual_revenue_cny={revenue} (at most {limit})"
 
 
 def _sector_in(company: Mapping[str, Any], sectors: list[str]) -> tuple[bool, str]:
@@ -170,36 +169,16 @@ PREDICATES: dict[str, PredicateSpec] = {
             lambda v: isinstance(v, str) and bool(v),
             _registered_in,
         ),
-        PredicateSpec(
-            "max_employees",
-            "a whole number ≥ 0",
-            lambda v: _is_int(v) and v >= 0,
-            _max_employees,
-        ),
-        PredicateSpec(
-            "min_annual_revenue_cny",
-            "a whole number of CNY ≥ 0",
-            lambda v: _is_int(v) and v >= 0,
-            _min_revenue,
-        ),
+        _bound_spec("max_employees", "employees", at_most=True),
+        _bound_spec("min_annual_revenue_cny", "annual_revenue_cny", at_most=False),
         PredicateSpec(
             "government_research_project",
             "true or false",
             lambda v: isinstance(v, bool),
             _research_project,
         ),
-        PredicateSpec(
-            "min_employees",
-            "a whole number ≥ 0",
-            lambda v: _is_int(v) and v >= 0,
-            _min_employees,
-        ),
-        PredicateSpec(
-            "max_annual_revenue_cny",
-            "a whole number of CNY ≥ 0",
-            lambda v: _is_int(v) and v >= 0,
-            _max_revenue,
-        ),
+        _bound_spec("min_employees", "employees", at_most=False),
+        _bound_spec("max_annual_revenue_cny", "annual_revenue_cny", at_most=True),
         PredicateSpec(
             "sector_in",
             "a non-empty list of sector names",
