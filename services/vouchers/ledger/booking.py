@@ -146,6 +146,8 @@ class _Batch:
         self.rules = rules
         self.records = records
         self.now = utcnow()
+        self.vouchers: dict[str, Voucher] = {}  # locked, by code
+        self.programs: dict[str, Program] = {}  # locked, by id
         self.redemptions: list[RedemptionRow] = []
         self.rejections: list[tuple] = []
         self.entries: list[tuple] = []
