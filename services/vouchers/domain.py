@@ -1,15 +1,15 @@
 """A city's voucher rules, pure Python: eligibility, subsidy and ledger arithmetic.
 
 No nameko, no SQLAlchemy, no I/O. ``rules.py`` turns a rules file into the
-types defined here; ``ledger.py`` applies the decisions taken here to the
-database. Money is integer fen, rates integer basis points (``units.py``).
+types defined here; the ``ledger`` package applies the decisions taken here to
+the database. Money is integer fen, rates integer basis points (``units.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, Union
 
 from services.common.terms import (  # noqa: F401 - the vouchers' names for them
@@ -85,18 +85,31 @@ def _registered_in(company: Mapping[str, Any], city: str) -> tuple[bool, str]:
     return str(actual).lower() == city.lower(), f"registered_in={actual}"
 
 
-def _max_employees(company: Mapping[str, Any], limit: int) -> tuple[bool, str]:
-    employees = company.get("employees")
-    if employees is None:
-        return False, "employees not given"
-    return employees <= limit, f"employees={employees} (at most {limit})"
+def _bound(
+    fact: str, *, at_most: bool
+) -> Callable[[Mapping[str, Any], int], tuple[bool, str]]:
+    """The check that the company's ``fact`` is at most (or at least) a bound."""
+
+    def check(company: Mapping[str, Any], bound: int) -> tuple[bool, str]:
+        value = company.get(fact)
+        if value is None:
+            return False, f"{fact} not given"
+        passed = value <= bound if at_most else value >= bound
+        word = "at most" if at_most else "at least"
+        return passed, f"{fact}={value} ({word} {bound})"
+
+    return check
 
 
-def _min_revenue(company: Mapping[str, Any], floor: int) -> tuple[bool, str]:
-    revenue = company.get("annual_revenue_cny")
-    if revenue is None:
-        return False, "annual_revenue_cny not given"
-    return revenue >= floor, f"annual_revenue_cny={revenue} (at least {floor})"
+def _bound_spec(name: str, fact: str, *, at_most: bool) -> PredicateSpec:
+    """A predicate bounding a whole-number fact (of CNY when it is money)."""
+    unit = " of CNY" if fact.endswith("_cny") else ""
+    return PredicateSpec(
+        name,
+        f"a whole number{unit} ≥ 0",
+        lambda v: _is_int(v) and v >= 0,
+        _bound(fact, at_most=at_most),
+    )
 
 
 def _research_project(company: Mapping[str, Any], wanted: bool) -> tuple[bool, str]:
@@ -107,20 +120,6 @@ def _research_project(company: Mapping[str, Any], wanted: bool) -> tuple[bool, s
     else:
         evidence = f"government_research_project={str(actual).lower()}"
     return bool(actual) == wanted, evidence
-
-
-def _min_employees(company: Mapping[str, Any], floor: int) -> tuple[bool, str]:
-    employees = company.get("employees")
-    if employees is None:
-        return False, "employees not given"
-    return employees >= floor, f"employees={employees} (at least {floor})"
-
-
-def _max_revenue(company: Mapping[str, Any], limit: int) -> tuple[bool, str]:
-    revenue = company.get("annual_revenue_cny")
-    if revenue is None:
-        return False, "annual_revenue_cny not given"
-    return revenue <= limit, f"annual_revenue_cny={revenue} (at most {limit})"
 
 
 def _sector_in(company: Mapping[str, Any], sectors: list[str]) -> tuple[bool, str]:
@@ -179,36 +178,16 @@ PREDICATES: dict[str, PredicateSpec] = {
             lambda v: isinstance(v, str) and bool(v),
             _registered_in,
         ),
-        PredicateSpec(
-            "max_employees",
-            "a whole number ≥ 0",
-            lambda v: _is_int(v) and v >= 0,
-            _max_employees,
-        ),
-        PredicateSpec(
-            "min_annual_revenue_cny",
-            "a whole number of CNY ≥ 0",
-            lambda v: _is_int(v) and v >= 0,
-            _min_revenue,
-        ),
+        _bound_spec("max_employees", "employees", at_most=True),
+        _bound_spec("min_annual_revenue_cny", "annual_revenue_cny", at_most=False),
         PredicateSpec(
             "government_research_project",
             "true or false",
             lambda v: isinstance(v, bool),
             _research_project,
         ),
-        PredicateSpec(
-            "min_employees",
-            "a whole number ≥ 0",
-            lambda v: _is_int(v) and v >= 0,
-            _min_employees,
-        ),
-        PredicateSpec(
-            "max_annual_revenue_cny",
-            "a whole number of CNY ≥ 0",
-            lambda v: _is_int(v) and v >= 0,
-            _max_revenue,
-        ),
+        _bound_spec("min_employees", "employees", at_most=False),
+        _bound_spec("max_annual_revenue_cny", "annual_revenue_cny", at_most=True),
         PredicateSpec(
             "sector_in",
             "a non-empty list of sector names",
@@ -404,12 +383,58 @@ def usage_problem(
         return UNKNOWN_VOUCHER
     if voucher_status == REVOKED:
         return VOUCHER_REVOKED
-    if voucher_status != ACTIVE or started_at >= expires_at:
+    if voucher_status != ACTIVE or expired(expires_at, started_at):
         return VOUCHER_EXPIRED
     scope = program.datacenters if program is not None else ANYWHERE
     if not scope.admits(datacenter_id, datacenter):
         return VOUCHER_WRONG_DATACENTER
     return None
+
+
+# --------------------------------------------------------------------------
+# The rules the database holds the ledger to as well: the ledger decides with
+# these, and its unique index, CHECK constraints and row locks keep the
+# decisions true when two transactions race.
+
+ACTIVE_VOUCHER_EXISTS = "active_voucher_exists"
+BUDGET_EXHAUSTED = "budget_exhausted"
+
+
+def active_voucher(held: Iterable[tuple[str, str]]) -> str | None:
+    """Of one company's vouchers of one program, as (code, status), the active
+    one, which forbids issuing another; None when one may be issued.
+
+    The partial unique index ``uq_vouchers_active_company_program`` states the
+    same rule to two applications racing.
+    """
+    return next((code for code, status in held if status == ACTIVE), None)
+
+
+def expiry_date(issued_at: datetime, valid_days: int) -> datetime:
+    """When a voucher of a program valid ``valid_days`` issued then expires."""
+    return issued_at + timedelta(days=valid_days)
+
+
+def expired(expires_at: datetime, at: datetime) -> bool:
+    """Whether a voucher expiring at ``expires_at`` is past its date ``at`` a
+    moment: usage that started then is refused, and from then it is due."""
+    return at >= expires_at
+
+
+def due_to_expire(status: str, expires_at: datetime, now: datetime) -> bool:
+    """Whether the expiry timer closes this voucher ``now``."""
+    return status == ACTIVE and expired(expires_at, now)
+
+
+def covers(funds_fen: int, amount_fen: int) -> bool:
+    """Whether ``funds_fen`` cover ``amount_fen``: a program's available funds a
+    face value issued from them; a voucher's balance, and its program's
+    committed funds, a subsidy (``subsidy_fen`` caps it at both).
+
+    The CHECK constraints on ``programs`` and ``vouchers`` (no balance below
+    zero) state the same rule to the database.
+    """
+    return amount_fen <= funds_fen
 
 
 # --------------------------------------------------------------------------

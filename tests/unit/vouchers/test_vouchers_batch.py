@@ -7,17 +7,20 @@ corrections, balances running out) cut into any batches, both give the same
 outcome per record and the same books.
 """
 
-from datetime import timedelta
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from services.common.units import utcnow
 from services.vouchers import domain, ledger
 from services.vouchers.models import Program, Redemption, RejectedUsage, Voucher
 
-from .conftest import EAST_COMMERCIAL, WEST_GOVERNMENT, company, make_session_factory
+from .conftest import (
+    EAST_COMMERCIAL,
+    WEST_GOVERNMENT,
+    company,
+    make_session_factory,
+    usage,
+)
 
 # Vouchers: two of tc-compute (one small), one of tc-west (west data centres
 # only), and one code that does not exist.
@@ -88,25 +91,14 @@ def _books(city_rules, session=None):
 
 def _record(abstract, codes):
     record_id, voucher, cost, where, correction_of = abstract
-    started = utcnow() - timedelta(hours=2)
-    return {
-        "event_id": f"ev-{record_id}",
-        "record_id": record_id,
-        "datacenter_id": "dc-a",
-        "tenant_id": "tenant-1",
-        "voucher_code": codes[voucher],
-        "gpu_model": "H800",
-        "gpu_count": 1,
-        "started_at": started,
-        "ended_at": started + timedelta(hours=1),
-        "gpu_seconds": 3600,
-        "source": "slurm",
-        "job_id": None,
-        "correction_of": correction_of,
-        "cost_fen": cost,
-        "unit_price_fen_per_gpu_hour": cost,
-        "datacenter": dict(WEST_GOVERNMENT if where == "west" else EAST_COMMERCIAL),
-    }
+    return usage(
+        codes[voucher],
+        cost,
+        WEST_GOVERNMENT if where == "west" else EAST_COMMERCIAL,
+        event_id=f"ev-{record_id}",
+        record_id=record_id,
+        correction_of=correction_of,
+    )
 
 
 def _state(session, codes):

@@ -1,0 +1,66 @@
+"""The city's ledger in its database: each operation is one transaction.
+
+``domain`` decides; this package locks, writes the rows and the append-only
+ledger entries, and commits. Its modules, along the seams of the work:
+
+- ``sql``: what differs between PostgreSQL and SQLite (row locks or a process
+  lock, COPY or INSERT), and the transaction every write runs in;
+- ``postings``, ``outbox``: ledger entries, budget shifts, federation events;
+- ``programs``: the program rows funded from the rules file;
+- ``issue``: applications and the issue of vouchers;
+- ``booking``: rated usage booked, once, in batches (a record is a batch of one);
+- ``lifecycle``: review, expiry and revocation;
+- ``queries``: listings, statements, totals and the reconciliation;
+- ``city``: ``CityLedger``, the session and rules a worker gets injected.
+"""
+
+from services.vouchers.ledger.booking import (
+    REVERSAL,
+    USAGE,
+    BookingOutcome,
+    RedemptionRow,
+    book_usage,
+    book_usage_batch,
+)
+from services.vouchers.ledger.city import CityLedger
+from services.vouchers.ledger.issue import ApplicationResult, apply
+from services.vouchers.ledger.lifecycle import expire_due, review, revoke
+from services.vouchers.ledger.outbox import mark_published, pending_events
+from services.vouchers.ledger.programs import program_states, sync_programs
+from services.vouchers.ledger.queries import (
+    check_ledger,
+    get_application,
+    get_voucher,
+    ledger_totals,
+    list_applications,
+    list_vouchers,
+    program_statement,
+    voucher_statement,
+)
+
+__all__ = [
+    "REVERSAL",
+    "USAGE",
+    "ApplicationResult",
+    "BookingOutcome",
+    "CityLedger",
+    "RedemptionRow",
+    "apply",
+    "book_usage",
+    "book_usage_batch",
+    "check_ledger",
+    "expire_due",
+    "get_application",
+    "get_voucher",
+    "ledger_totals",
+    "list_applications",
+    "list_vouchers",
+    "mark_published",
+    "pending_events",
+    "program_statement",
+    "program_states",
+    "review",
+    "revoke",
+    "sync_programs",
+    "voucher_statement",
+]
