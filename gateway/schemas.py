@@ -12,6 +12,7 @@ from __future__ import annotations
 from marshmallow import RAISE, Schema, fields, validate
 
 from services.common.contracts import CITY_CODE_PATTERN, UtcTimestamp
+from services.vouchers import schemas as vouchers_schemas
 
 APPLICATION_STATUSES = ("approved", "rejected", "pending_review")
 VOUCHER_STATUSES = ("active", "exhausted", "expired", "revoked")
@@ -67,17 +68,14 @@ class CompanySchema(Schema):
     sector = fields.String(validate=validate.Length(max=100))
 
 
-class ApplicationRequestSchema(Schema):
-    """``POST /api/v1/cities/<city>/applications``: a company asks for a voucher."""
+class ApplicationRequestSchema(vouchers_schemas.ApplicationRequestSchema):
+    """``POST /api/v1/cities/<city>/applications``: a company asks for a voucher.
 
-    class Meta:
-        unknown = RAISE
+    The city's own request body, with the portal's stricter company (a city
+    code for ``registered_in``) checked before the request leaves the portal.
+    """
 
-    program_id = fields.String(required=True, validate=validate.Length(1, 64))
     company = fields.Nested(CompanySchema, required=True)
-    requested_face_value_cny = fields.Integer(
-        required=True, strict=True, validate=validate.Range(min=1)
-    )
 
 
 class ReviewRequestSchema(Schema):
