@@ -67,7 +67,7 @@ from services.common.amqp import (  # noqa: E402
     durable_queue,
 )
 from services.common.contracts import canonical_json  # noqa: E402
-from services.metering.testing import signed_headers, usage, voucher  # noqa: E402
+from tests.support.metering_data import signed_headers, usage, voucher  # noqa: E402
 
 MANAGEMENT = os.environ.get("RABBIT_MANAGEMENT", "http://guest:guest@localhost:15672")
 PG_ADMIN = os.environ.get(
@@ -228,7 +228,7 @@ def run_metering(
     )
     python = sys.executable
     registry = subprocess.Popen(
-        [python, "-m", "services.metering.testing", amqp_uri], cwd=ROOT, env=env
+        [python, "-m", "tests.support.metering_data", amqp_uri], cwd=ROOT, env=env
     )
     # e.g. BENCH_PROFILE=var/metering.py-spy to record where metering's time goes
     profile = os.environ.get("BENCH_PROFILE")

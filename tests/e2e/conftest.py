@@ -19,7 +19,7 @@ import psycopg
 import pytest
 import requests
 
-from tests.ports import free_block
+from tests.support.ports import free_block
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_PG = os.environ.get(

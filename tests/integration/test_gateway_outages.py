@@ -31,13 +31,13 @@ from services.common.config import AMQP_URI, DATABASE_URL, REGISTRY_CACHE_TTL_S
 from services.common.migrations import upgrade
 from services.common.units import format_ts, utcnow
 from services.metering.service import MeteringService
-from services.metering.testing import (
+from tests.support.metering_data import (
     DATACENTER_ID,
     KEY_ID,
     SECRET,
     StandInRegistry,
 )
-from tests.ports import free_block
+from tests.support.ports import free_block
 
 pytestmark = pytest.mark.integration
 

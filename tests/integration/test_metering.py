@@ -21,7 +21,7 @@ from services.common.migrations import upgrade
 from services.common.units import parse_ts, rate_cost_fen, utcnow
 from services.metering.domain import usage_rated_event_id
 from services.metering.service import MeteringService
-from services.metering.testing import (
+from tests.support.metering_data import (
     DATACENTER_ID,
     KEY_ID,
     PREFIXES,

@@ -35,7 +35,7 @@ from services.common.units import format_ts, utcnow
 from services.metering import ingest
 from services.metering.registry import CachedRegistry, RegistryCacheState
 from services.metering.service import USAGE_QUEUE, MeteringService
-from services.metering.testing import (
+from tests.support.metering_data import (
     DATACENTER_ID,
     KEY_ID,
     SECRET,

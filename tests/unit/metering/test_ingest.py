@@ -22,7 +22,7 @@ from services.metering.models import (
     UsageTotal,
 )
 from services.metering.registry import CachedRegistry, RegistryCacheState
-from services.metering.testing import (
+from tests.support.metering_data import (
     DATACENTER,
     DATACENTER_ID,
     KEY_ID,

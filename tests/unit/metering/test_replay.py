@@ -14,7 +14,7 @@ from services.common.units import format_ts, utcnow
 from services.metering import ingest, reports
 from services.metering.models import DeadLetter, UsageRecord
 from services.metering.registry import CachedRegistry, RegistryCacheState
-from services.metering.testing import (
+from tests.support.metering_data import (
     DATACENTER,
     DATACENTER_ID,
     KEY_ID,

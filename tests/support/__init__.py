@@ -1,0 +1,19 @@
+"""What the three rings of tests share, written once (STYLE.md principle 8).
+
+- :mod:`tests.support.plugin`: the pytest plugin (registered by
+  ``tests/conftest.py``): eventlet patching, PostgreSQL and SQLite databases,
+  the metering service with its stand-in registry;
+- :mod:`tests.support.polling`: ``eventually``, the one poll-until-true;
+- :mod:`tests.support.bus`: what the tests read from RabbitMQ (queue depths,
+  acknowledged counts, draining a test queue);
+- :mod:`tests.support.management`: RabbitMQ's management API;
+- :mod:`tests.support.ports`: free ports for the tests' own servers;
+- :mod:`tests.support.metering_data`: a registered data centre, its key,
+  usage records and signed messages; its stand-in registry also runs as a
+  process (``python -m tests.support.metering_data AMQP_URI``, the benches);
+- :mod:`tests.support.vouchers_data`: companies, applications and
+  ``usage_rated`` events for a city's voucher service.
+
+Importing this package imports nothing else: a bench may use the factories
+without the plugin's eventlet patching.
+"""
