@@ -74,7 +74,7 @@ PG_ADMIN = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 WINDOW = 2000  # messages published and not yet confirmed, at most
-ROUTING_KEY = "guian-gov-01.usage"  # the data centre of services/metering/testing.py
+ROUTING_KEY = "guian-gov-01.usage"  # DATACENTER_ID of tests/support/metering_data.py
 STALL_S = 60  # metering published nothing for this long: it is stuck
 
 

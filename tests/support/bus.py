@@ -85,13 +85,13 @@ def drain(simple, until, timeout: float = 15.0) -> list[tuple[str, Any]]:
     return messages
 
 
-def empty(simple) -> list[tuple[str, Any]]:
-    """Everything in a kombu ``SimpleQueue`` now (it is read until empty)."""
-    messages: list[tuple[str, Any]] = []
+def empty(simple) -> list[Any]:
+    """Every message in a kombu ``SimpleQueue`` now, acked (read until empty)."""
+    messages = []
     while True:
         try:
             message = simple.get(block=False)
         except simple.Empty:
             return messages
-        messages.append((message.delivery_info["routing_key"], message.payload))
         message.ack()
+        messages.append(message)
