@@ -2,8 +2,8 @@
 
 The unit test (``tests/unit/vouchers/test_vouchers_batch.py``) proves it on
 SQLite; on PostgreSQL the batch path has lookups (LATERAL probes) and writes
-(COPY) of its own, so the same property runs here on two real databases,
-emptied between examples.
+(COPY) of its own, so the same property (``tests/support/vouchers_books.py``)
+runs here on two real databases, emptied between examples.
 """
 
 import pytest
@@ -14,15 +14,15 @@ from sqlalchemy.orm import sessionmaker
 from services.common.db import make_engine
 from services.common.migrations import upgrade
 from services.vouchers.rules import parse_rules
-from tests.unit.vouchers.conftest import CITY_RULES
-from tests.unit.vouchers.test_vouchers_batch import (
-    _books,
-    _stream,
+from tests.support.vouchers_books import (
     check_batches_book_like_one_by_one,
     check_correction_redelivered_without_correction_of,
     cuts,
+    funded_books,
     steps,
+    stream_of,
 )
+from tests.support.vouchers_data import CITY_RULES
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,7 @@ def _fresh(factory):
     session = factory()
     session.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
     session.commit()
-    _engine, session, codes = _books(RULES, session)
+    _engine, session, codes = funded_books(RULES, session)
     return session, codes
 
 
@@ -60,7 +60,7 @@ def _fresh(factory):
 )
 @given(steps, cuts)
 def test_batches_book_like_one_by_one_on_postgresql(databases, history, sizes):
-    stream = _stream(history)
+    stream = stream_of(history)
     one, one_codes = _fresh(databases[0])
     batch, batch_codes = _fresh(databases[1])
     try:

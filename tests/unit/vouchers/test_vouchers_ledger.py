@@ -12,35 +12,13 @@ from services.common.errors import Conflict
 from services.common.units import apply_rate_fen
 from services.vouchers import domain, ledger
 from services.vouchers.models import LedgerEntry, Program, RejectedUsage, Voucher
-
-from .conftest import (
+from tests.support.vouchers_books import issue, program_row
+from tests.support.vouchers_data import (
     EAST_COMMERCIAL,
     WEST_GOVERNMENT,
-    company,
     make_session_factory,
     usage,
 )
-
-
-def issue(session, rules, program_id="tc-compute", face_fen=1000_00, **overrides):
-    program = rules.program(program_id)
-    applicant = company(**overrides)
-    decision = domain.decide(program, applicant)
-    return ledger.apply(session, rules, program, applicant, face_fen, decision)
-
-
-@pytest.fixture
-def books(session_factory, city_rules):
-    session = session_factory()
-    ledger.sync_programs(session, city_rules)
-    yield session
-    session.close()
-
-
-def program_row(session, program_id="tc-compute"):
-    row = session.get(Program, program_id, populate_existing=True)
-    session.rollback()
-    return row
 
 
 def test_programs_are_funded_once(books, city_rules):

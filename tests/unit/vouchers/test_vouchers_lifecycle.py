@@ -15,17 +15,13 @@ from services.common.errors import Conflict, InvalidRequest, NotFound
 from services.common.units import apply_rate_fen, utcnow
 from services.vouchers import domain, ledger
 from services.vouchers.models import OutboxEvent, Program, Voucher
-
-from .conftest import EAST_COMMERCIAL, WEST_GOVERNMENT, make_session_factory, usage
-from .test_vouchers_ledger import issue, program_row
-
-
-@pytest.fixture
-def books(session_factory, city_rules):
-    session = session_factory()
-    ledger.sync_programs(session, city_rules)
-    yield session
-    session.close()
+from tests.support.vouchers_books import issue, program_row
+from tests.support.vouchers_data import (
+    EAST_COMMERCIAL,
+    WEST_GOVERNMENT,
+    make_session_factory,
+    usage,
+)
 
 
 def outbox(session):

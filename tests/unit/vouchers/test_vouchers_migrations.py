@@ -10,8 +10,7 @@ from services.common.db import make_engine
 from services.common.migrations import upgrade
 from services.vouchers import domain, ledger
 from services.vouchers.models import Base
-
-from .conftest import company, usage
+from tests.support.vouchers_data import company, usage
 
 
 def test_migration_matches_models(sqlite_url):
