@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import nameko
@@ -33,8 +32,10 @@ from services.common.units import apply_rate_fen
 from services.vouchers import domain, ledger
 from services.vouchers.models import Program, Redemption, Voucher
 from services.vouchers.rules import parse_rules
-
-from .test_vouchers import COMMERCIAL, application, rated
+from tests.support.bus import wait_acked
+from tests.support.polling import eventually
+from tests.support.vouchers_data import EAST_COMMERCIAL as COMMERCIAL
+from tests.support.vouchers_data import application, rated
 
 pytestmark = pytest.mark.integration
 
@@ -249,16 +250,6 @@ def _start(env):
     )
 
 
-def _wait(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_sigkill_mid_stream_then_restart_books_every_record_once(
     rabbit_config, pg_url_factory
 ):
@@ -276,7 +267,12 @@ def test_sigkill_mid_stream_then_restart_books_every_record_once(
     try:
         with ClusterRpcClient(uri=uri, timeout=10) as rpc:
             city = rpc.vouchers_shanghai
-            _wait(lambda: _try(city.program_states), 30, "the city to start")
+            eventually(
+                lambda: city.program_states() is not None,
+                30,
+                "the city to start",
+                ignoring=(Exception,),  # not up yet
+            )
             code = city.apply(application())["voucher"]["code"]
         total = 600
         with Connection(uri) as connection:
@@ -295,14 +291,16 @@ def test_sigkill_mid_stream_then_restart_books_every_record_once(
             with Session(engine) as session:
                 return session.scalar(select(func.count()).select_from(Redemption))
 
-        _wait(lambda: booked() >= 50, 30, "some bookings")
+        eventually(lambda: booked() >= 50, 30, "some bookings")
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         killed_at = booked()
         assert killed_at < total, "the stream finished before the kill"
         process = _start(env)
-        _wait(lambda: booked() == total, 60, f"all {total} bookings")
-        time.sleep(0.5)
+        eventually(lambda: booked() == total, 60, f"all {total} bookings")
+        # Every delivery acked (the killed process's went back to the queue):
+        # a record booked twice would show now.
+        wait_acked(uri, "vouchers_shanghai.usage_rated", total)
         with Session(engine) as session:
             assert booked() == total
             ids = session.scalars(select(Redemption.record_id)).all()
@@ -314,10 +312,3 @@ def test_sigkill_mid_stream_then_restart_books_every_record_once(
     finally:
         process.kill()
         process.wait(10)
-
-
-def _try(call):
-    try:
-        return call() or True
-    except Exception:  # noqa: BLE001 - not up yet
-        return False

@@ -20,8 +20,6 @@ from datetime import timedelta
 import eventlet
 import nameko
 import pytest
-from kombu import Connection, Queue, binding
-from kombu.simple import SimpleQueue
 from nameko.messaging import Publisher
 from nameko.standalone.rpc import ClusterRpcClient
 from sqlalchemy import select, update
@@ -37,7 +35,6 @@ from services.common.config import (
 )
 from services.common.db import make_engine
 from services.common.errors import Conflict, InvalidRequest, NotFound
-from services.common.migrations import upgrade
 from services.common.units import utcnow
 from services.vouchers import ledger
 from services.vouchers.models import OutboxEvent, Voucher
@@ -47,9 +44,11 @@ from services.vouchers.service import (
     VouchersService,
     build,
 )
-
-from .test_metering import wait_for
-from .test_vouchers import COMMERCIAL, application, drain, rated
+from tests.support import bus
+from tests.support.bus import drain
+from tests.support.polling import eventually
+from tests.support.vouchers_data import EAST_COMMERCIAL as COMMERCIAL
+from tests.support.vouchers_data import application, rated
 
 pytestmark = pytest.mark.integration
 
@@ -102,27 +101,6 @@ class FlakyPublisher(Publisher):
 
 
 @pytest.fixture
-def database(pg_url_factory):
-    url = pg_url_factory("vouchers")
-    upgrade("vouchers", url)
-    return url
-
-
-@pytest.fixture
-def federation(rabbit_config):
-    """A test queue seeing everything the city publishes."""
-    with Connection(nameko.config["AMQP_URI"]) as connection:
-        queue = Queue(
-            "test.federation",
-            bindings=[binding(FEDERATION_EXCHANGE, routing_key=f"{CITY}.#")],
-        )
-        queue(connection.channel()).declare()
-        simple = SimpleQueue(connection, queue)
-        yield connection, simple
-        simple.close()
-
-
-@pytest.fixture
 def rules_file(tmp_path):
     path = tmp_path / "shanghai.yaml"
     path.write_text(RULES)
@@ -130,12 +108,12 @@ def rules_file(tmp_path):
 
 
 @pytest.fixture
-def start_container(database, federation, container_factory, rules_file):
+def start_container(vouchers_db, federation, container_factory, rules_file):
     """``start_container(publisher=None)`` → a running container of the city."""
 
     def start(publisher=None):
         config = {
-            DATABASE_URL: database,
+            DATABASE_URL: vouchers_db,
             CITY_CODE: CITY,
             RULES_FILE: str(rules_file),
             HEARTBEAT_INTERVAL_S: 5,
@@ -172,8 +150,8 @@ def start_city(start_container):
 
 
 @pytest.fixture
-def engine(database):
-    engine = make_engine(database)
+def engine(vouchers_db):
+    engine = make_engine(vouchers_db)
     yield engine
     engine.dispose()
 
@@ -407,20 +385,6 @@ def test_outbox_timer_publishes_an_event_whose_publish_failed(
         assert row.published_at is not None
 
 
-def _ready(connection, queue: str) -> int | None:
-    """The messages waiting in ``queue`` (not those delivered and unacked)."""
-    channel = connection.channel()
-    try:
-        return channel.queue_declare(queue, passive=True).message_count
-    except Exception:  # noqa: BLE001 - not declared yet
-        return None
-    finally:
-        try:
-            channel.close()
-        except Exception:  # noqa: BLE001 - a failed declare closed it
-            pass
-
-
 def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
     start_container, federation, engine, monkeypatch
 ):
@@ -435,7 +399,9 @@ def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
     with ClusterRpcClient(uri=nameko.config["AMQP_URI"], timeout=10) as rpc:
         city = getattr(rpc, f"vouchers_{CITY}")
         code = city.apply(application())["voucher"]["code"]
-    assert wait_for(lambda: _ready(connection, queue) is not None)
+    assert eventually(
+        lambda: bus.ready(connection, queue) is not None, 15, f"{queue} declared"
+    )
 
     by_py_amqp = []  # deliveries the hand reader left to py-amqp
     real_raw = batching._raw
@@ -481,7 +447,7 @@ def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
             message_id=f"m-{n}",
         )
 
-    assert wait_for(lambda: held)
+    assert eventually(lambda: held, 15, "a batch's events held back")
     time.sleep(0.5)  # long enough for a consumer that acks too early to do so
     assert handed and not by_py_amqp
     for message in handed:
@@ -492,7 +458,11 @@ def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
         assert not message.redelivered
         assert json.loads(message.body)["record_id"] == f"h{n}"
     first.kill()  # booked, never confirmed: nothing may have been acked
-    assert wait_for(lambda: _ready(connection, queue) == count), "acked too early"
+    assert eventually(
+        lambda: bus.ready(connection, queue) == count,
+        15,
+        f"all {count} messages back in the queue (none acked too early)",
+    ), "acked too early"
 
     handed.clear()
     release.send()
@@ -505,7 +475,7 @@ def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
     assert len(handed) == count and not by_py_amqp
     assert all(message.redelivered for message in handed)
     second.stop()  # what was not acked goes back to the queue
-    assert _ready(connection, queue) == 0
+    assert bus.ready(connection, queue) == 0
     with Session(engine) as session:
         voucher = session.scalar(select(Voucher).where(Voucher.code == code))
         assert voucher.redeemed_fen == count * 800

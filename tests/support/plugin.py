@@ -11,6 +11,7 @@ Registered by ``tests/conftest.py`` (``pytest_plugins``), so it is loaded for
   test's tmp_path; ``metering_db`` and ``vouchers_db`` are migrated ones.
 - ``metering`` runs the metering service (its config in ``metering_config``,
   which a module may override) beside ``registry_stand_in``.
+- ``federation`` is a test queue seeing what the city of Shanghai publishes.
 """
 
 import os
@@ -27,7 +28,10 @@ from collections.abc import Callable, Iterator  # noqa: E402
 import nameko  # noqa: E402
 import psycopg  # noqa: E402
 import pytest  # noqa: E402
+from kombu import Connection, Queue, binding  # noqa: E402
+from kombu.simple import SimpleQueue  # noqa: E402
 
+from services.common.amqp import FEDERATION_EXCHANGE  # noqa: E402
 from services.common.config import (  # noqa: E402
     AMQP_URI,
     DATABASE_URL,
@@ -112,3 +116,18 @@ def metering(registry_stand_in, metering_config, container_factory) -> Iterator[
     with nameko.config.patch(metering_config):
         container_factory(MeteringService).start()
         yield registry_stand_in
+
+
+@pytest.fixture
+def federation(rabbit_config) -> Iterator[tuple[Connection, SimpleQueue]]:
+    """``(connection, queue)``: a test queue seeing everything Shanghai
+    publishes on ``computenet.federation``."""
+    with Connection(nameko.config[AMQP_URI]) as connection:
+        queue = Queue(
+            "test.federation",
+            bindings=[binding(FEDERATION_EXCHANGE, routing_key="shanghai.#")],
+        )
+        queue(connection.channel()).declare()
+        simple = SimpleQueue(connection, queue)
+        yield connection, simple
+        simple.close()
