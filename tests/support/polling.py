@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import requests
+
 T = TypeVar("T")
 
 
@@ -39,3 +41,23 @@ def eventually(
                 f"timed out after {timeout:g} s waiting for {named}; last: {last!r}"
             )
         time.sleep(interval)
+
+
+# What a probe of a network over HTTP may raise while the network is still
+# starting or settling: a refused connection, an error page that is not JSON,
+# an answer without the figure yet.
+HTTP_HICCUPS = (requests.RequestException, ValueError, KeyError)
+
+
+def eventually_over_http(
+    predicate: Callable[[], T],
+    timeout: float = 90.0,
+    what: str | Callable[[], str] = "the network",
+    *,
+    interval: float = 0.5,
+) -> T:
+    """:func:`eventually` for probes that ask a running network over HTTP
+    (the e2e ring): patient, and the :data:`HTTP_HICCUPS` count as "not yet"."""
+    return eventually(
+        predicate, timeout, what, interval=interval, ignoring=HTTP_HICCUPS
+    )
