@@ -173,7 +173,8 @@ def rated(
     that ended a minute ago (event id ``rated-<record_id>`` unless given)."""
     started_at = utcnow() - timedelta(minutes=1, hours=1)
     fields = _usage_fields(voucher_code, cost_fen, datacenter, started_at)
-    fields.update(record_id=record_id, datacenter_id="dc-test-01", **overrides)
+    fields.update(record_id=record_id, datacenter_id="dc-test-01")
+    fields.update(overrides)
     return make_event("usage_rated", city, event_id or f"rated-{record_id}", **fields)
 
 
