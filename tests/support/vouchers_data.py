@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine
@@ -21,14 +22,42 @@ from services.common.contracts import make_event
 from services.common.units import utcnow
 from services.vouchers.models import Base
 
-# The unit tests' city: three programs (one auto-approved with bonuses, one
-# for western data centres, one reviewed by hand for data centre dc-a).
-CITY_RULES = b"""
+# The test city, as its rules file opens; the programs follow.
+RULES_HEADER = """\
 city: testcity
 name: Test City
 region: east
 voucher_prefix: TC
 programs:
+"""
+# The cities' rules files a deployment starts from.
+DEPLOY_CITIES = Path(__file__).resolve().parents[2] / "deploy" / "cities"
+
+# The smallest valid rules file of the test city: one program.
+MINIMAL_RULES = (
+    RULES_HEADER
+    + """\
+  - id: tc-compute
+    kind: compute
+    budget_cny: 1000000
+    rate_percent: 80
+    max_rate_percent: 90
+    face_value_cny: {min: 1000, max: 100000}
+    valid_days: 365
+    review: auto
+    eligibility:
+      all_of:
+        - registered_in: testcity
+    datacenters: any
+"""
+)
+
+# The unit tests' city: three programs (one auto-approved with bonuses, one
+# for western data centres, one reviewed by hand for data centre dc-a).
+CITY_RULES = (
+    "\n"
+    + RULES_HEADER
+    + """\
   - id: tc-compute
     kind: compute
     budget_cny: 10000
@@ -67,6 +96,7 @@ programs:
     review: manual
     datacenters: [dc-a]
 """
+).encode()
 
 # The data centre a usage_rated event carries, as the bonuses and scopes see it.
 EAST_COMMERCIAL = {
