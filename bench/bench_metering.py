@@ -68,6 +68,7 @@ from services.common.amqp import (  # noqa: E402
 from services.common.contracts import canonical_json  # noqa: E402
 from tests.support.metering_data import signed_headers, usage, voucher  # noqa: E402
 from tests.support.polling import eventually  # noqa: E402
+from tests.support.processes import service_command  # noqa: E402
 
 PG_ADMIN = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -238,13 +239,7 @@ def run_metering(
     # Competing consumers on metering.usage (DESIGN.md): ``processes`` of
     # them. The first one migrates the new database; the others start once it
     # consumes (two migrating one empty database at once would collide).
-    command = [
-        python,
-        "-m",
-        "services.metering",
-        "--config",
-        "deploy/config/metering.yaml",
-    ]
+    command = service_command("metering")
     meterings = [subprocess.Popen([*wrapper, *command], cwd=ROOT, env=env)]
     per_process = int(env.get("CONSUMERS", 4))
     try:

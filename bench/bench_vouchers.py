@@ -44,7 +44,7 @@ from services.common.db import make_engine  # noqa: E402
 from services.vouchers.batching import UsageRatedConsumer  # noqa: E402
 from services.vouchers.ledger import check_ledger  # noqa: E402
 from tests.support.polling import eventually  # noqa: E402
-from tests.support.vouchers_data import rated  # noqa: E402
+from tests.support.vouchers_data import publish_usage_rated, rated  # noqa: E402
 
 CITY = "benchcity"
 RULES = f"""\
@@ -211,15 +211,7 @@ def main() -> int:
             )(channel).declare()
             channel.queue_purge(REDEEMED_QUEUE)
             started = time.perf_counter()
-            producer = connection.Producer()
-            for body in bodies:
-                producer.publish(
-                    body,
-                    exchange=FEDERATION_EXCHANGE,
-                    routing_key=federation_key(CITY, "usage_rated"),
-                    serializer="json",
-                    delivery_mode=2,
-                )
+            publish_usage_rated(connection, *bodies, city=CITY)
             published_s = time.perf_counter() - started
             deadline = time.monotonic() + 120
             booked_s = None

@@ -29,6 +29,7 @@ import requests
 from kombu import Connection, Exchange, Producer
 
 from tests.support.polling import eventually_over_http
+from tests.support.processes import start_service
 
 pytestmark = pytest.mark.e2e
 
@@ -187,16 +188,9 @@ programs:
     datacenters: any
 """
     )
-    city_process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.vouchers",
-            "--config",
-            "deploy/config/vouchers.yaml",
-        ],
-        cwd=ROOT,
-        env=dict(
+    city_process = start_service(
+        "vouchers",
+        dict(
             network["env"],
             CITY_CODE=code,
             RULES_FILE=str(rules),

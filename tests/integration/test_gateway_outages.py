@@ -15,7 +15,6 @@ and ``start_app`` always runs.
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -31,10 +30,10 @@ from services.common.units import format_ts, utcnow
 from tests.support.metering_data import DATACENTER_ID, KEY_ID, SECRET
 from tests.support.polling import eventually
 from tests.support.ports import free_block
+from tests.support.processes import start_service, stop
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 RECORDS = 20_000
 BATCH = 500
 OUTAGE_S = 6
@@ -73,18 +72,8 @@ class GatewayProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.datacenter_gateway",
-                "--config",
-                "deploy/config/datacenter_gateway.yaml",
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self.log,
-            stderr=self.log,
+        self.process = start_service(
+            "datacenter_gateway", self.env, stdout=self.log, stderr=self.log
         )
         eventually(
             lambda: requests.get(self.url + "/v1/status", timeout=1),
@@ -102,12 +91,8 @@ class GatewayProcess:
         self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        if self.process:
+            stop(self.process)
         self.log.close()
 
 

@@ -9,10 +9,10 @@ signature, a body that is not JSON); ``<city>.usage_rated`` events come out on
 from datetime import timedelta
 
 import pytest
-from kombu import Connection, Exchange, Queue
+from kombu import Connection, Queue
 from nameko.standalone.rpc import ServiceRpcClient
 
-from services.common.amqp import FEDERATION_EXCHANGE, USAGE_EXCHANGE
+from services.common.amqp import FEDERATION_EXCHANGE
 from services.common.contracts import canonical_json
 from services.common.units import parse_ts, rate_cost_fen, utcnow
 from services.metering.domain import usage_rated_event_id
@@ -24,6 +24,7 @@ from tests.support.metering_data import (
     PREFIXES,
     PRICE_H800,
     capacity,
+    publish_usage,
     signed_headers,
     usage,
     voucher,
@@ -50,17 +51,13 @@ def bus(metering):
 
 
 def publish(connection, body: bytes, routing_key: str, headers: dict | None = None):
-    with connection.Producer() as producer:
-        producer.publish(
-            body,
-            exchange=USAGE_EXCHANGE,
-            routing_key=routing_key,
-            headers=signed_headers(body) if headers is None else headers,
-            content_type="application/json",
-            content_encoding="utf-8",
-            delivery_mode=2,
-            declare=[Exchange(USAGE_EXCHANGE.name, type="topic", durable=True)],
-        )
+    publish_usage(
+        connection,
+        body,
+        routing_key=routing_key,
+        headers=headers,
+        content_encoding="utf-8",
+    )
 
 
 def publish_record(connection, record: dict, **kwargs) -> None:

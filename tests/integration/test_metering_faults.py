@@ -12,15 +12,13 @@ import os
 import random
 import signal
 import subprocess
-import sys
 from collections import Counter
 from datetime import timedelta
-from pathlib import Path
 
 import nameko
 import psycopg
 import pytest
-from kombu import Connection, Exchange, Queue
+from kombu import Connection, Queue
 from nameko.standalone.rpc import ServiceRpcClient
 from sqlalchemy.orm import sessionmaker
 
@@ -41,31 +39,18 @@ from tests.support.metering_data import (
     SECRET,
     FakeRegistry,
     capacity,
+    publish_usage,
     raw_message,
     signed_headers,
     usage,
     voucher,
 )
 from tests.support.polling import eventually
+from tests.support.processes import start_service, stop
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 DEADLINE_S = 60
-
-
-def publish(connection, body: bytes, routing_key=None, headers=None, **properties):
-    properties.setdefault("content_type", "application/json")
-    with connection.Producer() as producer:
-        producer.publish(
-            body,
-            exchange=USAGE_EXCHANGE,
-            routing_key=routing_key or f"{DATACENTER_ID}.usage",
-            headers=signed_headers(body) if headers is None else headers,
-            delivery_mode=2,
-            declare=[Exchange(USAGE_EXCHANGE.name, type="topic", durable=True)],
-            **properties,
-        )
 
 
 def totals(url: str) -> tuple[int, int, int, int]:
@@ -217,7 +202,7 @@ def test_bad_corpus_ends_in_dead_letters_and_moves_no_total(metering, metering_d
     corpus = _bad_corpus()
     with Connection(metering) as connection:
         for record in good:
-            publish(connection, canonical_json(record))
+            publish_usage(connection, canonical_json(record))
         assert eventually(
             lambda: totals(metering_db)[0] == len(good), DEADLINE_S, "the good records"
         )
@@ -239,10 +224,16 @@ def test_bad_corpus_ends_in_dead_letters_and_moves_no_total(metering, metering_d
             )
         for _name, body, routing_key, headers, extra, _reason in corpus:
             properties = {k: v for k, v in extra.items() if k == "content_type"}
-            publish(connection, body, routing_key, headers, **properties)
+            publish_usage(
+                connection,
+                body,
+                routing_key=routing_key,
+                headers=headers,
+                **properties,
+            )
         # The consumer is still running: a good record after the corpus is rated.
         late = usage()
-        publish(connection, canonical_json(late))
+        publish_usage(connection, canonical_json(late))
         assert eventually(
             lambda: totals(metering_db)[0] == len(good) + 1,
             DEADLINE_S,
@@ -334,16 +325,9 @@ def _in_order_rollups(records: list[dict], sqlite_url: str) -> dict:
 
 
 def start_metering(amqp_uri: str, db_url: str, **env) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.metering",
-            "--config",
-            "deploy/config/metering.yaml",
-        ],
-        cwd=ROOT,
-        env=dict(
+    return start_service(
+        "metering",
+        dict(
             os.environ,
             AMQP_URI=amqp_uri,
             DATABASE_URL=db_url,
@@ -351,16 +335,6 @@ def start_metering(amqp_uri: str, db_url: str, **env) -> subprocess.Popen:
             **env,
         ),
     )
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
 
 
 def wait_consumers(connection, count: int) -> None:
@@ -387,7 +361,7 @@ def test_two_processes_random_order_with_corrections_roll_up_as_in_order(
         with Connection(registry_stand_in) as connection:
             wait_consumers(connection, 4)
             for record in shuffled + shuffled[:100]:  # and some delivered twice
-                publish(connection, canonical_json(record))
+                publish_usage(connection, canonical_json(record))
             assert eventually(
                 lambda: totals(metering_db)[0] == len(records),
                 DEADLINE_S,
@@ -429,16 +403,7 @@ def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(
         events(connection.default_channel).declare()
         USAGE_EXCHANGE(connection.default_channel).declare()
         USAGE_QUEUE(connection.default_channel).declare()  # as metering will
-        with connection.Producer() as producer:
-            for body in bodies:  # all in flight before metering starts
-                producer.publish(
-                    body,
-                    exchange=USAGE_EXCHANGE,
-                    routing_key=f"{DATACENTER_ID}.usage",
-                    headers=signed_headers(body),
-                    delivery_mode=2,
-                    content_type="application/json",
-                )
+        publish_usage(connection, *bodies)  # all in flight before metering starts
         first = start_metering(registry_stand_in, metering_db)
         try:
             assert eventually(
@@ -501,10 +466,10 @@ def test_a_message_that_crashes_even_alone_ends_as_a_processing_error(
         after = [usage(record_id=f"after-{n}") for n in range(5)]
         with Connection(registry_stand_in) as connection:
             for record in before:
-                publish(connection, canonical_json(record))
-            publish(connection, canonical_json(usage(record_id="poison-1")))
+                publish_usage(connection, canonical_json(record))
+            publish_usage(connection, canonical_json(usage(record_id="poison-1")))
             for record in after:
-                publish(connection, canonical_json(record))
+                publish_usage(connection, canonical_json(record))
             assert eventually(
                 lambda: totals(metering_db)[0] == 10, DEADLINE_S, "ten records"
             )

@@ -13,7 +13,6 @@ from nameko.standalone.rpc import ClusterRpcClient
 from sqlalchemy.orm import Session
 
 from services.common import vouchercode
-from services.common.amqp import FEDERATION_EXCHANGE, federation_key
 from services.common.config import (
     CITY_CODE,
     DATABASE_URL,
@@ -29,7 +28,7 @@ from tests.support.bus import drain
 from tests.support.schema import schema_drift
 from tests.support.vouchers_data import EAST_COMMERCIAL as COMMERCIAL
 from tests.support.vouchers_data import WEST_GOVERNMENT as GOVERNMENT
-from tests.support.vouchers_data import application, rated
+from tests.support.vouchers_data import application, publish_usage_rated, rated
 
 pytestmark = pytest.mark.integration
 
@@ -84,15 +83,7 @@ def test_apply_redeem_and_publish(city, federation, vouchers_db):
         rated("SH-AAAAAAAAAAAA-0", "r4", 10_000, COMMERCIAL),  # unknown voucher
     ]
     burst = [rated(code, f"b{i}", 1_000, COMMERCIAL) for i in range(20)]  # 800 each
-    producer = connection.Producer()
-    for body in records[:3] + burst + records[3:]:
-        producer.publish(
-            body,
-            exchange=FEDERATION_EXCHANGE,
-            routing_key=federation_key(CITY, "usage_rated"),
-            serializer="json",
-            delivery_mode=2,
-        )
+    publish_usage_rated(connection, *records[:3], *burst, *records[3:])
 
     def redeemed(messages):
         return [b for k, b in messages if k == f"{CITY}.voucher_redeemed"]

@@ -13,9 +13,7 @@
 import os
 import signal
 import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import nameko
 import pytest
@@ -24,7 +22,6 @@ from nameko.standalone.rpc import ClusterRpcClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.common.amqp import FEDERATION_EXCHANGE, federation_key
 from services.common.db import make_engine
 from services.common.errors import Conflict
 from services.common.migrations import upgrade
@@ -34,12 +31,12 @@ from services.vouchers.models import Program, Redemption, Voucher
 from services.vouchers.rules import parse_rules
 from tests.support.bus import wait_acked
 from tests.support.polling import eventually
+from tests.support.processes import start_service
 from tests.support.vouchers_data import EAST_COMMERCIAL as COMMERCIAL
-from tests.support.vouchers_data import application, rated
+from tests.support.vouchers_data import application, publish_usage_rated, rated
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 RULES = parse_rules(
     b"""
 city: shanghai
@@ -235,18 +232,8 @@ def test_concurrent_batches_on_shared_vouchers_with_redelivery(pg_factory):
 
 
 def _start(env):
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.vouchers",
-            "--config",
-            "deploy/config/vouchers.yaml",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    return start_service(
+        "vouchers", env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
 
 
@@ -276,15 +263,10 @@ def test_sigkill_mid_stream_then_restart_books_every_record_once(
             code = city.apply(application())["voucher"]["code"]
         total = 600
         with Connection(uri) as connection:
-            producer = connection.Producer()
-            for i in range(total):
-                producer.publish(
-                    rated(code, f"k{i}", 1_000, COMMERCIAL),
-                    exchange=FEDERATION_EXCHANGE,
-                    routing_key=federation_key("shanghai", "usage_rated"),
-                    serializer="json",
-                    delivery_mode=2,
-                )
+            publish_usage_rated(
+                connection,
+                *(rated(code, f"k{i}", 1_000, COMMERCIAL) for i in range(total)),
+            )
         engine = make_engine(url)
 
         def booked():

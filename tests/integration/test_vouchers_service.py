@@ -48,7 +48,7 @@ from tests.support import bus
 from tests.support.bus import drain
 from tests.support.polling import eventually
 from tests.support.vouchers_data import EAST_COMMERCIAL as COMMERCIAL
-from tests.support.vouchers_data import application, rated
+from tests.support.vouchers_data import application, publish_usage_rated, rated
 
 pytestmark = pytest.mark.integration
 
@@ -163,19 +163,6 @@ def _events(messages, event):
     return [body for key, body in messages if key == federation_key(CITY, event)]
 
 
-def _publish_usage(federation, *bodies):
-    connection, _ = federation
-    producer = connection.Producer()
-    for body in bodies:
-        producer.publish(
-            body,
-            exchange=FEDERATION_EXCHANGE,
-            routing_key=federation_key(CITY, "usage_rated"),
-            serializer="json",
-            delivery_mode=2,
-        )
-
-
 def _expire(engine, code):
     """A year passes for this voucher."""
     with Session(engine) as session:
@@ -210,7 +197,7 @@ def test_review_queue_vouchers_statements_and_totals_over_rpc(
     start_city, federation, engine
 ):
     city = start_city()
-    _, simple = federation
+    connection, simple = federation
 
     # Manual review: the application waits; the queue lists it.
     manual = {**application(), "program_id": "sh-reviewed"}
@@ -275,7 +262,7 @@ def test_review_queue_vouchers_statements_and_totals_over_rpc(
     assert [v["code"] for v in mine["items"]] == [auto_code]
 
     # Usage on the auto voucher, then revoke it: the rest is released.
-    _publish_usage(federation, rated(auto_code, "svc-r1", 100_000, COMMERCIAL))
+    publish_usage_rated(connection, rated(auto_code, "svc-r1", 100_000, COMMERCIAL))
     drain(simple, lambda m: _events(m, "voucher_redeemed"))
     revoked = city.revoke_voucher(auto_code, "fraud suspected", "officer-1")
     assert revoked["status"] == "revoked"
@@ -352,7 +339,7 @@ def test_expiry_timer_releases_the_balance_and_publishes_once(
     city = start_city()
     connection, simple = federation
     code = city.apply(application())["voucher"]["code"]
-    _publish_usage(federation, rated(code, "exp-r1", 10_000, COMMERCIAL))
+    publish_usage_rated(connection, rated(code, "exp-r1", 10_000, COMMERCIAL))
     drain(simple, lambda m: _events(m, "voucher_redeemed"))
 
     _expire(engine, code)
@@ -382,7 +369,7 @@ def test_expiry_timer_releases_the_balance_and_publishes_once(
     assert state["available_fen"] == 10_000_000_00 - 8_000
 
     # Usage after the expiry is refused, not booked.
-    _publish_usage(federation, rated(code, "exp-r2", 10_000, COMMERCIAL))
+    publish_usage_rated(connection, rated(code, "exp-r2", 10_000, COMMERCIAL))
     # Once the city acked both usage messages, what it published for them is
     # on the bus (it acks after the broker confirmed its events).
     bus.wait_acked(connection.as_uri(), f"vouchers_{CITY}.usage_rated", 2)
@@ -472,14 +459,10 @@ def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
         {"x-attempt": 3, "x-urgent": True, "x-origin": {"dc": "dc-test-01"}},
     ]
     count = 40
-    producer = connection.Producer()
     for n in range(count):
-        producer.publish(
+        publish_usage_rated(
+            connection,
             rated(code, f"h{n}", 1_000, COMMERCIAL),
-            exchange=FEDERATION_EXCHANGE,
-            routing_key=federation_key(CITY, "usage_rated"),
-            serializer="json",
-            delivery_mode=2,
             headers=headers[n % 2],
             message_id=f"m-{n}",
         )

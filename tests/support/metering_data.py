@@ -11,11 +11,12 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+from kombu import Exchange
 from nameko import config as nameko_config
 from nameko.rpc import rpc
 
 from services.common import signing, vouchercode
-from services.common.amqp import RawMessage
+from services.common.amqp import USAGE_EXCHANGE, RawMessage
 from services.common.contracts import canonical_json
 from services.common.errors import EXPECTED, NotFound
 from services.common.units import format_ts, utcnow
@@ -110,6 +111,30 @@ def raw_message(
         routing_key=routing_key or f"{DATACENTER_ID}.usage",
         redelivered=False,
     )
+
+
+def publish_usage(
+    connection,
+    *bodies: bytes,
+    routing_key: str | None = None,
+    headers: dict | None = None,
+    **properties: Any,
+) -> None:
+    """Publish ``bodies`` on ``computenet.usage`` as :data:`DATACENTER_ID`'s
+    gateway does: persistent, JSON, each signed (unless ``headers`` are given),
+    on ``<data centre>.usage`` unless ``routing_key`` says otherwise."""
+    properties.setdefault("content_type", "application/json")
+    with connection.Producer() as producer:
+        for body in bodies:
+            producer.publish(
+                body,
+                exchange=USAGE_EXCHANGE,
+                routing_key=routing_key or f"{DATACENTER_ID}.usage",
+                headers=signed_headers(body) if headers is None else headers,
+                delivery_mode=2,
+                declare=[Exchange(USAGE_EXCHANGE.name, type="topic", durable=True)],
+                **properties,
+            )
 
 
 class FakeRegistry:

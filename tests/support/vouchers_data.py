@@ -18,6 +18,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from services.common.amqp import FEDERATION_EXCHANGE, federation_key
 from services.common.contracts import make_event
 from services.common.units import utcnow
 from services.vouchers.models import Base
@@ -206,6 +207,23 @@ def rated(
     fields.update(record_id=record_id, datacenter_id="dc-test-01")
     fields.update(overrides)
     return make_event("usage_rated", city, event_id or f"rated-{record_id}", **fields)
+
+
+def publish_usage_rated(
+    connection, *bodies: dict[str, Any], city: str = "shanghai", **properties: Any
+) -> None:
+    """Publish ``bodies`` (:func:`rated`) as ``<city>.usage_rated`` on
+    ``computenet.federation``, persistent, as metering does."""
+    producer = connection.Producer()
+    for body in bodies:
+        producer.publish(
+            body,
+            exchange=FEDERATION_EXCHANGE,
+            routing_key=federation_key(city, "usage_rated"),
+            serializer="json",
+            delivery_mode=2,
+            **properties,
+        )
 
 
 def make_session_factory():
