@@ -29,6 +29,7 @@ import requests
 from kombu import Connection, Exchange, Producer
 
 from tests.support.polling import eventually_over_http
+from tests.support.portal_data import datacenter
 from tests.support.processes import start_service
 
 pytestmark = pytest.mark.e2e
@@ -216,22 +217,14 @@ programs:
     # 3. The national admin registers a western, government-run data centre.
     response = requests.post(
         f"{portal}/api/v1/datacenters",
-        json={
-            "id": dc_id,
-            "name": "E2E West Government Centre",
-            "operator": "E2E operator",
-            "city": "zhongwei",
-            "hub_region": "west",
-            "government_run": True,
-            "inventory": [
-                {
-                    "gpu_model": "H800",
-                    "count": 64,
-                    "chip_origin": "imported",
-                    "price_fen_per_gpu_hour": PRICE_FEN,
-                }
-            ],
-        },
+        json=datacenter(
+            gpus=64,
+            price_fen_per_gpu_hour=PRICE_FEN,
+            id=dc_id,
+            name="E2E West Government Centre",
+            operator="E2E operator",
+            city="zhongwei",
+        ),
         headers=national,
         timeout=15,
     )
