@@ -26,6 +26,7 @@ from services.common.errors import InvalidRequest, NotFound
 from services.common.migrations import upgrade
 from services.common.units import utcnow
 from tests.support.bus import wait_acked
+from tests.support.federation_data import program
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
@@ -98,16 +99,7 @@ def event(kind, city, eid, **fields):
 
 
 def programs(city, budget):
-    return [
-        {
-            "id": f"{city}-compute",
-            "kind": "compute",
-            "budget_fen": budget,
-            "rate_bp": 8000,
-            "rules_version": "v1",
-            "rules_sha256": SHA,
-        }
-    ]
+    return [program(city, budget, rules_sha256=SHA)]
 
 
 def issued(city, eid, code, face):
