@@ -12,12 +12,11 @@ import pytest
 from kombu import Connection, Queue
 from nameko.standalone.rpc import ServiceRpcClient
 
-from services.common.amqp import FEDERATION_EXCHANGE
 from services.common.contracts import canonical_json
 from services.common.units import parse_ts, rate_cost_fen, utcnow
 from services.metering.domain import usage_rated_event_id
 from services.metering.service import USAGE_QUEUE
-from tests.support.bus import empty, wait_acked
+from tests.support.bus import empty, usage_rated_queue, wait_acked
 from tests.support.metering_data import (
     DATACENTER_ID,
     KEY_ID,
@@ -40,14 +39,7 @@ DEADLINE_S = 15
 def bus(metering):
     """A kombu connection with a test queue bound to ``*.usage_rated``."""
     with Connection(metering) as connection:
-        events = Queue(
-            "test.usage_rated",
-            exchange=FEDERATION_EXCHANGE,
-            routing_key="*.usage_rated",
-            auto_delete=True,
-        )
-        events(connection.default_channel).declare()
-        yield connection, events
+        yield connection, usage_rated_queue(connection, auto_delete=True)
 
 
 def publish(connection, body: bytes, routing_key: str, headers: dict | None = None):

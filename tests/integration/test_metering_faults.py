@@ -18,12 +18,12 @@ from datetime import timedelta
 import nameko
 import psycopg
 import pytest
-from kombu import Connection, Queue
+from kombu import Connection
 from nameko.standalone.rpc import ServiceRpcClient
 from sqlalchemy.orm import sessionmaker
 
 from services.common import batching, signing
-from services.common.amqp import FEDERATION_EXCHANGE, USAGE_EXCHANGE
+from services.common.amqp import USAGE_EXCHANGE
 from services.common.config import DATABASE_URL, REGISTRY_CACHE_TTL_S
 from services.common.contracts import canonical_json
 from services.common.db import make_engine
@@ -394,13 +394,7 @@ def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(
     ]
     expected_seconds = sum(n % 7200 for n in range(count))
     with Connection(registry_stand_in) as connection:
-        events = Queue(
-            "test.usage_rated",
-            exchange=FEDERATION_EXCHANGE,
-            routing_key="*.usage_rated",
-            durable=True,
-        )
-        events(connection.default_channel).declare()
+        bus.usage_rated_queue(connection, durable=True)
         USAGE_EXCHANGE(connection.default_channel).declare()
         USAGE_QUEUE(connection.default_channel).declare()  # as metering will
         publish_usage(connection, *bodies)  # all in flight before metering starts

@@ -7,7 +7,7 @@ runs here on two real databases, emptied between examples.
 """
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from sqlalchemy import text
 from sqlalchemy.orm import sessionmaker
 
@@ -19,6 +19,7 @@ from tests.support.vouchers_books import (
     check_correction_redelivered_without_correction_of,
     cuts,
     funded_books,
+    ledger_examples,
     steps,
     stream_of,
 )
@@ -53,11 +54,7 @@ def _fresh(factory):
     return session, codes
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@ledger_examples(40)
 @given(steps, cuts)
 def test_batches_book_like_one_by_one_on_postgresql(databases, history, sizes):
     stream = stream_of(history)

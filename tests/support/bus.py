@@ -13,8 +13,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from kombu import Queue
+
+from services.common.amqp import FEDERATION_EXCHANGE
 from tests.support import management
 from tests.support.polling import eventually
+
+
+def usage_rated_queue(connection, **options: Any) -> Queue:
+    """``test.usage_rated``, declared: a test queue seeing every city's
+    ``usage_rated`` events on ``computenet.federation``."""
+    queue = Queue(
+        "test.usage_rated",
+        exchange=FEDERATION_EXCHANGE,
+        routing_key="*.usage_rated",
+        **options,
+    )
+    queue(connection.default_channel).declare()
+    return queue
 
 
 def declared(connection, queue: str) -> Any | None:

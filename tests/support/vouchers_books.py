@@ -8,6 +8,7 @@ where, correction_of)``; :func:`record` makes each the event the ledger
 receives, on the voucher codes of one books.
 """
 
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
@@ -20,6 +21,20 @@ from tests.support.vouchers_data import (
     make_session_factory,
     usage,
 )
+
+
+def ledger_examples(count: int) -> settings:
+    """Hypothesis settings of a ledger property: ``count`` examples, no deadline
+    (a database is slow at times), and every example builds its own books (so
+    function-scoped fixtures are fine)."""
+    return settings(
+        max_examples=count,
+        deadline=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.function_scoped_fixture,
+        ],
+    )
 
 
 def issue(session, rules, program_id="tc-compute", face_fen=1000_00, **overrides):

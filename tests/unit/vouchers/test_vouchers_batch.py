@@ -7,7 +7,7 @@ corrections, balances running out) cut into any batches, both give the same
 outcome per record and the same books.
 """
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
 from services.vouchers import domain, ledger
 from tests.support.vouchers_books import (
@@ -16,6 +16,7 @@ from tests.support.vouchers_books import (
     check_correction_redelivered_without_correction_of,
     cuts,
     funded_books,
+    ledger_examples,
     record,
     steps,
     stream_of,
@@ -23,11 +24,7 @@ from tests.support.vouchers_books import (
 )
 
 
-@settings(
-    max_examples=120,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@ledger_examples(120)
 @given(steps, cuts)
 def test_batches_book_like_one_by_one(city_rules, history, sizes):
     stream = stream_of(history)

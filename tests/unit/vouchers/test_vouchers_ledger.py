@@ -3,7 +3,7 @@
 from datetime import timedelta
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import select, update
 
@@ -12,7 +12,7 @@ from services.common.errors import Conflict
 from services.common.units import apply_rate_fen
 from services.vouchers import domain, ledger
 from services.vouchers.models import LedgerEntry, Program, RejectedUsage, Voucher
-from tests.support.vouchers_books import issue, program_row
+from tests.support.vouchers_books import issue, ledger_examples, program_row
 from tests.support.vouchers_data import (
     EAST_COMMERCIAL,
     WEST_GOVERNMENT,
@@ -208,11 +208,7 @@ operations = st.lists(
 )
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@ledger_examples(60)
 @given(operations)
 def test_invariants_hold_over_any_history(city_rules, history):
     engine, factory = make_session_factory()

@@ -7,7 +7,7 @@ of issue / redeem / correct / redeliver / expire / revoke.
 from datetime import timedelta
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import select
 
@@ -15,7 +15,7 @@ from services.common.errors import Conflict, InvalidRequest, NotFound
 from services.common.units import apply_rate_fen, utcnow
 from services.vouchers import domain, ledger
 from services.vouchers.models import OutboxEvent, Program, Voucher
-from tests.support.vouchers_books import issue, program_row
+from tests.support.vouchers_books import issue, ledger_examples, program_row
 from tests.support.vouchers_data import (
     EAST_COMMERCIAL,
     WEST_GOVERNMENT,
@@ -215,11 +215,7 @@ operations = st.lists(
 )
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@ledger_examples(60)
 @given(operations)
 def test_invariants_hold_over_any_life(city_rules, history):
     engine, factory = make_session_factory()
