@@ -71,11 +71,13 @@ def pg_url_factory() -> Iterator[Callable[[str], str]]:
 
 @pytest.fixture
 def pg_url(pg_url_factory) -> str:
+    """A new, empty PostgreSQL database, dropped after the test."""
     return pg_url_factory()
 
 
 @pytest.fixture
 def sqlite_url(tmp_path) -> str:
+    """A SQLite file database in the test's tmp_path."""
     return f"sqlite:///{tmp_path / 'test.db'}"
 
 
