@@ -33,6 +33,8 @@ from werkzeug.serving import make_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import amqp_uri_of, delete_vhost, make_vhost  # noqa: E402
+
 from services.common.amqp import USAGE_EXCHANGE  # noqa: E402
 from services.common.config import DATACENTER_ID, KEY_ID, MAX_BACKLOG  # noqa: E402
 from services.common.db import make_engine  # noqa: E402
@@ -45,7 +47,6 @@ from services.datacenter_gateway.relay import Relay, RelayStatus  # noqa: E402
 
 DC = "bench-dc"
 BATCH = 500
-MANAGEMENT = "http://guest:guest@localhost:15672/api"
 
 
 def make_batch(n: int) -> list[dict]:
@@ -125,14 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", default=None)
     args = parser.parse_args(argv)
 
-    vhost = f"bench-gateway-{uuid.uuid4().hex[:8]}"
-    requests.put(f"{MANAGEMENT}/vhosts/{vhost}", timeout=10).raise_for_status()
-    requests.put(
-        f"{MANAGEMENT}/permissions/{vhost}/guest",
-        json={"configure": ".*", "write": ".*", "read": ".*"},
-        timeout=10,
-    ).raise_for_status()
-    amqp_uri = f"amqp://guest:guest@localhost:5672/{vhost}"
+    vhost = make_vhost("bench-gateway")
+    amqp_uri = amqp_uri_of(vhost)
     tmp = tempfile.TemporaryDirectory()
     url = args.database_url or f"sqlite:///{tmp.name}/outbox.db"
     try:
@@ -164,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         server.shutdown()
         outbox.close()
     finally:
-        requests.delete(f"{MANAGEMENT}/vhosts/{vhost}", timeout=10)
+        delete_vhost(vhost)
         tmp.cleanup()
     print(
         f"gateway_accepted_records_per_s={accepted:.0f} "

@@ -54,12 +54,11 @@ from pathlib import Path
 
 import amqp
 import psycopg
-import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchlib import CpuMeter  # noqa: E402
+from benchlib import CpuMeter, delete_vhost, make_vhost  # noqa: E402
 
 from services.common.amqp import (  # noqa: E402
     FEDERATION_EXCHANGE,
@@ -67,26 +66,16 @@ from services.common.amqp import (  # noqa: E402
     durable_queue,
 )
 from services.common.contracts import canonical_json  # noqa: E402
-from services.metering.testing import signed_headers, usage, voucher  # noqa: E402
+from tests.support.metering_data import signed_headers, usage, voucher  # noqa: E402
+from tests.support.polling import eventually  # noqa: E402
+from tests.support.processes import service_command  # noqa: E402
 
-MANAGEMENT = os.environ.get("RABBIT_MANAGEMENT", "http://guest:guest@localhost:15672")
 PG_ADMIN = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 WINDOW = 2000  # messages published and not yet confirmed, at most
-ROUTING_KEY = "guian-gov-01.usage"  # the data centre of services/metering/testing.py
+ROUTING_KEY = "guian-gov-01.usage"  # DATACENTER_ID of tests/support/metering_data.py
 STALL_S = 60  # metering published nothing for this long: it is stuck
-
-
-def make_vhost() -> str:
-    vhost = f"bench_metering_{uuid.uuid4().hex[:8]}"
-    requests.put(f"{MANAGEMENT}/api/vhosts/{vhost}", timeout=10).raise_for_status()
-    requests.put(
-        f"{MANAGEMENT}/api/permissions/{vhost}/guest",
-        json={"configure": ".*", "write": ".*", "read": ".*"},
-        timeout=10,
-    ).raise_for_status()
-    return vhost
 
 
 def messages(count: int) -> list[tuple[bytes, dict, str]]:
@@ -228,7 +217,7 @@ def run_metering(
     )
     python = sys.executable
     registry = subprocess.Popen(
-        [python, "-m", "services.metering.testing", amqp_uri], cwd=ROOT, env=env
+        [python, "-m", "tests.support.metering_data", amqp_uri], cwd=ROOT, env=env
     )
     # e.g. BENCH_PROFILE=var/metering.py-spy to record where metering's time goes
     profile = os.environ.get("BENCH_PROFILE")
@@ -250,13 +239,7 @@ def run_metering(
     # Competing consumers on metering.usage (DESIGN.md): ``processes`` of
     # them. The first one migrates the new database; the others start once it
     # consumes (two migrating one empty database at once would collide).
-    command = [
-        python,
-        "-m",
-        "services.metering",
-        "--config",
-        "deploy/config/metering.yaml",
-    ]
+    command = service_command("metering")
     meterings = [subprocess.Popen([*wrapper, *command], cwd=ROOT, env=env)]
     per_process = int(env.get("CONSUMERS", 4))
     try:
@@ -269,20 +252,20 @@ def run_metering(
         )
 
         def wait_consumers(count: int) -> None:
-            deadline = time.monotonic() + 60
-            while True:  # metering has declared its queue and consumes
-                try:
-                    probe = connection.channel()
-                    declared = probe.queue_declare("metering.usage", passive=True)
-                    if declared.consumer_count >= count:
-                        return
-                except amqp.exceptions.NotFound:
-                    pass
-                if time.monotonic() > deadline or any(
-                    m.poll() is not None for m in meterings
-                ):
+            def consuming() -> bool:  # metering has declared its queue and consumes
+                if any(m.poll() is not None for m in meterings):
                     raise RuntimeError("metering did not start")
-                time.sleep(0.2)
+                probe = connection.channel()
+                declared = probe.queue_declare("metering.usage", passive=True)
+                return declared.consumer_count >= count
+
+            eventually(
+                consuming,
+                60,
+                f"{count} consumers on metering.usage",
+                interval=0.2,
+                ignoring=(amqp.exceptions.NotFound,),
+            )
 
         wait_consumers(per_process)
         meterings += [
@@ -380,7 +363,7 @@ def main() -> None:
 
 def one_run(bodies, env_extra: dict, processes: int) -> tuple[float, float]:
     """The baseline, then metering, each on a new vhost and database."""
-    vhost = make_vhost()
+    vhost = make_vhost("bench_metering")
     db_name = f"cn_bench_metering_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{db_name}"')
@@ -397,7 +380,7 @@ def one_run(bodies, env_extra: dict, processes: int) -> tuple[float, float]:
         print(f"metering {meter.line(len(bodies))}", flush=True)
         print(f"load after: {os.getloadavg()}", flush=True)
     finally:
-        requests.delete(f"{MANAGEMENT}/api/vhosts/{vhost}", timeout=10)
+        delete_vhost(vhost)
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
     return metering, baseline

@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 from benchlib import throwaway_vhost  # noqa: E402
 
 from services.common.migrations import upgrade  # noqa: E402
+from tests.support.polling import eventually  # noqa: E402
 
 ADMIN_PG = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -269,15 +270,10 @@ def free_port() -> int:
 
 
 def wait(what, probe, timeout=90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if probe():
-                return
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"bench: {what} did not start in {timeout} s")
+    try:
+        eventually(probe, timeout, what, interval=0.3, ignoring=(Exception,))
+    except AssertionError as exc:  # not up yet, all along
+        raise SystemExit(f"bench: {what} did not start in {timeout} s") from exc
 
 
 async def _client(index: int, host: str, port: int, paths, n: int, times) -> None:

@@ -27,11 +27,9 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from pathlib import Path
 
 import psycopg
-import requests
 from kombu import Connection, Queue, binding
 from nameko.standalone.rpc import ClusterRpcClient
 from sqlalchemy.orm import Session
@@ -39,12 +37,14 @@ from sqlalchemy.orm import Session
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchlib import amqp_uri_of, delete_vhost, make_vhost  # noqa: E402
+
 from services.common.amqp import FEDERATION_EXCHANGE, federation_key  # noqa: E402
-from services.common.contracts import make_event  # noqa: E402
 from services.common.db import make_engine  # noqa: E402
-from services.common.units import utcnow  # noqa: E402
 from services.vouchers.batching import UsageRatedConsumer  # noqa: E402
 from services.vouchers.ledger import check_ledger  # noqa: E402
+from tests.support.polling import eventually  # noqa: E402
+from tests.support.vouchers_data import publish_usage_rated, rated  # noqa: E402
 
 CITY = "benchcity"
 RULES = f"""\
@@ -67,23 +67,9 @@ programs:
 ADMIN = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-MANAGEMENT = os.environ.get(
-    "RABBITMQ_MANAGEMENT_URL", "http://guest:guest@localhost:15672"
-)
 # Set in main(): a throw-away vhost, so that the bench's events never reach the
 # queues of a local network (`make run`) on the default vhost.
 AMQP = ""
-
-
-def make_vhost() -> str:
-    vhost = f"bench_vouchers_{uuid.uuid4().hex[:8]}"
-    requests.put(f"{MANAGEMENT}/api/vhosts/{vhost}", timeout=10).raise_for_status()
-    requests.put(
-        f"{MANAGEMENT}/api/permissions/{vhost}/guest",
-        json={"configure": ".*", "write": ".*", "read": ".*"},
-        timeout=10,
-    ).raise_for_status()
-    return vhost
 
 
 DC = {"government_run": False, "hub_region": "east", "chip_origin": "imported"}
@@ -129,8 +115,8 @@ def main() -> int:
     args = parser.parse_args()
 
     global AMQP
-    vhost = make_vhost()
-    AMQP = f"amqp://guest:guest@localhost:5672/{vhost}"
+    vhost = make_vhost("bench_vouchers")
+    AMQP = amqp_uri_of(vhost)
     name = f"cn_bench_vouchers_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -171,15 +157,13 @@ def main() -> int:
                 pass
         with ClusterRpcClient(uri=AMQP, timeout=30) as rpc:
             city = getattr(rpc, f"vouchers_{CITY}")
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    city.program_states()
-                    break
-                except Exception:  # noqa: BLE001 - starting
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
+            eventually(
+                lambda: city.program_states() is not None,
+                60,
+                "the city to start",
+                interval=0.2,
+                ignoring=(Exception,),  # starting
+            )
             code = city.apply(application(0, 2_000_000))["voucher"]["code"]
 
         # -- issues/s: concurrent RPC callers
@@ -199,27 +183,16 @@ def main() -> int:
         print(f"issues: {done} in {issue_s:.2f} s over {args.callers} callers")
 
         # -- redemptions/s: the consumer path
-        ended = utcnow() - timedelta(minutes=1)
         bodies = [
-            make_event(
-                "usage_rated",
-                CITY,
+            rated(
+                code,
                 f"bench-{i}",
-                record_id=f"bench-{i}",
+                1000,
+                DC,
+                city=CITY,
+                event_id=f"bench-{i}",
                 datacenter_id="dc-bench",
                 tenant_id="t",
-                voucher_code=code,
-                gpu_model="H800",
-                gpu_count=1,
-                started_at=ended - timedelta(hours=1),
-                ended_at=ended,
-                gpu_seconds=3600,
-                source="slurm",
-                job_id=None,
-                correction_of=None,
-                cost_fen=1000,
-                unit_price_fen_per_gpu_hour=1000,
-                datacenter=DC,
             )
             for i in range(args.records)
         ]
@@ -238,15 +211,7 @@ def main() -> int:
             )(channel).declare()
             channel.queue_purge(REDEEMED_QUEUE)
             started = time.perf_counter()
-            producer = connection.Producer()
-            for body in bodies:
-                producer.publish(
-                    body,
-                    exchange=FEDERATION_EXCHANGE,
-                    routing_key=federation_key(CITY, "usage_rated"),
-                    serializer="json",
-                    delivery_mode=2,
-                )
+            publish_usage_rated(connection, *bodies, city=CITY)
             published_s = time.perf_counter() - started
             deadline = time.monotonic() + 120
             booked_s = None
@@ -290,7 +255,7 @@ def main() -> int:
         process.wait(20)
         with psycopg.connect(ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        requests.delete(f"{MANAGEMENT}/api/vhosts/{vhost}", timeout=10)
+        delete_vhost(vhost)
     print(f"redemptions_per_s={redemptions_per_s:.0f} issues_per_s={issues_per_s:.0f}")
     return 0
 

@@ -1,4 +1,5 @@
-"""What the benchmarks share: a throw-away RabbitMQ vhost.
+"""What the benchmarks share: a throw-away RabbitMQ vhost, and the CPU the
+broker, the database and the measured processes spent.
 
 A bench never publishes to a vhost a local network might be using (one left
 124 786 events in a registry's queue once); it makes its own through the
@@ -18,9 +19,8 @@ MANAGEMENT = os.environ.get("RABBIT_MANAGEMENT", "http://localhost:15672")
 AUTH = ("guest", "guest")
 
 
-@contextmanager
-def throwaway_vhost(prefix: str) -> Iterator[str]:
-    """``with throwaway_vhost("bench_rpc") as amqp_uri: …``"""
+def make_vhost(prefix: str) -> str:
+    """A new vhost ``<prefix>_<random>`` the guest user may use fully."""
     vhost = f"{prefix}_{uuid.uuid4().hex[:8]}"
     api = f"{MANAGEMENT}/api"
     requests.put(f"{api}/vhosts/{vhost}", auth=AUTH, timeout=10).raise_for_status()
@@ -31,9 +31,29 @@ def throwaway_vhost(prefix: str) -> Iterator[str]:
             auth=AUTH,
             timeout=10,
         ).raise_for_status()
-        yield f"amqp://guest:guest@localhost:5672/{vhost}"
+    except Exception:
+        delete_vhost(vhost)
+        raise
+    return vhost
+
+
+def delete_vhost(vhost: str) -> None:
+    """Delete ``vhost`` with everything in it."""
+    requests.delete(f"{MANAGEMENT}/api/vhosts/{vhost}", auth=AUTH, timeout=10)
+
+
+def amqp_uri_of(vhost: str) -> str:
+    return f"amqp://guest:guest@localhost:5672/{vhost}"
+
+
+@contextmanager
+def throwaway_vhost(prefix: str) -> Iterator[str]:
+    """``with throwaway_vhost("bench_rpc") as amqp_uri: …``"""
+    vhost = make_vhost(prefix)
+    try:
+        yield amqp_uri_of(vhost)
     finally:
-        requests.delete(f"{api}/vhosts/{vhost}", auth=AUTH, timeout=10)
+        delete_vhost(vhost)
 
 
 # -- where the CPU goes -------------------------------------------------------

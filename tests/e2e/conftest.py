@@ -1,5 +1,5 @@
-"""Shared machinery of the e2e ring: free ports, patient polling, PostgreSQL
-databases per process, and the network itself started as processes by
+"""Shared machinery of the e2e ring: free ports, PostgreSQL databases per
+process, and the network itself started as processes by
 ``python -m deploy.localnet run`` on the test's own RabbitMQ vhost."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +16,9 @@ from typing import Any
 
 import psycopg
 import pytest
-import requests
 
-from tests.ports import free_block
+from tests.support.polling import eventually_over_http
+from tests.support.ports import free_block
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_PG = os.environ.get(
@@ -38,33 +37,10 @@ NETWORK_DATABASES = [
 ]
 
 
-def _free_port() -> int:
-    return free_block(1)
-
-
-def _wait_for(what, probe, timeout=90.0, interval=0.5):
-    """Call ``probe`` until it returns something truthy; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-            if last:
-                return last
-        except (requests.RequestException, ValueError, KeyError) as exc:
-            last = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
-
-
 @pytest.fixture
 def free_port():
-    return _free_port
-
-
-@pytest.fixture
-def wait_for():
-    return _wait_for
+    """``free_port()`` → a port free now, outside the ephemeral range."""
+    return lambda: free_block(1)
 
 
 @pytest.fixture
@@ -166,7 +142,7 @@ def launch_network(rabbit_uri, tmp_path):
                 )
             return credentials.exists()
 
-        _wait_for("the network to start", started, timeout)
+        eventually_over_http(started, timeout, "the network to start")
         network.credentials = json.loads(credentials.read_text())
         return network
 

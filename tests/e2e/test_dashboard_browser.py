@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.support.polling import eventually_over_http
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +95,7 @@ def network(launch_network):
 
 
 @pytest.fixture
-def browser(tmp_path, free_port, wait_for):
+def browser(tmp_path, free_port):
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
         pytest.skip("needs Debian's chromium and chromium-driver")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -105,9 +107,10 @@ def browser(tmp_path, free_port, wait_for):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(
-            "chromedriver",
+        eventually_over_http(
             lambda: requests.get(f"{url}/status", timeout=2).json()["value"]["ready"],
+            90,
+            "chromedriver",
         )
         session = Browser(url, tmp_path / "chromium-profile")
         try:
@@ -120,10 +123,9 @@ def browser(tmp_path, free_port, wait_for):
         shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
 
 
-def test_dashboard_pages_load_with_data_and_draw_charts(network, browser, wait_for):
+def test_dashboard_pages_load_with_data_and_draw_charts(network, browser):
     portal = network["portal"]
-    wait_for(
-        "subsidies in the national view",
+    eventually_over_http(
         lambda: (
             requests.get(f"{portal}/api/v1/network/summary", timeout=5).json()[
                 "redeemed_fen"
@@ -131,6 +133,7 @@ def test_dashboard_pages_load_with_data_and_draw_charts(network, browser, wait_f
             > 0
         ),
         60,
+        "subsidies in the national view",
     )
     # Sign in as the national admin, through the page's own form.
     browser.get(f"{portal}/login")
@@ -139,10 +142,10 @@ def test_dashboard_pages_load_with_data_and_draw_charts(network, browser, wait_f
         "document.forms[0].submit();",
         network["national_admin_token"],
     )
-    wait_for(
-        "the sign-in",
+    eventually_over_http(
         lambda: "signed in" in browser.run("return document.body.innerText"),
         20,
+        "the sign-in",
     )
 
     voucher = next(iter(network["demo_vouchers"].values()))

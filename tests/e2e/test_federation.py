@@ -28,6 +28,10 @@ import pytest
 import requests
 from kombu import Connection, Exchange, Producer
 
+from tests.support.polling import eventually_over_http
+from tests.support.portal_data import datacenter
+from tests.support.processes import start_service
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +136,7 @@ def signed(uri, record, key_id, secret):
     )
 
 
-def test_a_fourth_city_and_a_new_datacenter_join_through_the_api(network, wait_for):
+def test_a_fourth_city_and_a_new_datacenter_join_through_the_api(network):
     creds, rabbit_uri = network["creds"], network["rabbit_uri"]
     portal = creds["portal"]
     national = {"Authorization": f"Bearer {creds['national_admin_token']}"}
@@ -185,16 +189,9 @@ programs:
     datacenters: any
 """
     )
-    city_process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.vouchers",
-            "--config",
-            "deploy/config/vouchers.yaml",
-        ],
-        cwd=ROOT,
-        env=dict(
+    city_process = start_service(
+        "vouchers",
+        dict(
             network["env"],
             CITY_CODE=code,
             RULES_FILE=str(rules),
@@ -212,7 +209,7 @@ programs:
         live = data["status"] == "live" and data["programs"]
         return data if live and data["programs"][0]["rules_sha256"] else None
 
-    city = wait_for(f"{code} to be live", city_live, timeout=60)
+    city = eventually_over_http(city_live, 60, f"{code} to be live")
     budget_fen = BUDGET_CNY * 100
     assert city["budget_fen"] == budget_fen
     assert city["programs"][0]["rules_version"]
@@ -220,22 +217,14 @@ programs:
     # 3. The national admin registers a western, government-run data centre.
     response = requests.post(
         f"{portal}/api/v1/datacenters",
-        json={
-            "id": dc_id,
-            "name": "E2E West Government Centre",
-            "operator": "E2E operator",
-            "city": "zhongwei",
-            "hub_region": "west",
-            "government_run": True,
-            "inventory": [
-                {
-                    "gpu_model": "H800",
-                    "count": 64,
-                    "chip_origin": "imported",
-                    "price_fen_per_gpu_hour": PRICE_FEN,
-                }
-            ],
-        },
+        json=datacenter(
+            gpus=64,
+            price_fen_per_gpu_hour=PRICE_FEN,
+            id=dc_id,
+            name="E2E West Government Centre",
+            operator="E2E operator",
+            city="zhongwei",
+        ),
         headers=national,
         timeout=15,
     )
@@ -284,7 +273,7 @@ programs:
         data = requests.get(f"{portal}/api/v1/cities/{code}", timeout=10).json()
         return data if data["redeemed_fen"] == expected_subsidy else None
 
-    city = wait_for("the new city's redemptions", city_settled, timeout=60)
+    city = eventually_over_http(city_settled, 60, "the new city's redemptions")
     assert city["committed_fen"] == face_fen - expected_subsidy
     assert city["available_fen"] == budget_fen - face_fen
 
@@ -295,14 +284,14 @@ programs:
         live = [c for c in others if c["status"] == "live"]
         return others if len(live) == 3 and all(c["programs"] for c in live) else None
 
-    others = wait_for("the base cities' programs", others_published, timeout=60)
+    others = eventually_over_http(others_published, 60, "the base cities' programs")
 
     def summary_settled():
         data = requests.get(f"{portal}/api/v1/network/summary", timeout=10).json()
         settled = data["gpu_seconds"] == expected_gpu_seconds
         return data if settled and data["live_cities"] == 4 else None
 
-    summary = wait_for("the summary", summary_settled, timeout=60)
+    summary = eventually_over_http(summary_settled, 60, "the summary")
     # deploy/ lists more cities than the three the launcher starts.
     assert summary["cities"] == len(others) + 1
     statuses = {c["code"]: c["status"] for c in others}
@@ -346,7 +335,7 @@ programs:
         ).json()
         return body if body["ok"] else None
 
-    report = wait_for("zero drift", reconciled, timeout=30, interval=1)
+    report = eventually_over_http(reconciled, 30, "zero drift", interval=1)
     assert report["cities"][code]["checked"] and report["drift"] == []
     with psycopg.connect(network["registry_db"], autocommit=True) as conn:
         conn.execute(
@@ -380,7 +369,7 @@ programs:
         timeout=30,
     )
     assert response.status_code == 200, response.text
-    assert wait_for("zero drift after rebuild", reconciled, timeout=30)
+    assert eventually_over_http(reconciled, 30, "zero drift after rebuild")
 
     # 10. Key rotation overlaps; a revoked key's records are bad_signature.
     response = requests.post(
@@ -396,7 +385,7 @@ programs:
         return overview.json()["totals"]["gpu_seconds"] == total
 
     after_overlap = expected_gpu_seconds + overlap["gpu_seconds"]
-    wait_for("the old key's record", lambda: counted(after_overlap), timeout=30)
+    eventually_over_http(lambda: counted(after_overlap), 30, "the old key's record")
     response = requests.delete(
         f"{portal}/api/v1/datacenters/{dc_id}/keys/{key1['key_id']}",
         headers=national,
@@ -418,12 +407,12 @@ programs:
         ).json()
         return body["items"] or None
 
-    letters = wait_for("the revoked key's dead letter", dead_letters, timeout=30)
+    letters = eventually_over_http(dead_letters, 30, "the revoked key's dead letter")
     assert [(x["record_id"], x["reason"]) for x in letters] == [
         (revoked["record_id"], "bad_signature")
     ]
     total = after_overlap + fresh["gpu_seconds"]
-    wait_for("the new key's record", lambda: counted(total), timeout=30)
+    eventually_over_http(lambda: counted(total), 30, "the new key's record")
 
     # 11. Removed: the broker refuses both users; the history stays.
     for path in (f"cities/{code}", f"datacenters/{dc_id}"):

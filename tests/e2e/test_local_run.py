@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.support.polling import eventually_over_http
+
 pytestmark = pytest.mark.e2e
 
 
@@ -27,7 +29,7 @@ def processes_with_env(entry: str) -> list[int]:
 
 
 def test_local_network_moves_from_the_first_minute_and_stops_on_ctrl_c(
-    launch_network, rabbit_uri, wait_for
+    launch_network, rabbit_uri
 ):
     network = launch_network("--heartbeat-interval", "2")
     creds, var_dir = network.credentials, network.var_dir
@@ -55,7 +57,9 @@ def test_local_network_moves_from_the_first_minute_and_stops_on_ctrl_c(
             return summary
         return None
 
-    summary = wait_for("usage and subsidies in the national view", moving, 60)
+    summary = eventually_over_http(
+        moving, 60, "usage and subsidies in the national view"
+    )
     assert summary["live_cities"] == 3
     assert summary["committed_fen"] > 0
     assert set(summary["regions"]) == {"east", "west"}
@@ -70,15 +74,15 @@ def test_local_network_moves_from_the_first_minute_and_stops_on_ctrl_c(
     assert processes_with_env(f"AMQP_URI={rabbit_uri}") == []
 
 
-def test_no_process_outlives_a_killed_launcher(launch_network, rabbit_uri, wait_for):
+def test_no_process_outlives_a_killed_launcher(launch_network, rabbit_uri):
     """Even SIGKILL, which the launcher cannot handle, leaves no orphans."""
     import signal
 
     network = launch_network("--no-simulate")
     assert len(processes_with_env(f"AMQP_URI={rabbit_uri}")) >= 8
     network.stop(signal.SIGKILL)
-    wait_for(
-        "every process of the network to end",
+    eventually_over_http(
         lambda: processes_with_env(f"AMQP_URI={rabbit_uri}") == [],
-        timeout=40,
+        40,
+        "every process of the network to end",
     )

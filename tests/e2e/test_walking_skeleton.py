@@ -20,6 +20,8 @@ import pytest
 import requests
 from kombu import Connection, Exchange, Producer
 
+from tests.support.polling import eventually_over_http
+
 pytestmark = pytest.mark.e2e
 
 # Facts from deploy/ that the expectations depend on, restated here on purpose.
@@ -69,7 +71,7 @@ def cost_fen(gpu_seconds: int, price: int) -> int:
     return whole + (1 if remainder * 2 >= 3600 else 0)  # half up
 
 
-def test_one_gpu_hour_travels_the_whole_way(network, wait_for):
+def test_one_gpu_hour_travels_the_whole_way(network):
     portal = network["portal"]
     national = {"Authorization": f"Bearer {network['national_admin_token']}"}
     shanghai_admin = {
@@ -198,7 +200,7 @@ def test_one_gpu_hour_travels_the_whole_way(network, wait_for):
         data = body.json()
         return data if data["redeemed_fen"] == expected_subsidy else None
 
-    final = wait_for("every subsidy to be booked", voucher_settled, timeout=120)
+    final = eventually_over_http(voucher_settled, 120, "every subsidy to be booked")
     assert final["balance_fen"] == face_value_fen - expected_subsidy
     assert final["released_fen"] == 0
 
@@ -206,7 +208,9 @@ def test_one_gpu_hour_travels_the_whole_way(network, wait_for):
         data = requests.get(f"{portal}/api/v1/cities/shanghai", timeout=10).json()
         return data if data["redeemed_fen"] == expected_subsidy else None
 
-    city = wait_for("the registry to see Shanghai's redemptions", city_settled)
+    city = eventually_over_http(
+        city_settled, 90, "the registry to see Shanghai's redemptions"
+    )
     program = next(p for p in city["programs"] if p["id"] == "sh-compute-2025")
     assert program["redeemed_fen"] == expected_subsidy
     assert (
@@ -218,8 +222,8 @@ def test_one_gpu_hour_travels_the_whole_way(network, wait_for):
         data = requests.get(f"{portal}/api/v1/network/summary", timeout=10).json()
         return data if data["gpu_seconds"] == expected_gpu_seconds else None
 
-    summary = wait_for(
-        "the national summary to count every GPU-second", summary_settled
+    summary = eventually_over_http(
+        summary_settled, 90, "the national summary to count every GPU-second"
     )
     assert summary["redeemed_fen"] == expected_subsidy
     assert summary["live_cities"] == 3  # the three cities make run starts

@@ -6,7 +6,7 @@ from kombu import Connection
 
 from services.common.amqp import USAGE_EXCHANGE, durable_queue
 from services.metering.service import USAGE_QUEUE
-from tests import management
+from tests.support import management
 
 
 def test_durable_queues_are_lazy_and_dead_lettered(rabbit_uri):

@@ -5,7 +5,6 @@ national view is read over RPC, as the portal would.
 """
 
 import json
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,13 +14,19 @@ from nameko import config
 from nameko.rpc import rpc
 from nameko.standalone.rpc import ServiceRpcClient
 
-from services.city_registry.service import CityRegistryService
+from services.city_registry.service import (
+    FEDERATION_QUEUE,
+    CityRegistryService,
+)
 from services.common.amqp import FEDERATION_EXCHANGE, federation_key
 from services.common.config import DATABASE_URL, DEPLOY_DIR, STALE_AFTER_S
 from services.common.contracts import make_event
 from services.common.errors import InvalidRequest, NotFound
 from services.common.migrations import upgrade
 from services.common.units import utcnow
+from tests.support.bus import wait_acked
+from tests.support.federation_data import program
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -88,16 +93,7 @@ def event(kind, city, eid, **fields):
 
 
 def programs(city, budget):
-    return [
-        {
-            "id": f"{city}-compute",
-            "kind": "compute",
-            "budget_fen": budget,
-            "rate_bp": 8000,
-            "rules_version": "v1",
-            "rules_sha256": SHA,
-        }
-    ]
+    return [program(city, budget, rules_sha256=SHA)]
 
 
 def issued(city, eid, code, face):
@@ -126,61 +122,51 @@ def redeemed(city, eid, code, subsidy):
     )
 
 
-def wait_for(check, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.1)
-
-
 def test_national_view_projects_federation_events_once(registry, registry_rpc):
     seeded = {city["code"]: city for city in registry_rpc.list_cities()}
     assert {"shanghai", "chengdu", "shandong"} <= set(seeded)
     assert seeded["shanghai"]["status"] == "unknown"
     assert registry_rpc.voucher_prefixes()["SH"] == "shanghai"
 
-    publish(
-        [
-            event(
-                "program_published",
-                "shanghai",
-                "sh-p",
-                programs=programs("shanghai", 1_000_000),
-            ),
-            event("heartbeat", "shanghai", "sh-h", version="1", uptime_s=5),
-            issued("shanghai", "sh-i1", "SH-1", 300_000),
-            issued("shanghai", "sh-i1", "SH-1", 300_000),  # redelivered: same event_id
-            issued("shanghai", "sh-i2", "SH-2", 200_000),
-            redeemed("shanghai", "sh-r1", "SH-1", 50_000),
-            redeemed("shanghai", "sh-r2", "SH-1", -10_000),  # correction reversal
-            event(
-                "voucher_released",
-                "shanghai",
-                "sh-x1",
-                voucher_code="SH-2",
-                released_fen=200_000,
-                reason="expired",
-            ),
-            # a city joining later, with its own name, region and prefix
-            event(
-                "program_published",
-                "wuhan",
-                "wh-p",
-                name="Wuhan",
-                region="central",
-                voucher_prefix="WH",
-                programs=programs("wuhan", 500_000),
-            ),
-            issued("wuhan", "wh-i1", "WH-1", 100_000),
-            # a body naming another city than its routing key: dropped
-            (
-                federation_key("shanghai", "voucher_issued"),
-                issued("wuhan", "x", "WH-9", 1)[1],
-            ),
-        ]
-    )
+    events = [
+        event(
+            "program_published",
+            "shanghai",
+            "sh-p",
+            programs=programs("shanghai", 1_000_000),
+        ),
+        event("heartbeat", "shanghai", "sh-h", version="1", uptime_s=5),
+        issued("shanghai", "sh-i1", "SH-1", 300_000),
+        issued("shanghai", "sh-i1", "SH-1", 300_000),  # redelivered: same event_id
+        issued("shanghai", "sh-i2", "SH-2", 200_000),
+        redeemed("shanghai", "sh-r1", "SH-1", 50_000),
+        redeemed("shanghai", "sh-r2", "SH-1", -10_000),  # correction reversal
+        event(
+            "voucher_released",
+            "shanghai",
+            "sh-x1",
+            voucher_code="SH-2",
+            released_fen=200_000,
+            reason="expired",
+        ),
+        # a city joining later, with its own name, region and prefix
+        event(
+            "program_published",
+            "wuhan",
+            "wh-p",
+            name="Wuhan",
+            region="central",
+            voucher_prefix="WH",
+            programs=programs("wuhan", 500_000),
+        ),
+        issued("wuhan", "wh-i1", "WH-1", 100_000),
+        # a body naming another city than its routing key: dropped
+        (
+            federation_key("shanghai", "voucher_issued"),
+            issued("wuhan", "x", "WH-9", 1)[1],
+        ),
+    ]
+    publish(events)
 
     def settled():
         cities = {city["code"]: city for city in registry_rpc.list_cities()}
@@ -194,9 +180,10 @@ def test_national_view_projects_federation_events_once(registry, registry_rpc):
         )
         return cities if done else None
 
-    cities = wait_for(settled)
+    cities = eventually(settled, 10, "every event projected")
     assert cities, registry_rpc.list_cities()
-    time.sleep(0.3)  # let a wrongly counted duplicate show itself
+    # Every event handled and acked: a wrongly counted duplicate shows below.
+    wait_acked(config["AMQP_URI"], FEDERATION_QUEUE, len(events))
     shanghai = registry_rpc.get_city("shanghai")
     assert shanghai["status"] == "live"
     assert shanghai["budget_fen"] == 1_000_000

@@ -6,7 +6,6 @@ published by the next relay — nothing is lost.
 """
 
 import json
-import time
 import uuid
 from datetime import timedelta
 
@@ -24,6 +23,7 @@ from services.datacenter_gateway.capacity import CapacityReporter
 from services.datacenter_gateway.domain import InventoryItem
 from services.datacenter_gateway.outbox import Outbox
 from services.datacenter_gateway.relay import Relay, RelayStatus
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -76,27 +76,48 @@ def usage_queue(rabbit_uri):
         yield queue
 
 
-def drain(rabbit_uri, queue, expected, timeout=10.0):
-    """Collect messages until ``expected`` arrived (and a little longer)."""
+def drain(rabbit_uri, queue, expected, settled, timeout=10.0):
+    """Collect messages until ``expected`` arrived and ``settled()`` says
+    nothing more will be published (the outbox is empty: the relay marks a row
+    only once the broker confirmed it), then the rest already in the queue: a
+    record published twice shows here."""
     received = []
 
     def keep(_body, message):
         received.append(message)
         message.ack()
 
+    def read() -> bool:
+        try:
+            conn.drain_events(timeout=0.2)
+        except TimeoutError:
+            return False
+        return True
+
     with Connection(rabbit_uri) as conn:
         with conn.Consumer(queue, callbacks=[keep], accept=None):
-            deadline = utcnow() + timedelta(seconds=timeout)
-            quiet_until = None
-            while utcnow() < deadline:
-                try:
-                    conn.drain_events(timeout=0.2)
-                except TimeoutError:
-                    if len(received) >= expected:
-                        quiet_until = quiet_until or utcnow() + timedelta(seconds=0.5)
-                        if utcnow() > quiet_until:
-                            break
+
+            def arrived() -> bool:
+                read()
+                return len(received) >= expected and settled()
+
+            eventually(
+                arrived,
+                timeout,
+                lambda: (
+                    f"{expected} messages, then nothing left to publish; "
+                    f"got {len(received)}"
+                ),
+                interval=0,
+            )
+            while read():
+                pass
     return received
+
+
+def relayed(outbox):
+    """``settled`` of :func:`drain` while a relay runs: its outbox is empty."""
+    return lambda: outbox.backlog(fresh=True) == 0
 
 
 def raw_body(message):
@@ -126,7 +147,7 @@ def test_every_record_arrives_once_signed_and_nothing_is_lost(
     relay.start()
     try:
         assert client.post("/v1/usage", json=first).status_code == 202
-        messages = drain(rabbit_uri, usage_queue, len(first))
+        messages = drain(rabbit_uri, usage_queue, len(first), relayed(outbox))
     finally:
         relay.stop()
 
@@ -153,7 +174,7 @@ def test_every_record_arrives_once_signed_and_nothing_is_lost(
     relay = make_relay(outbox, rabbit_uri)
     relay.start()
     try:
-        messages = drain(rabbit_uri, usage_queue, len(second))
+        messages = drain(rabbit_uri, usage_queue, len(second), relayed(outbox))
     finally:
         relay.stop()
     ids = [json.loads(raw_body(m))["record_id"] for m in messages]
@@ -171,9 +192,7 @@ def test_relay_survives_an_unreachable_broker(outbox, rabbit_uri, usage_queue):
     )
     dead.start()
     try:
-        deadline = utcnow() + timedelta(seconds=5)
-        while status.last_error is None and utcnow() < deadline:
-            time.sleep(0.1)
+        eventually(lambda: status.last_error, 5, "the relay's error")
     finally:
         dead.stop()
     assert status.broker_reachable is False and status.last_error
@@ -182,7 +201,7 @@ def test_relay_survives_an_unreachable_broker(outbox, rabbit_uri, usage_queue):
     relay = make_relay(outbox, rabbit_uri)
     relay.start()
     try:
-        messages = drain(rabbit_uri, usage_queue, 3)
+        messages = drain(rabbit_uri, usage_queue, 3, relayed(outbox))
     finally:
         relay.stop()
     assert len(messages) == 3
@@ -214,8 +233,8 @@ def test_capacity_report_is_signed_and_counts_running_jobs(
     app = create_app({DATACENTER_ID: DC, KEY_ID: KEY}, outbox, inventory=INVENTORY)
     assert app.test_client().post("/v1/usage", json=[running]).status_code == 202
     reporter = CapacityReporter(outbox, rabbit_uri, DC, KEY, SECRET, INVENTORY)
-    reporter.report_once()
-    (message,) = drain(rabbit_uri, usage_queue, 1, timeout=5)
+    reporter.report_once()  # confirmed: nothing more to come
+    (message,) = drain(rabbit_uri, usage_queue, 1, lambda: True, timeout=5)
     assert message.delivery_info["routing_key"] == f"{DC}.capacity"
     assert signing.verify(raw_body(message), SECRET, message.headers["x-signature"])
     report = json.loads(raw_body(message))

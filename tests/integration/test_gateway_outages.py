@@ -15,46 +15,34 @@ and ``start_app`` always runs.
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
 
-import nameko
 import pytest
 import requests
 from nameko.standalone.rpc import ServiceRpcClient
 
-from services.common.config import AMQP_URI, DATABASE_URL, REGISTRY_CACHE_TTL_S
-from services.common.migrations import upgrade
+from services.common.config import DATABASE_URL, REGISTRY_CACHE_TTL_S
 from services.common.units import format_ts, utcnow
-from services.metering.service import MeteringService
-from services.metering.testing import (
-    DATACENTER_ID,
-    KEY_ID,
-    SECRET,
-    StandInRegistry,
-)
-from tests.ports import free_block
+from tests.support.metering_data import DATACENTER_ID, KEY_ID, SECRET
+from tests.support.polling import eventually
+from tests.support.ports import free_block
+from tests.support.processes import start_service, stop
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 RECORDS = 20_000
 BATCH = 500
 OUTAGE_S = 6
 
 
 @pytest.fixture
-def metering(rabbit_config, pg_url_factory, container_factory):
-    url = pg_url_factory("metering")
-    upgrade("metering", url)
-    with nameko.config.patch({DATABASE_URL: url, REGISTRY_CACHE_TTL_S: 300}):
-        container_factory(StandInRegistry).start()
-        container_factory(MeteringService).start()
-        yield nameko.config[AMQP_URI]
+def metering_config(metering_db):
+    """The plugin's metering, its registry answers cached through the outage."""
+    return {DATABASE_URL: metering_db, REGISTRY_CACHE_TTL_S: 300}
 
 
 def free_port() -> int:
@@ -84,27 +72,16 @@ class GatewayProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.datacenter_gateway",
-                "--config",
-                "deploy/config/datacenter_gateway.yaml",
-            ],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self.log,
-            stderr=self.log,
+        self.process = start_service(
+            "datacenter_gateway", self.env, stdout=self.log, stderr=self.log
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                requests.get(self.url + "/v1/status", timeout=1)
-                return
-            except requests.RequestException:
-                time.sleep(0.2)
-        raise AssertionError("the gateway did not start")
+        eventually(
+            lambda: requests.get(self.url + "/v1/status", timeout=1),
+            30,
+            "the gateway to start",
+            interval=0.2,
+            ignoring=(requests.RequestException,),
+        )
 
     def status(self) -> dict:
         return requests.get(self.url + "/v1/status", timeout=5).json()
@@ -114,12 +91,8 @@ class GatewayProcess:
         self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        if self.process:
+            stop(self.process)
         self.log.close()
 
 
@@ -179,17 +152,17 @@ def assert_metering_gets_exactly(records: list[dict], timeout: float = 90) -> No
         "records_total": len(records),
         "gpu_seconds_total": sum(r["gpu_seconds"] for r in records),
     }
-    deadline = time.monotonic() + timeout
-    totals: dict = {}
-    while time.monotonic() < deadline:
-        try:
-            totals = metering_totals()
-        except Exception:  # noqa: BLE001 - metering reconnecting after the outage
-            totals = {}
-        if totals.get("records_total", 0) >= len(records):
-            break
-        time.sleep(1)
-    time.sleep(1)  # late duplicates would show as extra records here
+    eventually(
+        lambda: metering_totals().get("records_total", 0) >= len(records),
+        timeout,
+        "metering to count every record",
+        interval=1,
+        ignoring=(Exception,),  # metering reconnecting after the outage
+    )
+    # Late duplicates would show as extra records here. No positive signal
+    # says metering is done with them: the gateway's published count starts
+    # again at a restart and the broker's acknowledged count lags by seconds.
+    time.sleep(1)
     totals = metering_totals()
     assert {k: totals.get(k) for k in expected} == expected
 
@@ -200,21 +173,13 @@ def rabbitmqctl(command: str) -> None:
     )
 
 
-def wait_until(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def test_broker_stopped_while_records_stream_in_loses_nothing(gateway):
     records = make_records(RECORDS)
     progress: list = []
     poster = threading.Thread(target=post_all, args=(gateway, records, progress))
     poster.start()
     try:
-        wait_until(lambda: sum(progress) >= RECORDS // 4, 60, "a quarter posted")
+        eventually(lambda: sum(progress) >= RECORDS // 4, 60, "a quarter posted")
         rabbitmqctl("stop_app")
         try:
             time.sleep(OUTAGE_S)
@@ -226,7 +191,7 @@ def test_broker_stopped_while_records_stream_in_loses_nothing(gateway):
     finally:
         poster.join(120)
     assert sum(progress) == RECORDS
-    wait_until(lambda: gateway.status()["backlog"] == 0, 90, "the backlog to drain")
+    eventually(lambda: gateway.status()["backlog"] == 0, 90, "the backlog to drain")
     assert_metering_gets_exactly(records)
 
 
@@ -239,10 +204,10 @@ def test_gateway_killed_mid_relay_and_restarted_loses_nothing(gateway):
         status = gateway.status()
         return status["published_total"] > 0 and status["backlog"] > 0
 
-    wait_until(relaying, 30, "the relay to be mid-way")
+    eventually(relaying, 30, "the relay to be mid-way")
     gateway.kill()
     gateway.start()
     post_all(gateway, records[RECORDS // 2 :], progress)
     assert sum(progress) == RECORDS
-    wait_until(lambda: gateway.status()["backlog"] == 0, 90, "the backlog to drain")
+    eventually(lambda: gateway.status()["backlog"] == 0, 90, "the backlog to drain")
     assert_metering_gets_exactly(records)

@@ -6,32 +6,29 @@ signature, a body that is not JSON); ``<city>.usage_rated`` events come out on
 ``computenet.federation`` once per unique record, and the RPC reads agree.
 """
 
-import time
 from datetime import timedelta
 
-import nameko
 import pytest
-from kombu import Connection, Exchange, Queue
+from kombu import Connection, Queue
 from nameko.standalone.rpc import ServiceRpcClient
 
-from services.common.amqp import FEDERATION_EXCHANGE, USAGE_EXCHANGE
-from services.common.config import AMQP_URI, DATABASE_URL, REGISTRY_CACHE_TTL_S
 from services.common.contracts import canonical_json
-from services.common.migrations import upgrade
 from services.common.units import parse_ts, rate_cost_fen, utcnow
 from services.metering.domain import usage_rated_event_id
-from services.metering.service import MeteringService
-from services.metering.testing import (
+from services.metering.service import USAGE_QUEUE
+from tests.support.bus import empty, usage_rated_queue, wait_acked
+from tests.support.metering_data import (
     DATACENTER_ID,
     KEY_ID,
     PREFIXES,
     PRICE_H800,
-    StandInRegistry,
     capacity,
+    publish_usage,
     signed_headers,
     usage,
     voucher,
 )
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -39,84 +36,51 @@ DEADLINE_S = 15
 
 
 @pytest.fixture
-def metering(rabbit_config, pg_url_factory, container_factory):
-    url = pg_url_factory("metering")
-    upgrade("metering", url)
-    with nameko.config.patch({DATABASE_URL: url, REGISTRY_CACHE_TTL_S: 30}):
-        container_factory(StandInRegistry).start()
-        container_factory(MeteringService).start()
-        yield nameko.config[AMQP_URI]
-
-
-@pytest.fixture
 def bus(metering):
     """A kombu connection with a test queue bound to ``*.usage_rated``."""
     with Connection(metering) as connection:
-        events = Queue(
-            "test.usage_rated",
-            exchange=FEDERATION_EXCHANGE,
-            routing_key="*.usage_rated",
-            auto_delete=True,
-        )
-        events(connection.default_channel).declare()
-        yield connection, events
+        yield connection, usage_rated_queue(connection, auto_delete=True)
 
 
 def publish(connection, body: bytes, routing_key: str, headers: dict | None = None):
-    with connection.Producer() as producer:
-        producer.publish(
-            body,
-            exchange=USAGE_EXCHANGE,
-            routing_key=routing_key,
-            headers=signed_headers(body) if headers is None else headers,
-            content_type="application/json",
-            content_encoding="utf-8",
-            delivery_mode=2,
-            declare=[Exchange(USAGE_EXCHANGE.name, type="topic", durable=True)],
-        )
+    publish_usage(
+        connection,
+        body,
+        routing_key=routing_key,
+        headers=headers,
+        content_encoding="utf-8",
+    )
 
 
 def publish_record(connection, record: dict, **kwargs) -> None:
     publish(connection, canonical_json(record), f"{DATACENTER_ID}.usage", **kwargs)
 
 
-def collect_events(connection, events: Queue, expected_ids: set, received: dict):
-    """Drain the test queue until every expected event_id was seen, then a bit."""
-    deadline = time.monotonic() + DEADLINE_S
+def collect_events(
+    connection, events: Queue, expected_ids: set, received: dict, published: int
+):
+    """Drain the test queue until every expected event_id was seen, then until
+    metering acked all ``published`` messages: every event it was going to
+    publish for them is in the queue (it acks after the broker confirmed them),
+    so stray extra events show here."""
     with connection.SimpleQueue(events) as simple:
-        while not expected_ids <= set(received) and time.monotonic() < deadline:
-            try:
-                _keep(simple.get(timeout=0.2), received)
-            except simple.Empty:
-                continue
-        _quiet_for(simple, received, 0.5)  # stray extra events would show here
+        eventually(
+            lambda: expected_ids <= set(_keep(simple, received)),
+            DEADLINE_S,
+            "an event for every subsidised record",
+        )
+        wait_acked(connection.as_uri(), USAGE_QUEUE.name, published)
+        _keep(simple, received)
 
 
-def _quiet_for(simple, received: dict, seconds: float) -> None:
-    until = time.monotonic() + seconds
-    while time.monotonic() < until:
-        try:
-            message = simple.get(timeout=0.1)
-        except simple.Empty:
-            continue
-        _keep(message, received)
-
-
-def _keep(message, received: dict) -> None:
-    payload = message.payload
-    received.setdefault(payload["event_id"], []).append(
-        (message.delivery_info["routing_key"], payload, message.properties)
-    )
-    message.ack()
-
-
-def wait_for(check, timeout: float = DEADLINE_S):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.1)
+def _keep(simple, received: dict) -> dict:
+    """Read the test queue until it is empty, keeping every event by its id."""
+    for message in empty(simple):
+        payload = message.payload
+        received.setdefault(payload["event_id"], []).append(
+            (message.delivery_info["routing_key"], payload, message.properties)
+        )
+    return received
 
 
 def test_usage_is_rated_once_announced_once_and_refusals_kept(bus):
@@ -139,7 +103,8 @@ def test_usage_is_rated_once_announced_once_and_refusals_kept(bus):
     expected = {
         usage_rated_event_id(DATACENTER_ID, r["record_id"]): r for r in subsidised
     }
-    collect_events(connection, events, set(expected), received)
+    published = 2 * len(subsidised + plain) + 1
+    collect_events(connection, events, set(expected), received, published)
     assert set(received) == set(expected)
     for event_id, deliveries in received.items():
         record = expected[event_id]
@@ -165,11 +130,13 @@ def test_usage_is_rated_once_announced_once_and_refusals_kept(bus):
     publish_record(connection, unknown_gpu)
 
     with ServiceRpcClient("metering") as metering:
-        letters = wait_for(
+        letters = eventually(
             lambda: (
                 len(metering.list_dead_letters(datacenter_id=DATACENTER_ID)) >= 4
                 and metering.list_dead_letters(datacenter_id=DATACENTER_ID)
-            )
+            ),
+            DEADLINE_S,
+            "the four refusals",
         )
         reasons = {letter["record_id"]: letter["reason"] for letter in letters}
         assert reasons == {
@@ -200,12 +167,9 @@ def test_usage_is_rated_once_announced_once_and_refusals_kept(bus):
         capacity_seconds, abs=64 * 5
     )
     assert 0 <= row["utilisation_window"] <= 1
-    # Nothing more arrived for the refused records.
+    # Nothing more arrived for the refused records, once metering acked them.
     late: dict = {}
-    _drain(connection, events, late)
-    assert set(late) <= set(expected)
-
-
-def _drain(connection, events: Queue, received: dict) -> None:
+    wait_acked(connection.as_uri(), USAGE_QUEUE.name, published + 4)
     with connection.SimpleQueue(events) as simple:
-        _quiet_for(simple, received, 0.5)
+        _keep(simple, late)
+    assert set(late) <= set(expected)

@@ -12,22 +12,19 @@ import os
 import random
 import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 from datetime import timedelta
-from pathlib import Path
 
 import nameko
 import psycopg
 import pytest
-from kombu import Connection, Exchange, Queue
+from kombu import Connection
 from nameko.standalone.rpc import ServiceRpcClient
 from sqlalchemy.orm import sessionmaker
 
 from services.common import batching, signing
-from services.common.amqp import FEDERATION_EXCHANGE, USAGE_EXCHANGE
-from services.common.config import AMQP_URI, DATABASE_URL, REGISTRY_CACHE_TTL_S
+from services.common.amqp import USAGE_EXCHANGE
+from services.common.config import DATABASE_URL, REGISTRY_CACHE_TTL_S
 from services.common.contracts import canonical_json
 from services.common.db import make_engine
 from services.common.migrations import upgrade
@@ -35,56 +32,25 @@ from services.common.units import format_ts, utcnow
 from services.metering import ingest
 from services.metering.registry import CachedRegistry, RegistryCacheState
 from services.metering.service import USAGE_QUEUE, MeteringService
-from services.metering.testing import (
+from tests.support import bus
+from tests.support.metering_data import (
     DATACENTER_ID,
     KEY_ID,
     SECRET,
-    StandInRegistry,
+    FakeRegistry,
     capacity,
+    publish_usage,
     raw_message,
     signed_headers,
     usage,
     voucher,
 )
+from tests.support.polling import eventually
+from tests.support.processes import start_service, stop
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 DEADLINE_S = 60
-
-
-@pytest.fixture
-def registry_stand_in(rabbit_config, container_factory):
-    container_factory(StandInRegistry).start()
-    return nameko.config[AMQP_URI]
-
-
-@pytest.fixture
-def metering_db(pg_url_factory):
-    url = pg_url_factory("metering")
-    upgrade("metering", url)
-    return url
-
-
-@pytest.fixture
-def metering(registry_stand_in, metering_db, container_factory):
-    with nameko.config.patch({DATABASE_URL: metering_db, REGISTRY_CACHE_TTL_S: 30}):
-        container_factory(MeteringService).start()
-        yield registry_stand_in
-
-
-def publish(connection, body: bytes, routing_key=None, headers=None, **properties):
-    properties.setdefault("content_type", "application/json")
-    with connection.Producer() as producer:
-        producer.publish(
-            body,
-            exchange=USAGE_EXCHANGE,
-            routing_key=routing_key or f"{DATACENTER_ID}.usage",
-            headers=signed_headers(body) if headers is None else headers,
-            delivery_mode=2,
-            declare=[Exchange(USAGE_EXCHANGE.name, type="topic", durable=True)],
-            **properties,
-        )
 
 
 def totals(url: str) -> tuple[int, int, int, int]:
@@ -116,15 +82,6 @@ def rollups(url: str) -> dict:
         for dc, city, tenant, code, model, hour, *values in rows
         if any(values)  # a bucket emptied by a correction is the same as none
     }
-
-
-def wait_for(check, timeout: float = DEADLINE_S):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.2)
 
 
 def _bad_corpus():
@@ -245,8 +202,10 @@ def test_bad_corpus_ends_in_dead_letters_and_moves_no_total(metering, metering_d
     corpus = _bad_corpus()
     with Connection(metering) as connection:
         for record in good:
-            publish(connection, canonical_json(record))
-        assert wait_for(lambda: totals(metering_db)[0] == len(good))
+            publish_usage(connection, canonical_json(record))
+        assert eventually(
+            lambda: totals(metering_db)[0] == len(good), DEADLINE_S, "the good records"
+        )
         before = totals(metering_db)
         # A replay of a stored record with a changed body, twice over.
         for changed in (
@@ -265,15 +224,29 @@ def test_bad_corpus_ends_in_dead_letters_and_moves_no_total(metering, metering_d
             )
         for _name, body, routing_key, headers, extra, _reason in corpus:
             properties = {k: v for k, v in extra.items() if k == "content_type"}
-            publish(connection, body, routing_key, headers, **properties)
+            publish_usage(
+                connection,
+                body,
+                routing_key=routing_key,
+                headers=headers,
+                **properties,
+            )
         # The consumer is still running: a good record after the corpus is rated.
         late = usage()
-        publish(connection, canonical_json(late))
-        assert wait_for(lambda: totals(metering_db)[0] == len(good) + 1)
+        publish_usage(connection, canonical_json(late))
+        assert eventually(
+            lambda: totals(metering_db)[0] == len(good) + 1,
+            DEADLINE_S,
+            "the record after the corpus",
+        )
 
     assert len(corpus) >= 30
     with ServiceRpcClient("metering") as rpc:
-        wait_for(lambda: len(rpc.list_dead_letters(limit=1000)) >= len(corpus), 20)
+        eventually(
+            lambda: len(rpc.list_dead_letters(limit=1000)) >= len(corpus),
+            20,
+            "a dead letter for each of the corpus",
+        )
         letters = rpc.list_dead_letters(limit=1000)
     got = Counter(letter["reason"] for letter in letters)
     assert got == Counter(reason for *_rest, reason in corpus)
@@ -330,16 +303,7 @@ def _in_order_rollups(records: list[dict], sqlite_url: str) -> dict:
     upgrade("metering", sqlite_url)
     engine = make_engine(sqlite_url)
 
-    class Registry:
-        get_datacenter = staticmethod(
-            lambda dc: StandInRegistry.get_datacenter(None, dc)
-        )
-        datacenter_signing_keys = staticmethod(
-            lambda dc: [{"key_id": KEY_ID, "secret": SECRET}]
-        )
-        voucher_prefixes = staticmethod(lambda: {"SH": "shanghai", "CD": "chengdu"})
-
-    registry = CachedRegistry(RegistryCacheState(ttl_s=300), Registry())
+    registry = CachedRegistry(RegistryCacheState(ttl_s=300), FakeRegistry())
     with sessionmaker(engine, expire_on_commit=False)() as session:
         for record in records:
             outcome = ingest.process_batch(session, registry, [raw_message(record)])
@@ -361,16 +325,9 @@ def _in_order_rollups(records: list[dict], sqlite_url: str) -> dict:
 
 
 def start_metering(amqp_uri: str, db_url: str, **env) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.metering",
-            "--config",
-            "deploy/config/metering.yaml",
-        ],
-        cwd=ROOT,
-        env=dict(
+    return start_service(
+        "metering",
+        dict(
             os.environ,
             AMQP_URI=amqp_uri,
             DATABASE_URL=db_url,
@@ -380,25 +337,12 @@ def start_metering(amqp_uri: str, db_url: str, **env) -> subprocess.Popen:
     )
 
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-
-
 def wait_consumers(connection, count: int) -> None:
-    def consumers():
-        try:
-            channel = connection.channel()
-            return channel.queue_declare("metering.usage", passive=True).consumer_count
-        except Exception:  # noqa: BLE001 - not declared yet
-            return 0
-
-    assert wait_for(lambda: consumers() >= count, 60)
+    assert eventually(
+        lambda: bus.consumers(connection, USAGE_QUEUE.name) >= count,
+        60,
+        f"{count} consumers on {USAGE_QUEUE.name}",
+    )
 
 
 def test_two_processes_random_order_with_corrections_roll_up_as_in_order(
@@ -417,9 +361,14 @@ def test_two_processes_random_order_with_corrections_roll_up_as_in_order(
         with Connection(registry_stand_in) as connection:
             wait_consumers(connection, 4)
             for record in shuffled + shuffled[:100]:  # and some delivered twice
-                publish(connection, canonical_json(record))
-            assert wait_for(lambda: totals(metering_db)[0] == len(records))
-            time.sleep(1)
+                publish_usage(connection, canonical_json(record))
+            assert eventually(
+                lambda: totals(metering_db)[0] == len(records),
+                DEADLINE_S,
+                "every record stored",
+            )
+            # and the duplicates too: a record stored twice would show below
+            bus.wait_acked(registry_stand_in, USAGE_QUEUE.name, len(shuffled) + 100)
     finally:
         for process in processes:
             stop(process)
@@ -445,28 +394,15 @@ def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(
     ]
     expected_seconds = sum(n % 7200 for n in range(count))
     with Connection(registry_stand_in) as connection:
-        events = Queue(
-            "test.usage_rated",
-            exchange=FEDERATION_EXCHANGE,
-            routing_key="*.usage_rated",
-            durable=True,
-        )
-        events(connection.default_channel).declare()
+        bus.usage_rated_queue(connection, durable=True)
         USAGE_EXCHANGE(connection.default_channel).declare()
         USAGE_QUEUE(connection.default_channel).declare()  # as metering will
-        with connection.Producer() as producer:
-            for body in bodies:  # all in flight before metering starts
-                producer.publish(
-                    body,
-                    exchange=USAGE_EXCHANGE,
-                    routing_key=f"{DATACENTER_ID}.usage",
-                    headers=signed_headers(body),
-                    delivery_mode=2,
-                    content_type="application/json",
-                )
+        publish_usage(connection, *bodies)  # all in flight before metering starts
         first = start_metering(registry_stand_in, metering_db)
         try:
-            assert wait_for(lambda: totals(metering_db)[0] >= 5_000, 60)
+            assert eventually(
+                lambda: totals(metering_db)[0] >= 5_000, 60, "5 000 records stored"
+            )
             first.send_signal(signal.SIGKILL)
             first.wait(10)
         finally:
@@ -475,16 +411,13 @@ def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(
         assert stored_at_kill < count, "metering finished before it could be killed"
         second = start_metering(registry_stand_in, metering_db)
         try:
-            assert wait_for(lambda: totals(metering_db)[0] == count, 120)
-            channel = connection.channel()
-            assert wait_for(
-                lambda: (
-                    channel.queue_declare(
-                        "test.usage_rated", passive=True
-                    ).message_count
-                    >= count
-                ),
+            assert eventually(
+                lambda: totals(metering_db)[0] == count, 120, "every record stored"
+            )
+            assert eventually(
+                lambda: bus.ready(connection, "test.usage_rated") >= count,
                 60,
+                "an event for every record",
             )
         finally:
             stop(second)
@@ -527,27 +460,27 @@ def test_a_message_that_crashes_even_alone_ends_as_a_processing_error(
         after = [usage(record_id=f"after-{n}") for n in range(5)]
         with Connection(registry_stand_in) as connection:
             for record in before:
-                publish(connection, canonical_json(record))
-            publish(connection, canonical_json(usage(record_id="poison-1")))
+                publish_usage(connection, canonical_json(record))
+            publish_usage(connection, canonical_json(usage(record_id="poison-1")))
             for record in after:
-                publish(connection, canonical_json(record))
-            assert wait_for(lambda: totals(metering_db)[0] == 10)
+                publish_usage(connection, canonical_json(record))
+            assert eventually(
+                lambda: totals(metering_db)[0] == 10, DEADLINE_S, "ten records"
+            )
 
             def letters():
                 with ServiceRpcClient("metering") as rpc:
                     return rpc.list_dead_letters(reason="processing_error")
 
-            [letter] = wait_for(letters, 30)
+            [letter] = eventually(letters, 30, "the poison message's dead letter")
             assert letter["record_id"] == "poison-1"
             assert "RuntimeError: this record always crashes" in letter["detail"]
             assert "failed 3 times" in letter["detail"]
 
             def drained():
-                channel = connection.channel()
-                declared = channel.queue_declare("metering.usage", passive=True)
-                return declared.message_count == 0
+                return bus.ready(connection, USAGE_QUEUE.name) == 0
 
-            assert wait_for(drained, 10)
+            assert eventually(drained, 10, f"{USAGE_QUEUE.name} drained")
     assert totals(metering_db)[:2] == (10, 10)
     with psycopg.connect(metering_db) as db:
         assert db.execute("SELECT count(*) FROM delivery_attempts").fetchone()[0] == 0

@@ -5,12 +5,11 @@ downgrades cleanly: a model changed without a migration fails here."""
 import importlib
 
 import pytest
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from services.common.db import make_engine
 from services.common.migrations import upgrade
+from tests.support.schema import schema_drift
 
 pytestmark = pytest.mark.integration
 
@@ -31,23 +30,7 @@ def test_migrations_match_models(service, backend, sqlite_url, pg_url_factory):
     upgrade(service, url)  # idempotent on restart
     engine = make_engine(url)
     try:
-        with engine.connect() as connection:
-            context = MigrationContext.configure(
-                connection,
-                opts={
-                    "version_table": f"alembic_version_{service}",
-                    "compare_type": True,
-                },
-            )
-            diff = [
-                change
-                for change in compare_metadata(context, metadata)
-                # the version table belongs to Alembic, not to the models
-                if not (
-                    change[0] == "remove_table"
-                    and change[1].name.startswith("alembic_version")
-                )
-            ]
+        diff = schema_drift(engine, metadata, service)
         assert diff == [], diff
         tables = set(inspect(engine).get_table_names())
         assert set(metadata.tables) <= tables

@@ -8,7 +8,7 @@ from nameko.rpc import rpc
 
 from services.common.errors import NotFound
 from services.common.rpc import RpcPool
-from tests import management
+from tests.support import management
 
 pytestmark = pytest.mark.integration
 

@@ -5,70 +5,42 @@ an unknown voucher, and a burst on one voucher), then check the ledger and the
 federation events to the fen.
 """
 
-from datetime import timedelta
 from pathlib import Path
 
 import nameko
 import pytest
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
-from kombu import Connection, Queue, binding
-from kombu.simple import SimpleQueue
 from nameko.standalone.rpc import ClusterRpcClient
 from sqlalchemy.orm import Session
 
 from services.common import vouchercode
-from services.common.amqp import FEDERATION_EXCHANGE, federation_key
 from services.common.config import (
     CITY_CODE,
     DATABASE_URL,
     HEARTBEAT_INTERVAL_S,
     RULES_FILE,
 )
-from services.common.contracts import make_event
 from services.common.db import make_engine
 from services.common.errors import Conflict, InvalidRequest, NotFound
-from services.common.migrations import upgrade
-from services.common.units import utcnow
 from services.vouchers import ledger
 from services.vouchers.models import Base
 from services.vouchers.service import build
+from tests.support.bus import drain
+from tests.support.schema import schema_drift
+from tests.support.vouchers_data import EAST_COMMERCIAL as COMMERCIAL
+from tests.support.vouchers_data import WEST_GOVERNMENT as GOVERNMENT
+from tests.support.vouchers_data import application, publish_usage_rated, rated
 
 pytestmark = pytest.mark.integration
 
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "cities" / "shanghai.yaml"
 CITY = "shanghai"
 FACE_FEN = 1_000_000_00
-COMMERCIAL = {"government_run": False, "hub_region": "east", "chip_origin": "imported"}
-GOVERNMENT = {"government_run": True, "hub_region": "west", "chip_origin": "domestic"}
 
 
 @pytest.fixture
-def database(pg_url_factory):
-    url = pg_url_factory("vouchers")
-    upgrade("vouchers", url)
-    return url
-
-
-@pytest.fixture
-def federation(rabbit_config):
-    """A test queue seeing everything the city publishes."""
-    uri = nameko.config["AMQP_URI"]
-    with Connection(uri) as connection:
-        queue = Queue(
-            "test.federation",
-            bindings=[binding(FEDERATION_EXCHANGE, routing_key=f"{CITY}.#")],
-        )
-        queue(connection.channel()).declare()
-        simple = SimpleQueue(connection, queue)
-        yield connection, simple
-        simple.close()
-
-
-@pytest.fixture
-def city(database, federation, container_factory):
+def city(vouchers_db, federation, container_factory):
     config = {
-        DATABASE_URL: database,
+        DATABASE_URL: vouchers_db,
         CITY_CODE: CITY,
         RULES_FILE: str(RULES),
         HEARTBEAT_INTERVAL_S: 0.5,
@@ -81,64 +53,7 @@ def city(database, federation, container_factory):
         yield getattr(rpc, f"vouchers_{CITY}")
 
 
-def application(**company):
-    body = {
-        "registration_id": f"913100{utcnow().timestamp():.6f}".replace(".", ""),
-        "name": "Deep Thought AI",
-        "registered_in": CITY,
-        "employees": 42,
-        "annual_revenue_cny": 9_000_000,
-        "government_research_project": False,
-    }
-    body.update(company)
-    return {
-        "program_id": "sh-compute-2025",
-        "company": body,
-        "requested_face_value_cny": FACE_FEN // 100,
-    }
-
-
-def rated(code, record_id, cost_fen, datacenter, **extra):
-    ended = utcnow() - timedelta(minutes=1)
-    return make_event(
-        "usage_rated",
-        CITY,
-        f"rated-{record_id}",
-        record_id=record_id,
-        datacenter_id="dc-test-01",
-        tenant_id="tenant-1",
-        voucher_code=code,
-        gpu_model="H800",
-        gpu_count=1,
-        started_at=ended - timedelta(hours=1),
-        ended_at=ended,
-        gpu_seconds=3600,
-        source="slurm",
-        job_id=None,
-        correction_of=extra.get("correction_of"),
-        cost_fen=cost_fen,
-        unit_price_fen_per_gpu_hour=cost_fen,
-        datacenter=datacenter,
-    )
-
-
-def drain(simple, until, timeout=15.0):
-    """Collect (routing_key, body) until ``until(messages)`` holds."""
-    messages = []
-    deadline = utcnow() + timedelta(seconds=timeout)
-    while not until(messages):
-        if utcnow() > deadline:
-            raise AssertionError(f"timed out; got {[m[0] for m in messages]}")
-        try:
-            message = simple.get(block=True, timeout=0.5)
-        except simple.Empty:
-            continue
-        messages.append((message.delivery_info["routing_key"], message.payload))
-        message.ack()
-    return messages
-
-
-def test_apply_redeem_and_publish(city, federation, database):
+def test_apply_redeem_and_publish(city, federation, vouchers_db):
     connection, simple = federation
 
     # Rejected: not registered in the city; every rule says why.
@@ -168,15 +83,7 @@ def test_apply_redeem_and_publish(city, federation, database):
         rated("SH-AAAAAAAAAAAA-0", "r4", 10_000, COMMERCIAL),  # unknown voucher
     ]
     burst = [rated(code, f"b{i}", 1_000, COMMERCIAL) for i in range(20)]  # 800 each
-    producer = connection.Producer()
-    for body in records[:3] + burst + records[3:]:
-        producer.publish(
-            body,
-            exchange=FEDERATION_EXCHANGE,
-            routing_key=federation_key(CITY, "usage_rated"),
-            serializer="json",
-            delivery_mode=2,
-        )
+    publish_usage_rated(connection, *records[:3], *burst, *records[3:])
 
     def redeemed(messages):
         return [b for k, b in messages if k == f"{CITY}.voucher_redeemed"]
@@ -230,15 +137,9 @@ def test_apply_redeem_and_publish(city, federation, database):
     assert programs["sh-compute-2025"]["rate_bp"] == 8000
     assert published[0]["voucher_prefix"] == "SH"
 
-    engine = make_engine(database)
+    engine = make_engine(vouchers_db)
     with Session(engine) as session:
         assert ledger.check_ledger(session) == []
-    with engine.connect() as connection_:
-        context = MigrationContext.configure(connection_, opts={"compare_type": True})
-        diff = [
-            d
-            for d in compare_metadata(context, Base.metadata)
-            if not (d[0] == "remove_table" and d[1].name == "alembic_version_vouchers")
-        ]
+    diff = schema_drift(engine, Base.metadata, "vouchers")
     engine.dispose()
     assert diff == []

@@ -2,27 +2,28 @@
 
 The unit test (``tests/unit/vouchers/test_vouchers_batch.py``) proves it on
 SQLite; on PostgreSQL the batch path has lookups (LATERAL probes) and writes
-(COPY) of its own, so the same property runs here on two real databases,
-emptied between examples.
+(COPY) of its own, so the same property (``tests/support/vouchers_books.py``)
+runs here on two real databases, emptied between examples.
 """
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from sqlalchemy import text
 from sqlalchemy.orm import sessionmaker
 
 from services.common.db import make_engine
 from services.common.migrations import upgrade
 from services.vouchers.rules import parse_rules
-from tests.unit.vouchers.conftest import CITY_RULES
-from tests.unit.vouchers.test_vouchers_batch import (
-    _books,
-    _stream,
+from tests.support.vouchers_books import (
     check_batches_book_like_one_by_one,
     check_correction_redelivered_without_correction_of,
     cuts,
+    funded_books,
+    ledger_examples,
     steps,
+    stream_of,
 )
+from tests.support.vouchers_data import CITY_RULES
 
 pytestmark = pytest.mark.integration
 
@@ -49,18 +50,14 @@ def _fresh(factory):
     session = factory()
     session.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
     session.commit()
-    _engine, session, codes = _books(RULES, session)
+    _engine, session, codes = funded_books(RULES, session)
     return session, codes
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@ledger_examples(40)
 @given(steps, cuts)
 def test_batches_book_like_one_by_one_on_postgresql(databases, history, sizes):
-    stream = _stream(history)
+    stream = stream_of(history)
     one, one_codes = _fresh(databases[0])
     batch, batch_codes = _fresh(databases[1])
     try:

@@ -13,10 +13,7 @@
 import os
 import signal
 import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
 
 import nameko
 import pytest
@@ -25,7 +22,6 @@ from nameko.standalone.rpc import ClusterRpcClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.common.amqp import FEDERATION_EXCHANGE, federation_key
 from services.common.db import make_engine
 from services.common.errors import Conflict
 from services.common.migrations import upgrade
@@ -33,12 +29,14 @@ from services.common.units import apply_rate_fen
 from services.vouchers import domain, ledger
 from services.vouchers.models import Program, Redemption, Voucher
 from services.vouchers.rules import parse_rules
-
-from .test_vouchers import COMMERCIAL, application, rated
+from tests.support.bus import wait_acked
+from tests.support.polling import eventually
+from tests.support.processes import start_service
+from tests.support.vouchers_data import EAST_COMMERCIAL as COMMERCIAL
+from tests.support.vouchers_data import application, publish_usage_rated, rated
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 RULES = parse_rules(
     b"""
 city: shanghai
@@ -234,29 +232,9 @@ def test_concurrent_batches_on_shared_vouchers_with_redelivery(pg_factory):
 
 
 def _start(env):
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.vouchers",
-            "--config",
-            "deploy/config/vouchers.yaml",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    return start_service(
+        "vouchers", env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-
-
-def _wait(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_sigkill_mid_stream_then_restart_books_every_record_once(
@@ -276,33 +254,35 @@ def test_sigkill_mid_stream_then_restart_books_every_record_once(
     try:
         with ClusterRpcClient(uri=uri, timeout=10) as rpc:
             city = rpc.vouchers_shanghai
-            _wait(lambda: _try(city.program_states), 30, "the city to start")
+            eventually(
+                lambda: city.program_states() is not None,
+                30,
+                "the city to start",
+                ignoring=(Exception,),  # not up yet
+            )
             code = city.apply(application())["voucher"]["code"]
         total = 600
         with Connection(uri) as connection:
-            producer = connection.Producer()
-            for i in range(total):
-                producer.publish(
-                    rated(code, f"k{i}", 1_000, COMMERCIAL),
-                    exchange=FEDERATION_EXCHANGE,
-                    routing_key=federation_key("shanghai", "usage_rated"),
-                    serializer="json",
-                    delivery_mode=2,
-                )
+            publish_usage_rated(
+                connection,
+                *(rated(code, f"k{i}", 1_000, COMMERCIAL) for i in range(total)),
+            )
         engine = make_engine(url)
 
         def booked():
             with Session(engine) as session:
                 return session.scalar(select(func.count()).select_from(Redemption))
 
-        _wait(lambda: booked() >= 50, 30, "some bookings")
+        eventually(lambda: booked() >= 50, 30, "some bookings")
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         killed_at = booked()
         assert killed_at < total, "the stream finished before the kill"
         process = _start(env)
-        _wait(lambda: booked() == total, 60, f"all {total} bookings")
-        time.sleep(0.5)
+        eventually(lambda: booked() == total, 60, f"all {total} bookings")
+        # Every delivery acked (the killed process's went back to the queue):
+        # a record booked twice would show now.
+        wait_acked(uri, "vouchers_shanghai.usage_rated", total)
         with Session(engine) as session:
             assert booked() == total
             ids = session.scalars(select(Redemption.record_id)).all()
@@ -314,10 +294,3 @@ def test_sigkill_mid_stream_then_restart_books_every_record_once(
     finally:
         process.kill()
         process.wait(10)
-
-
-def _try(call):
-    try:
-        return call() or True
-    except Exception:  # noqa: BLE001 - not up yet
-        return False

@@ -20,8 +20,6 @@ from datetime import timedelta
 import eventlet
 import nameko
 import pytest
-from kombu import Connection, Queue, binding
-from kombu.simple import SimpleQueue
 from nameko.messaging import Publisher
 from nameko.standalone.rpc import ClusterRpcClient
 from sqlalchemy import select, update
@@ -37,7 +35,6 @@ from services.common.config import (
 )
 from services.common.db import make_engine
 from services.common.errors import Conflict, InvalidRequest, NotFound
-from services.common.migrations import upgrade
 from services.common.units import utcnow
 from services.vouchers import ledger
 from services.vouchers.models import OutboxEvent, Voucher
@@ -47,9 +44,11 @@ from services.vouchers.service import (
     VouchersService,
     build,
 )
-
-from .test_metering import wait_for
-from .test_vouchers import COMMERCIAL, application, drain, rated
+from tests.support import bus
+from tests.support.bus import drain
+from tests.support.polling import eventually
+from tests.support.vouchers_data import EAST_COMMERCIAL as COMMERCIAL
+from tests.support.vouchers_data import application, publish_usage_rated, rated
 
 pytestmark = pytest.mark.integration
 
@@ -84,42 +83,24 @@ FACE_FEN = FACE_CNY * 100
 
 
 class FlakyPublisher(Publisher):
-    """A publisher whose first ``voucher_issued`` is lost: the broker "fails"
-    right after the commit. Records the event_id it dropped."""
+    """A publisher whose first ``voucher_issued`` (first ``losses`` of them) is
+    lost: the broker "fails" right after the commit. Records the event_ids it
+    dropped."""
 
     dropped: list[str] = []
+    losses = 1
 
     def get_dependency(self, worker_ctx):
         publish = super().get_dependency(worker_ctx)
 
         def flaky(body, **kwargs):
-            if kwargs["routing_key"].endswith(".voucher_issued") and not self.dropped:
+            lose = len(self.dropped) < self.losses
+            if kwargs["routing_key"].endswith(".voucher_issued") and lose:
                 self.dropped.append(body["event_id"])
                 raise ConnectionError("the broker went away")
             return publish(body, **kwargs)
 
         return flaky
-
-
-@pytest.fixture
-def database(pg_url_factory):
-    url = pg_url_factory("vouchers")
-    upgrade("vouchers", url)
-    return url
-
-
-@pytest.fixture
-def federation(rabbit_config):
-    """A test queue seeing everything the city publishes."""
-    with Connection(nameko.config["AMQP_URI"]) as connection:
-        queue = Queue(
-            "test.federation",
-            bindings=[binding(FEDERATION_EXCHANGE, routing_key=f"{CITY}.#")],
-        )
-        queue(connection.channel()).declare()
-        simple = SimpleQueue(connection, queue)
-        yield connection, simple
-        simple.close()
 
 
 @pytest.fixture
@@ -130,12 +111,12 @@ def rules_file(tmp_path):
 
 
 @pytest.fixture
-def start_container(database, federation, container_factory, rules_file):
+def start_container(vouchers_db, federation, container_factory, rules_file):
     """``start_container(publisher=None)`` → a running container of the city."""
 
     def start(publisher=None):
         config = {
-            DATABASE_URL: database,
+            DATABASE_URL: vouchers_db,
             CITY_CODE: CITY,
             RULES_FILE: str(rules_file),
             HEARTBEAT_INTERVAL_S: 5,
@@ -172,8 +153,8 @@ def start_city(start_container):
 
 
 @pytest.fixture
-def engine(database):
-    engine = make_engine(database)
+def engine(vouchers_db):
+    engine = make_engine(vouchers_db)
     yield engine
     engine.dispose()
 
@@ -182,30 +163,41 @@ def _events(messages, event):
     return [body for key, body in messages if key == federation_key(CITY, event)]
 
 
-def _publish_usage(federation, *bodies):
-    connection, _ = federation
-    producer = connection.Producer()
-    for body in bodies:
-        producer.publish(
-            body,
-            exchange=FEDERATION_EXCHANGE,
-            routing_key=federation_key(CITY, "usage_rated"),
-            serializer="json",
-            delivery_mode=2,
+def _expire(engine, code):
+    """A year passes for this voucher."""
+    with Session(engine) as session:
+        session.execute(
+            update(Voucher)
+            .where(Voucher.code == code)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
         )
+        session.commit()
 
 
-def _quiet(simple, seconds):
-    """Everything published in the next ``seconds``."""
-    deadline = utcnow() + timedelta(seconds=seconds)
-    return drain(simple, lambda _: utcnow() > deadline, timeout=seconds + 5)
+def _of(code, event):
+    """``until`` of ``drain``: ``event`` of the voucher ``code`` arrived."""
+    return lambda messages: [
+        body for body in _events(messages, event) if body["voucher_code"] == code
+    ]
+
+
+def _without(messages, codes):
+    """``messages`` but those about the vouchers ``codes`` (the markers)."""
+    return [
+        (key, body) for key, body in messages if body.get("voucher_code") not in codes
+    ]
+
+
+def _rest(simple):
+    """What is in the test queue now."""
+    return [(m.delivery_info["routing_key"], m.payload) for m in bus.empty(simple)]
 
 
 def test_review_queue_vouchers_statements_and_totals_over_rpc(
     start_city, federation, engine
 ):
     city = start_city()
-    _, simple = federation
+    connection, simple = federation
 
     # Manual review: the application waits; the queue lists it.
     manual = {**application(), "program_id": "sh-reviewed"}
@@ -270,7 +262,7 @@ def test_review_queue_vouchers_statements_and_totals_over_rpc(
     assert [v["code"] for v in mine["items"]] == [auto_code]
 
     # Usage on the auto voucher, then revoke it: the rest is released.
-    _publish_usage(federation, rated(auto_code, "svc-r1", 100_000, COMMERCIAL))
+    publish_usage_rated(connection, rated(auto_code, "svc-r1", 100_000, COMMERCIAL))
     drain(simple, lambda m: _events(m, "voucher_redeemed"))
     revoked = city.revoke_voucher(auto_code, "fraud suspected", "officer-1")
     assert revoked["status"] == "revoked"
@@ -345,21 +337,22 @@ def test_expiry_timer_releases_the_balance_and_publishes_once(
     start_city, federation, engine
 ):
     city = start_city()
-    _, simple = federation
+    connection, simple = federation
     code = city.apply(application())["voucher"]["code"]
-    _publish_usage(federation, rated(code, "exp-r1", 10_000, COMMERCIAL))
+    publish_usage_rated(connection, rated(code, "exp-r1", 10_000, COMMERCIAL))
     drain(simple, lambda m: _events(m, "voucher_redeemed"))
 
-    # A year passes for this voucher.
-    with Session(engine) as session:
-        session.execute(
-            update(Voucher)
-            .where(Voucher.code == code)
-            .values(expires_at=utcnow() - timedelta(seconds=1))
-        )
-        session.commit()
+    _expire(engine, code)
     messages = drain(simple, lambda m: _events(m, "voucher_released"))
-    messages += _quiet(simple, 1.5)  # several more expiry ticks
+    # Several more expiry ticks: two more vouchers expire, one after the other
+    # is released. Ticks run one at a time, so the second marker's release
+    # comes in a tick after the first marker's, which came after this
+    # voucher's: a tick that released it again would have published before.
+    markers = [city.apply(application())["voucher"]["code"] for _ in range(2)]
+    for marker in markers:
+        _expire(engine, marker)
+        messages += drain(simple, _of(marker, "voucher_released"))
+    messages = _without(messages, markers)
     released = _events(messages, "voucher_released")
     assert len(released) == 1
     assert released[0]["voucher_code"] == code
@@ -376,8 +369,11 @@ def test_expiry_timer_releases_the_balance_and_publishes_once(
     assert state["available_fen"] == 10_000_000_00 - 8_000
 
     # Usage after the expiry is refused, not booked.
-    _publish_usage(federation, rated(code, "exp-r2", 10_000, COMMERCIAL))
-    late = _quiet(simple, 1.0)
+    publish_usage_rated(connection, rated(code, "exp-r2", 10_000, COMMERCIAL))
+    # Once the city acked both usage messages, what it published for them is
+    # on the bus (it acks after the broker confirmed its events).
+    bus.wait_acked(connection.as_uri(), f"vouchers_{CITY}.usage_rated", 2)
+    late = _rest(simple)
     assert _events(late, "voucher_redeemed") == []
     assert city.get_voucher(code)["redeemed_fen"] == 8_000
     with Session(engine) as session:
@@ -387,7 +383,7 @@ def test_expiry_timer_releases_the_balance_and_publishes_once(
 def test_outbox_timer_publishes_an_event_whose_publish_failed(
     start_city, federation, engine
 ):
-    FlakyPublisher.dropped = []
+    FlakyPublisher.dropped, FlakyPublisher.losses = [], 1
     city = start_city(FlakyPublisher(exchange=FEDERATION_EXCHANGE))
     _, simple = federation
     code = city.apply(application())["voucher"]["code"]  # committed, not published
@@ -398,27 +394,19 @@ def test_outbox_timer_publishes_an_event_whose_publish_failed(
         assert row.event == "voucher_issued" and row.published_at is None
 
     messages = drain(simple, lambda m: _events(m, "voucher_issued"), timeout=10)
-    messages += _quiet(simple, 1.5)  # the relay does not publish it twice
+    # The relay does not publish it twice: a marker event, lost as well, is
+    # relayed by a later tick (ticks run one at a time, the oldest event
+    # first), after any second publishing of this one.
+    FlakyPublisher.losses = 2
+    marker = city.apply(application())["voucher"]["code"]
+    messages += drain(simple, _of(marker, "voucher_issued"), timeout=10)
+    messages = _without(messages, [marker])
     issued = _events(messages, "voucher_issued")
     assert [(b["event_id"], b["voucher_code"]) for b in issued] == [(dropped, code)]
     assert issued[0]["face_value_fen"] == FACE_FEN
     with Session(engine) as session:
         row = session.scalar(select(OutboxEvent).where(OutboxEvent.event_id == dropped))
         assert row.published_at is not None
-
-
-def _ready(connection, queue: str) -> int | None:
-    """The messages waiting in ``queue`` (not those delivered and unacked)."""
-    channel = connection.channel()
-    try:
-        return channel.queue_declare(queue, passive=True).message_count
-    except Exception:  # noqa: BLE001 - not declared yet
-        return None
-    finally:
-        try:
-            channel.close()
-        except Exception:  # noqa: BLE001 - a failed declare closed it
-            pass
 
 
 def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
@@ -435,7 +423,9 @@ def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
     with ClusterRpcClient(uri=nameko.config["AMQP_URI"], timeout=10) as rpc:
         city = getattr(rpc, f"vouchers_{CITY}")
         code = city.apply(application())["voucher"]["code"]
-    assert wait_for(lambda: _ready(connection, queue) is not None)
+    assert eventually(
+        lambda: bus.ready(connection, queue) is not None, 15, f"{queue} declared"
+    )
 
     by_py_amqp = []  # deliveries the hand reader left to py-amqp
     real_raw = batching.as_delivery
@@ -469,19 +459,15 @@ def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
         {"x-attempt": 3, "x-urgent": True, "x-origin": {"dc": "dc-test-01"}},
     ]
     count = 40
-    producer = connection.Producer()
     for n in range(count):
-        producer.publish(
+        publish_usage_rated(
+            connection,
             rated(code, f"h{n}", 1_000, COMMERCIAL),
-            exchange=FEDERATION_EXCHANGE,
-            routing_key=federation_key(CITY, "usage_rated"),
-            serializer="json",
-            delivery_mode=2,
             headers=headers[n % 2],
             message_id=f"m-{n}",
         )
 
-    assert wait_for(lambda: held)
+    assert eventually(lambda: held, 15, "a batch's events held back")
     time.sleep(0.5)  # long enough for a consumer that acks too early to do so
     assert handed and not by_py_amqp
     for message in handed:
@@ -492,7 +478,11 @@ def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
         assert not message.redelivered
         assert json.loads(message.body)["record_id"] == f"h{n}"
     first.kill()  # booked, never confirmed: nothing may have been acked
-    assert wait_for(lambda: _ready(connection, queue) == count), "acked too early"
+    assert eventually(
+        lambda: bus.ready(connection, queue) == count,
+        15,
+        f"all {count} messages back in the queue (none acked too early)",
+    ), "acked too early"
 
     handed.clear()
     release.send()
@@ -505,7 +495,7 @@ def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
     assert len(handed) == count and not by_py_amqp
     assert all(message.redelivered for message in handed)
     second.stop()  # what was not acked goes back to the queue
-    assert _ready(connection, queue) == 0
+    assert bus.ready(connection, queue) == 0
     with Session(engine) as session:
         voucher = session.scalar(select(Voucher).where(Voucher.code == code))
         assert voucher.redeemed_fen == count * 800

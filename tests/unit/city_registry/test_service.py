@@ -18,6 +18,7 @@ from services.common.contracts import make_event
 from services.common.db import make_engine
 from services.common.errors import InvalidRequest, NotFound
 from services.common.migrations import upgrade
+from tests.support.federation_data import program
 
 
 @pytest.fixture
@@ -75,14 +76,7 @@ def test_same_event_id_from_two_cities_counts_for_both(service):
             city,
             "same-id",
             programs=[
-                {
-                    "id": f"{city}-p",
-                    "kind": "compute",
-                    "budget_fen": 100,
-                    "rate_bp": 5000,
-                    "rules_version": "v1",
-                    "rules_sha256": "d" * 64,
-                }
+                program(city, 100, id=f"{city}-p", rate_bp=5000, rules_sha256="d" * 64)
             ],
         )
         service.handle_federation_event(_message(f"{city}.program_published", body))

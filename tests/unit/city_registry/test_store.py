@@ -17,6 +17,7 @@ from services.city_registry.store import RegistryStore, read_deploy_dir
 from services.common.contracts import load_event, make_event
 from services.common.db import make_engine
 from services.common.migrations import upgrade
+from tests.support.federation_data import program
 
 DEPLOY_DIR = Path(__file__).resolve().parents[3] / "deploy"
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -44,16 +45,7 @@ def _event(event_name, city, eid, **fields):
 
 
 def _published(city="shanghai", eid="p1", budget=1_000_000, **extra):
-    programs = [
-        {
-            "id": f"{city}-compute",
-            "kind": "compute",
-            "budget_fen": budget,
-            "rate_bp": 8000,
-            "rules_version": "v1",
-            "rules_sha256": SHA,
-        }
-    ]
+    programs = [program(city, budget, rules_sha256=SHA)]
     return _event("program_published", city, eid, programs=programs, **extra)
 
 

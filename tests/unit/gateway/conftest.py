@@ -11,8 +11,7 @@ import pytest
 from gateway.app import create_app
 from gateway.audit import AUDIT, AUDIT_DATABASE_URL
 from services.common import vouchercode
-
-NATIONAL = "tok-national"
+from tests.support.portal_data import NATIONAL
 
 
 class FakeRpc:

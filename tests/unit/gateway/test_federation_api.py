@@ -2,25 +2,10 @@
 
 import pytest
 
-from tests.unit.gateway.conftest import NATIONAL
+from tests.support.portal_data import NATIONAL, datacenter
 
 ADMIN = {"Authorization": f"Bearer {NATIONAL}"}
-DC = {
-    "id": "dc-1",
-    "name": "DC",
-    "operator": "op",
-    "city": "x",
-    "hub_region": "west",
-    "government_run": True,
-    "inventory": [
-        {
-            "gpu_model": "H800",
-            "count": 8,
-            "chip_origin": "imported",
-            "price_fen_per_gpu_hour": 1500,
-        }
-    ],
-}
+DC = datacenter(operator="op", city="x")
 
 
 @pytest.mark.parametrize(

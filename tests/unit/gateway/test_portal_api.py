@@ -9,6 +9,7 @@ import pytest
 from gateway import app as gateway_app
 from services.common import vouchercode
 from services.common.errors import NotFound
+from tests.support.portal_data import datacenter
 
 # -- public reads -----------------------------------------------------------
 
@@ -65,23 +66,14 @@ def test_unknown_city_is_404(client, rpc):
 
 
 def test_datacenters_and_one_datacenter(client, rpc):
-    dc = {
-        "id": "dc-ningxia-1",
-        "name": "Ningxia 1",
-        "operator": "State Grid",
-        "city": "yinchuan",
-        "hub_region": "west",
-        "government_run": True,
-        "inventory": [
-            {
-                "gpu_model": "H800",
-                "count": 64,
-                "chip_origin": "imported",
-                "price_fen_per_gpu_hour": 1500,
-            }
-        ],
-        "utilisation": None,
-    }
+    dc = datacenter(
+        gpus=64,
+        id="dc-ningxia-1",
+        name="Ningxia 1",
+        operator="State Grid",
+        city="yinchuan",
+        utilisation=None,
+    )
     rpc.replies[("city_registry", "list_datacenters")] = [dc]
     rpc.replies[("city_registry", "get_datacenter")] = lambda dc_id: dc
 

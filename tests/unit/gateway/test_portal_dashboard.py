@@ -8,6 +8,8 @@ import re
 
 import pytest
 
+from tests.support.portal_data import datacenter
+
 
 @pytest.fixture
 def network(rpc, city_factory, voucher_factory):
@@ -27,21 +29,7 @@ def network(rpc, city_factory, voucher_factory):
             }
         ]
     )
-    dc = {
-        "id": "dc-1",
-        "name": "Gui'an 1",
-        "hub_region": "west",
-        "government_run": True,
-        "inventory": [
-            {
-                "gpu_model": "H800",
-                "count": 8,
-                "chip_origin": "imported",
-                "price_fen_per_gpu_hour": 1500,
-            }
-        ],
-        "utilisation": 0.25,
-    }
+    dc = datacenter(name="Gui'an 1", utilisation=0.25)
     rpc.replies.update(
         {
             ("city_registry", "network_summary"): {

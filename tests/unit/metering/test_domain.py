@@ -9,7 +9,7 @@ from services.common.contracts import canonical_json, load_event
 from services.common.units import format_ts, parse_ts
 from services.metering import domain
 from services.metering.domain import Reason, Refused
-from services.metering.testing import (
+from tests.support.metering_data import (
     DATACENTER,
     DATACENTER_ID,
     KEY_ID,

@@ -18,7 +18,7 @@ from marshmallow import ValidationError
 from services.common import contracts
 from services.common.units import format_ts, utcnow
 from services.metering import domain
-from services.metering.testing import DATACENTER_ID, usage, voucher
+from tests.support.metering_data import DATACENTER_ID, usage, voucher
 
 SCHEMA = contracts.UsageRecordSchema()
 FIELDS = list(domain.RECORD_FIELDS)

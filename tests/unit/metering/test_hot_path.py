@@ -22,7 +22,7 @@ from services.common.units import format_ts, utcnow
 from services.metering import domain, ingest
 from services.metering.domain import Refused
 from services.metering.registry import CachedRegistry, RegistryCacheState
-from services.metering.testing import (
+from tests.support.metering_data import (
     DATACENTER_ID,
     SECRET,
     StandInRegistry,

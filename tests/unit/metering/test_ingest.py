@@ -5,12 +5,9 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.orm import sessionmaker
 
 from services.common.contracts import canonical_json
-from services.common.db import make_engine
-from services.common.errors import InvalidRequest, NotFound
-from services.common.migrations import upgrade
+from services.common.errors import InvalidRequest
 from services.common.units import format_ts, utcnow
 from services.metering import domain, ingest, reports
 from services.metering.domain import Reason, Refused
@@ -22,47 +19,16 @@ from services.metering.models import (
     UsageTotal,
 )
 from services.metering.registry import CachedRegistry, RegistryCacheState
-from services.metering.testing import (
-    DATACENTER,
+from tests.support.metering_data import (
     DATACENTER_ID,
     KEY_ID,
-    PREFIXES,
-    SECRET,
+    FakeRegistry,
     capacity,
     raw_message,
     signed_headers,
     usage,
     voucher,
 )
-
-
-class FakeRegistry:
-    def __init__(self):
-        self.calls: list[str] = []
-        self.keys = [{"key_id": KEY_ID, "secret": SECRET}]
-
-    def get_datacenter(self, datacenter_id):
-        self.calls.append("get_datacenter")
-        if datacenter_id != DATACENTER_ID:
-            raise NotFound("datacenter_not_found")
-        return DATACENTER
-
-    def datacenter_signing_keys(self, datacenter_id):
-        self.calls.append("datacenter_signing_keys")
-        return self.keys
-
-    def voucher_prefixes(self):
-        self.calls.append("voucher_prefixes")
-        return PREFIXES
-
-
-@pytest.fixture
-def session(sqlite_url):
-    upgrade("metering", sqlite_url)
-    engine = make_engine(sqlite_url)
-    with sessionmaker(engine, expire_on_commit=False)() as session:
-        yield session
-    engine.dispose()
 
 
 @pytest.fixture

@@ -5,21 +5,15 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.orm import sessionmaker
 
-from services.common.db import make_engine
 from services.common.errors import NotFound
-from services.common.migrations import upgrade
 from services.common.units import format_ts, utcnow
 from services.metering import ingest, reports
 from services.metering.models import DeadLetter, UsageRecord
 from services.metering.registry import CachedRegistry, RegistryCacheState
-from services.metering.testing import (
-    DATACENTER,
+from tests.support.metering_data import (
     DATACENTER_ID,
-    KEY_ID,
-    PREFIXES,
-    SECRET,
+    FakeRegistry,
     capacity,
     raw_message,
     usage,
@@ -27,33 +21,8 @@ from services.metering.testing import (
 )
 
 
-class LateRegistry:
-    def __init__(self):
-        self.registered = False
-
-    def get_datacenter(self, datacenter_id):
-        if not self.registered or datacenter_id != DATACENTER_ID:
-            raise NotFound("datacenter_not_found")
-        return DATACENTER
-
-    def datacenter_signing_keys(self, datacenter_id):
-        return [{"key_id": KEY_ID, "secret": SECRET}]
-
-    def voucher_prefixes(self):
-        return PREFIXES
-
-
-@pytest.fixture
-def session(sqlite_url):
-    upgrade("metering", sqlite_url)
-    engine = make_engine(sqlite_url)
-    with sessionmaker(engine, expire_on_commit=False)() as session:
-        yield session
-    engine.dispose()
-
-
 def test_dead_letter_replayed_after_late_registration_is_applied_once(session):
-    fake = LateRegistry()
+    fake = FakeRegistry(registered=False)
     registry = CachedRegistry(RegistryCacheState(ttl_s=30), fake)
     record = usage(voucher_code=voucher("SH"))
     outcome = ingest.process_batch(session, registry, [raw_message(record)])
@@ -78,7 +47,7 @@ def test_dead_letter_replayed_after_late_registration_is_applied_once(session):
 
 
 def test_usage_by_tenant_hour_and_figures_per_region(session):
-    fake = LateRegistry()
+    fake = FakeRegistry(registered=False)
     fake.registered = True
     registry = CachedRegistry(RegistryCacheState(ttl_s=30), fake)
     now = utcnow().replace(microsecond=0, second=0, minute=0)

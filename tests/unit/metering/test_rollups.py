@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from services.common import contracts
 from services.common.units import format_ts
 from services.metering import domain
-from services.metering.testing import DATACENTER, usage, voucher
+from tests.support.metering_data import DATACENTER, usage, voucher
 
 T0 = datetime(2025, 3, 1, 10, 40, tzinfo=UTC)
 

@@ -7,167 +7,29 @@ corrections, balances running out) cut into any batches, both give the same
 outcome per record and the same books.
 """
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from sqlalchemy import select
+from hypothesis import given
 
 from services.vouchers import domain, ledger
-from services.vouchers.models import Program, Redemption, RejectedUsage, Voucher
-
-from .conftest import (
-    EAST_COMMERCIAL,
-    WEST_GOVERNMENT,
-    company,
-    make_session_factory,
-    usage,
+from tests.support.vouchers_books import (
+    UNKNOWN,
+    check_batches_book_like_one_by_one,
+    check_correction_redelivered_without_correction_of,
+    cuts,
+    funded_books,
+    ledger_examples,
+    record,
+    steps,
+    stream_of,
+    summary,
 )
 
-# Vouchers: two of tc-compute (one small), one of tc-west (west data centres
-# only), and one code that does not exist.
-VOUCHERS = [("tc-compute", 1000_00), ("tc-compute", 150_00), ("tc-west", 500_00)]
-UNKNOWN = len(VOUCHERS)
 
-new = st.tuples(
-    st.just("new"),
-    st.integers(0, UNKNOWN),  # which voucher
-    st.integers(0, 40_000),  # cost in fen
-    st.sampled_from(["east", "west"]),
-)
-again = st.tuples(st.just("again"), st.integers(0, 1000))
-correct = st.tuples(st.just("correct"), st.integers(0, 1000), st.integers(0, 40_000))
-# A correction of a pooled record, which may come later (or never).
-ahead = st.tuples(
-    st.just("ahead"), st.integers(0, 2), st.integers(0, 40_000), st.integers(0, 2)
-)
-pooled = st.tuples(st.just("pooled"), st.integers(0, 2), st.integers(0, 40_000))
-# Corrections are rare, so that most batches take the bulk path (a batch with
-# a correction in it books record by record).
-steps = st.lists(
-    st.one_of(new, new, new, new, again, again, pooled, pooled, correct, ahead),
-    max_size=40,
-)
-cuts = st.lists(st.integers(1, 8), min_size=1, max_size=40)
-
-
-def _stream(history):
-    """Abstract records: (record_id, voucher index, cost, where, correction_of)."""
-    records = []
-    for n, step in enumerate(history):
-        if step[0] == "new":
-            records.append((f"r{n}", step[1], step[2], step[3], None))
-        elif records and step[0] == "again":
-            records.append(records[step[1] % len(records)])
-        elif records and step[0] == "correct":
-            earlier = records[step[1] % len(records)]
-            records.append((f"r{n}", earlier[1], step[2], earlier[3], earlier[0]))
-        elif step[0] == "ahead":
-            records.append((f"r{n}", step[1], step[2], "east", f"p{step[3]}"))
-        elif step[0] == "pooled":
-            records.append((f"p{step[1]}", 0, step[2], "east", None))
-    return records
-
-
-def _books(city_rules, session=None):
-    """A funded city with the VOUCHERS issued, on ``session`` (or on a new
-    SQLite database, whose engine comes back first)."""
-    engine = None
-    if session is None:
-        engine, factory = make_session_factory()
-        session = factory()
-    ledger.sync_programs(session, city_rules)
-    codes = []
-    for n, (program_id, face) in enumerate(VOUCHERS):
-        program = city_rules.program(program_id)
-        applicant = company(registration_id=f"co-{n}")
-        decision = domain.decide(program, applicant)
-        codes.append(
-            ledger.apply(
-                session, city_rules, program, applicant, face, decision
-            ).voucher.code
-        )
-    codes.append("TC-AAAAAAAAAAAA-0")
-    return engine, session, codes
-
-
-def _record(abstract, codes):
-    record_id, voucher, cost, where, correction_of = abstract
-    return usage(
-        codes[voucher],
-        cost,
-        WEST_GOVERNMENT if where == "west" else EAST_COMMERCIAL,
-        event_id=f"ev-{record_id}",
-        record_id=record_id,
-        correction_of=correction_of,
-    )
-
-
-def _state(session, codes):
-    """The books, with voucher codes replaced by their index."""
-    index = {code: n for n, code in enumerate(codes)}
-    redemptions = sorted(
-        (r.record_id, r.kind, r.source_record_id, index[r.voucher_code], r.subsidy_fen)
-        for r in session.scalars(select(Redemption))
-    )
-    rejected = sorted(
-        (r.record_id, r.reason) for r in session.scalars(select(RejectedUsage))
-    )
-    vouchers = sorted(
-        (index[v.code], v.redeemed_fen, v.released_fen)
-        for v in session.scalars(select(Voucher))
-    )
-    programs = sorted(
-        (p.id, p.available_fen, p.committed_fen, p.redeemed_fen)
-        for p in session.scalars(select(Program))
-    )
-    session.rollback()
-    return redemptions, rejected, vouchers, programs
-
-
-def _summary(outcome, codes):
-    index = {code: n for n, code in enumerate(codes)}
-    return (
-        sorted(
-            (r.event_id, r.record_id, index[r.voucher_code], r.subsidy_fen)
-            for r in outcome.redemptions
-        ),
-        outcome.rejected,
-    )
-
-
-def check_batches_book_like_one_by_one(rules, stream, sizes, one_by_one, batched):
-    """Book ``stream`` one record at a time into one books and in batches of
-    ``sizes`` (cycled) into the other: same outcomes, same state, sound ledger."""
-    one, one_codes = one_by_one
-    batch, batch_codes = batched
-    expected = [
-        _summary(ledger.book_usage(one, rules, _record(r, one_codes)), one_codes)
-        for r in stream
-    ]
-    got, start, n = [], 0, 0
-    while start < len(stream):
-        size = sizes[n % len(sizes)]
-        chunk = [_record(r, batch_codes) for r in stream[start : start + size]]
-        got += [
-            _summary(outcome, batch_codes)
-            for outcome in ledger.book_usage_batch(batch, rules, chunk)
-        ]
-        start, n = start + size, n + 1
-    # The event ids do not depend on the voucher code: compare them too.
-    assert got == expected
-    assert _state(batch, batch_codes) == _state(one, one_codes)
-    assert ledger.check_ledger(batch) == []
-
-
-@settings(
-    max_examples=120,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@ledger_examples(120)
 @given(steps, cuts)
 def test_batches_book_like_one_by_one(city_rules, history, sizes):
-    stream = _stream(history)
-    one_engine, one, one_codes = _books(city_rules)
-    batch_engine, batch, batch_codes = _books(city_rules)
+    stream = stream_of(history)
+    one_engine, one, one_codes = funded_books(city_rules)
+    batch_engine, batch, batch_codes = funded_books(city_rules)
     try:
         check_batches_book_like_one_by_one(
             city_rules, stream, sizes, (one, one_codes), (batch, batch_codes)
@@ -181,11 +43,11 @@ def test_batches_book_like_one_by_one(city_rules, history, sizes):
 def test_a_batch_redelivered_books_nothing_new(city_rules):
     """The same batch twice: the second returns the same rows, as duplicates."""
     rules = city_rules
-    engine, session, codes = _books(rules)
+    engine, session, codes = funded_books(rules)
     try:
-        chunk = [
-            _record((f"x{i}", 1, 4_000, "east", None), codes) for i in range(6)
-        ] + [_record(("x-unknown", UNKNOWN, 100, "east", None), codes)]
+        chunk = [record((f"x{i}", 1, 4_000, "east", None), codes) for i in range(6)] + [
+            record(("x-unknown", UNKNOWN, 100, "east", None), codes)
+        ]
         first = ledger.book_usage_batch(session, rules, chunk)
         again = ledger.book_usage_batch(session, rules, chunk)
         # 150 CNY voucher, 3 200 fen each: the fifth gets what is left.
@@ -199,9 +61,7 @@ def test_a_batch_redelivered_books_nothing_new(city_rules):
         ]
         assert first[6].rejected == domain.UNKNOWN_VOUCHER
         assert all(o.duplicate for o in again)
-        assert [_summary(o, codes) for o in again] == [
-            _summary(o, codes) for o in first
-        ]
+        assert [summary(o, codes) for o in again] == [summary(o, codes) for o in first]
         assert ledger.check_ledger(session) == []
     finally:
         session.close()
@@ -209,11 +69,11 @@ def test_a_batch_redelivered_books_nothing_new(city_rules):
 
 
 def test_a_record_whose_correction_came_first_is_superseded(city_rules):
-    engine, session, codes = _books(city_rules)
+    engine, session, codes = funded_books(city_rules)
     try:
-        correction = _record(("fix", 0, 1_000, "east", "orig"), codes)
-        original = _record(("orig", 0, 5_000, "east", None), codes)
-        other = _record(("other", 0, 1_000, "east", None), codes)
+        correction = record(("fix", 0, 1_000, "east", "orig"), codes)
+        original = record(("orig", 0, 5_000, "east", None), codes)
+        other = record(("other", 0, 1_000, "east", None), codes)
         ledger.book_usage_batch(session, city_rules, [correction])
         late = ledger.book_usage_batch(session, city_rules, [original, other])
         assert late[0].rejected == domain.SUPERSEDED
@@ -224,25 +84,8 @@ def test_a_record_whose_correction_came_first_is_superseded(city_rules):
         engine.dispose()
 
 
-def check_correction_redelivered_without_correction_of(session, rules, codes):
-    """A correction that comes again without its correction_of (a body that
-    conflicts) is a duplicate: the batch gives back every row it wrote, the
-    reversal too, as booking it alone does."""
-    original = _record(("o1", 0, 4_000, "east", None), codes)
-    correction = _record(("c1", 0, 2_000, "east", "o1"), codes)
-    ledger.book_usage_batch(session, rules, [original])
-    ledger.book_usage_batch(session, rules, [correction])
-    again = dict(correction, correction_of=None)
-    [batch] = ledger.book_usage_batch(session, rules, [again])
-    single = ledger.book_usage(session, rules, again)
-    assert batch.duplicate
-    assert [r.kind for r in batch.redemptions] == [ledger.REVERSAL, ledger.USAGE]
-    assert _summary(batch, codes) == _summary(single, codes)
-    assert ledger.check_ledger(session) == []
-
-
 def test_a_correction_redelivered_without_correction_of(city_rules):
-    engine, session, codes = _books(city_rules)
+    engine, session, codes = funded_books(city_rules)
     try:
         check_correction_redelivered_without_correction_of(session, city_rules, codes)
     finally:

@@ -8,31 +8,13 @@ from sqlalchemy import select, update
 from services.common import vouchercode
 from services.common.errors import Conflict
 from services.vouchers import domain, ledger
-from services.vouchers.models import LedgerEntry, Program, RejectedUsage, Voucher
-
-from .conftest import EAST_COMMERCIAL, WEST_GOVERNMENT, company, usage
-
-
-def issue(session, rules, program_id="tc-compute", face_fen=1000_00, **overrides):
-    program = rules.program(program_id)
-    applicant = company(**overrides)
-    decision = domain.decide(program, applicant)
-    return ledger.apply(session, rules, program, applicant, face_fen, decision)
-
-
-@pytest.fixture(name="books")
-def books_fixture(session_factory, city_rules):
-    """A funded city's books (the lifecycle tests import this fixture)."""
-    session = session_factory()
-    ledger.sync_programs(session, city_rules)
-    yield session
-    session.close()
-
-
-def program_row(session, program_id="tc-compute"):
-    row = session.get(Program, program_id, populate_existing=True)
-    session.rollback()
-    return row
+from services.vouchers.models import LedgerEntry, RejectedUsage, Voucher
+from tests.support.vouchers_books import issue, program_row
+from tests.support.vouchers_data import (
+    EAST_COMMERCIAL,
+    WEST_GOVERNMENT,
+    usage,
+)
 
 
 def test_programs_are_funded_once(books, city_rules):

@@ -7,7 +7,7 @@ of issue / redeem / correct / redeliver, and of those with expire / revoke.
 from datetime import timedelta
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import select
 
@@ -15,9 +15,13 @@ from services.common.errors import Conflict, InvalidRequest, NotFound
 from services.common.units import apply_rate_fen, utcnow
 from services.vouchers import domain, ledger
 from services.vouchers.models import OutboxEvent, Program, Voucher
-
-from .conftest import EAST_COMMERCIAL, WEST_GOVERNMENT, make_session_factory, usage
-from .test_vouchers_ledger import books_fixture, issue, program_row  # noqa: F401
+from tests.support.vouchers_books import issue, ledger_examples, program_row
+from tests.support.vouchers_data import (
+    EAST_COMMERCIAL,
+    WEST_GOVERNMENT,
+    make_session_factory,
+    usage,
+)
 
 
 def outbox(session):
@@ -216,20 +220,15 @@ lives = st.lists(
     ),
     max_size=35,
 )
-random_histories = settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
 
 
-@random_histories
+@ledger_examples(60)
 @given(histories)
 def test_invariants_hold_over_any_history(city_rules, history):
     replay(city_rules, history)
 
 
-@random_histories
+@ledger_examples(60)
 @given(lives)
 def test_invariants_hold_over_any_life(city_rules, history):
     replay(city_rules, history)

@@ -2,29 +2,21 @@
 
 import threading
 
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 from sqlalchemy.orm import sessionmaker
 
 from services.common.db import make_engine
 from services.common.migrations import upgrade
 from services.vouchers import domain, ledger
 from services.vouchers.models import Base
-
-from .conftest import company, usage
+from tests.support.schema import schema_drift
+from tests.support.vouchers_data import company, usage
 
 
 def test_migration_matches_models(sqlite_url):
     upgrade("vouchers", sqlite_url)
     upgrade("vouchers", sqlite_url)  # idempotent on restart
     engine = make_engine(sqlite_url)
-    with engine.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"compare_type": True})
-        diff = [
-            d
-            for d in compare_metadata(context, Base.metadata)
-            if not (d[0] == "remove_table" and d[1].name == "alembic_version_vouchers")
-        ]
+    diff = schema_drift(engine, Base.metadata, "vouchers")
     engine.dispose()
     assert diff == []
 

@@ -1,34 +1,13 @@
 """Loading and validating city rules files (CONTRACTS.md §5)."""
 
 import hashlib
-from pathlib import Path
 
 import pytest
 
 from services.vouchers import domain
 from services.vouchers.rules import RulesError, load_rules, parse_rules
-
-DEPLOY = Path(__file__).resolve().parents[3] / "deploy" / "cities"
-
-VALID = """\
-city: testcity
-name: Test City
-region: east
-voucher_prefix: TC
-programs:
-  - id: tc-compute
-    kind: compute
-    budget_cny: 1000000
-    rate_percent: 80
-    max_rate_percent: 90
-    face_value_cny: {min: 1000, max: 100000}
-    valid_days: 365
-    review: auto
-    eligibility:
-      all_of:
-        - registered_in: testcity
-    datacenters: any
-"""
+from tests.support.vouchers_data import DEPLOY_CITIES as DEPLOY
+from tests.support.vouchers_data import MINIMAL_RULES as VALID
 
 
 @pytest.mark.parametrize("path", sorted(DEPLOY.glob("*.yaml")), ids=lambda p: p.stem)

@@ -10,8 +10,8 @@ import pytest
 
 from services.vouchers import domain
 from services.vouchers.rules import RulesError, check_files, main, parse_rules
-
-from .test_vouchers_rules import DEPLOY, VALID
+from tests.support.vouchers_data import DEPLOY_CITIES as DEPLOY
+from tests.support.vouchers_data import MINIMAL_RULES as VALID
 
 EXTRA = VALID.replace(
     "    datacenters: any\n",

@@ -1,5 +1,8 @@
-"""Test data for metering (used by its unit and integration tests): a registered
-data centre, its signing key, usage records and signed messages.
+"""Test data for metering (its unit and integration tests, the benches): a
+registered data centre, its signing key, usage records and signed messages, and
+the registry that knows them, in process (:class:`FakeRegistry`) or as a nameko
+service (:class:`StandInRegistry`, also a process: ``python -m
+tests.support.metering_data AMQP_URI``).
 """
 
 from __future__ import annotations
@@ -8,11 +11,12 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+from kombu import Exchange
 from nameko import config as nameko_config
 from nameko.rpc import rpc
 
 from services.common import signing, vouchercode
-from services.common.amqp import RawMessage
+from services.common.amqp import USAGE_EXCHANGE, RawMessage
 from services.common.contracts import canonical_json
 from services.common.errors import EXPECTED, NotFound
 from services.common.units import format_ts, utcnow
@@ -46,10 +50,12 @@ PREFIXES = {"SH": "shanghai", "CD": "chengdu"}
 
 
 def voucher(prefix: str = "SH") -> str:
+    """A well-formed voucher code of the city with ``prefix``, never issued."""
     return vouchercode.generate(prefix)
 
 
 def usage(**overrides: Any) -> dict[str, Any]:
+    """A usage record as :data:`DATACENTER_ID` sends it (random ``record_id``)."""
     end = utcnow().replace(microsecond=0) - timedelta(minutes=1)
     start = end - timedelta(hours=1)
     record = {
@@ -71,6 +77,7 @@ def usage(**overrides: Any) -> dict[str, Any]:
 
 
 def capacity(reported_at, total: int = 100, allocated: int = 30) -> dict[str, Any]:
+    """A capacity report of :data:`DATACENTER_ID`'s H800s."""
     return {
         "datacenter_id": DATACENTER_ID,
         "reported_at": format_ts(reported_at),
@@ -79,6 +86,7 @@ def capacity(reported_at, total: int = 100, allocated: int = 30) -> dict[str, An
 
 
 def signed_headers(body: bytes, key_id: str = KEY_ID, secret: str = SECRET) -> dict:
+    """The headers of ``body`` signed with the data centre's key."""
     return {
         signing.KEY_ID_HEADER: key_id,
         signing.SIGNATURE_HEADER: signing.sign(body, secret),
@@ -93,6 +101,7 @@ def raw_message(
     headers: dict | None = None,
     content_type: str = "application/json",
 ) -> RawMessage:
+    """A delivery of ``payload`` (or ``body``) on ``computenet.usage``, signed."""
     if body is None:
         body = canonical_json(payload)
     return RawMessage(
@@ -104,8 +113,60 @@ def raw_message(
     )
 
 
+def publish_usage(
+    connection,
+    *bodies: bytes,
+    routing_key: str | None = None,
+    headers: dict | None = None,
+    **properties: Any,
+) -> None:
+    """Publish ``bodies`` on ``computenet.usage`` as :data:`DATACENTER_ID`'s
+    gateway does: persistent, JSON, each signed (unless ``headers`` are given),
+    on ``<data centre>.usage`` unless ``routing_key`` says otherwise."""
+    properties.setdefault("content_type", "application/json")
+    with connection.Producer() as producer:
+        for body in bodies:
+            producer.publish(
+                body,
+                exchange=USAGE_EXCHANGE,
+                routing_key=routing_key or f"{DATACENTER_ID}.usage",
+                headers=signed_headers(body) if headers is None else headers,
+                delivery_mode=2,
+                declare=[Exchange(USAGE_EXCHANGE.name, type="topic", durable=True)],
+                **properties,
+            )
+
+
+class FakeRegistry:
+    """What metering asks city_registry, answered in process (unit tests).
+
+    ``calls`` lists the questions asked; ``keys`` may be rotated; a registry
+    made with ``registered=False`` does not know the data centre until its
+    ``registered`` is set (a data centre that registers late)."""
+
+    def __init__(self, registered: bool = True) -> None:
+        self.registered = registered
+        self.calls: list[str] = []
+        self.keys = [{"key_id": KEY_ID, "secret": SECRET}]
+
+    def get_datacenter(self, datacenter_id: str) -> dict[str, Any]:
+        self.calls.append("get_datacenter")
+        if not self.registered or datacenter_id != DATACENTER_ID:
+            raise NotFound("datacenter_not_found")
+        return DATACENTER
+
+    def datacenter_signing_keys(self, datacenter_id: str) -> list[dict[str, str]]:
+        self.calls.append("datacenter_signing_keys")
+        return self.keys
+
+    def voucher_prefixes(self) -> dict[str, str]:
+        self.calls.append("voucher_prefixes")
+        return PREFIXES
+
+
 class StandInRegistry:
-    """Just what metering asks city_registry, for one data centre (tests, bench)."""
+    """Just what metering asks city_registry, for one data centre, as a nameko
+    service (integration tests, benches)."""
 
     name = "city_registry"
 
@@ -127,7 +188,8 @@ class StandInRegistry:
 
 
 def run_stand_in_registry(amqp_uri: str) -> None:
-    """``python -m services.metering.testing AMQP_URI``: the stand-in, as a process."""
+    """``python -m tests.support.metering_data AMQP_URI``: the stand-in, as a
+    process (run from the repository's root)."""
     import eventlet
 
     eventlet.monkey_patch()
