@@ -19,7 +19,7 @@ from services.common.config import AMQP_URI, DATABASE_URL, REGISTRY_CACHE_TTL_S
 from services.common.contracts import canonical_json
 from services.common.migrations import upgrade
 from services.common.units import parse_ts, rate_cost_fen, utcnow
-from services.metering.domain import usage_rated_event_id
+from services.metering.domain.encoding import usage_rated_event_id
 from services.metering.service import MeteringService
 from services.metering.testing import (
     DATACENTER_ID,

@@ -12,8 +12,9 @@ from services.common.db import make_engine
 from services.common.errors import InvalidRequest, NotFound
 from services.common.migrations import upgrade
 from services.common.units import format_ts, utcnow
-from services.metering import domain, ingest, reports
-from services.metering.domain import Reason, Refused
+from services.metering import ingest, reports
+from services.metering.domain import rollups
+from services.metering.domain.validation import Reason, Refused
 from services.metering.models import (
     DeadLetter,
     DeliveryAttempt,
@@ -200,7 +201,7 @@ def test_capacity_report_is_stored_once_and_feeds_utilisation(session, registry)
     overview = reports.usage_overview(session, 24, now=now)
     row = overview["datacenters"][DATACENTER_ID]
     # Reports began inside the window: the first stands from its hour's start.
-    first_hour = domain.hour_of(now - timedelta(seconds=600))
+    first_hour = rollups.hour_of(now - timedelta(seconds=600))
     assert row["capacity_gpu_seconds_window"] == 4 * int(
         (now - first_hour).total_seconds()
     )
