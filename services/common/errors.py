@@ -3,7 +3,7 @@
 Services raise these with a machine-readable ``code`` (``voucher_not_found``,
 ``budget_exhausted`` …); they cross RPC as themselves (registered for
 deserialisation), and the portal maps each class to one HTTP status in one
-table (``gateway/errors.py``).
+table (``services/common/http_errors.py``), shared by both Flask apps.
 """
 
 from __future__ import annotations
