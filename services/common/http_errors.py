@@ -20,15 +20,7 @@ import kombu.exceptions
 from marshmallow import ValidationError
 from nameko.exceptions import RpcTimeout, UnknownService
 
-from services.common.errors import (
-    ComputenetError,
-    Conflict,
-    Forbidden,
-    InvalidRequest,
-    NotFound,
-    Unauthorized,
-    Unavailable,
-)
+from services.common import errors
 
 SERVICE_UNAVAILABLE = "service_unavailable"
 INTERNAL_ERROR = "internal_error"
@@ -36,12 +28,12 @@ INTERNAL_ERROR = "internal_error"
 # (exception class, HTTP status, error code). A code of None means "the
 # exception's own ``code``" (services choose codes such as voucher_not_found).
 ERROR_TABLE: tuple[tuple[type[BaseException], int, str | None], ...] = (
-    (InvalidRequest, 400, None),
-    (Unauthorized, 401, None),
-    (Forbidden, 403, None),
-    (NotFound, 404, None),
-    (Conflict, 409, None),
-    (Unavailable, 503, None),
+    (errors.InvalidRequest, 400, None),
+    (errors.Unauthorized, 401, None),
+    (errors.Forbidden, 403, None),
+    (errors.NotFound, 404, None),
+    (errors.Conflict, 409, None),
+    (errors.Unavailable, 503, None),
     (ValidationError, 400, "invalid_request"),
     # The bus or the called service is not there: the portal is up, the
     # network behind it is not, so 503 and the client may retry.
@@ -80,7 +72,7 @@ def classify(exc: BaseException) -> tuple[int, str, str, Any]:
     if row is None:
         return 500, INTERNAL_ERROR, _MESSAGES[INTERNAL_ERROR], {}
     status, code = row
-    if isinstance(exc, ComputenetError):
+    if isinstance(exc, errors.ComputenetError):
         return status, exc.code, exc.message, exc.details
     if isinstance(exc, ValidationError):
         return status, code, _MESSAGES[code], exc.messages

@@ -208,4 +208,3 @@ def test_service_errors_have_the_portals_status(client, error_class, status):
         "message": "what went wrong",
         "details": {"x": 1},
     }
-
