@@ -5,12 +5,9 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.orm import sessionmaker
 
 from services.common.contracts import canonical_json
-from services.common.db import make_engine
 from services.common.errors import InvalidRequest, NotFound
-from services.common.migrations import upgrade
 from services.common.units import format_ts, utcnow
 from services.metering import ingest, reports
 from services.metering.domain import rollups
@@ -55,15 +52,6 @@ class FakeRegistry:
     def voucher_prefixes(self):
         self.calls.append("voucher_prefixes")
         return PREFIXES
-
-
-@pytest.fixture
-def session(sqlite_url):
-    upgrade("metering", sqlite_url)
-    engine = make_engine(sqlite_url)
-    with sessionmaker(engine, expire_on_commit=False)() as session:
-        yield session
-    engine.dispose()
 
 
 @pytest.fixture

@@ -5,11 +5,8 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.orm import sessionmaker
 
-from services.common.db import make_engine
 from services.common.errors import NotFound
-from services.common.migrations import upgrade
 from services.common.units import format_ts, utcnow
 from services.metering import ingest, reports
 from services.metering.models import DeadLetter, UsageRecord
@@ -41,15 +38,6 @@ class LateRegistry:
 
     def voucher_prefixes(self):
         return PREFIXES
-
-
-@pytest.fixture
-def session(sqlite_url):
-    upgrade("metering", sqlite_url)
-    engine = make_engine(sqlite_url)
-    with sessionmaker(engine, expire_on_commit=False)() as session:
-        yield session
-    engine.dispose()
 
 
 def test_dead_letter_replayed_after_late_registration_is_applied_once(session):
