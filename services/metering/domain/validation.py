@@ -320,8 +320,9 @@ def fast_load_usage(data: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 # The records of a job, a sampling window or a batch share their times: parsed
-# once, they are also one object each, whose hash (for _wire_time's cache) is
-# computed once. A datetime is immutable, so sharing it is safe.
+# once, they are also one object each, whose hash (for the cache of
+# encoding._wire_time) is computed once. A datetime is immutable, so sharing
+# it is safe.
 _parse_time = functools.lru_cache(maxsize=4096)(parse_ts)
 
 
