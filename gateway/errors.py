@@ -1,75 +1,24 @@
-"""The portal's one error table: exception type → HTTP status and error code.
+"""The portal's error responses, from the one error table.
 
 Every error leaves the portal as ``{"error": CODE, "message": text,
-"details": {...}}`` (CONTRACTS.md §7). Services raise the classes of
-``services.common.errors``, which cross RPC as themselves and keep their own
-``code``; everything else is mapped here, by the first row whose class the
-exception is an instance of. Anything not in the table is a 500
-``internal_error`` whose text stays in the log, never in the response.
+"details": {...}}`` (CONTRACTS.md §7), with the status and code of
+``services.common.http_errors.ERROR_TABLE`` (shared with the data-centre
+gateway's agent API). Anything not in the table is a 500 ``internal_error``
+whose text stays in the log, never in the response.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import re
 from typing import Any
 
-import amqp.exceptions
-import kombu.exceptions
 from flask import Flask, Response, jsonify
-from marshmallow import ValidationError
-from nameko.exceptions import RpcTimeout, UnknownService
 from werkzeug.exceptions import HTTPException
 
-from services.common.errors import (
-    ComputenetError,
-    Conflict,
-    Forbidden,
-    InvalidRequest,
-    NotFound,
-    Unauthorized,
-    Unavailable,
-)
+from services.common.http_errors import classify, error_body
 
 log = logging.getLogger(__name__)
-
-SERVICE_UNAVAILABLE = "service_unavailable"
-INTERNAL_ERROR = "internal_error"
-
-# (exception class, HTTP status, error code). A code of None means "the
-# exception's own ``code``" (services choose codes such as voucher_not_found).
-ERROR_TABLE: tuple[tuple[type[BaseException], int, str | None], ...] = (
-    (InvalidRequest, 400, None),
-    (Unauthorized, 401, None),
-    (Forbidden, 403, None),
-    (NotFound, 404, None),
-    (Conflict, 409, None),
-    (Unavailable, 503, None),
-    (ValidationError, 400, "invalid_request"),
-    # The bus or the called service is not there: the portal is up, the
-    # network behind it is not, so 503 and the client may retry.
-    (RpcTimeout, 503, SERVICE_UNAVAILABLE),
-    (UnknownService, 503, SERVICE_UNAVAILABLE),
-    (queue.Empty, 503, SERVICE_UNAVAILABLE),  # every pooled RPC client busy
-    (kombu.exceptions.OperationalError, 503, SERVICE_UNAVAILABLE),
-    (amqp.exceptions.ConnectionError, 503, SERVICE_UNAVAILABLE),
-    (OSError, 503, SERVICE_UNAVAILABLE),  # includes ConnectionError, timeouts
-)
-
-_MESSAGES = {
-    SERVICE_UNAVAILABLE: "a service behind the portal is unavailable; retry later",
-    INTERNAL_ERROR: "internal error",
-    "invalid_request": "the request is invalid",
-}
-
-
-def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
-    if details is None:
-        details = {}
-    elif not isinstance(details, dict):
-        details = {"errors": details}
-    return {"error": code, "message": message, "details": details}
 
 
 def error_response(
@@ -79,19 +28,6 @@ def error_response(
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="computenet"'
     return response, status
-
-
-def classify(exc: BaseException) -> tuple[int, str, str, Any]:
-    """``(status, code, message, details)`` for any exception."""
-    for cls, status, code in ERROR_TABLE:
-        if not isinstance(exc, cls):
-            continue
-        if isinstance(exc, ComputenetError):
-            return status, exc.code, exc.message, exc.details
-        if isinstance(exc, ValidationError):
-            return status, code, _MESSAGES[code], exc.messages
-        return status, code, _MESSAGES[code], {}
-    return 500, INTERNAL_ERROR, _MESSAGES[INTERNAL_ERROR], {}
 
 
 def _http_code(exc: HTTPException) -> str:

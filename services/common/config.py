@@ -3,6 +3,26 @@
 Service code never reads ``os.environ``; it reads the dict this module returns
 (for nameko services, ``nameko.config``), by the key constants defined here so
 that tests can import them.
+
+Substitution happens after the file is parsed, in each string scalar, so no
+value from the environment can change the document's structure (a token such
+as ``#x`` or ``a: b``, a newline, ``{`` or a quote stays the text it is):
+
+- ``${NAME}`` is the variable's value; ``${NAME:default}`` falls back to the
+  default when it is unset. A default may itself use variables, resolved
+  first: ``${DATABASE_URL:sqlite:///var/vouchers_${CITY_CODE}.db}``. A
+  variable's value is taken as it is, never substituted again. A reference
+  without a default to an unset variable is a :class:`ConfigError`.
+- A plain (unquoted) scalar that is exactly one reference, such as
+  ``HTTP_PORT: ${HTTP_PORT:8101}``, gets its value's YAML scalar type: an
+  int, float, bool, null (an empty value) or timestamp, as if the value had
+  been written there; anything else is a string. A value is never read as a
+  mapping or a list.
+- A reference inside a longer string (``dcgw_${DATACENTER_ID}.db``), or in a
+  quoted scalar, is replaced as text.
+
+Comments are not substituted. In a flow collection (``[…]``, ``{…}``) quote a
+reference: ``{`` and ``}`` end a plain scalar there.
 """
 
 from __future__ import annotations
@@ -65,7 +85,15 @@ CONSUMERS = "CONSUMERS"
 RPC_POOL_SIZE = "RPC_POOL_SIZE"
 RPC_TIMEOUT_S = "RPC_TIMEOUT_S"
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([^${}]*))?\}")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENV_TAG = "tag:computenet,2026:env"  # a plain scalar that starts ${ , ends }
+_STR_TAG = "tag:yaml.org,2002:str"
+# The scalar types a whole-scalar reference's value may take, as YAML would
+# give them to the same text written in the file.
+_TYPED = frozenset(
+    f"tag:yaml.org,2002:{name}"
+    for name in ("null", "bool", "int", "float", "timestamp")
+)
 
 
 class ConfigError(Exception):
@@ -73,27 +101,104 @@ class ConfigError(Exception):
 
 
 def substitute(text: str, env: Mapping[str, str] | None = None) -> str:
-    """Replace ``${NAME:default}`` with the environment's value.
+    """Replace every ``${NAME:default}`` in ``text`` with its value, as text.
 
-    Innermost references are resolved first, so a default may itself use a
-    variable: ``${DATABASE_URL:sqlite:///var/vouchers_${CITY_CODE}.db}``.
-    A reference without a default to an unset variable is an error.
+    A default may itself use variables: ``${DATABASE_URL:sqlite:///var/
+    vouchers_${CITY_CODE}.db}``; a value from ``env`` is not substituted
+    again. A reference without a default to an unset variable is an error;
+    something that is not a reference (``$x``, ``${a b}``) is left as it is.
     """
-    env = os.environ if env is None else env
+    return _expand(text, os.environ if env is None else env)[0]
 
-    def replace(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        if name in env:
-            return env[name]
-        if default is None:
-            raise ConfigError(f"environment variable {name} is not set")
-        return default
 
-    while True:
-        new = _VAR.sub(replace, text)
-        if new == text:
-            return new
-        text = new
+def _expand(text: str, env: Mapping[str, str]) -> tuple[str, bool]:
+    """``text`` with its references replaced, and whether it was exactly one."""
+    parts = []
+    position = 0
+    whole = False
+    while (start := text.find("${", position)) >= 0:
+        parts.append(text[position:start])
+        found = _reference(text, start, env)
+        if found is None:  # not a reference: the "$" is text
+            parts.append("$")
+            position = start + 1
+            continue
+        value, position = found
+        whole = start == 0 and position == len(text)
+        parts.append(value)
+    parts.append(text[position:])
+    return "".join(parts), whole
+
+
+def _reference(text: str, start: int, env: Mapping[str, str]) -> tuple[str, int] | None:
+    """The value of the reference at ``text[start:]`` (which starts ``${``)
+    and the index after it, or None if it is not one.
+
+    ``${NAME}`` or ``${NAME:default}``; the default holds no ``{``, ``}`` or
+    ``$`` but in references of its own, which are resolved even when NAME is
+    set (so a missing one is an error either way).
+    """
+    name = _NAME.match(text, start + 2)
+    if name is None:
+        return None
+    position = name.end()
+    default = None
+    if text.startswith(":", position):
+        parts = []
+        position += 1
+        while position < len(text) and text[position] != "}":
+            char = text[position]
+            if char == "$":
+                inner = _reference(text, position, env)
+                if inner is None:
+                    return None
+                value, position = inner
+                parts.append(value)
+            elif char == "{":
+                return None
+            else:
+                parts.append(char)
+                position += 1
+        default = "".join(parts)
+    if not text.startswith("}", position):
+        return None
+    if name.group() in env:
+        return env[name.group()], position + 1
+    if default is None:
+        raise ConfigError(f"environment variable {name.group()} is not set")
+    return default, position + 1
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that substitutes references in string scalars."""
+
+    def __init__(self, stream: str, env: Mapping[str, str]):
+        super().__init__(stream)
+        self.env = env
+
+
+def _substituted(loader: _Loader, node: yaml.ScalarNode) -> str:
+    """A string scalar (quoted, or tagged ``!!str``): references as text."""
+    value = loader.construct_scalar(node)
+    return _expand(value, loader.env)[0] if "${" in value else value
+
+
+def _substituted_plain(loader: _Loader, node: yaml.ScalarNode) -> Any:
+    """A plain scalar that starts ``${`` and ends ``}``: typed if it is one
+    reference (its value's YAML scalar type), else references as text."""
+    text, whole = _expand(loader.construct_scalar(node), loader.env)
+    if not whole:
+        return text
+    tag = loader.resolve(yaml.ScalarNode, text, (True, False))
+    if tag not in _TYPED:
+        return text
+    return loader.yaml_constructors[tag](loader, yaml.ScalarNode(tag, text))
+
+
+_Loader.add_constructor(_STR_TAG, _substituted)
+_Loader.add_constructor(_ENV_TAG, _substituted_plain)
+# Only plain scalars are resolved implicitly: a quoted one stays a string.
+_Loader.add_implicit_resolver(_ENV_TAG, re.compile(r"^\$\{.*\}$", re.DOTALL), ["$"])
 
 
 def load_config(
@@ -105,10 +210,13 @@ def load_config(
         raw = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read configuration: {exc}") from exc
+    loader = _Loader(raw, os.environ if env is None else env)
     try:
-        data = yaml.safe_load(substitute(raw, env)) or {}
+        data = loader.get_single_data() or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data

@@ -3,8 +3,8 @@
 Services raise these with a machine-readable ``code`` (``voucher_not_found``,
 ``budget_exhausted`` …); they cross RPC as themselves (``remote_errors.py``
 registers them with nameko for deserialisation, so that this module stays
-pure and domain modules may raise them), and the portal maps each class to one
-HTTP status in one table (``gateway/errors.py``).
+pure and domain modules may raise them), and both Flask apps map each class
+to one HTTP status through one table (``services/common/http_errors.py``).
 """
 
 from __future__ import annotations

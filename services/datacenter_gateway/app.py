@@ -38,20 +38,13 @@ from services.common.errors import (
     Unauthorized,
     Unavailable,
 )
+from services.common.http_errors import status_of
 from services.common.units import format_ts, utcnow
 from services.datacenter_gateway import domain, parsers
 from services.datacenter_gateway.outbox import Conflict as OutboxConflict
 from services.datacenter_gateway.outbox import Outbox
 from services.datacenter_gateway.relay import RelayStatus
 
-# One table: error class → HTTP status (STYLE.md principle 4).
-STATUS_OF = {
-    InvalidRequest: 400,
-    Unauthorized: 401,
-    NotFound: 404,
-    Conflict: 409,
-    Unavailable: 503,
-}
 RETRY_AFTER_S = 5
 DEFAULT_MAX_BACKLOG = 1_000_000
 
@@ -273,9 +266,8 @@ def create_app(
     @app.errorhandler(ComputenetError)
     def computenet_error(exc: ComputenetError):
         response = jsonify(error=exc.code, message=exc.message, details=exc.details)
-        response.status_code = next(
-            (code for cls, code in STATUS_OF.items() if isinstance(exc, cls)), 500
-        )
+        # The portal's table (STYLE.md principle 4): one status per class.
+        response.status_code = status_of(exc)
         if response.status_code == 503:
             response.headers["Retry-After"] = str(RETRY_AFTER_S)
         if response.status_code == 401:

@@ -30,8 +30,8 @@ from sqlalchemy.orm import Session
 from services.common import contracts, signing
 from services.common.amqp import RawMessage, federation_key
 from services.common.units import format_ts, rate_cost_fen, utcnow
-from services.metering import domain
-from services.metering.domain import Reason, Refused
+from services.metering.domain import encoding, rating, rollups, validation
+from services.metering.domain.validation import Reason, Refused
 from services.metering.models import (
     CapacityReport,
     DeadLetter,
@@ -43,7 +43,7 @@ from services.metering.models import (
 )
 from services.metering.registry import CachedRegistry
 
-RECORD_FIELDS = domain.RECORD_FIELDS
+RECORD_FIELDS = validation.RECORD_FIELDS
 _RECORDS = UsageRecord.__table__
 _ROLLUPS = UsageRollup.__table__
 _TOTALS = UsageTotal.__table__
@@ -74,7 +74,7 @@ class Outgoing(NamedTuple):
 
     routing_key: str
     event_id: str
-    body: bytes  # the JSON to publish, made once (domain.usage_rated_bytes)
+    body: bytes  # the JSON to publish, made once (encoding.usage_rated_bytes)
 
     @property
     def payload(self) -> dict[str, Any]:
@@ -91,8 +91,8 @@ class Checked:
     loaded: dict[str, Any]
     digest: str
     row: dict[str, Any] | None = None  # usage: the row to insert (``loaded`` too)
-    wire: bytes | None = None  # usage: its canonical JSON (domain.record_json)
-    key: domain.RecordKey | None = None  # usage: (datacenter_id, record_id)
+    wire: bytes | None = None  # usage: its canonical JSON (encoding.record_json)
+    key: rollups.RecordKey | None = None  # usage: (datacenter_id, record_id)
 
 
 @dataclass
@@ -143,7 +143,7 @@ class Lookups:
         self._cities: dict[str, str] = {}
         # voucher code as sent → (normalised, its city)
         self._codes: dict[str, tuple[str, str]] = {}
-        self._terms: dict[tuple[str, str], domain.PriceTerms] = {}
+        self._terms: dict[tuple[str, str], rating.PriceTerms] = {}
 
     def datacenter(self, datacenter_id: str) -> dict | None:
         return _kept(self._datacenters, datacenter_id, self.registry.datacenter)
@@ -162,21 +162,21 @@ class Lookups:
         """``(normalised code, issuing city)``, or :class:`Refused`."""
         known = self._codes.get(voucher_code)
         if known is None:
-            code = domain.normalise_voucher_code(voucher_code)
-            prefix = domain.voucher_prefix(code)
+            code = validation.normalise_voucher_code(voucher_code)
+            prefix = validation.voucher_prefix(code)
             city = self.city_of_prefix(prefix)
             if city is None:
-                raise domain.unknown_prefix(prefix)
+                raise validation.unknown_prefix(prefix)
             known = self._codes[voucher_code] = (code, city)
         return known
 
     def price_terms(
         self, datacenter_id: str, datacenter: dict, gpu_model: str
-    ) -> domain.PriceTerms:
-        """``domain.price_terms`` of ``datacenter`` (this batch's for its id)."""
+    ) -> rating.PriceTerms:
+        """``rating.price_terms`` of ``datacenter`` (this batch's for its id)."""
         terms = self._terms.get((datacenter_id, gpu_model))
         if terms is None:
-            terms = domain.price_terms(datacenter, gpu_model)
+            terms = rating.price_terms(datacenter, gpu_model)
             self._terms[(datacenter_id, gpu_model)] = terms
         return terms
 
@@ -185,16 +185,16 @@ def _verified_body(
     registry: CachedRegistry | Lookups, message: RawMessage, datacenter_id: str
 ) -> tuple[dict, dict]:
     """Envelope, data centre and signature checks; returns (datacenter, JSON)."""
-    domain.check_envelope(message.body, message.content_type)
+    validation.check_envelope(message.body, message.content_type)
     datacenter = registry.datacenter(datacenter_id) if datacenter_id else None
     if datacenter is None:
         raise Refused(
             Reason.UNKNOWN_DATACENTER, f"{datacenter_id[:64]!r} is not registered"
         )
-    key_id = domain.header_text(message.headers, signing.KEY_ID_HEADER)
+    key_id = validation.header_text(message.headers, signing.KEY_ID_HEADER)
     keys = registry.signing_keys(datacenter_id, key_id)
-    domain.check_signature(message.body, message.headers, keys)
-    return datacenter, domain.parse_body(message.body)
+    validation.check_signature(message.body, message.headers, keys)
+    return datacenter, validation.parse_body(message.body)
 
 
 def check(
@@ -208,19 +208,19 @@ def check(
     ``registry``: a batch's :class:`Lookups` (else asked through new ones).
     """
     lookups = registry if type(registry) is Lookups else Lookups(registry)
-    datacenter_id, kind = domain.split_routing_key(message.routing_key)
-    if kind != domain.USAGE and kind != domain.CAPACITY:
+    datacenter_id, kind = validation.split_routing_key(message.routing_key)
+    if kind != validation.USAGE and kind != validation.CAPACITY:
         raise Refused(
             Reason.SCHEMA, f"routing key {message.routing_key[:255]!r} is not metered"
         )
     datacenter, data = _verified_body(lookups, message, datacenter_id)
-    if kind == domain.CAPACITY:
-        report = domain.load_capacity(data, datacenter_id)
-        digest = domain.canonical_sha256(report, contracts.CapacityReportSchema)
+    if kind == validation.CAPACITY:
+        report = validation.load_capacity(data, datacenter_id)
+        digest = encoding.canonical_sha256(report, contracts.CapacityReportSchema)
         return Checked(index, kind, datacenter_id, report, digest)
 
-    record = domain.load_usage(data, datacenter_id)
-    # domain.rate, its data-centre part asked once a batch
+    record = validation.load_usage(data, datacenter_id)
+    # rating: its data-centre part asked once a batch
     price, government_run, hub_region, chip_origin = lookups.price_terms(
         datacenter_id, datacenter, record["gpu_model"]
     )
@@ -228,7 +228,7 @@ def check(
     city = None
     if record["voucher_code"] is not None:
         record["voucher_code"], city = lookups.voucher(record["voucher_code"])
-    wire = domain.record_json(record)  # once: for the digest and the event
+    wire = encoding.record_json(record)  # once: for the digest and the event
     digest = hashlib.sha256(wire).hexdigest()
     # The row to insert is the record itself, with what rating adds (a loaded
     # record has exactly RECORD_FIELDS; nothing reads it as a record again).
@@ -280,7 +280,7 @@ def process_batch(
         except Refused as refused:
             refusals.append((index, refused))
             continue
-        (usage if checked.kind == domain.USAGE else capacity).append(checked)
+        (usage if checked.kind == validation.USAGE else capacity).append(checked)
 
     info = session.connection().info  # lives as long as the database connection
     try:
@@ -324,7 +324,7 @@ def _store_usage(
     refusals: list[tuple[int, Refused]] = []
     # The first copy of a (datacenter_id, record_id) in the batch is the one
     # inserted; later copies are judged against what is then stored.
-    first: dict[domain.RecordKey, Checked] = {}
+    first: dict[rollups.RecordKey, Checked] = {}
     repeats: list[Checked] = []
     for checked in usage:
         if checked.key in first:
@@ -378,7 +378,7 @@ def _lock_statement(checked: Iterable[Checked]) -> str:
     """Serialise against other writers of the same records or their
     corrections: the statement taking their advisory locks (PostgreSQL)."""
     keys = set()
-    lock_key = domain.lock_key
+    lock_key = rollups.lock_key
     for item in checked:
         keys.add(lock_key(item.datacenter_id, item.key[1]))
         correction_of = item.loaded["correction_of"]
@@ -398,12 +398,12 @@ def _insert(session: Session):
     return {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
 
 
-Correctors = dict[domain.RecordKey, set[domain.RecordKey]]
+Correctors = dict[rollups.RecordKey, set[rollups.RecordKey]]
 
 
 def _insert_records(
     session: Session, rows: list[dict[str, Any]], lock: str | None = None
-) -> tuple[set[domain.RecordKey], Correctors | None]:
+) -> tuple[set[rollups.RecordKey], Correctors | None]:
     """Insert what is new; returns the keys actually inserted (RETURNING) and,
     on PostgreSQL, the records stored *before* this statement that name one
     of them in ``correction_of`` (``{corrected: {correctors}}``), found by the
@@ -414,7 +414,7 @@ def _insert_records(
     if not rows:
         return set(), {}
     if session.get_bind().dialect.name == "postgresql":
-        inserted: set[domain.RecordKey] = set()
+        inserted: set[rollups.RecordKey] = set()
         correctors: Correctors = {}
         values = map(_RECORD_VALUES, rows)
         for dc, record_id, corrector in _copy_in(session, _RECORDS, values, lock):
@@ -552,7 +552,7 @@ def _copy_in(
 
 
 def _by_datacenter(
-    keys: Iterable[domain.RecordKey], size: int = 500
+    keys: Iterable[rollups.RecordKey], size: int = 500
 ) -> Iterable[tuple[str, list[str]]]:
     """``(datacenter_id, record ids)`` in chunks of at most ``size`` ids.
 
@@ -569,9 +569,9 @@ def _by_datacenter(
 
 
 def _stored_rows(
-    session: Session, keys: Iterable[domain.RecordKey]
-) -> dict[domain.RecordKey, dict[str, Any]]:
-    found: dict[domain.RecordKey, dict[str, Any]] = {}
+    session: Session, keys: Iterable[rollups.RecordKey]
+) -> dict[rollups.RecordKey, dict[str, Any]]:
+    found: dict[rollups.RecordKey, dict[str, Any]] = {}
     for datacenter_id, ids in _by_datacenter(keys):
         rows = session.execute(
             select(*_ROW_COLUMNS).where(
@@ -585,8 +585,8 @@ def _stored_rows(
 
 
 def _corrections_of(
-    session: Session, keys: Iterable[domain.RecordKey]
-) -> list[tuple[domain.RecordKey, domain.RecordKey]]:
+    session: Session, keys: Iterable[rollups.RecordKey]
+) -> list[tuple[rollups.RecordKey, rollups.RecordKey]]:
     """Every stored ``(corrector, corrected)`` whose corrected record is in ``keys``."""
     pairs = []
     for datacenter_id, ids in _by_datacenter(keys):
@@ -607,7 +607,7 @@ def _corrections_of(
 
 def _update_rollups(
     session: Session,
-    inserted: dict[domain.RecordKey, dict[str, Any]],
+    inserted: dict[rollups.RecordKey, dict[str, Any]],
     stored_correctors: Correctors | None = None,
 ) -> None:
     """Move the rollups by what the newly stored records change (domain rule).
@@ -639,13 +639,13 @@ def _update_rollups(
             for corrector in by
         ]
         corrections += _corrections_of(session, set(stored_targets))
-    changes = domain.effectiveness_changes(
+    changes = rollups.effectiveness_changes(
         set(inserted), set(stored_targets), corrections
     )
     rows = {**stored_targets, **inserted}
-    buckets: dict[domain.RollupKey, list[int]] = defaultdict(lambda: [0, 0, 0])
+    buckets: dict[rollups.RollupKey, list[int]] = defaultdict(lambda: [0, 0, 0])
     for key, sign in changes.items():
-        for bucket, records, gpu_seconds, cost in domain.rollup_contribution(
+        for bucket, records, gpu_seconds, cost in rollups.rollup_contribution(
             rows[key], sign
         ):
             total = buckets[bucket]
@@ -656,7 +656,7 @@ def _update_rollups(
 
 
 def _upsert_rollups(
-    session: Session, buckets: Mapping[domain.RollupKey, list[int]]
+    session: Session, buckets: Mapping[rollups.RollupKey, list[int]]
 ) -> None:
     """Add to each hourly bucket atomically (no read-modify-write), in key order
     so that two writers never deadlock on the same buckets."""
@@ -735,19 +735,19 @@ def _remember_datacenters(
 
 def events_of(row: Mapping[str, Any], wire: bytes | None = None) -> list[Outgoing]:
     """The ``<city>.usage_rated`` of a stored record (none without a voucher);
-    ``wire``: its :func:`domain.record_json`, when known."""
+    ``wire``: its :func:`encoding.record_json`, when known."""
     if row["city"] is None:
         return []
-    return [_usage_rated(row, domain.record_json(row) if wire is None else wire)]
+    return [_usage_rated(row, encoding.record_json(row) if wire is None else wire)]
 
 
 def _usage_rated(row: Mapping[str, Any], wire: bytes) -> Outgoing:
     """The event of a stored record that has a city (``events_of``)."""
-    event_id = domain.usage_rated_event_id(row["datacenter_id"], row["record_id"])
+    event_id = encoding.usage_rated_event_id(row["datacenter_id"], row["record_id"])
     return Outgoing(
         _usage_rated_key(row["city"]),
         event_id,
-        domain.usage_rated_bytes(
+        encoding.usage_rated_bytes(
             event_id,
             row["city"],
             row["rated_at"],
@@ -855,10 +855,10 @@ def _json_safe(value: Any) -> Any:
 
 
 def dead_letter_row(message: RawMessage, refused: Refused) -> DeadLetter:
-    datacenter_id, _kind = domain.split_routing_key(message.routing_key)
+    datacenter_id, _kind = validation.split_routing_key(message.routing_key)
     record_id = None
-    if message.routing_key.endswith("." + domain.USAGE):
-        record_id = domain.readable_record_id(message.body)
+    if message.routing_key.endswith("." + validation.USAGE):
+        record_id = validation.readable_record_id(message.body)
     properties = {
         name: message.properties.get(name)
         for name in ("content_type", "content_encoding", "message_id")
@@ -873,7 +873,9 @@ def dead_letter_row(message: RawMessage, refused: Refused) -> DeadLetter:
         detail=_clean(refused.detail_text),
         headers=json.loads(json.dumps(_json_safe(message.headers))),
         # An oversized body is kept in part: enough to see what it was.
-        body=_clean(message.body[: domain.MAX_BODY_BYTES].decode("utf-8", "replace")),
+        body=_clean(
+            message.body[: validation.MAX_BODY_BYTES].decode("utf-8", "replace")
+        ),
         properties=json.loads(json.dumps(_json_safe(properties))),
     )
 

@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 
 from services.common.errors import InvalidRequest, NotFound
 from services.common.units import format_ts, utcnow
-from services.metering import domain, ingest
+from services.metering import ingest
+from services.metering.domain import rollups
 from services.metering.ingest import as_utc
 from services.metering.models import (
     CapacityReport,
@@ -45,9 +46,9 @@ def usage_overview(
     """Per data centre: all-time totals, and usage against capacity in the window.
 
     The window is ``[now − window_hours, now]``. A record's GPU-seconds are
-    spread over the hours its span covers (``domain.spread_over_hours``); an
+    spread over the hours its span covers (``rollups.spread_over_hours``); an
     hourly bucket is in the window when its hour starts in it. Capacity
-    follows ``domain.capacity_gpu_seconds``.
+    follows ``rollups.capacity_gpu_seconds``.
 
     Utilisation compares like with like: when a data centre's capacity reports
     begin inside the window (a new data centre, or a network just started),
@@ -93,7 +94,7 @@ def usage_overview(
             UsageRollup.hour,
             func.sum(UsageRollup.gpu_seconds),
         )
-        .where(UsageRollup.hour >= domain.hour_of(start), UsageRollup.hour <= now)
+        .where(UsageRollup.hour >= rollups.hour_of(start), UsageRollup.hour <= now)
         .group_by(UsageRollup.datacenter_id, UsageRollup.hour)
     )
     for datacenter_id, hour, gpu_seconds in window:
@@ -104,8 +105,8 @@ def usage_overview(
         session, start, now
     ).items():
         if first_at > start:  # reports began inside the window
-            since = max(domain.hour_of(first_at), start)
-            covered_from[datacenter_id] = domain.hour_of(since)
+            since = max(rollups.hour_of(first_at), start)
+            covered_from[datacenter_id] = rollups.hour_of(since)
             capacity_seconds += first_total * int((first_at - since).total_seconds())
         rows[datacenter_id]["capacity_gpu_seconds_window"] = capacity_seconds
     for datacenter_id, buckets in hourly.items():
@@ -117,7 +118,7 @@ def usage_overview(
             if since_hour is None or hour >= since_hour
         )
     for row in rows.values():
-        row["utilisation_window"] = domain.utilisation(
+        row["utilisation_window"] = rollups.utilisation(
             row["gpu_seconds_covered"], row["capacity_gpu_seconds_window"]
         )
     return {"datacenters": dict(sorted(rows.items()))}
@@ -127,7 +128,7 @@ Capacity = dict[str, tuple[int, datetime, int]]
 
 
 def _capacity(session: Session, start: datetime, now: datetime) -> Capacity:
-    """Per data centre with reports in the window: ``domain.capacity_gpu_seconds``
+    """Per data centre with reports in the window: ``rollups.capacity_gpu_seconds``
     over ``[start, now]``, and the first report's time and total GPUs.
 
     Data centres report every 5 minutes: nationally 288 000 reports a day.
@@ -143,7 +144,7 @@ def _capacity(session: Session, start: datetime, now: datetime) -> Capacity:
 
 
 def _capacity_summed(session: Session, start: datetime, now: datetime) -> Capacity:
-    low = start - domain.CAPACITY_SLICE
+    low = start - rollups.CAPACITY_SLICE
     rows = session.execute(_CAPACITY_SQL, {"low": low, "start": start, "now": now})
     return {
         dc: (int(seconds), as_utc(first_at), int(first_total))
@@ -152,7 +153,7 @@ def _capacity_summed(session: Session, start: datetime, now: datetime) -> Capaci
 
 
 def _capacity_walked(session: Session, start: datetime, now: datetime) -> Capacity:
-    low = start - domain.CAPACITY_SLICE
+    low = start - rollups.CAPACITY_SLICE
     series: dict[str, list[tuple[datetime, int]]] = defaultdict(list)
     reports = session.execute(
         select(
@@ -166,15 +167,15 @@ def _capacity_walked(session: Session, start: datetime, now: datetime) -> Capaci
     for datacenter_id, reported_at, total_gpus in reports:
         series[datacenter_id].append((as_utc(reported_at), int(total_gpus)))
     return {
-        dc: (domain.capacity_gpu_seconds(reports, start, now), *reports[0])
+        dc: (rollups.capacity_gpu_seconds(reports, start, now), *reports[0])
         for dc, reports in series.items()
     }
 
 
-# domain.capacity_gpu_seconds in SQL: each report stands from its time until
+# rollups.capacity_gpu_seconds in SQL: each report stands from its time until
 # the next report, at most CAPACITY_SLICE, at most now; only the part after
 # start counts; whole seconds, truncated, per slice.
-_SLICE_S = int(domain.CAPACITY_SLICE.total_seconds())
+_SLICE_S = int(rollups.CAPACITY_SLICE.total_seconds())
 _CAPACITY_SQL = text(
     f"""
     SELECT datacenter_id,
@@ -265,7 +266,7 @@ def replay_dead_letter(
 
 
 def _window_start(window_hours: int, now: datetime) -> datetime:
-    return domain.hour_of(now - timedelta(hours=window_hours))
+    return rollups.hour_of(now - timedelta(hours=window_hours))
 
 
 def usage_by_tenant(
@@ -386,7 +387,7 @@ def usage_figures(session: Session, now: datetime | None = None) -> dict[str, An
     for total in regions.values():
         for label in FIGURE_WINDOWS:
             window = total[label]
-            window["utilisation"] = domain.utilisation(
+            window["utilisation"] = rollups.utilisation(
                 window.pop("_covered"), window["capacity_gpu_seconds"]
             )
     return {

@@ -14,7 +14,7 @@ from nameko.standalone.rpc import ServiceRpcClient
 
 from services.common.contracts import canonical_json
 from services.common.units import parse_ts, rate_cost_fen, utcnow
-from services.metering.domain import usage_rated_event_id
+from services.metering.domain.encoding import usage_rated_event_id
 from services.metering.service import USAGE_QUEUE
 from tests.support.bus import empty, usage_rated_queue, wait_acked
 from tests.support.metering_data import (

@@ -2,7 +2,7 @@
 
 metering's overview sums each data centre's capacity slices in SQL on
 PostgreSQL (a report a data centre every 5 minutes is 288 000 rows a day
-nationally) and walks them in Python on SQLite (``domain.capacity_gpu_seconds``,
+nationally) and walks them in Python on SQLite (``rollups.capacity_gpu_seconds``,
 which the unit tests pin down). Random report series — gaps shorter and
 longer than a slice, reports before the window, data centres whose reports
 begin inside it, odd microseconds — must give the same figures both ways.

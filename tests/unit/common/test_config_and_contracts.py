@@ -44,6 +44,100 @@ def test_config_files_of_every_process_load(tmp_path):
         load_config(bad, {})
 
 
+# Values that would change a YAML document if pasted into its text.
+AWKWARD_VALUES = [
+    "#x",
+    "a: b",
+    "x #y",
+    "line one\nline two: 2",
+    "{a: 1}",
+    "[1, 2]",
+    "'quoted'",
+    '"quoted"',
+    "it's",
+    "- item",
+    "&anchor *alias !tag | >",
+    "${DATACENTER_ID}",  # a value is not substituted again
+]
+
+
+def test_no_environment_value_changes_the_document(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "# the data centre: ${NOT_SET} in a comment is not substituted\n"
+        "TOKEN: ${AGENT_TOKEN:}\n"
+        "QUOTED: '${AGENT_TOKEN}'\n"
+        'DOUBLE: "${AGENT_TOKEN}"\n'
+        "LONGER: token=${AGENT_TOKEN}.\n"
+        "NESTED:\n"
+        "  inner: ${AGENT_TOKEN}\n"
+        "  list:\n"
+        "    - ${AGENT_TOKEN}\n"
+        "AFTER: 1\n"
+    )
+    for value in AWKWARD_VALUES:
+        config = load_config(path, {"AGENT_TOKEN": value, "DATACENTER_ID": "x"})
+        assert config == {
+            "TOKEN": value,
+            "QUOTED": value,
+            "DOUBLE": value,
+            "LONGER": f"token={value}.",
+            "NESTED": {"inner": value, "list": [value]},
+            "AFTER": 1,
+        }, value
+
+
+def test_the_agent_tokens_hash_is_a_token_not_a_comment():
+    env = {"DATACENTER_ID": "x", "KEY_ID": "k", "KEY_SECRET": "s"}
+    config = load_config(
+        "deploy/config/datacenter_gateway.yaml", {**env, "AGENT_TOKEN": "#x"}
+    )
+    assert config["AGENT_TOKEN"] == "#x"
+    assert (
+        load_config("deploy/config/datacenter_gateway.yaml", env)["AGENT_TOKEN"] is None
+    )
+
+
+def test_a_whole_reference_is_typed_as_yaml_types_its_value(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "PORT: ${HTTP_PORT:8101}\n"
+        "RATIO: ${RATIO:0.25}\n"
+        "ENABLED: ${ENABLED:true}\n"
+        "EMPTY: ${EMPTY:}\n"
+        "FROM: ${NEXT_KEY_FROM:2026-01-01T00:00:00Z}\n"
+        "TEXT: ${NAME:guian-gov-01}\n"
+        "QUOTED: '${HTTP_PORT:8101}'\n"
+        "LONGER: ${HTTP_PORT:8101}${HTTP_PORT:8101}\n"
+        "URL: ${DATABASE_URL:sqlite:///var/dcgw_${DATACENTER_ID}.db}\n"
+    )
+    config = load_config(path, {"DATACENTER_ID": "dc"})
+    assert config == {
+        "PORT": 8101,
+        "RATIO": 0.25,
+        "ENABLED": True,
+        "EMPTY": None,
+        "FROM": datetime(2026, 1, 1, tzinfo=UTC),
+        "TEXT": "guian-gov-01",
+        "QUOTED": "8101",
+        "LONGER": "81018101",
+        "URL": "sqlite:///var/dcgw_dc.db",
+    }
+    typed = load_config(
+        path, {"DATACENTER_ID": "dc", "HTTP_PORT": "9000", "ENABLED": "no"}
+    )
+    assert (typed["PORT"], typed["ENABLED"], typed["QUOTED"]) == (9000, False, "9000")
+    with pytest.raises(ConfigError, match="DATACENTER_ID"):
+        load_config(path, {})
+
+
+def test_what_is_not_a_reference_is_left_as_text():
+    for text in ("$A", "${}", "${a b}", "${A", "${A:x$y}", "${A:{x}}"):
+        assert substitute(text, {}) == text
+    assert substitute("$${A}", {"A": "a"}) == "$a"
+    assert substitute("${A:{${A}}}", {"A": "a"}) == "${A:{a}}"
+
+
 def record(**overrides):
     now = datetime.now(UTC).replace(microsecond=0)
     base = {

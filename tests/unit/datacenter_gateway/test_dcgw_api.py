@@ -5,6 +5,8 @@ import json
 import pytest
 
 from services.common.contracts import UsageRecordSchema, canonical_json
+from services.common.errors import ComputenetError
+from services.common.http_errors import ERROR_TABLE
 from services.common.vouchercode import generate
 
 DC = "guian-gov-01"
@@ -180,3 +182,29 @@ def test_unknown_route_is_a_json_error(client):
     response = client.get("/v1/nothing")
     assert response.status_code == 404
     assert set(response.get_json()) == {"error", "message", "details"}
+
+
+@pytest.mark.parametrize(
+    ("error_class", "status"),
+    [
+        (cls, status)
+        for cls, status, _ in ERROR_TABLE
+        if issubclass(cls, ComputenetError)
+    ],
+    ids=lambda value: value.__name__ if isinstance(value, type) else str(value),
+)
+def test_service_errors_have_the_portals_status(client, error_class, status):
+    """The agent API answers each error class with the one table's status
+    (a Forbidden was a 500 here while the portal answered 403)."""
+
+    def fail():
+        raise error_class("some_code", "what went wrong", {"x": 1})
+
+    client.application.add_url_rule("/v1/fail", view_func=fail)
+    response = client.get("/v1/fail")
+    assert response.status_code == status
+    assert response.get_json() == {
+        "error": "some_code",
+        "message": "what went wrong",
+        "details": {"x": 1},
+    }

@@ -1,6 +1,6 @@
 """The hand-written fast path for usage records decides exactly as the schema.
 
-``domain.fast_load_usage`` replaces ``UsageRecordSchema().load`` on the hot
+``validation.fast_load_usage`` replaces ``UsageRecordSchema().load`` on the hot
 path; marshmallow only words the error of a refused record. These tests hold
 the two together over valid records and records mutated in every way a JSON
 body can be: a field missing, unknown, null, of another JSON type, at and
@@ -17,11 +17,11 @@ from marshmallow import ValidationError
 
 from services.common import contracts
 from services.common.units import format_ts, utcnow
-from services.metering import domain
+from services.metering.domain import encoding, validation
 from tests.support.metering_data import DATACENTER_ID, usage, voucher
 
 SCHEMA = contracts.UsageRecordSchema()
-FIELDS = list(domain.RECORD_FIELDS)
+FIELDS = list(validation.RECORD_FIELDS)
 LIMITS = {
     "record_id": 128,
     "datacenter_id": 64,
@@ -43,12 +43,12 @@ def schema_load(data):
 
 
 def assert_same_decision(data):
-    fast = domain.fast_load_usage(data)
+    fast = validation.fast_load_usage(data)
     slow = schema_load(data)
     assert (fast is None) == (slow is None), (data, fast, slow)
     if fast is not None:
         assert fast == slow
-        assert domain.dump_record(fast) == SCHEMA.dump(slow)
+        assert encoding.dump_record(fast) == SCHEMA.dump(slow)
 
 
 # JSON values of every type, including ones near each bound.
@@ -99,7 +99,7 @@ def records(draw):
     )
     ended = now + timedelta(seconds=end_offset)
     started = ended - timedelta(seconds=span)
-    counts = [0, 1, 2, 8, domain.MAX_GPU_COUNT, domain.MAX_GPU_COUNT + 1]
+    counts = [0, 1, 2, 8, validation.MAX_GPU_COUNT, validation.MAX_GPU_COUNT + 1]
     count = draw(st.sampled_from(counts[1:5] if valid else counts))
     seconds_max = count * max(span, 0)
     seconds = draw(
@@ -162,7 +162,7 @@ def test_fast_load_decides_as_the_schema_on_mutated_records(record):
 
 def test_a_well_formed_record_takes_the_fast_path():
     record = usage(voucher_code=voucher("SH"), correction_of="rec-0")
-    loaded = domain.fast_load_usage(record)
+    loaded = validation.fast_load_usage(record)
     assert loaded is not None
     assert loaded == SCHEMA.load(record)
     assert loaded["started_at"].tzinfo is not None
@@ -170,11 +170,11 @@ def test_a_well_formed_record_takes_the_fast_path():
 
 def test_a_refused_record_is_worded_by_the_schema():
     record = usage(gpu_count="2")
-    assert domain.fast_load_usage(record) is None
+    assert validation.fast_load_usage(record) is None
     try:
-        domain.load_usage(record, DATACENTER_ID)
-    except domain.Refused as refused:
-        assert refused.reason == domain.Reason.SCHEMA
+        validation.load_usage(record, DATACENTER_ID)
+    except validation.Refused as refused:
+        assert refused.reason == validation.Reason.SCHEMA
         assert refused.detail == {"gpu_count": ["Not a valid integer."]}
     else:  # pragma: no cover
         raise AssertionError("a string gpu_count was accepted")
@@ -183,19 +183,19 @@ def test_a_refused_record_is_worded_by_the_schema():
 def test_a_timestamp_out_of_range_is_schema_not_a_crash():
     record = usage(started_at="0001-01-01T00:00:00+01:00")
     try:
-        domain.load_usage(record, DATACENTER_ID)
-    except domain.Refused as refused:
-        assert refused.reason == domain.Reason.SCHEMA
+        validation.load_usage(record, DATACENTER_ID)
+    except validation.Refused as refused:
+        assert refused.reason == validation.Reason.SCHEMA
     else:  # pragma: no cover
         raise AssertionError("accepted")
 
 
 def test_parse_body_skips_the_walk_only_when_no_escape_can_hide_a_nul():
-    assert domain.parse_body(b'{"a": "b"}') == {"a": "b"}
+    assert validation.parse_body(b'{"a": "b"}') == {"a": "b"}
     for body in (b'{"a": "\\u0000"}', b'{"\\u0000": 1}', b'{"a": ["\\ud800"]}'):
         try:
-            domain.parse_body(body)
-        except domain.Refused as refused:
-            assert refused.reason == domain.Reason.SCHEMA
+            validation.parse_body(body)
+        except validation.Refused as refused:
+            assert refused.reason == validation.Reason.SCHEMA
         else:  # pragma: no cover
             raise AssertionError(body)

@@ -1,15 +1,18 @@
 """The hot path's shortcuts give what the slow references they replace give.
 
-- ``domain.record_json`` (values written into a template) against the
-  encoder (``domain.slow_record_json``) and ``canonical_json`` of the
+- ``encoding.record_json`` (values written into a template) against the
+  encoder (``reference.slow_record_json``) and ``canonical_json`` of the
   schema's dump;
-- ``domain.verify_signature`` (one OpenSSL call) against ``signing.verify``;
+- ``signing.verify`` (a secret keyed once, then copied) against a new HMAC
+  keyed per call (``reference.one_shot_verify``);
 - ``ingest.check`` (registry answers and prices asked once a batch, the row
   being the record) against the rules applied one by one as before;
-- ``ingest.events_of`` (no ``Rating`` built) against ``usage_rated_body``.
+- ``ingest.events_of`` (no ``Rating`` built) against
+  ``reference.usage_rated_body``.
 """
 
 import hashlib
+import hmac
 import json
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -19,9 +22,11 @@ from hypothesis import strategies as st
 from services.common import contracts, signing
 from services.common.amqp import RawMessage
 from services.common.units import format_ts, utcnow
-from services.metering import domain, ingest
-from services.metering.domain import Refused
+from services.metering import ingest
+from services.metering.domain import encoding, validation
+from services.metering.domain.validation import Refused
 from services.metering.registry import CachedRegistry, RegistryCacheState
+from tests.support import metering_reference as reference
 from tests.support.metering_data import (
     DATACENTER_ID,
     SECRET,
@@ -86,7 +91,7 @@ values = st.one_of(
 @st.composite
 def dumpable_records(draw):
     """Loaded records, and records with any field of any type or missing."""
-    record = domain.load_usage(
+    record = validation.load_usage(
         usage(
             voucher_code=draw(st.sampled_from([None, voucher("SH")])),
             job_id=draw(st.none() | st.text(max_size=10)),
@@ -94,7 +99,7 @@ def dumpable_records(draw):
         ),
         DATACENTER_ID,
     )
-    for name in draw(st.lists(st.sampled_from(domain.RECORD_FIELDS), max_size=4)):
+    for name in draw(st.lists(st.sampled_from(validation.RECORD_FIELDS), max_size=4)):
         if name in ("started_at", "ended_at"):
             record[name] = draw(st.none() | moments)
         elif draw(st.booleans()):
@@ -106,13 +111,13 @@ def dumpable_records(draw):
 
 @settings(max_examples=1500, deadline=None)
 @given(dumpable_records())
-@example(domain.load_usage(usage(job_id='é"\n\u2028\x00'), DATACENTER_ID))
-@example({**domain.load_usage(usage(), DATACENTER_ID), "gpu_count": True})
-@example({**domain.load_usage(usage(), DATACENTER_ID), "record_id": "\ud800"})
+@example(validation.load_usage(usage(job_id='é"\n\u2028\x00'), DATACENTER_ID))
+@example({**validation.load_usage(usage(), DATACENTER_ID), "gpu_count": True})
+@example({**validation.load_usage(usage(), DATACENTER_ID), "record_id": "\ud800"})
 @example({})
 def test_record_json_is_the_encoders(record):
-    assert outcome(domain.record_json, record) == outcome(
-        domain.slow_record_json, record
+    assert outcome(encoding.record_json, record) == outcome(
+        reference.slow_record_json, record
     )
 
 
@@ -127,7 +132,7 @@ def test_record_json_is_the_encoders(record):
 def test_record_json_of_a_loaded_record_is_the_schemas_dump(
     tenant, job_id, record_id, voucher_code, gpu_seconds
 ):
-    record = domain.load_usage(
+    record = validation.load_usage(
         usage(
             tenant_id=tenant,
             job_id=job_id,
@@ -137,8 +142,8 @@ def test_record_json_of_a_loaded_record_is_the_schemas_dump(
         ),
         DATACENTER_ID,
     )
-    wire = outcome(domain.record_json, record)
-    assert wire == outcome(domain.slow_record_json, record)
+    wire = outcome(encoding.record_json, record)
+    assert wire == outcome(reference.slow_record_json, record)
     assert wire == outcome(contracts.canonical_json, SCHEMA.dump(record))
 
 
@@ -152,11 +157,13 @@ def test_record_json_of_a_loaded_record_is_the_schemas_dump(
     how=st.sampled_from(["right", "upper", "wrong", "none", "empty", "other"]),
     other=st.one_of(st.text(max_size=70), st.binary(max_size=10), st.integers()),
 )
-def test_verify_signature_is_signing_verify(body, secret, how, other):
+def test_signing_verify_is_the_one_shot_hmac(body, secret, how, other):
     try:
-        right = signing.sign(body, secret)
+        right = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     except UnicodeEncodeError:
         right = "0" * 64
+    else:
+        assert signing.sign(body, secret) == right
     signature = {
         "right": right,
         "upper": right.upper(),
@@ -165,8 +172,8 @@ def test_verify_signature_is_signing_verify(body, secret, how, other):
         "empty": "",
         "other": other,
     }[how]
-    assert outcome(domain.verify_signature, body, secret, signature) == outcome(
-        signing.verify, body, secret, signature
+    assert outcome(signing.verify, body, secret, signature) == outcome(
+        reference.one_shot_verify, body, secret, signature
     )
 
 
@@ -176,49 +183,53 @@ def test_verify_signature_is_signing_verify(body, secret, how, other):
 def reference_check(registry, message, index, rated_at):
     """``ingest.check`` as it was: every rule asked of the registry and
     ``domain`` one by one, the row a new dict."""
-    datacenter_id, kind = domain.split_routing_key(message.routing_key)
-    if kind not in (domain.USAGE, domain.CAPACITY):
+    datacenter_id, kind = validation.split_routing_key(message.routing_key)
+    if kind not in (validation.USAGE, validation.CAPACITY):
         raise Refused(
-            domain.Reason.SCHEMA,
+            validation.Reason.SCHEMA,
             f"routing key {message.routing_key[:255]!r} is not metered",
         )
-    domain.check_envelope(message.body, message.content_type)
+    validation.check_envelope(message.body, message.content_type)
     datacenter = registry.datacenter(datacenter_id) if datacenter_id else None
     if datacenter is None:
         raise Refused(
-            domain.Reason.UNKNOWN_DATACENTER,
+            validation.Reason.UNKNOWN_DATACENTER,
             f"{datacenter_id[:64]!r} is not registered",
         )
-    key_id = domain.header_text(message.headers, signing.KEY_ID_HEADER)
+    key_id = validation.header_text(message.headers, signing.KEY_ID_HEADER)
     keys = registry.signing_keys(datacenter_id, key_id)
-    key_id = domain.header_text(message.headers, signing.KEY_ID_HEADER)
+    key_id = validation.header_text(message.headers, signing.KEY_ID_HEADER)
     if not key_id:
-        raise Refused(domain.Reason.BAD_SIGNATURE, "no x-key-id header")
+        raise Refused(validation.Reason.BAD_SIGNATURE, "no x-key-id header")
     if keys.get(key_id) is None:
         raise Refused(
-            domain.Reason.BAD_SIGNATURE,
+            validation.Reason.BAD_SIGNATURE,
             f"key id {key_id[:128]!r} is not an active key of this data centre",
         )
-    signature = domain.header_text(message.headers, signing.SIGNATURE_HEADER)
+    signature = validation.header_text(message.headers, signing.SIGNATURE_HEADER)
     if not signing.verify(message.body, keys[key_id], signature):
-        raise Refused(domain.Reason.BAD_SIGNATURE, "signature does not match the body")
-    data = domain.parse_body(message.body)
-    if kind == domain.CAPACITY:
-        report = domain.load_capacity(data, datacenter_id)
-        return report, domain.canonical_sha256(report, contracts.CapacityReportSchema)
-    record = domain.load_usage(data, datacenter_id)
-    rating = domain.rate(record, datacenter)
+        raise Refused(
+            validation.Reason.BAD_SIGNATURE, "signature does not match the body"
+        )
+    data = validation.parse_body(message.body)
+    if kind == validation.CAPACITY:
+        report = validation.load_capacity(data, datacenter_id)
+        return report, encoding.canonical_sha256(report, contracts.CapacityReportSchema)
+    record = validation.load_usage(data, datacenter_id)
+    rating = reference.rate(record, datacenter)
     city = None
     if record["voucher_code"] is not None:
-        record["voucher_code"] = domain.normalise_voucher_code(record["voucher_code"])
-        prefix = domain.voucher_prefix(record["voucher_code"])
+        record["voucher_code"] = validation.normalise_voucher_code(
+            record["voucher_code"]
+        )
+        prefix = validation.voucher_prefix(record["voucher_code"])
         city = registry.city_of_prefix(prefix)
         if city is None:
-            raise domain.unknown_prefix(prefix)
-    wire = domain.slow_record_json(record)
+            raise validation.unknown_prefix(prefix)
+    wire = reference.slow_record_json(record)
     digest = hashlib.sha256(wire).hexdigest()
-    assert digest == domain.canonical_sha256(record)
-    row = {name: record[name] for name in domain.RECORD_FIELDS}
+    assert digest == encoding.canonical_sha256(record)
+    row = {name: record[name] for name in validation.RECORD_FIELDS}
     row.update(
         record_sha256=digest,
         city=city,
@@ -306,7 +317,7 @@ def test_check_decides_and_rows_as_the_rules_one_by_one(batch):
             continue
         checked = fast[1]
         assert checked.index == index
-        if checked.kind == domain.CAPACITY:
+        if checked.kind == validation.CAPACITY:
             assert (checked.loaded, checked.digest) == slow[1]
             continue
         row, digest, wire, key = slow[1]
@@ -330,11 +341,11 @@ def test_check_decides_and_rows_as_the_rules_one_by_one(batch):
 def test_events_of_is_the_usage_rated_body(
     tenant, city, government_run, hub_region, wire_known
 ):
-    record = domain.load_usage(
+    record = validation.load_usage(
         usage(voucher_code=voucher("SH"), tenant_id=tenant), DATACENTER_ID
     )
     rated_at = datetime(2025, 3, 1, 12, tzinfo=UTC)
-    rating = domain.Rating(
+    rating = reference.Rating(
         cost_fen=1234,
         unit_price_fen_per_gpu_hour=1800,
         datacenter={
@@ -353,19 +364,19 @@ def test_events_of_is_the_usage_rated_body(
         "chip_origin": "domestic",
         "rated_at": rated_at,
     }
-    wire = domain.record_json(record) if wire_known else None
+    wire = encoding.record_json(record) if wire_known else None
     events = ingest.events_of(row, wire)
     if city is None:
         assert events == []
         return
     (event,) = events
-    body = domain.usage_rated_body(record, city, rating, rated_at)
+    body = reference.usage_rated_body(record, city, rating, rated_at)
     assert event.body == body
     assert event.routing_key == f"{city}.usage_rated"
     assert event.event_id == contracts.event_id(
         "usage_rated", DATACENTER_ID, record["record_id"]
     )
-    assert event.payload == domain.usage_rated_event(record, city, rating, rated_at)
+    assert event.payload == reference.usage_rated_event(record, city, rating, rated_at)
     assert json.loads(body)["event_id"] == event.event_id
 
 
@@ -392,26 +403,28 @@ json_texts = st.one_of(
 @given(json_texts)
 @example("{" * 100000 + "}" * 100000)
 def test_whole_object_is_json_loads(text):
-    fast = domain._whole_object(text)
+    fast = validation._whole_object(text)
     slow = outcome(json.loads, text)
     if fast is not None:
         assert slow[0] == "ok"
         assert fast == slow[1] or json.dumps(fast) == json.dumps(slow[1])
         assert type(fast) is dict
     body = text.encode("utf-8", "surrogatepass")
-    assert judged(domain.parse_body, body) == judged(reference_parse_body, body)
+    assert judged(validation.parse_body, body) == judged(reference_parse_body, body)
 
 
 def reference_parse_body(body):
-    """``domain.parse_body`` as it was: ``json.loads`` of the decoded body."""
+    """``validation.parse_body`` as it was: ``json.loads`` of the decoded body."""
     try:
         data = json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise Refused(
-            domain.Reason.SCHEMA, f"body is not JSON: {str(exc)[:200]}"
+            validation.Reason.SCHEMA, f"body is not JSON: {str(exc)[:200]}"
         ) from exc
     if not isinstance(data, dict):
-        raise Refused(domain.Reason.SCHEMA, "body is not a JSON object")
-    if b"\\u" in body and not domain._storable(data):
-        raise Refused(domain.Reason.SCHEMA, "a string holds NUL or is not valid UTF-8")
+        raise Refused(validation.Reason.SCHEMA, "body is not a JSON object")
+    if b"\\u" in body and not validation._storable(data):
+        raise Refused(
+            validation.Reason.SCHEMA, "a string holds NUL or is not valid UTF-8"
+        )
     return data

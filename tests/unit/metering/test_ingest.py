@@ -9,8 +9,9 @@ from sqlalchemy import func, select
 from services.common.contracts import canonical_json
 from services.common.errors import InvalidRequest
 from services.common.units import format_ts, utcnow
-from services.metering import domain, ingest, reports
-from services.metering.domain import Reason, Refused
+from services.metering import ingest, reports
+from services.metering.domain import rollups
+from services.metering.domain.validation import Reason, Refused
 from services.metering.models import (
     DeadLetter,
     DeliveryAttempt,
@@ -166,7 +167,7 @@ def test_capacity_report_is_stored_once_and_feeds_utilisation(session, registry)
     overview = reports.usage_overview(session, 24, now=now)
     row = overview["datacenters"][DATACENTER_ID]
     # Reports began inside the window: the first stands from its hour's start.
-    first_hour = domain.hour_of(now - timedelta(seconds=600))
+    first_hour = rollups.hour_of(now - timedelta(seconds=600))
     assert row["capacity_gpu_seconds_window"] == 4 * int(
         (now - first_hour).total_seconds()
     )

@@ -11,20 +11,21 @@ from hypothesis import strategies as st
 
 from services.common import contracts
 from services.common.units import format_ts
-from services.metering import domain
+from services.metering.domain import encoding, rollups, validation
+from tests.support import metering_reference as reference
 from tests.support.metering_data import DATACENTER, usage, voucher
 
 T0 = datetime(2025, 3, 1, 10, 40, tzinfo=UTC)
 
 
 def test_a_span_inside_one_hour_stays_in_it():
-    assert domain.spread_over_hours(100, T0, T0 + timedelta(minutes=10)) == [
+    assert rollups.spread_over_hours(100, T0, T0 + timedelta(minutes=10)) == [
         (datetime(2025, 3, 1, 10, tzinfo=UTC), 100)
     ]
 
 
 def test_a_six_hour_job_is_spread_pro_rata():
-    shares = domain.spread_over_hours(6 * 3600, T0, T0 + timedelta(hours=6))
+    shares = rollups.spread_over_hours(6 * 3600, T0, T0 + timedelta(hours=6))
     assert [hour.hour for hour, _ in shares] == [10, 11, 12, 13, 14, 15, 16]
     assert [share for _, share in shares] == [1200, 3600, 3600, 3600, 3600, 3600, 2400]
 
@@ -37,13 +38,13 @@ def test_a_six_hour_job_is_spread_pro_rata():
 def test_shares_sum_exactly_and_are_within_one_of_pro_rata(amount, start_s, span_s):
     started = T0 + timedelta(seconds=start_s)
     ended = started + timedelta(seconds=span_s)
-    shares = domain.spread_over_hours(amount, started, ended)
+    shares = rollups.spread_over_hours(amount, started, ended)
     assert sum(share for _, share in shares) == amount
     for hour, share in shares:
-        inside = min(hour + domain.HOUR, ended) - max(hour, started)
+        inside = min(hour + rollups.HOUR, ended) - max(hour, started)
         exact = amount * inside.total_seconds() / span_s
         assert abs(share - exact) <= 1.0 + 1e-6 * abs(exact)
-    negated = domain.spread_over_hours(-amount, started, ended)
+    negated = rollups.spread_over_hours(-amount, started, ended)
     assert [(h, -s) for h, s in negated] == shares  # taking back cancels exactly
 
 
@@ -56,7 +57,7 @@ def _effective_after_all(arrivals):
         stored[key] = corrects
         targets = {corrects} & set(stored) - {key} if corrects else set()
         pairs = [(k, c) for k, c in stored.items() if c in ({key} | targets)]
-        changes = domain.effectiveness_changes({key}, targets, pairs)
+        changes = rollups.effectiveness_changes({key}, targets, pairs)
         for record, sign in changes.items():
             (counting.add if sign > 0 else counting.discard)(record)
     return counting
@@ -87,7 +88,7 @@ def test_two_corrections_of_one_record_both_count_and_the_original_not():
 
 def test_contribution_counts_the_record_once_in_its_start_hour():
     row = dict(
-        domain.load_usage(
+        validation.load_usage(
             usage(
                 started_at="2025-03-01T10:40:00Z",
                 ended_at="2025-03-01T12:10:00Z",
@@ -99,23 +100,23 @@ def test_contribution_counts_the_record_once_in_its_start_hour():
         city=None,
         cost_fen=2701,
     )
-    parts = domain.rollup_contribution(row)
+    parts = rollups.rollup_contribution(row)
     assert [records for _, records, _, _ in parts] == [1, 0, 0]
     assert [seconds for *_, seconds, _ in parts] == [1200, 3600, 600]
     assert sum(cost for *_, cost in parts) == 2701
-    assert sum(c for *_, c in domain.rollup_contribution(row, -1)) == -2701
+    assert sum(c for *_, c in rollups.rollup_contribution(row, -1)) == -2701
 
 
 def test_dump_record_equals_the_schema_dump():
-    record = domain.load_usage(usage(voucher_code=voucher("SH")), DATACENTER["id"])
-    assert domain.dump_record(record) == contracts.UsageRecordSchema().dump(record)
+    record = validation.load_usage(usage(voucher_code=voucher("SH")), DATACENTER["id"])
+    assert encoding.dump_record(record) == contracts.UsageRecordSchema().dump(record)
 
 
 def test_usage_rated_event_matches_the_contract():
-    record = domain.load_usage(usage(voucher_code=voucher("SH")), DATACENTER["id"])
-    rating = domain.rate(record, DATACENTER)
+    record = validation.load_usage(usage(voucher_code=voucher("SH")), DATACENTER["id"])
+    rating = reference.rate(record, DATACENTER)
     rated_at = datetime(2025, 3, 1, 12, tzinfo=UTC)
-    event = domain.usage_rated_event(record, "shanghai", rating, rated_at)
+    event = reference.usage_rated_event(record, "shanghai", rating, rated_at)
     expected = contracts.make_event(
         "usage_rated",
         "shanghai",
@@ -131,16 +132,16 @@ def test_usage_rated_event_matches_the_contract():
 
 
 def test_lock_key_is_stable_and_signed_64_bit():
-    key = domain.lock_key("dc", "r-1")
-    assert key == domain.lock_key("dc", "r-1") != domain.lock_key("dc", "r-2")
+    key = rollups.lock_key("dc", "r-1")
+    assert key == rollups.lock_key("dc", "r-1") != rollups.lock_key("dc", "r-2")
     assert -(2**63) <= key < 2**63
 
 
 @given(st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 1, 1)))
 def test_wire_time_is_format_ts(moment):
     aware = moment.replace(tzinfo=UTC)
-    assert domain._wire_time(aware) == format_ts(aware)
-    assert domain._wire_time(moment) == format_ts(aware)
+    assert encoding._wire_time(aware) == format_ts(aware)
+    assert encoding._wire_time(moment) == format_ts(aware)
 
 
 def _spread_as_first_written(amount, started, ended):
@@ -150,18 +151,18 @@ def _spread_as_first_written(amount, started, ended):
     contribution, so the split must never change between releases.
     """
     span = (ended - started) // timedelta(microseconds=1)
-    hour = domain.hour_of(started)
-    if span <= 0 or hour + domain.HOUR >= ended:
+    hour = rollups.hour_of(started)
+    if span <= 0 or hour + rollups.HOUR >= ended:
         return [(hour, amount)]
     negative, amount = amount < 0, abs(amount)
     shares, given = [], 0
     while hour < ended:
-        boundary = min(hour + domain.HOUR, ended)
+        boundary = min(hour + rollups.HOUR, ended)
         cumulative = amount * ((boundary - started) // timedelta(microseconds=1))
         cumulative //= span
         shares.append((hour, -(cumulative - given) if negative else cumulative - given))
         given = cumulative
-        hour += domain.HOUR
+        hour += rollups.HOUR
     return shares
 
 
@@ -174,8 +175,8 @@ def test_spread_is_the_split_first_written(amount, start_us, span_us):
     started = T0 + timedelta(microseconds=start_us)
     ended = started + timedelta(microseconds=span_us)
     expected = _spread_as_first_written(amount, started, ended)
-    assert domain.spread_over_hours(amount, started, ended) == expected
-    assert domain.spread_over_hours(amount, started, ended) == expected  # cached
+    assert rollups.spread_over_hours(amount, started, ended) == expected
+    assert rollups.spread_over_hours(amount, started, ended) == expected  # cached
     row = {
         "datacenter_id": "dc",
         "city": "shanghai",
@@ -188,7 +189,7 @@ def test_spread_is_the_split_first_written(amount, start_us, span_us):
         "cost_fen": abs(amount) // 3,
     }
     for sign in (1, -1):
-        parts = domain.rollup_contribution(row, sign)
+        parts = rollups.rollup_contribution(row, sign)
         seconds = _spread_as_first_written(sign * abs(amount), started, ended)
         costs = _spread_as_first_written(sign * (abs(amount) // 3), started, ended)
         assert [(key[-1], n) for key, _, n, _ in parts] == seconds
@@ -200,33 +201,33 @@ def test_spread_is_the_split_first_written(amount, start_us, span_us):
 
 def test_record_json_is_the_canonical_json_of_the_dump():
     for overrides in ({}, {"voucher_code": voucher("SH")}, {"job_id": "é\n\u2028"}):
-        record = domain.load_usage(usage(**overrides), DATACENTER["id"])
-        wire = domain.record_json(record)
-        assert wire == contracts.canonical_json(domain.dump_record(record))
+        record = validation.load_usage(usage(**overrides), DATACENTER["id"])
+        wire = encoding.record_json(record)
+        assert wire == contracts.canonical_json(encoding.dump_record(record))
         assert wire == contracts.canonical_json(
             contracts.UsageRecordSchema().dump(record)
         )
 
 
 def test_usage_rated_body_is_the_event():
-    record = domain.load_usage(
+    record = validation.load_usage(
         usage(voucher_code=voucher("SH"), tenant_id='t "x" é'), DATACENTER["id"]
     )
-    rating = domain.rate(record, DATACENTER)
+    rating = reference.rate(record, DATACENTER)
     rated_at = datetime(2025, 3, 1, 12, tzinfo=UTC)
-    body = domain.usage_rated_body(record, "shanghai", rating, rated_at)
-    assert json.loads(body) == domain.usage_rated_event(
+    body = reference.usage_rated_body(record, "shanghai", rating, rated_at)
+    assert json.loads(body) == reference.usage_rated_event(
         record, "shanghai", rating, rated_at
     )
-    given_json = domain.usage_rated_body(
-        record, "shanghai", rating, rated_at, domain.record_json(record)
+    given_json = reference.usage_rated_body(
+        record, "shanghai", rating, rated_at, encoding.record_json(record)
     )
     assert given_json == body
 
 
 @given(st.text(max_size=40), st.text(min_size=1, max_size=40))
 def test_usage_rated_event_id_is_the_contracts_uuid5(datacenter_id, record_id):
-    assert domain.usage_rated_event_id(datacenter_id, record_id) == (
+    assert encoding.usage_rated_event_id(datacenter_id, record_id) == (
         contracts.event_id("usage_rated", datacenter_id, record_id)
     )
 
@@ -238,7 +239,7 @@ def test_equal_instants_in_other_zones_are_cut_in_their_own_zone():
     for first, second in ((UTC, india), (india, UTC)):
         for zone in (first, second):
             a, b = started.astimezone(zone), ended.astimezone(zone)
-            assert domain.spread_over_hours(7200, a, b) == (
+            assert rollups.spread_over_hours(7200, a, b) == (
                 _spread_as_first_written(7200, a, b)
             )
-        domain._hours_of_span.cache_clear()
+        rollups._hours_of_span.cache_clear()
