@@ -68,24 +68,38 @@ def pg_factory(pg_url_factory):
     engine.dispose()
 
 
-def _run(threads):
+def _race(pg_factory, count: int, work) -> list[Exception]:
+    """``work(n, session)`` in ``count`` threads, each on its own session, all
+    released at once; the exceptions they raised (none is expected)."""
+    errors: list[Exception] = []
+    start = threading.Barrier(count)
+
+    def run(n):
+        session = pg_factory()
+        try:
+            start.wait()
+            work(n, session)
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+        finally:
+            session.close()
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    return errors
 
 
 def test_32_concurrent_issuers_against_a_small_budget(pg_factory):
     program = RULES.program("sh-small")
-    issued, refused, errors = [], [], []
-    start = threading.Barrier(32)
+    issued, refused = [], []
 
-    def issuer(n):
-        session = pg_factory()
+    def issuer(n, session):
         company = application()["company"] | {"registration_id": f"co-{n}"}
         company["registered_in"] = "shanghai"
         try:
-            start.wait()
             result = ledger.apply(
                 session,
                 RULES,
@@ -97,13 +111,8 @@ def test_32_concurrent_issuers_against_a_small_budget(pg_factory):
             issued.append(result.voucher.face_value_fen)
         except Conflict as exc:
             refused.append(exc.code)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-        finally:
-            session.close()
 
-    _run([threading.Thread(target=issuer, args=(n,)) for n in range(32)])
-    assert errors == []
+    assert _race(pg_factory, 32, issuer) == []
     assert len(issued) + len(refused) == 32
     assert set(refused) == {"budget_exhausted"} and 9 <= len(issued) <= 14
     session = pg_factory()
@@ -133,24 +142,14 @@ def test_32_concurrent_redeemers_on_one_voucher_with_redelivery(pg_factory):
     from services.common.contracts import load_event
 
     loaded = [load_event("usage_rated", r) for r in records]
-    errors = []
-    start = threading.Barrier(32)
 
-    def redeemer(t):
-        own = pg_factory()
+    def redeemer(t, own):
         mine = loaded[t * 5 : t * 5 + 5]
         neighbour = loaded[((t + 1) % 32) * 5 : ((t + 1) % 32) * 5 + 5]
-        try:
-            start.wait()
-            for record in mine + neighbour:  # every record delivered twice
-                ledger.book_usage(own, RULES, record)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-        finally:
-            own.close()
+        for record in mine + neighbour:  # every record delivered twice
+            ledger.book_usage(own, RULES, record)
 
-    _run([threading.Thread(target=redeemer, args=(t,)) for t in range(32)])
-    assert errors == []
+    assert _race(pg_factory, 32, redeemer) == []
     session = pg_factory()
     rows = session.scalars(select(Redemption)).all()
     assert len(rows) == 160  # each record once
@@ -197,23 +196,14 @@ def test_concurrent_batches_on_shared_vouchers_with_redelivery(pg_factory):
         for t in range(16)
         for i in range(10)
     ]
-    errors = []
-    start = threading.Barrier(16)
 
-    def consumer(t):
-        own = pg_factory()
+    def consumer(t, own):
         mine = records[t * 10 : t * 10 + 10]
         theirs = records[((t + 1) % 16) * 10 : ((t + 1) % 16) * 10 + 10]
-        try:
-            start.wait()
-            ledger.book_usage_batch(own, RULES, mine + theirs[:5])
-            ledger.book_usage_batch(own, RULES, theirs[5:] + mine[:3])
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-        finally:
-            own.close()
+        ledger.book_usage_batch(own, RULES, mine + theirs[:5])
+        ledger.book_usage_batch(own, RULES, theirs[5:] + mine[:3])
 
-    _run([threading.Thread(target=consumer, args=(t,)) for t in range(16)])
+    errors = _race(pg_factory, 16, consumer)
     assert errors == []
     session = pg_factory()
     rows = session.scalars(select(Redemption)).all()
