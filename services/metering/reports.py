@@ -12,9 +12,8 @@ from sqlalchemy.orm import Session
 
 from services.common.errors import InvalidRequest, NotFound
 from services.common.units import format_ts, utcnow
-from services.metering import ingest
+from services.metering import dead_letters, ingest
 from services.metering.domain import rollups
-from services.metering.ingest import as_utc
 from services.metering.models import (
     CapacityReport,
     DeadLetter,
@@ -23,6 +22,7 @@ from services.metering.models import (
     UsageTotal,
 )
 from services.metering.registry import CachedRegistry
+from services.metering.store import as_utc
 
 FIGURE_WINDOWS = {"24h": 24, "7d": 24 * 7}
 
@@ -250,7 +250,7 @@ def replay_dead_letter(
     letter = session.get(DeadLetter, dead_letter_id)
     if letter is None:
         raise NotFound("dead_letter_not_found", f"no dead letter {dead_letter_id}")
-    message = ingest.replayable(letter)
+    message = dead_letters.replayable(letter)
     session.rollback()
     outcome = ingest.process_batch(session, registry, [message], store_refused=False)
     letter = session.get(DeadLetter, dead_letter_id)

@@ -1,6 +1,7 @@
 """metering's nameko entrypoints: the batch usage consumer and its RPC.
 
-The rules are in ``domain``, the storing in ``ingest``, the reads in
+The rules are in ``domain``, a batch's checks and storing in ``ingest`` (its
+SQL in ``store``, ``capacity`` and ``dead_letters``), the reads in
 ``reports``, the batch consumer's policy in ``batching`` (the consumer and the
 confirmed publisher are ``services.common.batching``'s).
 Deliveries are handled in batches: one transaction stores a batch's records,
@@ -22,7 +23,7 @@ from services.common.amqp import FEDERATION_EXCHANGE, USAGE_EXCHANGE, durable_qu
 from services.common.db import Database
 from services.common.errors import EXPECTED, Unavailable
 from services.common.publishing import ConfirmedPublisher
-from services.metering import ingest, reports
+from services.metering import dead_letters, ingest, reports
 from services.metering.batching import consume_batch
 from services.metering.registry import RegistryCache
 
@@ -72,7 +73,7 @@ class MeteringService:
         except Exception as exc:
             log.exception("could not process %s", message.routing_key)
             try:
-                exhausted = ingest.record_failure(
+                exhausted = dead_letters.record_failure(
                     self.db, message, exc, self.max_attempts
                 )
             except Exception:
@@ -94,7 +95,7 @@ class MeteringService:
             return False
         if message.redelivered:
             try:
-                ingest.forget_failures(self.db, message)
+                dead_letters.forget_failures(self.db, message)
             except Exception:  # noqa: BLE001 - only a counter left behind
                 log.warning("could not clear the failures of a message", exc_info=True)
         return True

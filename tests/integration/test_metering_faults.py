@@ -29,7 +29,7 @@ from services.common.contracts import canonical_json
 from services.common.db import make_engine
 from services.common.migrations import upgrade
 from services.common.units import format_ts, utcnow
-from services.metering import ingest
+from services.metering import ingest, store
 from services.metering.registry import CachedRegistry, RegistryCacheState
 from services.metering.service import USAGE_QUEUE, MeteringService
 from tests.support import bus
@@ -308,7 +308,7 @@ def _in_order_rollups(records: list[dict], sqlite_url: str) -> dict:
         for record in records:
             outcome = ingest.process_batch(session, registry, [raw_message(record)])
             assert not outcome.refused, outcome.refused
-        rows = session.execute(ingest._ROLLUPS.select()).mappings().all()
+        rows = session.execute(store._ROLLUPS.select()).mappings().all()
     engine.dispose()
     return {
         (

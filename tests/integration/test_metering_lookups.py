@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from services.common.db import make_engine
 from services.common.migrations import upgrade
-from services.metering import ingest
+from services.metering import store
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +98,7 @@ def filled(request, sqlite_url, pg_url_factory):
 def test_corrections_are_found_by_index_seeks(filled):
     # r-100 and r-200 (both of dc-0) correct r-99 and r-199; dc-1 has none
     keys = [("dc-0", "r-99"), ("dc-0", "r-199"), ("dc-1", "r-99"), ("dc-0", "r-1")]
-    pairs, plans = _plans(filled, lambda s: ingest._corrections_of(s, keys))
+    pairs, plans = _plans(filled, lambda s: store._corrections_of(s, keys))
     assert sorted(pairs) == [
         (("dc-0", "r-100"), ("dc-0", "r-99")),
         (("dc-0", "r-200"), ("dc-0", "r-199")),
@@ -108,7 +108,7 @@ def test_corrections_are_found_by_index_seeks(filled):
 
 def test_stored_records_are_found_by_index_seeks(filled):
     keys = [("dc-1", "r-1"), ("dc-0", "r-2"), ("dc-0", "r-3"), ("dc-1", "nowhere")]
-    rows, plans = _plans(filled, lambda s: ingest._stored_rows(s, keys))
+    rows, plans = _plans(filled, lambda s: store.stored_rows(s, keys))
     assert sorted(rows) == [("dc-0", "r-2"), ("dc-1", "r-1")]
     assert rows[("dc-0", "r-2")]["record_id"] == "r-2"
     assert not any(map(_scans_the_table, plans)), plans

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from services.common.contracts import canonical_json
 from services.common.errors import InvalidRequest
 from services.common.units import format_ts, utcnow
-from services.metering import ingest, reports
+from services.metering import dead_letters, ingest, reports, store
 from services.metering.domain import rollups
 from services.metering.domain.validation import Reason, Refused
 from services.metering.models import (
@@ -58,7 +58,7 @@ def process(session, registry, message):
     try:
         return ingest.process(session, registry, message)
     except Refused as refused:
-        ingest.store_dead_letter(session, message, refused)
+        dead_letters.store_dead_letter(session, message, refused)
         return refused.reason
 
 
@@ -192,17 +192,17 @@ def test_a_message_failing_alone_is_counted_then_a_processing_error(session):
     other = raw_message(usage())
     error = RuntimeError("boom at the database")
     for _ in range(2):
-        assert not ingest.record_failure(session, message, error, 3)
-    assert not ingest.record_failure(session, other, error, 3)
+        assert not dead_letters.record_failure(session, message, error, 3)
+    assert not dead_letters.record_failure(session, other, error, 3)
     assert session.scalar(select(DeadLetter)) is None
-    assert ingest.record_failure(session, message, error, 3)  # the third time
+    assert dead_letters.record_failure(session, message, error, 3)  # the third time
     letter = session.scalar(select(DeadLetter))
     assert letter.reason == Reason.PROCESSING_ERROR == "processing_error"
     assert "RuntimeError: boom at the database" in letter.detail
     assert letter.body == message.body.decode()
     # Its count is gone (a later copy starts afresh); the other's stays.
     assert [a.attempts for a in session.scalars(select(DeliveryAttempt))] == [1]
-    ingest.forget_failures(session, other)
+    dead_letters.forget_failures(session, other)
     assert session.scalar(select(func.count()).select_from(DeliveryAttempt)) == 0
     [listed] = reports.list_dead_letters(session, reason="processing_error")
     assert listed["reason"] == "processing_error"
@@ -216,7 +216,7 @@ def test_a_failing_batch_leaves_nothing_and_the_connection_usable(
     def broken(*args, **kwargs):
         raise RuntimeError("rollups down")
 
-    monkeypatch.setattr(ingest, "_update_rollups", broken)
+    monkeypatch.setattr(store, "update_rollups", broken)
     with pytest.raises(RuntimeError):
         ingest.process_batch(session, registry, [good])
     assert session.scalar(select(func.count()).select_from(UsageRecord)) == 0
