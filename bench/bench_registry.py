@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 from benchlib import throwaway_vhost  # noqa: E402
 
 from services.common.migrations import upgrade  # noqa: E402
+from services.metering.models import UsageRollup  # noqa: E402
 from tests.support.polling import eventually  # noqa: E402
 
 ADMIN_PG = os.environ.get(
@@ -204,22 +205,9 @@ def seed_metering(url: str, codes: list[str], now: datetime) -> int:
                         gpu_seconds * 5 // 10,
                     )
 
-        _copy(
-            conn,
-            "usage_rollups_hourly",
-            [
-                "datacenter_id",
-                "city",
-                "tenant_id",
-                "voucher_code",
-                "gpu_model",
-                "hour",
-                "records",
-                "gpu_seconds",
-                "cost_fen",
-            ],
-            rollups(),
-        )
+        # every column but the id, in the model's order (as rollups() yields)
+        columns = [c.name for c in UsageRollup.__table__.c if c.name != "id"]
+        _copy(conn, UsageRollup.__tablename__, columns, rollups())
         # the all-time totals metering keeps beside the rollups
         conn.execute(
             "INSERT INTO usage_totals (datacenter_id, stripe, records,"
