@@ -18,6 +18,7 @@ import threading
 from werkzeug.serving import make_server
 
 from services.common.config import (
+    AGENT_TOKEN,
     AMQP_URI,
     CAPACITY_INTERVAL_S,
     DATABASE_URL,
@@ -84,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
             if not cfg.get(key):
                 raise ConfigError(f"{args.config}: {key} must be set")
         keys = signing_keys(cfg)
+        host = cfg.get(HTTP_HOST) or "127.0.0.1"
+        if not cfg.get(AGENT_TOKEN) and not domain.listens_on_loopback(host):
+            raise ConfigError(
+                f"{args.config}: AGENT_TOKEN must be set when the gateway listens on "
+                f"{host} (only a loopback HTTP_HOST may go without one)"
+            )
     except ConfigError as exc:
         print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
         return 2
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             models,
             interval_s=float(cfg.get(TAIL_INTERVAL_S) or 10),
         )
-    host, port = cfg.get(HTTP_HOST) or "127.0.0.1", int(cfg.get(HTTP_PORT) or 8101)
+    port = int(cfg.get(HTTP_PORT) or 8101)
     server = make_server(host, port, app, threaded=True)
 
     stopping = threading.Event()

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -220,3 +221,16 @@ class Backoff:
 
     def reset(self) -> None:
         self._next = self.initial
+
+
+def listens_on_loopback(host: str) -> bool:
+    """Whether an HTTP server bound to ``host`` is reachable from this machine
+    only (127.0.0.0/8, ::1, ``localhost``). A gateway that listens anywhere
+    else must have an agent token (DESIGN.md §8): without one, anyone who can
+    reach the port could claim usage in the data centre's name."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False

@@ -105,3 +105,24 @@ def test_the_database_has_room_for_a_dozen_meterings_advisory_locks():
 
     per_copy = 2 * default("BATCH_SIZE") * default("CONSUMERS")
     assert lock_table >= 12 * per_copy
+
+
+def test_no_secret_has_a_placeholder_default():
+    """A missing key or token stops compose (``${VAR:?…}``); a default such as
+    ``unset`` would start a member with a secret everyone knows."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    for name in re.findall(r"\$\{([A-Z_]*(?:SECRET|TOKEN|KEY_ID)[A-Z_]*)[:?}-]", text):
+        assert re.search(rf"\$\{{{name}:\?[^}}]+\}}", text), name
+    assert "-unset}" not in text
+
+
+def test_gateways_open_to_the_network_have_an_agent_token():
+    for name, spec in APP_SERVICES.items():
+        if name.startswith("datacenter_gateway_"):
+            env = spec["environment"]
+            assert env["HTTP_HOST"] == "0.0.0.0"  # reached from the agents' hosts
+            assert re.fullmatch(r"\$\{[A-Z_]+_AGENT_TOKEN:\?.+\}", env["AGENT_TOKEN"])
+
+
+def test_the_broker_publishes_no_port():
+    assert "ports" not in SERVICES["rabbitmq"]
