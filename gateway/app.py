@@ -31,6 +31,7 @@ from gateway.dashboard import dashboard
 from gateway.errors import error_response, register_error_handlers
 from gateway.federation_api import federation
 from services.common import config as cfg
+from services.common.http_limits import limit_body_size
 from services.common.rpc import RpcPool
 from services.common.telemetry import make_exporter, setup_tracing
 
@@ -40,6 +41,15 @@ LOG_LEVEL = "LOG_LEVEL"
 # Signs the dashboard's session cookie. Without it a random key per process
 # is used: fine for one worker, but then a restart signs everyone out.
 SECRET_KEY = "SECRET_KEY"
+# True when the portal is served over HTTPS (PORTAL_HTTPS): the browser then
+# sends the session cookie over HTTPS only. False by default, as ``make run``
+# serves plain HTTP on localhost and a Secure cookie would never come back.
+SESSION_COOKIE_SECURE = "SESSION_COOKIE_SECURE"
+# The portal's bodies are small JSON documents and a sign-in form (the largest,
+# a data centre's registration with its inventory, is a few kilobytes):
+# 1 MiB is hundreds of times that, and bounds what one request may make the
+# portal read.
+DEFAULT_MAX_CONTENT_LENGTH = 1024 * 1024
 HEALTH_TIMEOUT_S = 2.0
 
 log = logging.getLogger(__name__)
@@ -89,6 +99,15 @@ def _instrument(app: Flask, settings: dict[str, Any] | None, provider) -> None:
     app.wsgi_app = OpenTelemetryMiddleware(app.wsgi_app, tracer_provider=provider)
 
 
+def _flag(config: dict[str, Any], key: str) -> bool:
+    """A true/false setting: a typo such as ``PORTAL_HTTPS=ture`` is an error,
+    not a truthy string that would pass for yes."""
+    value = config.get(key, False)
+    if not isinstance(value, bool):
+        raise cfg.ConfigError(f"{key} must be true or false, not {value!r}")
+    return value
+
+
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     if config is None:
         config = cfg.load_config(DEFAULT_CONFIG)
@@ -98,6 +117,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         SECRET_KEY=config.get(SECRET_KEY) or os.urandom(32).hex(),
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=_flag(config, SESSION_COOKIE_SECURE),
+    )
+    limit_body_size(
+        app,
+        int(config.get(cfg.MAX_CONTENT_LENGTH) or DEFAULT_MAX_CONTENT_LENGTH),
     )
     app.config[cfg.AMQP_URI] = config.get(cfg.AMQP_URI)
     level = str(config.get(LOG_LEVEL, "INFO")).upper()

@@ -11,6 +11,7 @@ page reloads itself every ``REFRESH_S`` seconds.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from flask import (
     Blueprint,
@@ -263,15 +264,34 @@ def login():
         if token and authenticate_token(token) is not None:
             session.clear()
             session[SESSION_TOKEN] = token
-            target = request.form.get("next") or ""
-            # Only a path on this site: never an open redirect.
-            if not target.startswith("/") or target.startswith("//"):
-                target = url_for("dashboard.national")
-            return redirect(target)
+            return redirect(_same_site(request.form.get("next") or ""))
         error = "that token is not valid"
     return render_template(
         "login.html", error=error, next=request.args.get("next", "")
     ), (401 if error else 200)
+
+
+def _same_site(target: str) -> str:
+    """``target`` if it is a path on this site, else the dashboard's home: the
+    sign-in page must never be an open redirect.
+
+    Browsers read ``\\`` as ``/`` (``/\\evil.example`` is ``//evil.example``,
+    another host) and drop tabs and newlines inside a URL, so a backslash or a
+    control character is refused rather than cleaned up; the percent-decoded
+    text is held to the same rules, for whatever decodes it once more on the
+    way (a proxy, a double-encoded link)."""
+    for text in (target, unquote(target)):
+        parts = urlsplit(text)
+        if (
+            not text.startswith("/")
+            or text.startswith("//")
+            or "\\" in text
+            or any(ord(char) < 0x20 or ord(char) == 0x7F for char in text)
+            or parts.scheme
+            or parts.netloc
+        ):
+            return url_for("dashboard.national")
+    return target
 
 
 @dashboard.post("/logout")

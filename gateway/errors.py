@@ -16,7 +16,7 @@ from typing import Any
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from services.common.http_errors import classify, error_body
+from services.common.http_errors import classify, error_body, row_of
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ def _http_code(exc: HTTPException) -> str:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def handle_http(exc: HTTPException):
+        if row_of(exc) is not None:  # 413: named by the table, as the agent API
+            return error_response(*classify(exc))
         # Flask's own 404/405/415 …, in the same shape as ours.
         return error_response(exc.code or 500, _http_code(exc), exc.description or "")
 

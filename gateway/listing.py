@@ -3,7 +3,9 @@
 A collection answers ``{"items", "total", "limit", "offset"}``; the same rows
 come as CSV with ``?format=csv`` or ``Accept: text/csv`` (an analyst's
 spreadsheet). Columns are the response schema's fields in declared order;
-nested values are written as JSON in their cell.
+nested values are written as JSON in their cell. A text cell that a
+spreadsheet would run as a formula is written with a leading ``'`` (OWASP
+"CSV injection"): names, tenants and reasons come from other parties.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from flask import Response, jsonify, request
 from marshmallow import Schema
 
 CSV = "text/csv"
+# What makes a spreadsheet read a cell as a formula (=HYPERLINK(...), +, -,
+# @SUM(...)), tab and carriage return included: some spreadsheets skip them
+# and read the character after. OWASP's answer, a leading single quote, makes
+# the cell text and shows the value as it was sent.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def wants_csv(query: dict[str, Any] | None = None) -> bool:
@@ -33,6 +40,10 @@ def _cell(value: Any) -> Any:
         return json.dumps(value, sort_keys=True, separators=(",", ":"))
     if value is None:
         return ""
+    # Only text: schemas dump money, GPU-seconds and drift as int and float,
+    # and a number such as -500 is written as a number, never quoted.
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
     return value
 
 

@@ -60,9 +60,19 @@ def _errors(*statuses: int) -> dict[str, Any]:
         403: "the caller's role may not do this",
         404: "not found",
         409: "conflict (e.g. budget_exhausted)",
+        413: "body_too_large: the body is over MAX_CONTENT_LENGTH (1 MiB by default)",
         503: "a service behind the portal is unavailable",
     }
     return {str(s): _json("Error", text[s]) for s in (*statuses, 503)}
+
+
+def _with_body_limit(operations: dict[str, Any]) -> dict[str, Any]:
+    """Every operation that takes a body may answer 413 (gateway/app.py's
+    MAX_CONTENT_LENGTH): said once here rather than in each path."""
+    for operation in operations.values():
+        if "requestBody" in operation:
+            operation["responses"].setdefault("413", _errors(413)["413"])
+    return operations
 
 
 def _path_param(name: str, description: str) -> dict[str, Any]:
@@ -346,5 +356,5 @@ def build_spec() -> APISpec:
         spec.components.schema(name, schema=schema)
     for path, operations in _PATHS.items():
         # apispec resolves schemas in place: keep the table above pristine.
-        spec.path(path=path, operations=copy.deepcopy(operations))
+        spec.path(path=path, operations=_with_body_limit(copy.deepcopy(operations)))
     return spec

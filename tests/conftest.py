@@ -1,3 +1,10 @@
-"""The root of the tests: the shared fixtures are a plugin, tests/support/plugin.py."""
+"""The root of the tests: the shared fixtures are plugins in tests/support/:
+``plugin.py`` (the bus, the databases, metering), ``portal_app.py`` (the portal
+over a fake RPC client) and ``agent_api.py`` (a data centre's agent API over
+a SQLite outbox)."""
 
-pytest_plugins = ["tests.support.plugin"]
+pytest_plugins = [
+    "tests.support.plugin",
+    "tests.support.portal_app",
+    "tests.support.agent_api",
+]

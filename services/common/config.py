@@ -40,6 +40,8 @@ AMQP_URI = "AMQP_URI"
 DATABASE_URL = "DATABASE_URL"
 TRACING = "TRACING"  # {"exporter": "none" | "console" | "otlp", "endpoint": ...}
 SERVICE_NAME = "SERVICE_NAME"
+# The two HTTP APIs (portal, data-centre gateway): largest request body, bytes.
+MAX_CONTENT_LENGTH = "MAX_CONTENT_LENGTH"
 
 # vouchers
 CITY_CODE = "CITY_CODE"

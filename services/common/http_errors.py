@@ -5,9 +5,11 @@ API (``services/datacenter_gateway/app.py``), answer an error as ``{"error":
 CODE, "message": text, "details": {...}}`` (CONTRACTS.md §6, §7) with the
 status this table gives. Services raise the classes of
 ``services.common.errors``, which keep their own ``code``; everything else
-is mapped by the first row whose class the exception is an instance of.
-Anything not in the table is a 500 ``internal_error`` whose text stays in
-the log, never in the response. Pure: the apps turn this into responses.
+is mapped by the first row whose class the exception is an instance of
+(Werkzeug's HTTP exceptions too where a row names one, such as 413; the
+others keep their own status and name). Anything not in the table is a 500
+``internal_error`` whose text stays in the log, never in the response. Pure:
+the apps turn this into responses.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import amqp.exceptions
 import kombu.exceptions
 from marshmallow import ValidationError
 from nameko.exceptions import RpcTimeout, UnknownService
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from services.common import errors
 
 SERVICE_UNAVAILABLE = "service_unavailable"
 INTERNAL_ERROR = "internal_error"
+BODY_TOO_LARGE = "body_too_large"
 
 # (exception class, HTTP status, error code). A code of None means "the
 # exception's own ``code``" (services choose codes such as voucher_not_found).
@@ -35,6 +39,9 @@ ERROR_TABLE: tuple[tuple[type[BaseException], int, str | None], ...] = (
     (errors.Conflict, 409, None),
     (errors.Unavailable, 503, None),
     (ValidationError, 400, "invalid_request"),
+    # Werkzeug's, raised by services/common/http_limits.py or as a body is
+    # read: a row here so that both apps name it alike.
+    (RequestEntityTooLarge, 413, BODY_TOO_LARGE),
     # The bus or the called service is not there: the portal is up, the
     # network behind it is not, so 503 and the client may retry.
     (RpcTimeout, 503, SERVICE_UNAVAILABLE),
@@ -49,6 +56,7 @@ _MESSAGES = {
     SERVICE_UNAVAILABLE: "a service behind the portal is unavailable; retry later",
     INTERNAL_ERROR: "internal error",
     "invalid_request": "the request is invalid",
+    BODY_TOO_LARGE: "the request body is larger than this API accepts",
 }
 
 

@@ -23,6 +23,7 @@ from services.common.config import (
     GPU_MODEL_NAMES,
     KEY_ID,
     MAX_BACKLOG,
+    MAX_CONTENT_LENGTH,
     NEXT_KEY_ID,
     NVIDIA_TENANTS,
     SAMPLE_INTERVAL_S,
@@ -38,7 +39,8 @@ from services.common.errors import (
     Unauthorized,
     Unavailable,
 )
-from services.common.http_errors import status_of
+from services.common.http_errors import classify, error_body, row_of, status_of
+from services.common.http_limits import limit_body_size
 from services.common.units import format_ts, utcnow
 from services.datacenter_gateway import domain, parsers
 from services.datacenter_gateway.outbox import Conflict as OutboxConflict
@@ -47,6 +49,11 @@ from services.datacenter_gateway.relay import RelayStatus
 
 RETRY_AFTER_S = 5
 DEFAULT_MAX_BACKLOG = 1_000_000
+# The largest legitimate body is a batch of domain.MAX_BATCH (10 000) records:
+# about 9.3 MiB with every field at its longest (a 128-character job_id), less
+# than 3 MiB as agents send them. 32 MiB leaves room for indented JSON and for
+# sacct output whose job steps and unfinished jobs are lines but not records.
+DEFAULT_MAX_CONTENT_LENGTH = 32 * 1024 * 1024
 
 
 def create_app(
@@ -73,6 +80,10 @@ def create_app(
     gpu_models = [item.gpu_model for item in inventory]
     app.extensions["computenet.outbox"] = outbox
     app.extensions["computenet.relay_status"] = status
+    # First of the hooks: an oversized body is refused before authentication.
+    limit_body_size(
+        app, int(settings.get(MAX_CONTENT_LENGTH) or DEFAULT_MAX_CONTENT_LENGTH)
+    )
 
     @app.before_request
     def authenticate():
@@ -276,6 +287,11 @@ def create_app(
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
+        if row_of(exc) is not None:  # 413: named by the table, as the portal
+            status_code, code, message, details = classify(exc)
+            response = jsonify(error_body(code, message, details))
+            response.status_code = status_code
+            return response
         response = jsonify(
             error=(exc.name or "error").lower().replace(" ", "_"),
             message=exc.description or "",

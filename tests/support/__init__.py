@@ -1,8 +1,11 @@
-"""What the three rings of tests share, written once (STYLE.md principle 8).
+"""What the rings of tests share, written once (STYLE.md principle 8).
 
 - :mod:`tests.support.plugin`: the pytest plugin (registered by
   ``tests/conftest.py``): eventlet patching, PostgreSQL and SQLite databases,
   the metering service with its stand-in registry, a city's event queue;
+- :mod:`tests.support.portal_app` and :mod:`tests.support.agent_api`, plugins
+  too: the portal over a fake RPC client, a data centre's agent API over a
+  SQLite outbox (the unit tests of both and the security ring);
 - :mod:`tests.support.polling`: ``eventually``, the one poll-until-true;
 - :mod:`tests.support.bus`: what the tests read from RabbitMQ (queue depths,
   acknowledged counts, draining a test queue);

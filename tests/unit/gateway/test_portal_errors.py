@@ -11,6 +11,7 @@ import kombu.exceptions
 import pytest
 from marshmallow import ValidationError
 from nameko.exceptions import RemoteError, RpcTimeout, UnknownService
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from services.common import http_errors
 from services.common.errors import (
@@ -33,6 +34,7 @@ CASES = [
     (Unavailable(), 503, "unavailable", {}),
     (ValidationError({"limit": ["Not a valid integer."]}), 400,
      "invalid_request", {"limit": ["Not a valid integer."]}),
+    (RequestEntityTooLarge(), 413, "body_too_large", {}),
     (RpcTimeout(), 503, "service_unavailable", {}),
     (UnknownService("vouchers_atlantis"), 503, "service_unavailable", {}),
     (ConnectionRefusedError(111, "refused"), 503, "service_unavailable", {}),
