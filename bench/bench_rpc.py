@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import throwaway_vhost  # noqa: E402
 
 from services.common.rpc import Client, TransientPublisher  # noqa: E402
+from services.common.rpc_access import caller_options  # noqa: E402
 
 
 class Echo:
@@ -78,7 +79,13 @@ def main() -> int:
         container.start()
         try:
             for name, publisher, client in (
-                ("baseline", Publisher, ClusterRpcClient(uri=amqp_uri, timeout=10)),
+                (
+                    "baseline",
+                    Publisher,
+                    ClusterRpcClient(
+                        uri=amqp_uri, timeout=10, **caller_options(amqp_uri)
+                    ),
+                ),
                 ("computenet", TransientPublisher, Client(amqp_uri, timeout=10)),
             ):
                 nameko.rpc.Responder.publisher_cls = publisher

@@ -41,6 +41,7 @@ from benchlib import amqp_uri_of, delete_vhost, make_vhost  # noqa: E402
 
 from services.common.amqp import FEDERATION_EXCHANGE, federation_key  # noqa: E402
 from services.common.db import make_engine  # noqa: E402
+from services.common.rpc_access import caller_options  # noqa: E402
 from services.vouchers.batching import UsageRatedConsumer  # noqa: E402
 from services.vouchers.ledger import check_ledger  # noqa: E402
 from tests.support.polling import eventually  # noqa: E402
@@ -155,7 +156,7 @@ def main() -> int:
                 channel.queue_purge(f"vouchers_{CITY}.usage_rated")
             except Exception:  # noqa: BLE001 - not declared yet
                 pass
-        with ClusterRpcClient(uri=AMQP, timeout=30) as rpc:
+        with ClusterRpcClient(uri=AMQP, timeout=30, **caller_options(AMQP)) as rpc:
             city = getattr(rpc, f"vouchers_{CITY}")
             eventually(
                 lambda: city.program_states() is not None,
@@ -168,7 +169,7 @@ def main() -> int:
 
         # -- issues/s: concurrent RPC callers
         def issue_batch(ns):
-            with ClusterRpcClient(uri=AMQP, timeout=30) as rpc:
+            with ClusterRpcClient(uri=AMQP, timeout=30, **caller_options(AMQP)) as rpc:
                 service = getattr(rpc, f"vouchers_{CITY}")
                 for n in ns:
                     assert service.apply(application(n))["voucher"]

@@ -3,17 +3,27 @@
 The registry hands each admitted city and registered data centre its own AMQP
 user. What that user may touch is decided here, in one place, as regular
 expressions (``configure``/``write``/``read`` on resources) plus topic
-permissions (routing keys on a topic exchange):
+permissions (routing keys on a topic exchange); docs/security.md prints them
+(generated, and tested to match):
 
 - a city (``city.<code>``) runs ``vouchers_<code>``: it declares and consumes
   its RPC queue ``rpc-vouchers_<code>`` and its queue
-  ``vouchers_<code>.usage_rated``, replies on ``nameko-rpc``, and publishes its
-  facts on ``computenet.federation`` — only with routing keys ``<code>.*``,
-  and binds there only ``<code>.*`` (so it cannot read another city's
-  ``usage_rated``). On ``nameko-rpc`` it may bind only ``vouchers_<code>.*``
-  (so it cannot take another service's calls); its replies go to any key.
+  ``vouchers_<code>.usage_rated``, and publishes its facts on
+  ``computenet.federation`` — only with routing keys ``<code>.*``, and binds
+  there only ``<code>.*`` (so it cannot read another city's ``usage_rated``).
+  On ``nameko-rpc`` it binds only ``vouchers_<code>.*`` (so it cannot take
+  another service's calls) and publishes only replies, whose routing key is
+  the caller's reply-queue id (a UUID): it cannot send a request to any
+  service (``city_registry.issue_token`` is refused by the broker, and by
+  the registry's own check of the caller, services/common/rpc_access.py).
 - a data centre (``dc.<id>``) publishes on ``computenet.usage`` only, and
   only ``<id>.*``; it declares no queue and reads nothing.
+
+No member may configure a shared exchange (declare, redeclare or delete it):
+the national side declares them (``services/common/amqp.py``,
+``SharedTopology``) and members only check that they exist (a passive
+declare, which needs no permission). Configure covers a member's own queues
+and nothing else.
 
 Removing a city or data centre deletes its user: RabbitMQ closes its
 connections and refuses new ones, so it can no longer publish.
@@ -55,6 +65,12 @@ class Permissions:
     topics: dict[str, tuple[str, str]]
 
 
+# The routing key of an RPC reply: the caller's reply-queue id, a UUID (nameko's
+# ReplyListener and standalone client both bind their queue by it).
+REPLY_KEY = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+NOTHING = "^$"
+
+
 def _alternatives(*names: str) -> str:
     return "^(" + "|".join(names) + ")$"
 
@@ -76,13 +92,13 @@ def city_permissions(code: str) -> Permissions:
     exchanges = (re.escape(FEDERATION), re.escape(NAMEKO_RPC))
     own_key = "^" + re.escape(f"{code}.")
     return Permissions(
+        configure=_alternatives(*own_queues),
         # Declaring a dead-lettered queue needs write on the dead-letter exchange.
-        configure=_alternatives(*exchanges, *own_queues),
         write=_alternatives(*exchanges, re.escape(DEAD), *own_queues),
         read=_alternatives(*exchanges, *own_queues),
         topics={
             FEDERATION: (own_key, own_key),
-            NAMEKO_RPC: (".*", "^" + re.escape(f"vouchers_{code}.")),
+            NAMEKO_RPC: (REPLY_KEY, "^" + re.escape(f"vouchers_{code}.")),
         },
     )
 
@@ -90,10 +106,10 @@ def city_permissions(code: str) -> Permissions:
 def datacenter_permissions(datacenter_id: str) -> Permissions:
     own_key = "^" + re.escape(f"{datacenter_id}.")
     return Permissions(
-        configure=_alternatives(re.escape(USAGE)),
+        configure=NOTHING,
         write=_alternatives(re.escape(USAGE)),
-        read="^$",
-        topics={USAGE: (own_key, "^$")},
+        read=NOTHING,
+        topics={USAGE: (own_key, NOTHING)},
     )
 
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import eventlet
 from nameko import config
-from nameko.rpc import ClusterRpc, ServiceRpc, rpc
 
 import services.common.remote_errors  # noqa: F401 - errors cross RPC as themselves
 from services.city_registry.broker import (
@@ -38,12 +37,14 @@ from services.common import vouchercode
 from services.common.amqp import (
     FEDERATION_EXCHANGE,
     RawMessage,
+    SharedTopology,
     consume_raw,
     durable_queue,
 )
 from services.common.config import STALE_AFTER_S
 from services.common.errors import EXPECTED, Conflict, InvalidRequest, NotFound
 from services.common.rpc import TRANSIENT
+from services.common.rpc_access import ClusterRpc, ServiceRpc, rpc
 from services.common.signing import new_key_id, new_secret
 from services.common.units import utcnow
 
@@ -80,6 +81,7 @@ def _stale_after_s() -> float:
 class CityRegistryService:
     name = "city_registry"
 
+    topology = SharedTopology()
     store = RegistryDatabase()
     metering_rpc = ServiceRpc("metering", **TRANSIENT)
     cluster_rpc = ClusterRpc(**TRANSIENT)
@@ -255,6 +257,40 @@ class CityRegistryService:
             "amqp": {"username": username, "password": password},
             "token": self.issue_token(f"datacenter:{dc.id}"),
         }
+
+    @rpc(expected_exceptions=EXPECTED)
+    def grant_member_credentials(self, kind: str, member_id: str) -> dict[str, str]:
+        """A new password for a member's broker user, with exactly its
+        permissions: rotation of a leaked password, and how the launcher
+        starts the preset cities and data centres as themselves. The old
+        password stops working at once (RabbitMQ closes nothing open)."""
+        if kind == "city":
+            city = self.store.city(member_id) if isinstance(member_id, str) else None
+            if city is None:
+                raise NotFound(
+                    "city_not_found", f"no city {member_id!r}", {"city": member_id}
+                )
+            removed = city.removed_at is not None
+            username, permissions = (
+                city_username(city.code),
+                city_permissions(city.code),
+            )
+        elif kind == "datacenter":
+            dc = self._datacenter(member_id)
+            removed = dc.removed
+            username = datacenter_username(dc.id)
+            permissions = datacenter_permissions(dc.id)
+        else:
+            raise InvalidRequest(
+                "invalid_member_kind",
+                "kind must be city or datacenter",
+                {"kind": [kind]},
+            )
+        if removed:
+            raise Conflict(f"{kind}_removed", f"{member_id} was removed")
+        password = secrets.token_urlsafe(24)
+        self.broker.grant(username, password, permissions)
+        return {"username": username, "password": password}
 
     @rpc(expected_exceptions=EXPECTED)
     def list_datacenter_keys(self, datacenter_id: str) -> list[dict[str, Any]]:

@@ -8,9 +8,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kombu import Exchange, Queue, binding
+import nameko.rpc
+from kombu import Connection, Exchange, Queue, binding
+from nameko import config
 from nameko.amqp.consume import Consumer as ConsumerCore
+from nameko.extensions import DependencyProvider
 from nameko.messaging import Consumer
+
+from services.common.config import AMQP_URI
+from services.common.principals import (
+    NATIONAL,
+    national_users,
+    principal_of,
+    username_of,
+)
 
 USAGE_EXCHANGE = Exchange("computenet.usage", type="topic", durable=True)
 FEDERATION_EXCHANGE = Exchange("computenet.federation", type="topic", durable=True)
@@ -54,6 +65,56 @@ def durable_queue(name: str, exchange: Exchange, routing_keys: list[str]) -> Que
         durable=True,
         queue_arguments={**_DEAD_LETTERED, **LAZY},
     )
+
+
+def shared_exchanges() -> list[Exchange]:
+    """The exchanges every member uses and only the national side declares."""
+    return [
+        USAGE_EXCHANGE,
+        FEDERATION_EXCHANGE,
+        DEAD_EXCHANGE,
+        nameko.rpc.get_rpc_exchange(),
+    ]
+
+
+def is_member(amqp_uri: str, national: object = None) -> bool:
+    """Whether ``amqp_uri`` connects as a member (a city, a data centre …),
+    not as the national side (``NATIONAL_BROKER_USERS``, ``national.*``)."""
+    principal = principal_of(username_of(amqp_uri), national_users(national))
+    return principal is None or principal.kind != NATIONAL
+
+
+def declare_shared_passively() -> None:
+    """In a member's process: the shared exchanges are checked, never declared.
+
+    A member's broker user has no configure permission on them (it could
+    delete them, or redeclare them with another type), so declaring them
+    would be refused; a passive declare only asks that they exist, which the
+    national side made sure of (:class:`SharedTopology`). Called once at
+    process start, before any connection."""
+    for exchange in (USAGE_EXCHANGE, FEDERATION_EXCHANGE, DEAD_EXCHANGE):
+        exchange.passive = True
+    rpc_exchange = nameko.rpc.get_rpc_exchange()
+    rpc_exchange.passive = True
+    # nameko builds its RPC exchange anew at each use, from this function.
+    nameko.rpc.get_rpc_exchange = lambda: rpc_exchange
+
+
+def declare_topology(connection: Connection) -> None:
+    """Declare the shared exchanges and the dead-letter queue (national side)."""
+    channel = connection.default_channel
+    for exchange in shared_exchanges():
+        exchange(channel).declare()
+    dead_letter_queue()(channel).declare()
+
+
+class SharedTopology(DependencyProvider):
+    """The national registry declares the shared topology as it starts, so
+    that members, which may only check it, find it there."""
+
+    def setup(self) -> None:
+        with Connection(config[AMQP_URI]) as connection:
+            declare_topology(connection)
 
 
 def dead_letter_queue() -> Queue:

@@ -22,6 +22,7 @@ from nameko.exceptions import RpcTimeout
 from nameko.standalone.rpc import ClusterRpcClient, ReplyListener
 
 import services.common.remote_errors  # noqa: F401 - errors cross RPC as themselves
+from services.common.principals import username_of
 
 # RPC requests and replies are published transient. nameko makes them
 # persistent, and a confirmed persistent message to a durable queue waits for
@@ -102,7 +103,11 @@ class Client(ClusterRpcClient):
     connection (see TRANSIENT and KeptReplyListener). One thread at a time."""
 
     def __init__(self, amqp_uri: str, timeout: float) -> None:
-        super().__init__(timeout=timeout, uri=amqp_uri, **TRANSIENT)
+        # user_id: the broker validates it, the service authorises by it
+        # (services/common/rpc_access.py).
+        super().__init__(
+            timeout=timeout, uri=amqp_uri, user_id=username_of(amqp_uri), **TRANSIENT
+        )
         plain = self.reply_listener
         self.reply_listener = KeptReplyListener(
             plain.queue, timeout=timeout, uri=plain.amqp_uri, ssl=plain.ssl

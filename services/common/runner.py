@@ -25,8 +25,16 @@ from collections.abc import Callable  # noqa: E402
 import nameko  # noqa: E402
 from nameko.runners import ServiceRunner  # noqa: E402
 
-from services.common.config import DATABASE_URL, TRACING, ConfigError, load_config  # noqa: E402
+from services.common.amqp import declare_shared_passively, is_member  # noqa: E402
+from services.common.config import (  # noqa: E402
+    AMQP_URI,
+    DATABASE_URL,
+    TRACING,
+    ConfigError,
+    load_config,
+)
 from services.common.migrations import SERVICES_DIR, upgrade  # noqa: E402
+from services.common.principals import NATIONAL_BROKER_USERS  # noqa: E402
 from services.common.rpc import transient_replies  # noqa: E402
 from services.common.telemetry import setup_tracing  # noqa: E402
 
@@ -80,6 +88,8 @@ def main(
     setup_tracing(service_cls.name, cfg.get(TRACING), instrument_nameko=True)
 
     transient_replies()
+    if is_member(cfg.get(AMQP_URI) or "", cfg.get(NATIONAL_BROKER_USERS)):
+        declare_shared_passively()
     runner = ServiceRunner()
     runner.add_service(service_cls)
 

@@ -17,6 +17,7 @@ import threading
 
 from werkzeug.serving import make_server
 
+from services.common.amqp import declare_shared_passively, is_member
 from services.common.config import (
     AGENT_TOKEN,
     AMQP_URI,
@@ -43,6 +44,7 @@ from services.common.config import (
 )
 from services.common.db import make_engine
 from services.common.migrations import upgrade
+from services.common.principals import NATIONAL_BROKER_USERS
 from services.common.telemetry import setup_tracing
 from services.common.units import parse_ts
 from services.datacenter_gateway import SERVICE_NAME, domain, parsers
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     datacenter_id = cfg[DATACENTER_ID]
     _configure_logging(cfg.get("LOG_LEVEL", "INFO"), datacenter_id)
 
+    if is_member(cfg[AMQP_URI], cfg.get(NATIONAL_BROKER_USERS)):
+        declare_shared_passively()
     upgrade(SERVICE_NAME, cfg[DATABASE_URL])
     log.info("outbox migrated")
     setup_tracing(SERVICE_NAME, cfg.get(TRACING))

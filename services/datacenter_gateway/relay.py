@@ -284,6 +284,9 @@ class Relay(BackgroundLoop):
                 USAGE_EXCHANGE.type,
                 durable=True,
                 auto_delete=False,
+                # A data centre's user may not declare it, only check it
+                # (services/common/amqp.py, declare_shared_passively).
+                passive=USAGE_EXCHANGE.passive,
             )
             channel.confirm_select()
             channel.events["basic_ack"].add(self._on_ack)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 
 from nameko import config
-from nameko.rpc import ServiceRpc, rpc
 
 import services.common.remote_errors  # noqa: F401 - errors cross RPC as themselves
 from services.common.amqp import FEDERATION_EXCHANGE, USAGE_EXCHANGE, durable_queue
 from services.common.db import Database
 from services.common.errors import EXPECTED, Unavailable
 from services.common.publishing import ConfirmedPublisher
+from services.common.rpc_access import ServiceRpc, rpc
 from services.metering import dead_letters, ingest, reports
 from services.metering.batching import consume_batch
 from services.metering.registry import RegistryCache

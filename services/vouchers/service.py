@@ -13,7 +13,6 @@ from typing import Any
 
 from marshmallow import ValidationError
 from nameko.messaging import Publisher
-from nameko.rpc import rpc
 from nameko.timer import timer
 
 import services.common.remote_errors  # noqa: F401 - errors cross RPC as themselves
@@ -41,6 +40,7 @@ from services.common.contracts import (
 )
 from services.common.errors import EXPECTED, InvalidRequest, NotFound
 from services.common.publishing import OrderedConfirmedPublisher
+from services.common.rpc_access import rpc
 from services.common.units import cny_to_fen, format_ts, utcnow
 from services.vouchers import domain
 from services.vouchers.batching import consume_batch

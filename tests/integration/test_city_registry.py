@@ -23,6 +23,7 @@ from services.common.config import DATABASE_URL, DEPLOY_DIR, STALE_AFTER_S
 from services.common.contracts import make_event
 from services.common.errors import InvalidRequest, NotFound
 from services.common.migrations import upgrade
+from services.common.rpc_access import caller_options
 from services.common.units import utcnow
 from tests.support.bus import wait_acked
 from tests.support.federation_data import program
@@ -69,7 +70,7 @@ def registry(rabbit_config, pg_url_factory, container_factory):
 
 @pytest.fixture
 def registry_rpc(registry):
-    with ServiceRpcClient("city_registry", timeout=10) as client:
+    with ServiceRpcClient("city_registry", timeout=10, **caller_options()) as client:
         yield client
 
 

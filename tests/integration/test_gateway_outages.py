@@ -26,6 +26,7 @@ import requests
 from nameko.standalone.rpc import ServiceRpcClient
 
 from services.common.config import DATABASE_URL, REGISTRY_CACHE_TTL_S
+from services.common.rpc_access import caller_options
 from services.common.units import format_ts, utcnow
 from tests.support.metering_data import DATACENTER_ID, KEY_ID, SECRET
 from tests.support.polling import eventually
@@ -142,7 +143,7 @@ def post_all(gateway: GatewayProcess, records: list[dict], progress: list) -> No
 
 
 def metering_totals() -> dict:
-    with ServiceRpcClient("metering") as client:
+    with ServiceRpcClient("metering", **caller_options()) as client:
         overview = client.usage_overview(window_hours=24)
     return overview["datacenters"].get(DATACENTER_ID, {})
 

@@ -13,6 +13,7 @@ from kombu import Connection, Queue
 from nameko.standalone.rpc import ServiceRpcClient
 
 from services.common.contracts import canonical_json
+from services.common.rpc_access import caller_options
 from services.common.units import parse_ts, rate_cost_fen, utcnow
 from services.metering.domain.encoding import usage_rated_event_id
 from services.metering.service import USAGE_QUEUE
@@ -129,7 +130,7 @@ def test_usage_is_rated_once_announced_once_and_refusals_kept(bus):
     unknown_gpu = usage(gpu_model="B200")
     publish_record(connection, unknown_gpu)
 
-    with ServiceRpcClient("metering") as metering:
+    with ServiceRpcClient("metering", **caller_options()) as metering:
         letters = eventually(
             lambda: (
                 len(metering.list_dead_letters(datacenter_id=DATACENTER_ID)) >= 4

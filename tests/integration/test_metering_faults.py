@@ -28,6 +28,7 @@ from services.common.config import DATABASE_URL, REGISTRY_CACHE_TTL_S
 from services.common.contracts import canonical_json
 from services.common.db import make_engine
 from services.common.migrations import upgrade
+from services.common.rpc_access import caller_options
 from services.common.units import format_ts, utcnow
 from services.metering import ingest, store
 from services.metering.registry import CachedRegistry, RegistryCacheState
@@ -241,7 +242,7 @@ def test_bad_corpus_ends_in_dead_letters_and_moves_no_total(metering, metering_d
         )
 
     assert len(corpus) >= 30
-    with ServiceRpcClient("metering") as rpc:
+    with ServiceRpcClient("metering", **caller_options()) as rpc:
         eventually(
             lambda: len(rpc.list_dead_letters(limit=1000)) >= len(corpus),
             20,
@@ -469,7 +470,7 @@ def test_a_message_that_crashes_even_alone_ends_as_a_processing_error(
             )
 
             def letters():
-                with ServiceRpcClient("metering") as rpc:
+                with ServiceRpcClient("metering", **caller_options()) as rpc:
                     return rpc.list_dead_letters(reason="processing_error")
 
             [letter] = eventually(letters, 30, "the poison message's dead letter")

@@ -21,6 +21,7 @@ from services.common.config import (
 )
 from services.common.db import make_engine
 from services.common.errors import Conflict, InvalidRequest, NotFound
+from services.common.rpc_access import caller_options
 from services.vouchers import ledger
 from services.vouchers.models import Base
 from services.vouchers.service import build
@@ -49,7 +50,7 @@ def city(vouchers_db, federation, container_factory):
         service_cls = build(dict(nameko.config))
     container = container_factory(service_cls, config)
     container.start()
-    with ClusterRpcClient(uri=nameko.config["AMQP_URI"], timeout=10) as rpc:
+    with ClusterRpcClient(timeout=10, **caller_options()) as rpc:
         yield getattr(rpc, f"vouchers_{CITY}")
 
 

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.common.db import make_engine
 from services.common.errors import Conflict
 from services.common.migrations import upgrade
+from services.common.rpc_access import caller_options
 from services.common.units import apply_rate_fen
 from services.vouchers import domain, ledger
 from services.vouchers.models import Program, Redemption, Voucher
@@ -242,7 +243,7 @@ def test_sigkill_mid_stream_then_restart_books_every_record_once(
     )
     process = _start(env)
     try:
-        with ClusterRpcClient(uri=uri, timeout=10) as rpc:
+        with ClusterRpcClient(uri=uri, timeout=10, **caller_options(uri)) as rpc:
             city = rpc.vouchers_shanghai
             eventually(
                 lambda: city.program_states() is not None,

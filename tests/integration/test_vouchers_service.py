@@ -35,6 +35,7 @@ from services.common.config import (
 )
 from services.common.db import make_engine
 from services.common.errors import Conflict, InvalidRequest, NotFound
+from services.common.rpc_access import caller_options
 from services.common.units import utcnow
 from services.vouchers import ledger
 from services.vouchers.models import OutboxEvent, Voucher
@@ -143,7 +144,7 @@ def start_city(start_container):
 
     def start(publisher=None):
         start_container(publisher)
-        client = ClusterRpcClient(uri=nameko.config["AMQP_URI"], timeout=10)
+        client = ClusterRpcClient(timeout=10, **caller_options())
         clients.append(client)
         return getattr(client.start(), f"vouchers_{CITY}")
 
@@ -420,7 +421,7 @@ def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
     connection, simple = federation
     queue = f"vouchers_{CITY}.usage_rated"
     first = start_container()
-    with ClusterRpcClient(uri=nameko.config["AMQP_URI"], timeout=10) as rpc:
+    with ClusterRpcClient(timeout=10, **caller_options()) as rpc:
         city = getattr(rpc, f"vouchers_{CITY}")
         code = city.apply(application())["voucher"]["code"]
     assert eventually(
