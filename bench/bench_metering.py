@@ -122,6 +122,9 @@ def publish(connection, channel, bodies, exchange: str, routing_key: str) -> Non
                 delivery_mode=2,
                 application_headers=headers,
                 message_id=record_id,
+                # validated by the broker, checked by metering (its cost is
+                # in the figures: as a gateway publishes)
+                user_id=connection.userid,
             ),
             exchange,
             routing_key,

@@ -31,6 +31,7 @@ import requests
 
 from deploy.preflight import broker_problem, port_free, postgres_problem
 from deploy.processes import Child
+from services.common.principals import uri_as
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_AMQP_URI = "amqp://guest:guest@localhost:5672/"
@@ -259,10 +260,15 @@ class Network:
         )
         self._rpc_ready("city_registry", "list_cities", registry)
         metering = self._service("metering", "metering")
+        # Each city and data centre runs as its own broker user, with exactly
+        # its permissions (DESIGN.md §8); the national side (registry,
+        # metering, portal, this launcher) as the bootstrap user.
+        brokers = {city: self._member_credentials("city", city) for city in spec.cities}
         cities = {
             city: self._service(
                 f"vouchers_{city}",
                 "vouchers",
+                AMQP_URI=self._member_uri(brokers[city]),
                 CITY_CODE=city,
                 RULES_FILE=str(ROOT / "deploy" / "cities" / f"{city}.yaml"),
             )
@@ -277,6 +283,7 @@ class Network:
         datacenters = {}
         for index, dc in enumerate(spec.datacenters):
             key = self._provision_key(dc)
+            brokers[dc] = self._member_credentials("datacenter", dc)
             port = spec.gateway_base_port + index
             agent_token = (self.previous.get("datacenters", {}).get(dc) or {}).get(
                 "agent_token"
@@ -284,6 +291,7 @@ class Network:
             child = self._service(
                 f"datacenter_gateway_{dc}",
                 "datacenter_gateway",
+                AMQP_URI=self._member_uri(brokers[dc]),
                 DATACENTER_ID=dc,
                 KEY_ID=key["key_id"],
                 KEY_SECRET=key["secret"],
@@ -305,6 +313,7 @@ class Network:
                 "secret": key["secret"],
                 "gateway_url": url,
                 "agent_token": agent_token,
+                "amqp": brokers[dc],
             }
         log("data-centre gateways are up")
 
@@ -337,7 +346,10 @@ class Network:
             "amqp_uri": spec.amqp_uri,
             "national_admin_token": tokens["national_admin"],
             "cities": {
-                city: {"admin_token": tokens[f"city_admin:{city}"]}
+                city: {
+                    "admin_token": tokens[f"city_admin:{city}"],
+                    "amqp": brokers[city],
+                }
                 for city in spec.cities
             },
             "datacenters": datacenters,
@@ -380,6 +392,16 @@ class Network:
             else:
                 tokens[role] = self.rpc.call("city_registry", "issue_token", role)
         return tokens
+
+    def _member_credentials(self, kind: str, member: str) -> dict[str, str]:
+        """A fresh password for the member's own broker user (its permissions
+        set by the registry): ``{"username", "password"}``."""
+        return self.rpc.call("city_registry", "grant_member_credentials", kind, member)
+
+    def _member_uri(self, credentials: dict[str, str]) -> str:
+        return uri_as(
+            self.spec.amqp_uri, credentials["username"], credentials["password"]
+        )
 
     def _provision_key(self, dc: str) -> dict[str, str]:
         old = (self.previous.get("datacenters", {}) or {}).get(dc) or {}

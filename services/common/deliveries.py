@@ -64,8 +64,8 @@ def as_delivery(message) -> Delivery:
 _DELIVER = struct.pack(">HH", *amqp.spec.Basic.Deliver)
 
 # What a usage message carries: content type and encoding, headers, delivery
-# mode, priority, message id (AMQP's property flag bits).
-_SIMPLE_PROPERTIES = 0x8000 | 0x4000 | 0x2000 | 0x1000 | 0x0800 | 0x0080
+# mode, priority, message id, user id (AMQP's property flag bits).
+_SIMPLE_PROPERTIES = 0x8000 | 0x4000 | 0x2000 | 0x1000 | 0x0800 | 0x0080 | 0x0010
 _LONG_STRING = ord("S")
 
 
@@ -129,6 +129,9 @@ def _simple_properties(buf: bytes, offset: int, flags: int) -> dict[str, Any]:
         offset += 1
     if flags & 0x0080:
         properties["message_id"], offset = _short_string(buf, offset)
+    # timestamp (0x0040) and type (0x0020) come between: not simple
+    if flags & 0x0010:
+        properties["user_id"], offset = _short_string(buf, offset)
     return properties
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 NATIONAL = "national"
 CITY = "city"
@@ -37,7 +37,7 @@ NATIONAL_BROKER_USERS = "NATIONAL_BROKER_USERS"
 DEFAULT_NATIONAL_USERS = ("guest",)
 
 _MEMBER_PREFIXES = {"city.": CITY, "dc.": DATACENTER, "vendor.": DATA_VENDOR}
-_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,16 @@ def principal_of(username: object, national: frozenset[str]) -> Principal | None
 def username_of(amqp_uri: str) -> str:
     """The user an AMQP URI connects as (``guest`` when it names none)."""
     return unquote(urlsplit(amqp_uri).username or "guest")
+
+
+def uri_as(amqp_uri: str, username: str, password: str) -> str:
+    """``amqp_uri`` (scheme, host, port, vhost, options) as another user."""
+    parts = urlsplit(amqp_uri)
+    host = parts.hostname or "localhost"
+    netloc = f"{quote(username, safe='')}:{quote(password, safe='')}@{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def service_kind(service_name: str) -> str:
@@ -164,3 +174,17 @@ def may_call(service_name: str, method: str, caller: Principal | None) -> bool:
     if not allowed:
         return False
     return caller.kind in allowed
+
+
+def may_publish_for(user_id: object, member_id: str, national: frozenset[str]) -> bool:
+    """Whether broker user ``user_id`` may publish messages of member
+    ``member_id`` (its ``<id>.usage``, ``.capacity`` …): the member's own
+    user, or the national side (an operator's replay). No user_id: no."""
+    principal = principal_of(user_id, national)
+    if principal is None:
+        return False
+    if principal.kind == NATIONAL:
+        return True
+    return (
+        principal.kind in (DATACENTER, DATA_VENDOR) and principal.member_id == member_id
+    )

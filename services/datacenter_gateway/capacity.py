@@ -15,6 +15,7 @@ import yaml
 
 from services.common.amqp import capacity_key
 from services.common.config import DATACENTER_ID, DATACENTERS_FILE, INVENTORY
+from services.common.principals import username_of
 from services.common.units import format_ts, utcnow
 from services.datacenter_gateway import domain
 from services.datacenter_gateway.background import BackgroundLoop
@@ -83,6 +84,7 @@ class CapacityReporter(BackgroundLoop):
                 f"{self.datacenter_id}.capacity.{format_ts(now)}",
                 key.key_id,
                 key.secret,
+                user_id=username_of(self.amqp_uri),
             )
         finally:
             conn.release()

@@ -20,6 +20,7 @@ from kombu import Connection, Producer
 
 from services.common import telemetry
 from services.common.amqp import USAGE_EXCHANGE, usage_key
+from services.common.principals import username_of
 from services.common.units import utcnow
 from services.datacenter_gateway import domain
 from services.datacenter_gateway.background import BackgroundLoop
@@ -93,9 +94,13 @@ def publish_signed(
     message_id: str,
     key_id: str,
     secret: str,
+    *,
+    user_id: str,
     mandatory: bool = False,
 ) -> None:
-    """One message of CONTRACTS.md §1/§2: exact bytes, signed, persistent, confirmed."""
+    """One message of CONTRACTS.md §1/§2: exact bytes, signed, persistent,
+    confirmed, with the connection's user as ``user_id`` (the broker validates
+    it; metering refuses another data centre's or none)."""
     headers = domain.message_headers(body, key_id, secret)
     telemetry.inject(headers)
     producer.publish(
@@ -108,6 +113,7 @@ def publish_signed(
         message_id=message_id,
         headers=headers,
         mandatory=mandatory,
+        user_id=user_id,
         retry=False,
         timeout=CONFIRM_TIMEOUT_S,
         confirm_timeout=CONFIRM_TIMEOUT_S,
@@ -139,6 +145,7 @@ class Relay(BackgroundLoop):
     ):
         self.outbox = outbox
         self.amqp_uri = amqp_uri
+        self.user_id = username_of(amqp_uri)
         self.datacenter_id = datacenter_id
         self.routing_key = usage_key(datacenter_id)
         self.keys = keys or domain.SigningKeys(domain.SigningKey(key_id, secret))
@@ -214,6 +221,8 @@ class Relay(BackgroundLoop):
                         delivery_mode=2,
                         message_id=row.record_id,
                         application_headers=headers,
+                        # validated by the broker, checked by metering
+                        user_id=self.user_id,
                     ),
                     exchange=USAGE_EXCHANGE.name,
                     routing_key=self.routing_key,

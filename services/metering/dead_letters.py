@@ -53,7 +53,7 @@ def dead_letter_row(message: RawMessage, refused: Refused) -> DeadLetter:
         record_id = validation.readable_record_id(message.body)
     properties = {
         name: message.properties.get(name)
-        for name in ("content_type", "content_encoding", "message_id")
+        for name in ("content_type", "content_encoding", "message_id", "user_id")
         if message.properties.get(name) is not None
     }
     return DeadLetter(
@@ -149,10 +149,17 @@ def forget_failures(session: Session, message: RawMessage) -> None:
 # -- replay --------------------------------------------------------------------
 
 
+REPLAYED_BY = "national.replay"
+
+
 def replayable(letter: DeadLetter) -> RawMessage:
     """The message a dead letter was made from, as it was received."""
     properties = dict(letter.properties or {})
     properties.setdefault("content_type", "application/json")  # stored before 0002
+    # Who published it is checked again; a letter stored without one (before
+    # user ids were stored, or published without) is replayed as what it is
+    # now, the national side's explicit act.
+    properties.setdefault("user_id", REPLAYED_BY)
     return RawMessage(
         body=letter.body.encode("utf-8"),
         headers=dict(letter.headers or {}),

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from services.common import contracts, signing
 from services.common.amqp import RawMessage, federation_key
+from services.common.principals import may_publish_for
 from services.common.units import format_ts, rate_cost_fen, utcnow
 from services.metering import store
 from services.metering.capacity import store_capacity
@@ -102,7 +103,15 @@ class Lookups:
     TTL, so keeping an answer for one batch changes no decision.
     """
 
-    __slots__ = ("registry", "_datacenters", "_keys", "_cities", "_codes", "_terms")
+    __slots__ = (
+        "registry",
+        "_datacenters",
+        "_keys",
+        "_cities",
+        "_codes",
+        "_terms",
+        "_publishers",
+    )
 
     def __init__(self, registry: CachedRegistry):
         self.registry = registry
@@ -112,6 +121,18 @@ class Lookups:
         # voucher code as sent → (normalised, its city)
         self._codes: dict[str, tuple[str, str]] = {}
         self._terms: dict[tuple[str, str], rating.PriceTerms] = {}
+        self._publishers: set[tuple[object, str]] = set()  # (user_id, data centre)
+
+    def may_publish(self, user_id: object, datacenter_id: str) -> bool:
+        """Whether broker user ``user_id`` may publish ``datacenter_id``'s
+        messages: the data centre's own user or the national side
+        (``principals.may_publish_for``); asked once a batch per pair."""
+        if (user_id, datacenter_id) in self._publishers:
+            return True
+        if not may_publish_for(user_id, datacenter_id, self.registry.state.national):
+            return False
+        self._publishers.add((user_id, datacenter_id))
+        return True
 
     def datacenter(self, datacenter_id: str) -> dict | None:
         return _kept(self._datacenters, datacenter_id, self.registry.datacenter)
@@ -180,6 +201,16 @@ def check(
     if kind != validation.USAGE and kind != validation.CAPACITY:
         raise Refused(
             Reason.SCHEMA, f"routing key {message.routing_key[:255]!r} is not metered"
+        )
+    # The broker validated user_id against the publishing connection's user;
+    # topic permissions already confine dc.<id> to <id>.*: this is the second
+    # lock of the same door (DESIGN.md §8, defence in depth).
+    user_id = message.properties.get("user_id")
+    if not lookups.may_publish(user_id, datacenter_id):
+        raise Refused(
+            Reason.WRONG_PUBLISHER,
+            f"{message.routing_key[:255]!r} published by broker user "
+            f"{str(user_id)[:80]!r}, not by {datacenter_id[:64]!r}'s own",
         )
     datacenter, data = _verified_body(lookups, message, datacenter_id)
     if kind == validation.CAPACITY:

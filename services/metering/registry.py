@@ -20,6 +20,7 @@ from nameko.extensions import DependencyProvider
 
 from services.common.config import REGISTRY_CACHE_TTL_S, RPC_TIMEOUT_S
 from services.common.errors import NotFound, Unavailable
+from services.common.principals import NATIONAL_BROKER_USERS, national_users
 
 DEFAULT_TTL_S = 30.0
 DEFAULT_RPC_TIMEOUT_S = 10.0
@@ -33,8 +34,12 @@ class RegistryCacheState:
         ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
         rpc_timeout_s: float = DEFAULT_RPC_TIMEOUT_S,
+        national: frozenset[str] | None = None,
     ):
         self.ttl_s = ttl_s
+        # the national side's broker users: who besides dc.<id> may publish
+        # <id>.usage (a replay, an operator's tool); principals.py
+        self.national = national if national is not None else national_users()
         self.rpc_timeout_s = rpc_timeout_s
         self.clock = clock
         self.datacenters: dict[str, tuple[float, dict]] = {}
@@ -121,7 +126,11 @@ class RegistryCache(DependencyProvider):
     def setup(self):
         ttl = config.get(REGISTRY_CACHE_TTL_S, DEFAULT_TTL_S)
         timeout = config.get(RPC_TIMEOUT_S, DEFAULT_RPC_TIMEOUT_S)
-        self.state = RegistryCacheState(float(ttl), rpc_timeout_s=float(timeout))
+        self.state = RegistryCacheState(
+            float(ttl),
+            rpc_timeout_s=float(timeout),
+            national=national_users(config.get(NATIONAL_BROKER_USERS)),
+        )
 
     def get_dependency(self, worker_ctx) -> Callable[[Any], CachedRegistry]:
         return partial(CachedRegistry, self.state)

@@ -96,6 +96,7 @@ def publish(uri, exchange, routing_key, body, headers=None):
             content_encoding="utf-8",
             delivery_mode=2,
             headers=headers or {},
+            user_id=conn.userid,  # validated by the broker
         )
 
 

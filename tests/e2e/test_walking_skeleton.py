@@ -170,6 +170,7 @@ def test_one_gpu_hour_travels_the_whole_way(network):
                 content_encoding="utf-8",
                 delivery_mode=2,
                 headers={"x-key-id": dc["key_id"], "x-signature": signature},
+                user_id=conn.userid,
             )
 
     # 5. More good records after the bad ones: the stream goes on.

@@ -10,7 +10,7 @@ from kombu import Connection, Exchange, Producer
 
 from services.city_registry import broker
 from services.common.amqp import declare_topology, durable_queue
-from tests.support.management import user_uri
+from services.common.principals import uri_as
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +69,7 @@ def test_a_city_user_is_confined_to_its_own_names(admin, rabbit_uri):
     code = f"c{uuid.uuid4().hex[:6]}"
     user = broker.city_username(code)
     admin.grant(user, "pw", broker.city_permissions(code))
-    uri = user_uri(rabbit_uri, user, "pw")
+    uri = uri_as(rabbit_uri, user, "pw")
     try:
         _try(uri, _publish(FED, f"{code}.heartbeat"))
         _try(uri, _queue(f"vouchers_{code}.usage_rated", FED, f"{code}.usage_rated"))
@@ -108,7 +108,7 @@ def test_a_datacenter_user_publishes_only_its_own_usage(admin, rabbit_uri):
     dc = f"dc-{uuid.uuid4().hex[:6]}"
     user = broker.datacenter_username(dc)
     admin.grant(user, "pw", broker.datacenter_permissions(dc))
-    uri = user_uri(rabbit_uri, user, "pw")
+    uri = uri_as(rabbit_uri, user, "pw")
     try:
         _try(uri, _publish(USAGE, f"{dc}.usage"))
         _try(uri, _publish(USAGE, f"{dc}.capacity"))

@@ -27,9 +27,8 @@ from services.common.amqp import declare_topology
 from services.common.config import DATABASE_URL, DEPLOY_DIR
 from services.common.errors import Forbidden
 from services.common.migrations import upgrade
-from services.common.principals import RPC_CALLERS
+from services.common.principals import RPC_CALLERS, uri_as
 from services.common.rpc_access import rpc
-from tests.support.management import user_uri
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +59,7 @@ def members(rabbit_uri):
     uris = {}
     for user in MEMBERS:
         admin.grant(user, "pw", OPEN)
-        uris[user] = user_uri(rabbit_uri, user, "pw")
+        uris[user] = uri_as(rabbit_uri, user, "pw")
     yield uris
     for user in MEMBERS:
         admin.delete_user(user)
@@ -138,7 +137,7 @@ def test_a_city_asking_the_registry_for_a_national_token_gets_nothing(
     broker refuses the publish; unconfined, the registry refuses the call."""
     admin = broker.BrokerAdmin.from_config({"AMQP_URI": rabbit_uri})
     admin.grant("city.wuhan", "pw", broker.city_permissions("wuhan"))
-    confined = user_uri(rabbit_uri, "city.wuhan", "pw")
+    confined = uri_as(rabbit_uri, "city.wuhan", "pw")
     try:
         with pytest.raises(amqp.exceptions.AccessRefused):
             _call(confined, "city_registry", "list_cities", user_id="city.wuhan")

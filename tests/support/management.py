@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import requests
 
@@ -29,9 +29,3 @@ def delete(*path: str) -> None:
     answer = requests.delete(_url(path), auth=("guest", "guest"), timeout=10)
     if answer.status_code != 404:
         answer.raise_for_status()
-
-
-def user_uri(rabbit_uri: str, user: str, password: str) -> str:
-    """``rabbit_uri`` (host, port, vhost) connecting as another user."""
-    parts = urlsplit(rabbit_uri)
-    return f"amqp://{user}:{password}@{parts.hostname}:{parts.port}{parts.path}"

@@ -100,15 +100,24 @@ def raw_message(
     routing_key: str | None = None,
     headers: dict | None = None,
     content_type: str = "application/json",
+    user_id: str | None = "",
 ) -> RawMessage:
-    """A delivery of ``payload`` (or ``body``) on ``computenet.usage``, signed."""
+    """A delivery of ``payload`` (or ``body``) on ``computenet.usage``, signed,
+    published by the routing key's data centre's own broker user (unless
+    ``user_id`` names another; None: no user_id at all)."""
     if body is None:
         body = canonical_json(payload)
+    routing_key = routing_key or f"{DATACENTER_ID}.usage"
+    properties: dict[str, Any] = {"content_type": content_type}
+    if user_id == "":
+        user_id = "dc." + routing_key.rsplit(".", 1)[0]
+    if user_id is not None:
+        properties["user_id"] = user_id
     return RawMessage(
         body=body,
         headers=signed_headers(body) if headers is None else headers,
-        properties={"content_type": content_type},
-        routing_key=routing_key or f"{DATACENTER_ID}.usage",
+        properties=properties,
+        routing_key=routing_key,
         redelivered=False,
     )
 
@@ -122,8 +131,10 @@ def publish_usage(
 ) -> None:
     """Publish ``bodies`` on ``computenet.usage`` as :data:`DATACENTER_ID`'s
     gateway does: persistent, JSON, each signed (unless ``headers`` are given),
-    on ``<data centre>.usage`` unless ``routing_key`` says otherwise."""
+    on ``<data centre>.usage`` unless ``routing_key`` says otherwise; with the
+    connection's user as ``user_id``, which the broker validates."""
     properties.setdefault("content_type", "application/json")
+    properties.setdefault("user_id", connection.userid or "guest")
     with connection.Producer() as producer:
         for body in bodies:
             producer.publish(

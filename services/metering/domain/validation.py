@@ -59,6 +59,8 @@ class Reason:
     SCHEMA = "schema"
     UNKNOWN_DATACENTER = "unknown_datacenter"
     DATACENTER_MISMATCH = "datacenter_mismatch"
+    # published by a broker user other than the data centre's own
+    WRONG_PUBLISHER = "wrong_publisher"
     UNKNOWN_GPU_MODEL = "unknown_gpu_model"
     UNKNOWN_VOUCHER = "unknown_voucher"
     CONFLICTING_DUPLICATE = "conflicting_duplicate"

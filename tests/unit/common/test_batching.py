@@ -188,8 +188,10 @@ class _Connection:
     st.one_of(st.none(), st.text(max_size=40)),
     st.integers(4096, 131072),
     st.dictionaries(
-        st.sampled_from(["content_encoding", "priority", "correlation_id"]),
-        st.sampled_from(["utf-8", "x"]),
+        st.sampled_from(
+            ["content_encoding", "priority", "correlation_id", "user_id", "type"]
+        ),
+        st.sampled_from(["utf-8", "x", "dc.guian-gov-01"]),
     ),
 )
 def test_a_hand_read_delivery_is_what_py_amqp_delivers(

@@ -28,6 +28,7 @@ from services.common.principals import (
     national_users,
     principal_of,
     service_kind,
+    uri_as,
     username_of,
 )
 from services.metering.service import MeteringService
@@ -83,7 +84,7 @@ def test_every_method_names_only_known_kinds_of_caller():
         ("dc.guian-gov-01", Principal(DATACENTER, "guian-gov-01")),
         ("vendor.sh-data-exchange", Principal(DATA_VENDOR, "sh-data-exchange")),
         ("city.", None),
-        ("city.Shanghai!", None),
+        ("city.shang hai!", None),
         ("mallory", None),
         ("", None),
         (None, None),
@@ -105,6 +106,15 @@ def test_the_user_of_an_amqp_uri():
     assert username_of("amqp://city.x:pw@host:5672/") == "city.x"
     assert username_of("amqp://host/") == "guest"
     assert username_of("amqps://dc.a%2Db:pw@host/") == "dc.a-b"
+
+
+def test_a_uri_as_another_user_keeps_the_rest():
+    uri = "amqps://guest:guest@broker:5671/computenet?ssl=1"
+    assert uri_as(uri, "city.x", "p@ss/w") == (
+        "amqps://city.x:p%40ss%2Fw@broker:5671/computenet?ssl=1"
+    )
+    assert username_of(uri_as(uri, "city.x", "p")) == "city.x"
+    assert uri_as("amqp://localhost/", "dc.a", "p") == "amqp://dc.a:p@localhost/"
 
 
 @pytest.mark.parametrize("service", ["city_registry", "metering", "vouchers_shanghai"])

@@ -189,6 +189,14 @@ def reference_check(registry, message, index, rated_at):
             validation.Reason.SCHEMA,
             f"routing key {message.routing_key[:255]!r} is not metered",
         )
+    user_id = message.properties.get("user_id")
+    own = datacenter_id and user_id == f"dc.{datacenter_id}"
+    if not (own or user_id in ("guest", "national.x")):
+        raise Refused(
+            validation.Reason.WRONG_PUBLISHER,
+            f"{message.routing_key[:255]!r} published by broker user "
+            f"{str(user_id)[:80]!r}, not by {datacenter_id[:64]!r}'s own",
+        )
     validation.check_envelope(message.body, message.content_type)
     datacenter = registry.datacenter(datacenter_id) if datacenter_id else None
     if datacenter is None:
@@ -291,12 +299,21 @@ def messages(draw):
     elif spoil == "bytes":
         headers = {name: value.encode() for name, value in headers.items()}
     routing_dc = draw(st.sampled_from([DATACENTER_ID, DATACENTER_ID, "unknown-dc", ""]))
+    properties = {
+        "content_type": draw(st.sampled_from(["application/json", "text/plain"]))
+    }
+    user_id = draw(
+        st.sampled_from(
+            [f"dc.{routing_dc}"] * 4
+            + ["guest", "national.x", f"dc.{DATACENTER_ID}", "city.shanghai", None]
+        )
+    )
+    if user_id is not None:
+        properties["user_id"] = user_id
     return RawMessage(
         body=body,
         headers=headers,
-        properties={
-            "content_type": draw(st.sampled_from(["application/json", "text/plain"]))
-        },
+        properties=properties,
         routing_key=f"{routing_dc}.{kind}",
         redelivered=False,
     )
