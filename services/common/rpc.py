@@ -101,8 +101,10 @@ class Client(ClusterRpcClient):
     """nameko's standalone client with transient calls and a kept reply
     connection (see TRANSIENT and KeptReplyListener). One thread at a time."""
 
-    def __init__(self, amqp_uri: str, timeout: float) -> None:
-        super().__init__(timeout=timeout, uri=amqp_uri, **TRANSIENT)
+    def __init__(self, amqp_uri: str, timeout: float, ssl: dict | None = None) -> None:
+        # ssl None: nameko's AMQP_SSL, as before.
+        tls = {} if ssl is None else {"ssl": ssl}
+        super().__init__(timeout=timeout, uri=amqp_uri, **tls, **TRANSIENT)
         plain = self.reply_listener
         self.reply_listener = KeptReplyListener(
             plain.queue, timeout=timeout, uri=plain.amqp_uri, ssl=plain.ssl
@@ -112,8 +114,18 @@ class Client(ClusterRpcClient):
 
 
 class RpcPool:
-    def __init__(self, amqp_uri: str, size: int = 4, timeout: float = 10.0):
+    """Up to ``size`` clients of ``amqp_uri``; ``ssl`` is kombu's (see
+    ``services/common/broker_tls.py``)."""
+
+    def __init__(
+        self,
+        amqp_uri: str,
+        size: int = 4,
+        timeout: float = 10.0,
+        ssl: dict | None = None,
+    ):
         self.amqp_uri = amqp_uri
+        self.ssl = ssl
         self.size = size
         self.timeout = timeout
         self._idle: queue.LifoQueue = queue.LifoQueue()
@@ -121,7 +133,7 @@ class RpcPool:
         self._lock = threading.Lock()
 
     def _new(self):
-        client = Client(self.amqp_uri, self.timeout)
+        client = Client(self.amqp_uri, self.timeout, self.ssl)
         return client, client.start()
 
     @contextmanager

@@ -25,6 +25,7 @@ from collections.abc import Callable  # noqa: E402
 import nameko  # noqa: E402
 from nameko.runners import ServiceRunner  # noqa: E402
 
+from services.common.broker_tls import with_broker_ssl  # noqa: E402
 from services.common.config import DATABASE_URL, TRACING, ConfigError, load_config  # noqa: E402
 from services.common.migrations import SERVICES_DIR, upgrade  # noqa: E402
 from services.common.rpc import transient_replies  # noqa: E402
@@ -61,7 +62,7 @@ def main(
     )
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config)
+        cfg = with_broker_ssl(load_config(args.config))
     except ConfigError as exc:
         print(f"{service}: {exc}", file=sys.stderr)
         return 2
