@@ -31,6 +31,7 @@ from gateway.dashboard import dashboard
 from gateway.errors import error_response, register_error_handlers
 from gateway.federation_api import federation
 from services.common import config as cfg
+from services.common.broker_tls import broker_ssl
 from services.common.http_limits import limit_body_size
 from services.common.rpc import RpcPool
 from services.common.telemetry import make_exporter, setup_tracing
@@ -55,10 +56,12 @@ HEALTH_TIMEOUT_S = 2.0
 log = logging.getLogger(__name__)
 
 
-def bus_reachable(amqp_uri: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
+def bus_reachable(
+    amqp_uri: str, timeout: float = HEALTH_TIMEOUT_S, ssl: dict | None = None
+) -> bool:
     """True when a connection to the broker opens within ``timeout``."""
     try:
-        with Connection(amqp_uri, connect_timeout=timeout) as connection:
+        with Connection(amqp_uri, connect_timeout=timeout, ssl=ssl) as connection:
             connection.ensure_connection(
                 max_retries=1, interval_start=0, timeout=timeout
             )
@@ -70,7 +73,7 @@ def bus_reachable(amqp_uri: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
 
 def healthz():
     uri = current_app.config[cfg.AMQP_URI]
-    if uri is None or not bus_reachable(uri):
+    if uri is None or not bus_reachable(uri, ssl=current_app.config[cfg.AMQP_SSL]):
         return error_response(503, "bus_unreachable", "the portal cannot reach the bus")
     return jsonify({"status": "ok"})
 
@@ -80,6 +83,7 @@ def _make_rpc(config: dict[str, Any]) -> Any:
         config[cfg.AMQP_URI],
         size=int(config.get(cfg.RPC_POOL_SIZE, 8)),
         timeout=float(config.get(cfg.RPC_TIMEOUT_S, 10)),
+        ssl=broker_ssl(config),
     )
     atexit.register(pool.close)
     return pool
@@ -124,6 +128,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         int(config.get(cfg.MAX_CONTENT_LENGTH) or DEFAULT_MAX_CONTENT_LENGTH),
     )
     app.config[cfg.AMQP_URI] = config.get(cfg.AMQP_URI)
+    app.config[cfg.AMQP_SSL] = broker_ssl(config)
     level = str(config.get(LOG_LEVEL, "INFO")).upper()
     logging.getLogger("gateway").setLevel(level)
     provider = setup_tracing("gateway", config.get(cfg.TRACING))

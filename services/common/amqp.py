@@ -15,6 +15,7 @@ from nameko.amqp.consume import Consumer as ConsumerCore
 from nameko.extensions import DependencyProvider
 from nameko.messaging import Consumer
 
+from services.common.broker_tls import broker_ssl
 from services.common.config import AMQP_URI
 from services.common.principals import (
     NATIONAL,
@@ -113,7 +114,7 @@ class SharedTopology(DependencyProvider):
     that members, which may only check it, find it there."""
 
     def setup(self) -> None:
-        with Connection(config[AMQP_URI]) as connection:
+        with Connection(config[AMQP_URI], ssl=broker_ssl(config)) as connection:
             declare_topology(connection)
 
 

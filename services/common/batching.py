@@ -28,6 +28,7 @@ from kombu import Connection
 from nameko import config
 from nameko.extensions import Entrypoint
 
+from services.common.broker_tls import broker_ssl
 from services.common.config import (
     AMQP_URI,
     BATCH_SIZE,
@@ -100,6 +101,7 @@ class BatchConsumer(Entrypoint):
 
     def setup(self):
         self.amqp_uri = config[AMQP_URI]
+        self.ssl = broker_ssl(config)
         self.batch_size = int(config.get(BATCH_SIZE) or self.default_batch_size)
         wait_ms = config.get(BATCH_WAIT_MS)
         if wait_ms is None:
@@ -148,8 +150,10 @@ class BatchConsumer(Entrypoint):
     def _consume(self) -> None:
         # py-amqp directly, not kombu's Consumer: no kombu Message per delivery.
         pending: list[Delivery] = []
-        with Connection(self.amqp_uri, heartbeat=0) as connection:
+        with Connection(self.amqp_uri, heartbeat=0, ssl=self.ssl) as connection:
             connection.ensure_connection(max_retries=1)
+            # Over TLS py-amqp reads the socket (its SSLTransport); the frames
+            # are still read by hand (read_deliveries).
             buffered = buffer_reads(connection)
             channel = connection.channel()
             self.queue(channel).declare()

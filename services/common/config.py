@@ -37,6 +37,9 @@ import yaml
 
 # Keys shared by every process.
 AMQP_URI = "AMQP_URI"
+# TLS to the broker: {ca_certs, certfile, keyfile} (services/common/broker_tls.py);
+# nameko's own key, so its consumers and publishers read it too.
+AMQP_SSL = "AMQP_SSL"
 DATABASE_URL = "DATABASE_URL"
 TRACING = "TRACING"  # {"exporter": "none" | "console" | "otlp", "endpoint": ...}
 SERVICE_NAME = "SERVICE_NAME"

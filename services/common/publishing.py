@@ -32,6 +32,7 @@ from kombu import Connection
 from nameko import config
 from nameko.extensions import DependencyProvider
 
+from services.common.broker_tls import broker_ssl
 from services.common.config import (
     AMQP_URI,
 )
@@ -105,8 +106,8 @@ class ConfirmingChannel:
     raised no longer knows which events were confirmed: close it.
     """
 
-    def __init__(self, amqp_uri: str):
-        self.connection = Connection(amqp_uri, heartbeat=0)
+    def __init__(self, amqp_uri: str, ssl: dict | None = None):
+        self.connection = Connection(amqp_uri, heartbeat=0, ssl=ssl)
         self.connection.ensure_connection(max_retries=1)
         self.channel = self.connection.channel()
         self.channel.confirm_select()
@@ -212,6 +213,7 @@ class _ConfirmedPublishing(DependencyProvider):
 
     def setup(self):
         self.amqp_uri = config[AMQP_URI]
+        self.ssl = broker_ssl(config)
 
 
 class ConfirmedPublisher(_ConfirmedPublishing):
@@ -226,7 +228,7 @@ class ConfirmedPublisher(_ConfirmedPublishing):
 
     def start(self):
         # Declared once, so a city's queue can bind to it before any event.
-        with Connection(self.amqp_uri) as connection:
+        with Connection(self.amqp_uri, ssl=self.ssl) as connection:
             self.exchange(connection.default_channel).declare()
 
     def stop(self):
@@ -243,7 +245,7 @@ class ConfirmedPublisher(_ConfirmedPublishing):
             try:
                 channel = self._idle.get_nowait()
             except eventlet.queue.Empty:
-                channel = ConfirmingChannel(self.amqp_uri)
+                channel = ConfirmingChannel(self.amqp_uri, self.ssl)
             try:
                 channel.publish_all(self.exchange.name, events)
             except BaseException:
@@ -299,7 +301,7 @@ class OrderedConfirmedPublisher(_ConfirmedPublishing):
             while (item := self._queue.get()) is not None:
                 events, confirmation = item
                 try:
-                    channel = channel or ConfirmingChannel(self.amqp_uri)
+                    channel = channel or ConfirmingChannel(self.amqp_uri, self.ssl)
                     channel.publish_all(self.exchange.name, events)
                 except Exception as exc:  # noqa: BLE001 - the caller's to handle
                     if channel is not None:

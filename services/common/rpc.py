@@ -102,11 +102,16 @@ class Client(ClusterRpcClient):
     """nameko's standalone client with transient calls and a kept reply
     connection (see TRANSIENT and KeptReplyListener). One thread at a time."""
 
-    def __init__(self, amqp_uri: str, timeout: float) -> None:
-        # user_id: the broker validates it, the service authorises by it
-        # (services/common/rpc_access.py).
+    def __init__(self, amqp_uri: str, timeout: float, ssl: dict | None = None) -> None:
+        # ssl None: nameko's AMQP_SSL, as before. user_id: the broker
+        # validates it, the service authorises by it (rpc_access.py).
+        tls = {} if ssl is None else {"ssl": ssl}
         super().__init__(
-            timeout=timeout, uri=amqp_uri, user_id=username_of(amqp_uri), **TRANSIENT
+            timeout=timeout,
+            uri=amqp_uri,
+            user_id=username_of(amqp_uri),
+            **tls,
+            **TRANSIENT,
         )
         plain = self.reply_listener
         self.reply_listener = KeptReplyListener(
@@ -117,8 +122,18 @@ class Client(ClusterRpcClient):
 
 
 class RpcPool:
-    def __init__(self, amqp_uri: str, size: int = 4, timeout: float = 10.0):
+    """Up to ``size`` clients of ``amqp_uri``; ``ssl`` is kombu's (see
+    ``services/common/broker_tls.py``)."""
+
+    def __init__(
+        self,
+        amqp_uri: str,
+        size: int = 4,
+        timeout: float = 10.0,
+        ssl: dict | None = None,
+    ):
         self.amqp_uri = amqp_uri
+        self.ssl = ssl
         self.size = size
         self.timeout = timeout
         self._idle: queue.LifoQueue = queue.LifoQueue()
@@ -126,7 +141,7 @@ class RpcPool:
         self._lock = threading.Lock()
 
     def _new(self):
-        client = Client(self.amqp_uri, self.timeout)
+        client = Client(self.amqp_uri, self.timeout, self.ssl)
         return client, client.start()
 
     @contextmanager

@@ -26,6 +26,7 @@ import nameko  # noqa: E402
 from nameko.runners import ServiceRunner  # noqa: E402
 
 from services.common.amqp import declare_shared_passively, is_member  # noqa: E402
+from services.common.broker_tls import with_broker_ssl  # noqa: E402
 from services.common.config import (  # noqa: E402
     AMQP_URI,
     DATABASE_URL,
@@ -69,7 +70,7 @@ def main(
     )
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config)
+        cfg = with_broker_ssl(load_config(args.config))
     except ConfigError as exc:
         print(f"{service}: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import threading
 from werkzeug.serving import make_server
 
 from services.common.amqp import declare_shared_passively, is_member
+from services.common.broker_tls import broker_ssl
 from services.common.config import (
     AGENT_TOKEN,
     AMQP_URI,
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             if not cfg.get(key):
                 raise ConfigError(f"{args.config}: {key} must be set")
         keys = signing_keys(cfg)
+        tls = broker_ssl(cfg)
         host = cfg.get(HTTP_HOST) or "127.0.0.1"
         if not cfg.get(AGENT_TOKEN) and not domain.listens_on_loopback(host):
             raise ConfigError(
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=int(cfg.get(RELAY_BATCH_SIZE) or 500),
         status=status,
         keys=keys,
+        ssl=tls,
     )
     capacity = CapacityReporter(
         outbox,
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         inventory,
         interval_s=float(cfg.get(CAPACITY_INTERVAL_S) or 60),
         keys=keys,
+        ssl=tls,
     )
     app = create_app(cfg, outbox, status, inventory)
     tail_path = args.tail or cfg.get(TAIL_FILE)

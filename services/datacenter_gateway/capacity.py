@@ -38,9 +38,11 @@ class CapacityReporter(BackgroundLoop):
         inventory: list[domain.InventoryItem],
         interval_s: float = 60.0,
         keys: domain.SigningKeys | None = None,
+        ssl: dict | None = None,
     ):
         self.outbox = outbox
         self.amqp_uri = amqp_uri
+        self.ssl = ssl  # kombu's, from services/common/broker_tls.py
         self.datacenter_id = datacenter_id
         self.key_id = key_id
         self.secret = secret
@@ -75,7 +77,7 @@ class CapacityReporter(BackgroundLoop):
             self.datacenter_id, self.inventory, self.outbox.allocated_gpus(now), now
         )
         key = self.keys.active(now)
-        conn, producer = open_producer(self.amqp_uri)
+        conn, producer = open_producer(self.amqp_uri, ssl=self.ssl)
         try:
             publish_signed(
                 producer,

@@ -65,10 +65,14 @@ class Unroutable(Exception):
     """The broker returned messages: no queue is bound for the routing key yet."""
 
 
-def open_producer(amqp_uri: str, on_return=None) -> tuple[Connection, Producer]:
-    """A connection with publisher confirms; its producer declared the exchange."""
+def open_producer(
+    amqp_uri: str, on_return=None, ssl: dict | None = None
+) -> tuple[Connection, Producer]:
+    """A connection with publisher confirms; its producer declared the exchange.
+    ``ssl`` is kombu's (``services/common/broker_tls.py``)."""
     conn = Connection(
         amqp_uri,
+        ssl=ssl,
         transport_options={"confirm_publish": True, "max_retries": 1},
         connect_timeout=CONNECT_TIMEOUT_S,
         heartbeat=HEARTBEAT_S,
@@ -142,10 +146,12 @@ class Relay(BackgroundLoop):
         status: RelayStatus | None = None,
         poll_interval_s: float = 0.2,
         keys: domain.SigningKeys | None = None,
+        ssl: dict | None = None,
     ):
         self.outbox = outbox
         self.amqp_uri = amqp_uri
         self.user_id = username_of(amqp_uri)
+        self.ssl = ssl  # kombu's, from services/common/broker_tls.py
         self.datacenter_id = datacenter_id
         self.routing_key = usage_key(datacenter_id)
         self.keys = keys or domain.SigningKeys(domain.SigningKey(key_id, secret))
@@ -283,7 +289,10 @@ class Relay(BackgroundLoop):
 
     def _connect(self) -> None:
         conn = Connection(
-            self.amqp_uri, connect_timeout=CONNECT_TIMEOUT_S, heartbeat=HEARTBEAT_S
+            self.amqp_uri,
+            ssl=self.ssl,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            heartbeat=HEARTBEAT_S,
         )
         try:
             conn.connect()

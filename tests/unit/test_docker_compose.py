@@ -111,7 +111,8 @@ def test_no_secret_has_a_placeholder_default():
     """A missing key or token stops compose (``${VAR:?…}``); a default such as
     ``unset`` would start a member with a secret everyone knows."""
     text = (ROOT / "docker-compose.yml").read_text()
-    for name in re.findall(r"\$\{([A-Z_]*(?:SECRET|TOKEN|KEY_ID)[A-Z_]*)[:?}-]", text):
+    secret = r"\$\{([A-Z_]*(?:SECRET|TOKEN|KEY_ID|PASSWORD|_USER|TLS_DIR)[A-Z_]*)[:?}-]"
+    for name in re.findall(secret, text):
         assert re.search(rf"\$\{{{name}:\?[^}}]+\}}", text), name
     assert "-unset}" not in text
 
@@ -126,3 +127,56 @@ def test_gateways_open_to_the_network_have_an_agent_token():
 
 def test_the_broker_publishes_no_port():
     assert "ports" not in SERVICES["rabbitmq"]
+    for name, spec in APP_SERVICES.items():
+        for port in spec.get("ports", []):
+            assert not re.search(r"\b567[12]\b", str(port)), (name, port)
+
+
+def _mounts(spec) -> dict[str, str]:
+    """``{container path: host path}`` of a service's bind mounts."""
+    mounts = {}
+    for volume in spec.get("volumes", []):
+        # The source may be a ${VAR:?message}, colons and all.
+        found = re.fullmatch(r"((?:\$\{[^}]*\})?[^:]*):([^:]+)(?::\w+)?", volume)
+        assert found, volume
+        mounts[found.group(2)] = found.group(1)
+    return mounts
+
+
+def _broker_conf() -> dict[str, str]:
+    mounts = _mounts(SERVICES["rabbitmq"])
+    [source] = [s for t, s in mounts.items() if t.startswith("/etc/rabbitmq/conf.d/")]
+    assert source.startswith("./deploy/"), source
+    lines = (ROOT / source).read_text().splitlines()
+    pairs = (line.split("=", 1) for line in lines if "=" in line and line[0] != "#")
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def test_the_broker_listens_for_amqp_over_tls_only():
+    conf = _broker_conf()
+    assert conf["listeners.tcp"] == "none"
+    assert conf["listeners.ssl.default"] == "5671"
+    assert conf["ssl_options.verify"] == "verify_peer"
+    # The certificates come from the operator's directory, named in .env.
+    mounts = _mounts(SERVICES["rabbitmq"])
+    assert re.fullmatch(r"\$\{BROKER_TLS_DIR:\?.+\}", mounts["/etc/rabbitmq/tls"])
+    for key in ("cacertfile", "certfile", "keyfile"):
+        assert conf[f"ssl_options.{key}"].startswith("/etc/rabbitmq/tls/"), key
+
+
+@pytest.mark.parametrize("name", sorted(APP_SERVICES))
+def test_every_member_reaches_the_broker_over_tls_and_verifies_it(name):
+    spec = APP_SERVICES[name]
+    env = spec["environment"]
+    assert env["AMQP_URI"].startswith("amqps://") and "guest" not in env["AMQP_URI"]
+    source = _mounts(spec)[env["AMQP_CA_FILE"]]
+    assert source.startswith("${BROKER_TLS_DIR:?") and source.endswith("/ca.pem")
+    config = yaml.safe_load((ROOT / _config_of(spec)).read_text())
+    assert config["AMQP_SSL"]["ca_certs"] == "${AMQP_CA_FILE:}"
+
+
+def _config_of(spec) -> str:
+    argv = shlex.split(spec["command"])
+    if argv[0] == "gunicorn":
+        return "deploy/config/gateway.yaml"
+    return argv[argv.index("--config") + 1]

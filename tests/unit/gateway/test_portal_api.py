@@ -338,10 +338,10 @@ def test_who_may_list_dead_letters(
 
 
 def test_healthz_follows_the_bus(client, monkeypatch):
-    monkeypatch.setattr(gateway_app, "bus_reachable", lambda uri: True)
+    monkeypatch.setattr(gateway_app, "bus_reachable", lambda uri, **_: True)
     assert client.get("/healthz").get_json() == {"status": "ok"}
 
-    monkeypatch.setattr(gateway_app, "bus_reachable", lambda uri: False)
+    monkeypatch.setattr(gateway_app, "bus_reachable", lambda uri, **_: False)
     response = client.get("/healthz")
     assert response.status_code == 503
     assert response.get_json()["error"] == "bus_unreachable"
