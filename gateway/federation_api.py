@@ -12,6 +12,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from gateway.auth import forbid, require_role
 from gateway.federation_schemas import (
+    AmqpCredentialsSchema,
     CityAdmissionSchema,
     CityAdmittedSchema,
     DatacenterRegisteredSchema,
@@ -62,6 +63,23 @@ def admit_city():
     body = CityAdmissionSchema().load(_json_body())
     admitted = _rpc("admit_city", body["code"], body["name"])
     return jsonify(CityAdmittedSchema().dump(admitted)), 201
+
+
+def _broker_credentials(kind: str, member: str):
+    """A new broker password for a member, shown once (docs/security.md)."""
+    _national_admin()
+    granted = _rpc("grant_member_credentials", kind, member)
+    return jsonify(AmqpCredentialsSchema().dump(granted)), 201
+
+
+@federation.post("/cities/<city>/broker-credentials")
+def city_broker_credentials(city: str):
+    return _broker_credentials("city", city)
+
+
+@federation.post("/datacenters/<datacenter_id>/broker-credentials")
+def datacenter_broker_credentials(datacenter_id: str):
+    return _broker_credentials("datacenter", datacenter_id)
 
 
 @federation.delete("/cities/<city>")
@@ -166,12 +184,33 @@ OPENAPI_SCHEMAS = {
     "DatacenterRegistration": DatacenterRegistrationSchema,
     "DatacenterRegistered": DatacenterRegisteredSchema,
     "SigningKey": SigningKeySchema,
+    "AmqpCredentials": AmqpCredentialsSchema,
     "Recommendations": RecommendationsSchema,
     "Overview": OverviewSchema,
     "Reconciliation": ReconciliationSchema,
 }
 
+
+def _rotate_broker_password(member: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": f"A new broker password for the {member} (national admin), "
+            "shown once; the old one is refused from the next connection",
+            "security": _ADMIN,
+            "parameters": [_param("city" if member == "city" else "datacenter_id")],
+            "responses": {
+                "201": _ok("user and password", "AmqpCredentials"),
+                **_err(401, 403, 404, 409),
+            },
+        }
+    }
+
+
 OPENAPI_PATHS: dict[str, dict[str, Any]] = {
+    "/api/v1/cities/{city}/broker-credentials": _rotate_broker_password("city"),
+    "/api/v1/datacenters/{datacenter_id}/broker-credentials": (
+        _rotate_broker_password("data centre")
+    ),
     "/api/v1/cities": {
         "post": {
             "summary": "Admit a city (national admin): credentials returned once",

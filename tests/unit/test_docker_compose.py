@@ -180,3 +180,30 @@ def _config_of(spec) -> str:
     if argv[0] == "gunicorn":
         return "deploy/config/gateway.yaml"
     return argv[argv.index("--config") + 1]
+
+
+MEMBERS = {
+    "vouchers_shanghai": "city.shanghai",
+    "vouchers_chengdu": "city.chengdu",
+    "vouchers_shandong": "city.shandong",
+    "datacenter_gateway_guian": "dc.guian-gov-01",
+    "datacenter_gateway_lingang": "dc.lingang-com-01",
+}
+
+
+@pytest.mark.parametrize("name", sorted(APP_SERVICES))
+def test_each_member_runs_as_its_own_broker_user_and_the_rest_as_national(name):
+    """DESIGN.md §8: a city or data centre never gets the bootstrap user; the
+    national side is the bootstrap user, and every process knows it is."""
+    env = APP_SERVICES[name]["environment"]
+    user = re.match(r"amqps://(\$\{[^}]+\}|[^:]+):", env["AMQP_URI"]).group(1)
+    national = "${BROKER_USER:?set BROKER_USER in .env}"
+    assert env["NATIONAL_BROKER_USERS"] == national
+    if name in MEMBERS:
+        assert user == MEMBERS[name]
+        assert re.search(r":\$\{[A-Z]+_BROKER_PASSWORD:\?.+\}@", env["AMQP_URI"])
+    else:
+        assert user == national
+    config = yaml.safe_load((ROOT / _config_of(APP_SERVICES[name])).read_text())
+    if name != "portal":  # the portal serves no RPC and publishes no usage
+        assert config["NATIONAL_BROKER_USERS"] == "${NATIONAL_BROKER_USERS:guest}"
