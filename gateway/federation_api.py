@@ -184,7 +184,6 @@ OPENAPI_SCHEMAS = {
     "DatacenterRegistration": DatacenterRegistrationSchema,
     "DatacenterRegistered": DatacenterRegisteredSchema,
     "SigningKey": SigningKeySchema,
-    "AmqpCredentials": AmqpCredentialsSchema,
     "Recommendations": RecommendationsSchema,
     "Overview": OverviewSchema,
     "Reconciliation": ReconciliationSchema,

@@ -16,12 +16,17 @@ from tests.support.polling import eventually_over_http
 pytestmark = pytest.mark.e2e
 
 
-def processes_with_env(entry: str) -> list[int]:
-    """Pids whose environment holds ``entry`` (the test's unique vhost)."""
+def processes_on(rabbit_uri: str) -> list[int]:
+    """Pids whose ``AMQP_URI`` is on the test's unique vhost, as whichever
+    broker user (members run as their own)."""
+    vhost = rabbit_uri.rsplit("/", 1)[1].encode()
     found = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
-            if entry.encode() in environ.read_bytes().split(b"\0"):
+            entries = environ.read_bytes().split(b"\0")
+            if any(
+                e.startswith(b"AMQP_URI=") and e.endswith(b"/" + vhost) for e in entries
+            ):
                 found.append(int(environ.parent.name))
         except OSError:
             continue
@@ -68,10 +73,10 @@ def test_local_network_moves_from_the_first_minute_and_stops_on_ctrl_c(
     ]:
         assert figure is None or 0 <= figure <= 1
     # launcher, registry, metering, 3 cities, 2 gateways, 2 agents, portal
-    assert len(processes_with_env(f"AMQP_URI={rabbit_uri}")) >= 11
+    assert len(processes_on(rabbit_uri)) >= 11
 
     assert network.stop() == 0, network.logs()  # Ctrl-C
-    assert processes_with_env(f"AMQP_URI={rabbit_uri}") == []
+    assert processes_on(rabbit_uri) == []
 
 
 def test_no_process_outlives_a_killed_launcher(launch_network, rabbit_uri):
@@ -79,10 +84,10 @@ def test_no_process_outlives_a_killed_launcher(launch_network, rabbit_uri):
     import signal
 
     network = launch_network("--no-simulate")
-    assert len(processes_with_env(f"AMQP_URI={rabbit_uri}")) >= 8
+    assert len(processes_on(rabbit_uri)) >= 8
     network.stop(signal.SIGKILL)
     eventually_over_http(
-        lambda: processes_with_env(f"AMQP_URI={rabbit_uri}") == [],
+        lambda: processes_on(rabbit_uri) == [],
         40,
         "every process of the network to end",
     )

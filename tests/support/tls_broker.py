@@ -171,7 +171,8 @@ def tls_broker(tmp_path_factory) -> Iterator[TlsBroker]:
     tls_port = free_block(2)
     dist_port = tls_port + 1
     node = f"computenet-tls-{os.getpid()}@localhost"
-    user, password = "computenet-tls", secrets.token_urlsafe(16)
+    # a national user (principals.py): the tests call RPC and publish as it
+    user, password = "national.tls", secrets.token_urlsafe(16)
     conf = base / "rabbitmq.conf"
     conf.write_text(
         "listeners.tcp = none\n"
