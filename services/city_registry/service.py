@@ -23,7 +23,12 @@ from services.city_registry.broker import (
     datacenter_permissions,
     datacenter_username,
 )
-from services.city_registry.dependencies import VIEW_CACHE_S, ProjectionLock, Views
+from services.city_registry.dependencies import (
+    VIEW_CACHE_S,
+    PrefixReservations,
+    ProjectionLock,
+    Views,
+)
 from services.city_registry.domain import (
     events,
     recommendations,
@@ -86,6 +91,7 @@ class CityRegistryService:
     broker = Broker()
     view_cache = Views()
     projection_lock = ProjectionLock()
+    reserved_prefixes = PrefixReservations()
 
     # ------------------------------------------------------------ federation
 
@@ -97,6 +103,9 @@ class CityRegistryService:
         """Project one city event; a database fault requeues it, nothing is lost."""
         try:
             event, body = events.decode_event(message.routing_key, message.body)
+            events.check_voucher_prefix(
+                event, body, self._assigned_prefix(body["city"])
+            )
         except events.RejectedEvent as exc:
             log.warning("dropped federation message: %s", exc)
             return
@@ -203,10 +212,16 @@ class CityRegistryService:
     # ------------------------------------------------------------ federation
 
     @rpc(expected_exceptions=EXPECTED)
-    def admit_city(self, code: str, name: str) -> dict[str, Any]:
-        """Admit a city; its credentials are in this answer and nowhere else."""
-        code, name = seeds.check_city_admission(code, name)
-        outcome = self.store.admit_city(code, name, utcnow())
+    def admit_city(
+        self, code: str, name: str, voucher_prefix: str | None = None
+    ) -> dict[str, Any]:
+        """Admit a city; its credentials are in this answer and nowhere else.
+
+        Its voucher prefix is reserved now (``city.voucher_prefix`` of the
+        answer): ``voucher_prefix`` if free, else one derived from its code.
+        """
+        code, name, requested = seeds.check_city_admission(code, name, voucher_prefix)
+        outcome = self.store.admit_city(code, name, utcnow(), requested)
         if outcome != "admitted":
             raise Conflict(
                 f"city_{outcome}",
@@ -394,6 +409,9 @@ class CityRegistryService:
         return recommendations.voucher_terms(
             city.code, program, voucher.get("balance_fen")
         )
+
+    def _assigned_prefix(self, city: str) -> str | None:
+        return self.reserved_prefixes.of(city, self.store.voucher_prefix)
 
     def _city_call(self, city: str, method: str, *args: Any) -> Any:
         with eventlet.Timeout(CITY_TIMEOUT_S):
