@@ -103,13 +103,19 @@ class CityRegistryService:
         """Project one city event; a database fault requeues it, nothing is lost."""
         try:
             event, body = events.decode_event(message.routing_key, message.body)
-            events.check_voucher_prefix(
-                event, body, self._assigned_prefix(body["city"])
-            )
         except events.RejectedEvent as exc:
             log.warning("dropped federation message: %s", exc)
             return
+        # The prefix is checked under the lock too: reading it may wait for
+        # the database, and events must still be applied in delivery order.
         with self.projection_lock:
+            try:
+                events.check_voucher_prefix(
+                    event, body, self._assigned_prefix(body["city"])
+                )
+            except events.RejectedEvent as exc:
+                log.warning("dropped federation message: %s", exc)
+                return
             applied = self.store.apply_event(event, body, utcnow())
         if not applied:
             log.info("duplicate %s %s dropped", event, body["event_id"])

@@ -5,6 +5,7 @@ national view is read over RPC, as the portal would.
 """
 
 import json
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from nameko.rpc import rpc
 from nameko.standalone.rpc import ServiceRpcClient
 
 from services.city_registry.broker import BrokerAdmin
+from services.city_registry.dependencies import VIEW_CACHE_S
 from services.city_registry.service import (
     FEDERATION_QUEUE,
     CityRegistryService,
@@ -128,6 +130,8 @@ def redeemed(city, eid, code, subsidy):
 def wuhan_admitted(registry_rpc, rabbit_uri):
     """Wuhan admitted with the prefix WH; its broker user deleted after."""
     admitted = registry_rpc.admit_city("wuhan", "Wuhan", voucher_prefix="WH")
+    # The answer's City view is cached that long: let the test read fresh ones.
+    time.sleep(VIEW_CACHE_S)
     yield admitted
     BrokerAdmin.from_config({"AMQP_URI": rabbit_uri}).delete_user("city.wuhan")
 
