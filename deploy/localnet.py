@@ -264,6 +264,8 @@ class Network:
         # its permissions (DESIGN.md §8); the national side (registry,
         # metering, portal, this launcher) as the bootstrap user.
         brokers = {city: self._member_credentials("city", city) for city in spec.cities}
+        # Each city runs with the voucher prefix the registry reserved for it
+        # when it seeded the city from its rules file (the file's, if free).
         cities = {
             city: self._service(
                 f"vouchers_{city}",
@@ -271,6 +273,7 @@ class Network:
                 AMQP_URI=self._member_uri(brokers[city]),
                 CITY_CODE=city,
                 RULES_FILE=str(ROOT / "deploy" / "cities" / f"{city}.yaml"),
+                VOUCHER_PREFIX=self._reserved_prefix(city),
             )
             for city in spec.cities
         }
@@ -364,6 +367,21 @@ class Network:
         partial.write_text(json.dumps(self.credentials, indent=2) + "\n")
         os.chmod(partial, 0o600)
         partial.replace(self.credentials_path)
+
+    def _reserved_prefix(self, city: str) -> str:
+        """The voucher prefix the registry reserved for ``city``."""
+        from services.common.errors import NotFound
+
+        try:
+            prefix = self.rpc.call("city_registry", "get_city", city)["voucher_prefix"]
+        except NotFound:
+            prefix = None
+        if not prefix:
+            raise NetworkError(
+                f"the registry reserved no voucher prefix for {city} "
+                f"(is deploy/cities/{city}.yaml there?)"
+            )
+        return prefix
 
     def _portal_secret(self) -> str:
         """The dashboard's cookie-signing key, kept across runs in var/."""

@@ -201,13 +201,21 @@ def city():
 @city.command("admit")
 @click.argument("code")
 @click.argument("name")
+@click.option(
+    "--voucher-prefix",
+    default=None,
+    help="the voucher prefix to ask for (2-4 capitals); by default one is derived",
+)
 @json_option
 @pass_context
-def city_admit(obj: Context, code: str, name: str):
-    """Admit city CODE (national admin); its credentials are shown once."""
-    admitted = obj.portal().call(
-        "POST", "/api/v1/cities", body={"code": code, "name": name}
-    )
+def city_admit(obj: Context, code: str, name: str, voucher_prefix: str | None):
+    """Admit city CODE (national admin); its credentials are shown once, and
+    the voucher prefix reserved for it (give it as VOUCHER_PREFIX to its
+    vouchers service)."""
+    body = {"code": code, "name": name}
+    if voucher_prefix:
+        body["voucher_prefix"] = voucher_prefix
+    admitted = obj.portal().call("POST", "/api/v1/cities", body=body)
 
     def render(data):
         amqp = data.get("amqp") or {}
@@ -215,6 +223,7 @@ def city_admit(obj: Context, code: str, name: str):
             _fields_table(
                 f"city {code} admitted",
                 [
+                    ("voucher prefix", (data.get("city") or {}).get("voucher_prefix")),
                     ("admin token", data.get("admin_token")),
                     ("AMQP user", amqp.get("username")),
                     ("AMQP password", amqp.get("password")),

@@ -61,7 +61,12 @@ def _admin_or_datacenter(datacenter_id: str) -> None:
 def admit_city():
     _national_admin()
     body = CityAdmissionSchema().load(_json_body())
-    admitted = _rpc("admit_city", body["code"], body["name"])
+    # Asked for only when the body names one: the call of a client that sends
+    # CONTRACTS §7's fields is the one a registry before issue 14 answers.
+    requested = (
+        {"voucher_prefix": body["voucher_prefix"]} if body["voucher_prefix"] else {}
+    )
+    admitted = _rpc("admit_city", body["code"], body["name"], **requested)
     return jsonify(CityAdmittedSchema().dump(admitted)), 201
 
 
@@ -212,7 +217,8 @@ OPENAPI_PATHS: dict[str, dict[str, Any]] = {
     ),
     "/api/v1/cities": {
         "post": {
-            "summary": "Admit a city (national admin): credentials returned once",
+            "summary": "Admit a city (national admin): credentials returned once; "
+            "its voucher prefix reserved (the requested one if free)",
             "security": _ADMIN,
             "requestBody": {
                 "required": True,

@@ -4,10 +4,11 @@ reconciliation and recommendations. Money in fen, rates in basis points."""
 
 from __future__ import annotations
 
-from marshmallow import RAISE, Schema, fields, validate
+from marshmallow import RAISE, Schema, fields, post_load, validate
 
 from gateway.schemas import CitySchema, DatacenterSchema
 from services.common.contracts import CITY_CODE_PATTERN, UtcTimestamp
+from services.common.vouchercode import PREFIX_PATTERN
 
 DATACENTER_ID_PATTERN = r"^[a-z0-9-]+$"
 
@@ -26,6 +27,20 @@ class CityAdmissionSchema(_Strict):
         validate=[validate.Regexp(CITY_CODE_PATTERN), validate.Length(max=48)],
     )
     name = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    # Not in CONTRACTS.md §7 (an extension: a client that sends only code
+    # and name is assigned one).
+    voucher_prefix = fields.String(
+        load_default=None,
+        validate=validate.Regexp(
+            PREFIX_PATTERN, error="voucher_prefix must be 2-4 capital letters A-Z"
+        ),
+        metadata={
+            "description": "optional: the voucher prefix the city asks for "
+            "(2-4 capitals). The registry reserves it if no other city holds "
+            "it, else one derived from the city code; the answer's "
+            "city.voucher_prefix is the one reserved, for good."
+        },
+    )
 
 
 class InventoryItemRequestSchema(_Strict):
@@ -46,7 +61,15 @@ class DatacenterRegistrationSchema(_Strict):
     )
     name = fields.String(required=True, validate=validate.Length(min=1, max=200))
     operator = fields.String(required=True, validate=validate.Length(min=1, max=200))
-    city = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    city = fields.String(
+        load_default=None,
+        allow_none=True,
+        validate=validate.Length(min=1, max=64),
+        metadata={
+            "description": "optional (not in CONTRACTS.md §7): the city the "
+            "centre stands in, for people; null when not given"
+        },
+    )
     hub_region = fields.String(required=True, validate=validate.Length(min=1, max=64))
     government_run = fields.Boolean(required=True)
     inventory = fields.List(
@@ -54,6 +77,18 @@ class DatacenterRegistrationSchema(_Strict):
         required=True,
         validate=validate.Length(min=1),
     )
+    # A Datacenter as GET answers it (CONTRACTS.md §7) may be posted back
+    # whole: its utilisation is measured by metering, never declared.
+    utilisation = fields.Raw(
+        load_default=None,
+        allow_none=True,
+        metadata={"description": "ignored: measured, not declared"},
+    )
+
+    @post_load
+    def _drop_measured(self, data: dict, **_: object) -> dict:
+        data.pop("utilisation", None)
+        return data
 
 
 class RecommendationQuerySchema(_Strict):

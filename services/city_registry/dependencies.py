@@ -85,3 +85,33 @@ class ProjectionLock(DependencyProvider):
 
     def get_dependency(self, worker_ctx: Any) -> Semaphore:
         return self.lock
+
+
+class Prefixes:
+    """The voucher prefix reserved for each city, as read from the store.
+
+    Checked on every federation event; a reservation never changes once made,
+    so one found is kept for the container's life. A city without one yet is
+    asked again each time (it may be admitted in the meantime).
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[str, str] = {}
+
+    def of(self, city: str, load: Callable[[str], str | None]) -> str | None:
+        held = self._held.get(city)
+        if held is None:
+            held = load(city)
+            if held is not None:
+                self._held[city] = held
+        return held
+
+
+class PrefixReservations(DependencyProvider):
+    """Injects the container's :class:`Prefixes`, the same for every worker."""
+
+    def setup(self) -> None:
+        self.prefixes = Prefixes()
+
+    def get_dependency(self, worker_ctx: Any) -> Prefixes:
+        return self.prefixes

@@ -41,7 +41,9 @@ class City(Base):
     code: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     region: Mapped[str | None] = mapped_column(String(64))
-    voucher_prefix: Mapped[str | None] = mapped_column(String(8))
+    # Reserved by the registry at admission or seed, unique, never changed:
+    # the only source of the prefix map metering routes usage_rated by.
+    voucher_prefix: Mapped[str | None] = mapped_column(String(8), unique=True)
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     committed_fen: Mapped[int] = mapped_column(BigInteger, default=0)
     redeemed_fen: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -113,7 +115,7 @@ class Datacenter(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     operator: Mapped[str] = mapped_column(String(200))
-    city: Mapped[str] = mapped_column(String(64))
+    city: Mapped[str | None] = mapped_column(String(64))
     hub_region: Mapped[str] = mapped_column(String(64))
     government_run: Mapped[bool] = mapped_column(Boolean, default=False)
     # [{gpu_model, count, chip_origin, price_fen_per_gpu_hour}]

@@ -22,7 +22,12 @@ from services.city_registry.broker import (
     datacenter_permissions,
     datacenter_username,
 )
-from services.city_registry.dependencies import VIEW_CACHE_S, ProjectionLock, Views
+from services.city_registry.dependencies import (
+    VIEW_CACHE_S,
+    PrefixReservations,
+    ProjectionLock,
+    Views,
+)
 from services.city_registry.domain import (
     events,
     recommendations,
@@ -88,6 +93,7 @@ class CityRegistryService:
     broker = Broker()
     view_cache = Views()
     projection_lock = ProjectionLock()
+    reserved_prefixes = PrefixReservations()
 
     # ------------------------------------------------------------ federation
 
@@ -102,7 +108,16 @@ class CityRegistryService:
         except events.RejectedEvent as exc:
             log.warning("dropped federation message: %s", exc)
             return
+        # The prefix is checked under the lock too: reading it may wait for
+        # the database, and events must still be applied in delivery order.
         with self.projection_lock:
+            try:
+                events.check_voucher_prefix(
+                    event, body, self._assigned_prefix(body["city"])
+                )
+            except events.RejectedEvent as exc:
+                log.warning("dropped federation message: %s", exc)
+                return
             applied = self.store.apply_event(event, body, utcnow())
         if not applied:
             log.info("duplicate %s %s dropped", event, body["event_id"])
@@ -205,10 +220,16 @@ class CityRegistryService:
     # ------------------------------------------------------------ federation
 
     @rpc(expected_exceptions=EXPECTED)
-    def admit_city(self, code: str, name: str) -> dict[str, Any]:
-        """Admit a city; its credentials are in this answer and nowhere else."""
-        code, name = seeds.check_city_admission(code, name)
-        outcome = self.store.admit_city(code, name, utcnow())
+    def admit_city(
+        self, code: str, name: str, voucher_prefix: str | None = None
+    ) -> dict[str, Any]:
+        """Admit a city; its credentials are in this answer and nowhere else.
+
+        Its voucher prefix is reserved now (``city.voucher_prefix`` of the
+        answer): ``voucher_prefix`` if free, else one derived from its code.
+        """
+        code, name, requested = seeds.check_city_admission(code, name, voucher_prefix)
+        outcome = self.store.admit_city(code, name, utcnow(), requested)
         if outcome != "admitted":
             raise Conflict(
                 f"city_{outcome}",
@@ -430,6 +451,9 @@ class CityRegistryService:
         return recommendations.voucher_terms(
             city.code, program, voucher.get("balance_fen")
         )
+
+    def _assigned_prefix(self, city: str) -> str | None:
+        return self.reserved_prefixes.of(city, self.store.voucher_prefix)
 
     def _city_call(self, city: str, method: str, *args: Any) -> Any:
         with eventlet.Timeout(CITY_TIMEOUT_S):

@@ -13,19 +13,20 @@ the deploy/ seed applied in ``setup()``, before any entrypoint starts.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from nameko import config
 from sqlalchemy import or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from services.city_registry.domain import events, seeds, tokens
+from services.city_registry.domain import events, prefixes, seeds, tokens
 from services.city_registry.domain.reconciliation import RECONCILED_FIELDS
 from services.city_registry.domain.seeds import SeedError
 from services.city_registry.domain.state import (
@@ -48,6 +49,7 @@ from services.common.config import DEPLOY_DIR
 from services.common.db import Database
 
 log = logging.getLogger("computenet.city_registry")
+T = TypeVar("T")
 
 
 def _utcnow() -> datetime:
@@ -121,19 +123,25 @@ class RegistryStore:
     # ------------------------------------------------------------ seed
 
     def seed(self, cities: list[CityState], datacenters: list[DatacenterState]) -> None:
-        """Upsert what deploy/ lists; idempotent, and keys and money untouched."""
+        """Upsert what deploy/ lists; idempotent, and keys and money untouched.
+
+        Each city gets its voucher prefix reserved, the one its file asks for
+        when free; a city that holds one keeps it.
+        """
+        _retry_on_conflict(lambda: self._seed(cities, datacenters), self.session)
+
+    def _seed(
+        self, cities: list[CityState], datacenters: list[DatacenterState]
+    ) -> None:
         with self._transaction():
             for city in cities:
                 self._ensure_city(city.code)
                 self.session.execute(
                     update(City)
                     .where(City.code == city.code)
-                    .values(
-                        name=city.name,
-                        region=city.region,
-                        voucher_prefix=city.voucher_prefix,
-                    )
+                    .values(name=city.name, region=city.region)
                 )
+                self._reserve_prefix(city.code, city.voucher_prefix)
             for dc in datacenters:
                 values = {
                     "name": dc.name,
@@ -192,25 +200,11 @@ class RegistryStore:
         )
 
     def _publish(self, city: str, body: dict[str, Any]) -> None:
+        # Never the voucher prefix: that is reserved at admission, and an
+        # event claiming another is refused before it gets here.
         details = {
             key: body[key] for key in ("name", "region") if body.get(key) is not None
         }
-        prefix = body.get("voucher_prefix")
-        if prefix:
-            owner = self.session.scalar(
-                select(City.code).where(
-                    City.voucher_prefix == prefix, City.code != city
-                )
-            )
-            if owner is None:
-                details["voucher_prefix"] = prefix
-            else:
-                log.warning(
-                    "%s claims voucher prefix %s of %s: prefix ignored",
-                    city,
-                    prefix,
-                    owner,
-                )
         if details:
             self.session.execute(
                 update(City).where(City.code == city).values(**details)
@@ -305,6 +299,10 @@ class RegistryStore:
             for row in self.session.scalars(select(City).order_by(City.code))
         ]
 
+    def voucher_prefix(self, code: str) -> str | None:
+        """The prefix reserved for city ``code``, or None."""
+        return self.session.scalar(select(City.voucher_prefix).where(City.code == code))
+
     def city(self, code: str) -> CityState | None:
         row = self.session.get(City, code)
         if row is None:
@@ -390,8 +388,22 @@ class RegistryStore:
 
     # ------------------------------------------------------------ federation
 
-    def admit_city(self, code: str, name: str, now: datetime) -> str:
-        """``admitted`` (new or seeded city), ``exists`` or ``removed``."""
+    def admit_city(
+        self, code: str, name: str, now: datetime, voucher_prefix: str | None = None
+    ) -> str:
+        """``admitted`` (new or seeded city), ``exists`` or ``removed``.
+
+        An admitted city has its voucher prefix reserved: ``voucher_prefix``
+        if no other city holds it, else one derived from its code; a seeded
+        city keeps the one it holds.
+        """
+        return _retry_on_conflict(
+            lambda: self._admit_city(code, name, now, voucher_prefix), self.session
+        )
+
+    def _admit_city(
+        self, code: str, name: str, now: datetime, voucher_prefix: str | None
+    ) -> str:
         with self._transaction():
             self._insert_absent(City, code=code, name=name, created_at=now)
             row = self.session.get(City, code, with_for_update=True)
@@ -401,8 +413,43 @@ class RegistryStore:
                 outcome = "exists"
             else:
                 row.admitted_at, row.name = now, name
+                self.session.flush()
+                self._reserve_prefix(code, voucher_prefix)
                 outcome = "admitted"
             return outcome
+
+    def _reserve_prefix(self, code: str, requested: str | None) -> str:
+        """The prefix of city ``code``, reserved now if it has none (in the
+        caller's transaction; a rival reserving the same one at once makes
+        the commit fail with IntegrityError, and the caller try again)."""
+        held = self.voucher_prefix(code)
+        if held is not None:
+            if requested is not None and requested != held:
+                log.warning(
+                    "%s asks for voucher prefix %s but holds %s: it keeps %s",
+                    code,
+                    requested,
+                    held,
+                    held,
+                )
+            return held
+        taken = set(
+            self.session.scalars(
+                select(City.voucher_prefix).where(City.voucher_prefix.is_not(None))
+            )
+        )
+        prefix = prefixes.assign(code, requested, taken)
+        if requested is not None and prefix != requested:
+            log.warning(
+                "%s asks for voucher prefix %s, held by another city: %s reserved",
+                code,
+                requested,
+                prefix,
+            )
+        self.session.execute(
+            update(City).where(City.code == code).values(voucher_prefix=prefix)
+        )
+        return prefix
 
     def remove_city(self, code: str, now: datetime) -> bool:
         return self._mark_removed(City, code, now)
@@ -501,6 +548,23 @@ class RegistryStore:
                 Token.token_sha256 == digest, Token.revoked_at.is_(None)
             )
         )
+
+
+# A prefix reservation racing another registry copy's: tried again this often.
+PREFIX_ATTEMPTS = 5
+
+
+def _retry_on_conflict(attempt: Callable[[], T], session: Session) -> T:
+    """``attempt()``, again when a unique key (a voucher prefix) was taken
+    by a concurrent transaction between our read and our commit."""
+    for remaining in range(PREFIX_ATTEMPTS - 1, -1, -1):
+        try:
+            return attempt()
+        except IntegrityError:
+            session.rollback()
+            if not remaining:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _increments(model: type, delta: events.LedgerDelta) -> dict[str, Any]:

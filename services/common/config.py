@@ -49,6 +49,9 @@ MAX_CONTENT_LENGTH = "MAX_CONTENT_LENGTH"
 # vouchers
 CITY_CODE = "CITY_CODE"
 RULES_FILE = "RULES_FILE"
+# The voucher prefix the registry reserved for the city at admission (issue 14);
+# when unset, the rules file's voucher_prefix.
+VOUCHER_PREFIX = "VOUCHER_PREFIX"
 HEARTBEAT_INTERVAL_S = "HEARTBEAT_INTERVAL_S"
 
 # city_registry

@@ -12,6 +12,10 @@ import secrets
 
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"  # RFC 4648 base32
 _CHECK_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# A city's prefix: 2-4 capitals, unique in the network, assigned by the
+# registry at admission (services/city_registry/domain/prefixes.py).
+PREFIX_PATTERN = r"^[A-Z]{2,4}$"
+PREFIX = re.compile(PREFIX_PATTERN)
 _SHAPE = re.compile(r"^([A-Z]{2,4})-([A-Z2-7]{12})-([0-9A-Z])$")
 
 

@@ -9,10 +9,10 @@ from nameko import config
 from nameko.extensions import DependencyProvider
 from sqlalchemy.exc import IntegrityError
 
-from services.common.config import CITY_CODE, RULES_FILE
+from services.common.config import CITY_CODE, RULES_FILE, VOUCHER_PREFIX
 from services.common.db import Database
 from services.vouchers.ledger import CityLedger, sync_programs
-from services.vouchers.rules import load_rules
+from services.vouchers.rules import instance_rules
 
 
 class Ledger(Database):
@@ -24,7 +24,9 @@ class Ledger(Database):
 
     def setup(self):
         super().setup()
-        self.rules = load_rules(config[RULES_FILE], config[CITY_CODE])
+        self.rules = instance_rules(
+            config[RULES_FILE], config[CITY_CODE], config.get(VOUCHER_PREFIX)
+        )
         for attempt in range(2):
             session = self.sessionmaker()
             try:

@@ -334,7 +334,9 @@ class CityRules:
     city: str
     name: str
     region: str
-    voucher_prefix: str
+    # The prefix of the city's voucher codes: the registry's reservation
+    # (rules.instance_rules); None only for a file checked on its own.
+    voucher_prefix: str | None
     programs: tuple[Program, ...]
     version: str
     sha256: str

@@ -7,6 +7,7 @@ line and the problem, e.g. ``deploy/cities/x.yaml:14: programs[0].rate_percent:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from pathlib import Path
@@ -16,13 +17,15 @@ import yaml
 
 from services.common.contracts import CITY_CODE
 from services.common.units import cny_to_fen, percent_to_bp
+from services.common.vouchercode import PREFIX
 from services.vouchers import domain
 
-PREFIX = re.compile(r"^[A-Z]{2,4}$")
 PROGRAM_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 TOP_KEYS = {"version", "city", "name", "region", "voucher_prefix", "programs"}
-TOP_REQUIRED = ("city", "name", "region", "voucher_prefix", "programs")
+# voucher_prefix is optional (CONTRACTS.md §5): the registry reserves the
+# city's at admission; a file that names one must name that one.
+TOP_REQUIRED = ("city", "name", "region", "programs")
 PROGRAM_KEYS = {
     "id",
     "kind",
@@ -348,7 +351,11 @@ def _city(data: Any, sha256: str, source: str) -> domain.CityRules:
         city=_string(data["city"], ("city",), CITY_CODE),
         name=_string(data["name"], ("name",)),
         region=_string(data["region"], ("region",)),
-        voucher_prefix=_string(data["voucher_prefix"], ("voucher_prefix",), PREFIX),
+        voucher_prefix=(
+            _string(data["voucher_prefix"], ("voucher_prefix",), PREFIX)
+            if "voucher_prefix" in data
+            else None
+        ),
         programs=tuple(parsed),
         version=str(version),
         sha256=sha256,
@@ -388,8 +395,15 @@ def parse_rules(text: bytes, source: str = "<rules>") -> domain.CityRules:
         ) from None
 
 
-def load_rules(path: str | Path, city: str | None = None) -> domain.CityRules:
-    """Read and validate a rules file; with ``city``, it must be that city's."""
+def load_rules(
+    path: str | Path, city: str | None = None, voucher_prefix: str | None = None
+) -> domain.CityRules:
+    """Read and validate a rules file; with ``city``, it must be that city's.
+
+    ``voucher_prefix`` is the prefix the registry reserved for the city at
+    admission (``VOUCHER_PREFIX``): the rules then carry it, and a file that
+    names another is refused.
+    """
     path = Path(path)
     try:
         text = path.read_bytes()
@@ -401,6 +415,36 @@ def load_rules(path: str | Path, city: str | None = None) -> domain.CityRules:
     if city is not None and rules.city != city:
         raise RulesError(
             f"{path}: city is {rules.city!r} but this instance is {city!r}"
+        )
+    if voucher_prefix is None:
+        return rules
+    if not PREFIX.match(voucher_prefix):
+        raise RulesError(
+            f"VOUCHER_PREFIX {voucher_prefix!r} is not a voucher prefix "
+            "(2-4 capital letters A-Z)"
+        )
+    if rules.voucher_prefix not in (None, voucher_prefix):
+        raise RulesError(
+            f"{path}: voucher_prefix is {rules.voucher_prefix!r} but the registry "
+            f"reserved {voucher_prefix!r} for {rules.city} at admission "
+            f"(VOUCHER_PREFIX): use {voucher_prefix!r} or leave voucher_prefix out"
+        )
+    return dataclasses.replace(rules, voucher_prefix=voucher_prefix)
+
+
+def instance_rules(
+    path: str | Path, city: str, voucher_prefix: str | None
+) -> domain.CityRules:
+    """The rules a city's service runs on: its file, with the voucher prefix
+    the registry reserved for it (``VOUCHER_PREFIX``, else the file's own);
+    RulesError when they differ or neither names one."""
+    rules = load_rules(path, city, voucher_prefix or None)
+    if rules.voucher_prefix is None:
+        raise RulesError(
+            f"{path}: no voucher prefix for {city}: set VOUCHER_PREFIX to the "
+            "prefix the registry reserved at admission (the admission answer's "
+            "city.voucher_prefix, or GET /api/v1/cities/<city>), or voucher_prefix "
+            "in the rules file"
         )
     return rules
 

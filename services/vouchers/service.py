@@ -27,6 +27,7 @@ from services.common.config import (
     CITY_CODE,
     HEARTBEAT_INTERVAL_S,
     RULES_FILE,
+    VOUCHER_PREFIX,
     ConfigError,
 )
 from services.common.contracts import (
@@ -45,7 +46,7 @@ from services.common.units import cny_to_fen, format_ts, utcnow
 from services.vouchers import domain
 from services.vouchers.batching import consume_batch
 from services.vouchers.dependencies import Ledger, OutboxMarks, Uptime
-from services.vouchers.rules import load_rules
+from services.vouchers.rules import instance_rules
 from services.vouchers.schemas import (
     ApplicationRequestSchema,
     ApplicationResponseSchema,
@@ -434,7 +435,7 @@ def build(config: dict) -> type:
         raise ConfigError(f"{CITY_CODE} must be a city code ([a-z0-9_]+), not {city!r}")
     if not config.get(RULES_FILE):
         raise ConfigError(f"{RULES_FILE} is not set")
-    load_rules(config[RULES_FILE], city)
+    instance_rules(config[RULES_FILE], city, config.get(VOUCHER_PREFIX))
     queue = durable_queue(
         f"vouchers_{city}.usage_rated",
         FEDERATION_EXCHANGE,

@@ -146,15 +146,17 @@ def test_a_fourth_city_and_a_new_datacenter_join_through_the_api(network):
     # A voucher prefix no other city uses (2-4 capitals).
     prefix = "Z" + "".join(chr(65 + int(c, 16) % 26) for c in suffix[:3])
 
-    # 1. The national admin admits the city: credentials, once.
+    # 1. The national admin admits the city: credentials, once, and the
+    # voucher prefix it asked for, reserved.
     response = requests.post(
         f"{portal}/api/v1/cities",
-        json={"code": code, "name": "Ningbo"},
+        json={"code": code, "name": "Ningbo", "voucher_prefix": prefix},
         headers=national,
         timeout=15,
     )
     assert response.status_code == 201, response.text
     admitted = response.json()
+    assert admitted["city"]["voucher_prefix"] == prefix
     city_admin = {"Authorization": f"Bearer {admitted['admin_token']}"}
     city_amqp = amqp_uri_for(rabbit_uri, **admitted["amqp"])
     again = requests.post(
@@ -165,13 +167,13 @@ def test_a_fourth_city_and_a_new_datacenter_join_through_the_api(network):
     )
     assert again.status_code == 409, again.text
 
-    # 2. Its IT writes a rules file and starts its own vouchers process.
+    # 2. Its IT writes a rules file (no voucher_prefix: the reserved one is
+    # given in VOUCHER_PREFIX) and starts its own vouchers process.
     rules = network["tmp"] / f"{code}.yaml"
     rules.write_text(
         f"""city: {code}
 name: Ningbo
 region: east
-voucher_prefix: {prefix}
 programs:
   - id: nb-compute-2025
     kind: compute
@@ -196,6 +198,7 @@ programs:
             network["env"],
             CITY_CODE=code,
             RULES_FILE=str(rules),
+            VOUCHER_PREFIX=admitted["city"]["voucher_prefix"],
             DATABASE_URL=network["city_db"],
             AMQP_URI=city_amqp,
             HEARTBEAT_INTERVAL_S="2",

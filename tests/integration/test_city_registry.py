@@ -5,6 +5,7 @@ national view is read over RPC, as the portal would.
 """
 
 import json
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from nameko import config
 from nameko.rpc import rpc
 from nameko.standalone.rpc import ServiceRpcClient
 
+from services.city_registry.broker import BrokerAdmin
+from services.city_registry.dependencies import VIEW_CACHE_S
 from services.city_registry.service import (
     FEDERATION_QUEUE,
     CityRegistryService,
@@ -25,6 +28,7 @@ from services.common.errors import InvalidRequest, NotFound
 from services.common.migrations import upgrade
 from services.common.rpc_access import caller_options
 from services.common.units import utcnow
+from services.common.vouchercode import generate
 from tests.support.bus import wait_acked
 from tests.support.federation_data import program
 from tests.support.polling import eventually
@@ -123,11 +127,25 @@ def redeemed(city, eid, code, subsidy):
     )
 
 
-def test_national_view_projects_federation_events_once(registry, registry_rpc):
+@pytest.fixture
+def wuhan_admitted(registry_rpc, rabbit_uri):
+    """Wuhan admitted with the prefix WH; its broker user deleted after."""
+    admitted = registry_rpc.admit_city("wuhan", "Wuhan", voucher_prefix="WH")
+    # The answer's City view is cached that long: let the test read fresh ones.
+    time.sleep(VIEW_CACHE_S)
+    yield admitted
+    BrokerAdmin.from_config({"AMQP_URI": rabbit_uri}).delete_user("city.wuhan")
+
+
+def test_national_view_projects_federation_events_once(
+    registry, registry_rpc, wuhan_admitted
+):
     seeded = {city["code"]: city for city in registry_rpc.list_cities()}
     assert {"shanghai", "chengdu", "shandong"} <= set(seeded)
     assert seeded["shanghai"]["status"] == "unknown"
     assert registry_rpc.voucher_prefixes()["SH"] == "shanghai"
+    assert wuhan_admitted["city"]["voucher_prefix"] == "WH"
+    sh1, sh2, wh1 = (generate(p) for p in ("SH", "SH", "WH"))
 
     events = [
         event(
@@ -137,20 +155,20 @@ def test_national_view_projects_federation_events_once(registry, registry_rpc):
             programs=programs("shanghai", 1_000_000),
         ),
         event("heartbeat", "shanghai", "sh-h", version="1", uptime_s=5),
-        issued("shanghai", "sh-i1", "SH-1", 300_000),
-        issued("shanghai", "sh-i1", "SH-1", 300_000),  # redelivered: same event_id
-        issued("shanghai", "sh-i2", "SH-2", 200_000),
-        redeemed("shanghai", "sh-r1", "SH-1", 50_000),
-        redeemed("shanghai", "sh-r2", "SH-1", -10_000),  # correction reversal
+        issued("shanghai", "sh-i1", sh1, 300_000),
+        issued("shanghai", "sh-i1", sh1, 300_000),  # redelivered: same event_id
+        issued("shanghai", "sh-i2", sh2, 200_000),
+        redeemed("shanghai", "sh-r1", sh1, 50_000),
+        redeemed("shanghai", "sh-r2", sh1, -10_000),  # correction reversal
         event(
             "voucher_released",
             "shanghai",
             "sh-x1",
-            voucher_code="SH-2",
+            voucher_code=sh2,
             released_fen=200_000,
             reason="expired",
         ),
-        # a city joining later, with its own name, region and prefix
+        # a city admitted later, with its own name, region and (reserved) prefix
         event(
             "program_published",
             "wuhan",
@@ -160,11 +178,11 @@ def test_national_view_projects_federation_events_once(registry, registry_rpc):
             voucher_prefix="WH",
             programs=programs("wuhan", 500_000),
         ),
-        issued("wuhan", "wh-i1", "WH-1", 100_000),
+        issued("wuhan", "wh-i1", wh1, 100_000),
         # a body naming another city than its routing key: dropped
         (
             federation_key("shanghai", "voucher_issued"),
-            issued("wuhan", "x", "WH-9", 1)[1],
+            issued("wuhan", "x", generate("WH"), 1)[1],
         ),
     ]
     publish(events)

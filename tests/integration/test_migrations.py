@@ -111,3 +111,37 @@ def test_metering_totals_start_from_the_rollups_already_written(
         ("dc-a", 0, 3, 7260, 95),
         ("dc-b", 0, 3, 900, 40),
     ]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_registry_prefixes_held_twice_are_kept_by_the_oldest_holder(
+    backend, sqlite_url, pg_url_factory
+):
+    """Migration 0003 makes prefixes unique: a duplicate is cleared."""
+    from sqlalchemy import text
+
+    url = sqlite_url if backend == "sqlite" else pg_url_factory("prefixes")
+    upgrade("city_registry", url, "0002")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:
+            for code, prefix, at in [
+                ("shanghai", "SH", "2025-01-01 00:00:00+00"),
+                ("squatter", "SH", "2025-02-01 00:00:00+00"),
+                ("chengdu", "CD", "2025-03-01 00:00:00+00"),
+            ]:
+                connection.execute(
+                    text(
+                        "INSERT INTO cities (code, name, voucher_prefix, created_at,"
+                        " committed_fen, redeemed_fen, released_fen, vouchers_issued)"
+                        " VALUES (:code, :code, :prefix, :at, 0, 0, 0, 0)"
+                    ),
+                    {"code": code, "prefix": prefix, "at": at},
+                )
+        upgrade("city_registry", url)
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT code, voucher_prefix FROM cities"))
+            held = {code: prefix for code, prefix in rows}
+        assert held == {"shanghai": "SH", "squatter": None, "chengdu": "CD"}
+    finally:
+        engine.dispose()

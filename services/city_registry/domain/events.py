@@ -12,6 +12,7 @@ from typing import Any
 from marshmallow import ValidationError
 
 from services.city_registry.domain.state import Figures
+from services.common import vouchercode
 from services.common.contracts import CITY_CODE, load_event
 from services.common.terms import TERMS_ON_THE_WIRE
 
@@ -72,6 +73,38 @@ def decode_event(routing_key: str, body: bytes) -> tuple[str, dict[str, Any]]:
             f"routing key {key_city!r}"
         )
     return event, loaded
+
+
+def check_voucher_prefix(
+    event: str, body: Mapping[str, Any], assigned: str | None
+) -> None:
+    """Refuse (RejectedEvent) an event that claims a prefix not its city's.
+
+    ``assigned`` is the prefix the registry reserved for the city at
+    admission (None: it has none). A ``program_published`` may name the
+    prefix, and then must name that one; an event about a voucher must be
+    about a well-formed code of that prefix. A city publishing another's
+    prefix would otherwise be announcing that city's vouchers as its own.
+    """
+    where = f"{body['city']}.{event}"
+    claimed = body.get("voucher_prefix")
+    if claimed is not None and claimed != assigned:
+        raise RejectedEvent(
+            f"{where}: voucher_prefix {claimed!r} is not the city's assigned "
+            f"prefix {assigned!r}"
+        )
+    code = body.get("voucher_code")
+    if code is None:
+        return
+    try:
+        prefix = vouchercode.parse(code)
+    except vouchercode.InvalidVoucherCode as exc:
+        raise RejectedEvent(f"{where}: {exc}") from None
+    if prefix != assigned:
+        raise RejectedEvent(
+            f"{where}: voucher {code} has prefix {prefix!r}, the city's assigned "
+            f"prefix is {assigned!r}"
+        )
 
 
 # Column widths of models.py: a longer value would fail the insert on every

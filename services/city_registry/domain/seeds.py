@@ -4,10 +4,10 @@ admin's admissions and registrations, checked and turned into plain data."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
+from services.city_registry.domain import prefixes
 from services.city_registry.domain.state import (
     DATACENTER_ID,
     CityState,
@@ -16,8 +16,7 @@ from services.city_registry.domain.state import (
 )
 from services.common.contracts import CITY_CODE
 from services.common.errors import InvalidRequest
-
-VOUCHER_PREFIX = re.compile(r"^[A-Z]{2,4}$")
+from services.common.vouchercode import PREFIX
 
 
 class SeedError(ValueError):
@@ -34,6 +33,9 @@ def _required(data: Mapping[str, Any], key: str, where: str) -> Any:
 def parse_city_seed(data: Any, where: str) -> CityState:
     """A city from its rules file: only what the registry lists (no programs).
 
+    Its ``voucher_prefix``, when the file names one, is the prefix it asks
+    for: the registry reserves it if no other city holds it (``prefixes``).
+
     The program rules are the city's own business and are validated by its
     voucher service; budgets reach the registry by ``program_published``.
     """
@@ -43,7 +45,7 @@ def parse_city_seed(data: Any, where: str) -> CityState:
     if not CITY_CODE.match(code):
         raise SeedError(f"{where}: city code {code!r} must match [a-z0-9_]+")
     prefix = data.get("voucher_prefix")
-    if prefix is not None and not VOUCHER_PREFIX.match(str(prefix)):
+    if prefix is not None and not PREFIX.match(str(prefix)):
         raise SeedError(f"{where}: voucher_prefix {prefix!r} must be 2-4 capitals")
     region = data.get("region")
     return CityState(
@@ -106,7 +108,9 @@ def parse_datacenter_seeds(data: Any, where: str) -> list[DatacenterState]:
                 id=dc_id,
                 name=str(_required(entry, "name", at)),
                 operator=str(_required(entry, "operator", at)),
-                city=str(_required(entry, "city", at)),
+                # Optional (not in CONTRACTS.md §7): the city it stands in,
+                # for people; null when not stated.
+                city=str(entry["city"]) if entry.get("city") else None,
                 hub_region=str(_required(entry, "hub_region", at)),
                 government_run=government_run,
                 inventory=inventory,
@@ -115,15 +119,18 @@ def parse_datacenter_seeds(data: Any, where: str) -> list[DatacenterState]:
     return seeds
 
 
-def check_city_admission(code: Any, name: Any) -> tuple[str, str]:
-    """A city code and display name fit to admit, or ``InvalidRequest``."""
+def check_city_admission(
+    code: Any, name: Any, voucher_prefix: Any = None
+) -> tuple[str, str, str | None]:
+    """A city code, display name and requested voucher prefix (or None) fit
+    to admit, or ``InvalidRequest``."""
     if not isinstance(code, str) or not CITY_CODE.match(code) or len(code) > 48:
         raise InvalidRequest(
             "invalid_city", "code must match [a-z0-9_]+ (≤ 48 chars)", {"code": code}
         )
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         raise InvalidRequest("invalid_city", "name must be 1–200 chars", {"name": name})
-    return code, name.strip()
+    return code, name.strip(), prefixes.check_requested(voucher_prefix)
 
 
 def parse_datacenter_registration(data: Any) -> DatacenterState:

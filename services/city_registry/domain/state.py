@@ -80,7 +80,7 @@ class DatacenterState:
     id: str
     name: str
     operator: str
-    city: str
+    city: str | None  # optional on registration: null when not stated
     hub_region: str
     government_run: bool
     inventory: list[InventoryItem] = field(default_factory=list)

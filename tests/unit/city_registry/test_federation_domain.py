@@ -5,7 +5,13 @@ import re
 import pytest
 
 from services.city_registry import broker
-from services.city_registry.domain import recommendations, reconciliation, seeds
+from services.city_registry.domain import (
+    events,
+    prefixes,
+    recommendations,
+    reconciliation,
+    seeds,
+)
 from services.city_registry.domain.recommendations import voucher_terms
 from services.city_registry.domain.state import (
     CityState,
@@ -14,6 +20,7 @@ from services.city_registry.domain.state import (
     ProgramState,
 )
 from services.common.errors import InvalidRequest
+from services.common.vouchercode import PREFIX, generate
 
 
 def _dc(dc_id, price, hub="west", gov=False, count=64):
@@ -115,3 +122,86 @@ def test_a_city_user_may_touch_only_its_own_names():
 def test_management_target_defaults_to_the_amqp_uri():
     url, auth, vhost = broker.management_target("amqp://u:p@rabbit:5672/v%2F1", None)
     assert (url, auth, vhost) == ("http://rabbit:15672", ("u", "p"), "v/1")
+
+
+# -- voucher prefixes, reserved at admission ---------------------------------
+
+
+def test_a_free_requested_prefix_is_taken():
+    assert prefixes.assign("ningbo", "NBO", {"SH", "NB"}) == "NBO"
+
+
+def test_a_taken_requested_prefix_gives_a_derived_unique_one():
+    taken = {"SH", "SHA", "SHAN"}
+    derived = prefixes.assign("shandong", "SH", taken)
+    assert derived not in taken and PREFIX.match(derived)
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [("shanghai", "SH"), ("inner_mongolia", "IM"), ("x1", "XA")],
+)
+def test_without_a_request_the_prefix_is_derived_from_the_code(code, expected):
+    assert prefixes.assign(code, None, set()) == expected
+
+
+def test_derived_prefixes_stay_unique_however_many_cities_share_initials():
+    taken: set[str] = set()
+    for n in range(200):
+        prefix = prefixes.assign(f"sh{n}", "SH", taken)
+        assert prefix not in taken and PREFIX.match(prefix)
+        taken.add(prefix)
+
+
+@pytest.mark.parametrize("prefix", ["sh", "S", "SHANG", "S1", "", 12, "SH "])
+def test_an_invalid_requested_prefix_is_refused(prefix):
+    with pytest.raises(InvalidRequest) as info:
+        seeds.check_city_admission("ningbo", "Ningbo", prefix)
+    assert info.value.code == "invalid_voucher_prefix"
+
+
+def test_admission_without_a_prefix_asks_for_none():
+    assert seeds.check_city_admission("ningbo", " Ningbo ") == (
+        "ningbo",
+        "Ningbo",
+        None,
+    )
+
+
+def test_events_must_carry_the_citys_reserved_prefix():
+    own = {"city": "shanghai", "voucher_code": generate("SH")}
+    events.check_voucher_prefix("voucher_issued", own, "SH")
+    events.check_voucher_prefix(
+        "program_published", {"city": "shanghai", "voucher_prefix": "SH"}, "SH"
+    )
+    events.check_voucher_prefix("program_published", {"city": "shanghai"}, "SH")
+    for event, body, assigned in [
+        ("program_published", {"city": "fake", "voucher_prefix": "SH"}, "FK"),
+        ("program_published", {"city": "fake", "voucher_prefix": "SH"}, None),
+        ("voucher_issued", {"city": "fake", "voucher_code": generate("SH")}, "FK"),
+        ("voucher_redeemed", {"city": "fake", "voucher_code": generate("SH")}, None),
+        ("voucher_released", {"city": "fake", "voucher_code": "FK-1"}, "FK"),
+    ]:
+        with pytest.raises(events.RejectedEvent):
+            events.check_voucher_prefix(event, body, assigned)
+
+
+def test_a_datacenter_registration_needs_no_city():
+    dc = seeds.parse_datacenter_registration(
+        {
+            "id": "dc-1",
+            "name": "DC",
+            "operator": "op",
+            "hub_region": "west",
+            "government_run": True,
+            "inventory": [
+                {
+                    "gpu_model": "H800",
+                    "count": 8,
+                    "chip_origin": "imported",
+                    "price_fen_per_gpu_hour": 1500,
+                }
+            ],
+        }
+    )
+    assert dc.city is None and dc.hub_region == "west"

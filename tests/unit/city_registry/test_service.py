@@ -2,6 +2,7 @@
 
 import json
 import time
+from datetime import UTC, datetime
 from unittest.mock import Mock
 
 import pytest
@@ -10,7 +11,7 @@ from nameko.exceptions import UnknownService
 from nameko.testing.services import worker_factory
 from sqlalchemy.orm import Session
 
-from services.city_registry.dependencies import ViewCache
+from services.city_registry.dependencies import Prefixes, ViewCache
 from services.city_registry.service import CityRegistryService
 from services.city_registry.store import RegistryStore
 from services.common.amqp import RawMessage
@@ -18,7 +19,10 @@ from services.common.contracts import make_event
 from services.common.db import make_engine
 from services.common.errors import InvalidRequest, NotFound
 from services.common.migrations import upgrade
+from services.common.vouchercode import generate
 from tests.support.federation_data import program
+
+NOW = datetime(2025, 6, 1, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -44,6 +48,7 @@ def service(store, metering):
         metering_rpc=metering,
         view_cache=ViewCache(),
         projection_lock=Semaphore(1),
+        reserved_prefixes=Prefixes(),
     )
 
 
@@ -67,6 +72,66 @@ def test_event_of_another_city_is_dropped(service):
         _message("shanghai.heartbeat", _heartbeat("chengdu", "h1"))
     )
     assert service.list_cities() == []
+
+
+def _published(city, eid, **extra):
+    programs = [program(city, 100, id=f"{city}-p", rules_sha256="d" * 64)]
+    return make_event("program_published", city, eid, programs=programs, **extra)
+
+
+def _issued(city, eid, code):
+    return make_event(
+        "voucher_issued",
+        city,
+        eid,
+        voucher_code=code,
+        program_id=f"{city}-p",
+        face_value_fen=40,
+        expires_at="2030-01-01T00:00:00Z",
+    )
+
+
+def test_a_city_claiming_another_citys_prefix_is_refused(service, store):
+    store.admit_city("shanghai", "Shanghai", NOW, "SH")
+    store.admit_city("squatter", "Squatter", NOW, "SQ")
+    for key, body in (
+        ("program_published", _published("squatter", "p1", voucher_prefix="SH")),
+        ("voucher_issued", _issued("squatter", "i1", generate("SH"))),
+        ("voucher_issued", _issued("squatter", "i2", "SQ-not-a-code")),
+    ):
+        service.handle_federation_event(_message(f"squatter.{key}", body))
+    squatter = service.get_city("squatter")
+    assert squatter["programs"] == [] and squatter["committed_fen"] == 0
+    assert service.voucher_prefixes() == {"SH": "shanghai", "SQ": "squatter"}
+
+
+def test_a_city_publishing_its_own_prefix_is_projected(service, store):
+    store.admit_city("shanghai", "Shanghai", NOW, "SH")
+    for key, body in (
+        ("program_published", _published("shanghai", "p1", voucher_prefix="SH")),
+        ("voucher_issued", _issued("shanghai", "i1", generate("SH"))),
+    ):
+        service.handle_federation_event(_message(f"shanghai.{key}", body))
+    city = service.get_city("shanghai")
+    assert city["budget_fen"] == 100 and city["committed_fen"] == 40
+
+
+def test_a_city_without_a_prefix_issues_nothing(service):
+    body = _issued("nowhere", "i1", generate("NW"))
+    service.handle_federation_event(_message("nowhere.voucher_issued", body))
+    assert service.list_cities() == []
+
+
+def test_admission_answers_the_reserved_prefix(service):
+    service.broker = Mock()
+    admitted = service.admit_city("ningbo", "Ningbo", voucher_prefix="NBO")
+    assert admitted["city"]["voucher_prefix"] == "NBO"
+    other = service.admit_city("ningde", "Ningde", voucher_prefix="NBO")
+    assert other["city"]["voucher_prefix"] not in (None, "NBO")
+    assert service.get_city("ningbo")["voucher_prefix"] == "NBO"
+    with pytest.raises(InvalidRequest) as info:
+        service.admit_city("nanning", "Nanning", voucher_prefix="nb1")
+    assert info.value.code == "invalid_voucher_prefix"
 
 
 def test_same_event_id_from_two_cities_counts_for_both(service):

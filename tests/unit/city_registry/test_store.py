@@ -1,6 +1,7 @@
 """The registry's store on an embedded SQLite database, migrated as in production:
 seed, the read model's arithmetic and idempotency, keys and tokens."""
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -162,20 +163,74 @@ def test_city_joins_by_its_first_program_published(store):
         NOW,
     )
     view = _view(store, "wuhan")
+    # Its name and region as published; a prefix is reserved, never published.
     assert (view["name"], view["region"], view["voucher_prefix"]) == (
         "Wuhan",
         "central",
-        "WH",
+        None,
     )
     assert view["status"] == "unknown"
 
 
-def test_prefix_of_another_city_is_not_taken(store):
+def test_prefixes_come_from_reservations_only(store):
+    assert store.admit_city("shanghai", "Shanghai", NOW, "SH") == "admitted"
     store.apply_event("program_published", _published(voucher_prefix="SH"), NOW)
     store.apply_event(
         "program_published", _published("fake", "p2", voucher_prefix="SH"), NOW
     )
+    store.apply_event(
+        "program_published", _published("wuhan", "p3", voucher_prefix="WH"), NOW
+    )
     assert views.voucher_prefixes(store.cities()) == {"SH": "shanghai"}
+    assert store.voucher_prefix("shanghai") == "SH"
+    assert store.voucher_prefix("wuhan") is None
+
+
+def test_admission_reserves_the_requested_prefix_when_free(store):
+    assert store.admit_city("ningbo", "Ningbo", NOW, "NBO") == "admitted"
+    assert store.voucher_prefix("ningbo") == "NBO"
+
+
+def test_admission_derives_a_unique_prefix_when_the_requested_is_taken(store):
+    store.admit_city("shanghai", "Shanghai", NOW, "SH")
+    store.admit_city("shandong", "Shandong", NOW, "SH")
+    store.admit_city("shantou", "Shantou", NOW)
+    held = {city.code: city.voucher_prefix for city in store.cities()}
+    assert held["shanghai"] == "SH"
+    assert held["shandong"] not in (None, "SH")
+    assert held["shantou"] not in (None, "SH", held["shandong"])
+    assert len(set(held.values())) == 3
+
+
+def test_a_refused_admission_reserves_nothing(store):
+    store.admit_city("ningbo", "Ningbo", NOW, "NB")
+    assert store.admit_city("ningbo", "Ningbo", NOW, "NX") == "exists"
+    assert store.voucher_prefix("ningbo") == "NB"
+    assert views.voucher_prefixes(store.cities()) == {"NB": "ningbo"}
+
+
+def test_seeded_cities_get_their_files_prefixes_and_keep_them(store):
+    cities, datacenters = read_deploy_dir(DEPLOY_DIR)
+    store.seed(cities, datacenters)
+    expected = {city.code: city.voucher_prefix for city in cities}
+    assert views.voucher_prefixes(store.cities()) == {
+        prefix: code for code, prefix in expected.items()
+    }
+    # A preset admitted later keeps its reservation, whatever it asks for.
+    assert store.admit_city("shanghai", "Shanghai", NOW, "SHX") == "admitted"
+    assert store.voucher_prefix("shanghai") == "SH"
+    # A file changed to ask for another: the reservation stands.
+    moved = [replace(city, voucher_prefix="ZZ") for city in cities]
+    store.seed(moved, datacenters)
+    assert store.voucher_prefix("chengdu") == "CD"
+
+
+def test_a_seed_asking_for_a_held_prefix_is_given_another(store):
+    store.admit_city("chongqing", "Chongqing", NOW, "CD")
+    cities, datacenters = read_deploy_dir(DEPLOY_DIR)
+    store.seed(cities, datacenters)
+    assert store.voucher_prefix("chongqing") == "CD"
+    assert store.voucher_prefix("chengdu") not in (None, "CD")
 
 
 def test_events_before_program_published_still_count(store):

@@ -86,3 +86,74 @@ def test_openapi_lists_the_federation_paths(client):
     paths = client.get("/api/v1/openapi.json").json["paths"]
     assert "post" in paths["/api/v1/cities"] and "get" in paths["/api/v1/cities"]
     assert "/api/v1/datacenters/recommendations" in paths
+
+
+def _admitted(code, name, voucher_prefix="NB"):
+    return {
+        "city": {"code": code, "name": name, "voucher_prefix": voucher_prefix},
+        "admin_token": "t",
+        "amqp": {"username": f"city.{code}", "password": "p"},
+    }
+
+
+def test_admission_with_the_contract_fields_alone_asks_for_no_prefix(client, rpc):
+    rpc.replies[("city_registry", "admit_city")] = _admitted
+    response = client.post(
+        "/api/v1/cities", json={"code": "nb", "name": "Ningbo"}, headers=ADMIN
+    )
+    assert response.status_code == 201
+    assert response.json["city"]["voucher_prefix"] == "NB"
+    assert rpc.called("city_registry", "admit_city") == [(("nb", "Ningbo"), {})]
+
+
+def test_admission_passes_the_requested_prefix_on(client, rpc):
+    rpc.replies[("city_registry", "admit_city")] = _admitted
+    response = client.post(
+        "/api/v1/cities",
+        json={"code": "nb", "name": "Ningbo", "voucher_prefix": "NBO"},
+        headers=ADMIN,
+    )
+    assert response.status_code == 201
+    assert response.json["city"]["voucher_prefix"] == "NBO"
+    assert rpc.called("city_registry", "admit_city") == [
+        (("nb", "Ningbo"), {"voucher_prefix": "NBO"})
+    ]
+
+
+@pytest.mark.parametrize("prefix", ["nb", "N", "NINGB", "N1", 7])
+def test_a_malformed_prefix_never_reaches_the_registry(client, rpc, prefix):
+    response = client.post(
+        "/api/v1/cities",
+        json={"code": "nb", "name": "Ningbo", "voucher_prefix": prefix},
+        headers=ADMIN,
+    )
+    assert response.status_code == 400
+    assert "voucher_prefix" in response.json["details"]
+    assert not rpc.called("city_registry", "admit_city")
+
+
+def test_a_datacenter_with_exactly_the_contract_fields_is_registered(client, rpc):
+    """CONTRACTS §7's Data centre: no city; utilisation measured, not declared."""
+    rpc.replies[("city_registry", "register_datacenter")] = lambda r: {
+        "datacenter": dict(r, utilisation=None),
+        "key_id": "k1",
+        "secret": "s",
+        "amqp": {"username": "dc.dc-1", "password": "p"},
+        "token": "t",
+    }
+    body = datacenter(operator="op", utilisation=None)
+    assert "city" not in body
+    response = client.post("/api/v1/datacenters", json=body, headers=ADMIN)
+    assert response.status_code == 201, response.json
+    ((registration,), _) = rpc.called("city_registry", "register_datacenter")[0]
+    assert registration["city"] is None and "utilisation" not in registration
+    assert response.json["datacenter"]["city"] is None
+
+
+def test_the_openapi_documents_the_optional_fields(client):
+    schemas = client.get("/api/v1/openapi.json").json["components"]["schemas"]
+    admission = schemas["CityAdmission"]
+    assert "voucher_prefix" in admission["properties"]
+    assert set(admission["required"]) == {"code", "name"}
+    assert "city" not in schemas["DatacenterRegistration"]["required"]
+    assert "voucher_prefix" in schemas["City"]["properties"]

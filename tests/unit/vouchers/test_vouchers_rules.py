@@ -5,7 +5,7 @@ import hashlib
 import pytest
 
 from services.vouchers import domain
-from services.vouchers.rules import RulesError, load_rules, parse_rules
+from services.vouchers.rules import RulesError, instance_rules, load_rules, parse_rules
 from tests.support.vouchers_data import DEPLOY_CITIES as DEPLOY
 from tests.support.vouchers_data import MINIMAL_RULES as VALID
 
@@ -109,8 +109,8 @@ def test_invalid_file_names_line_and_problem(tmp_path, old, new, problem):
 
 
 def test_missing_key_and_bad_yaml_and_missing_file(tmp_path):
-    with pytest.raises(RulesError, match="missing required key 'voucher_prefix'"):
-        parse_rules(VALID.replace("voucher_prefix: TC\n", "").encode())
+    with pytest.raises(RulesError, match="missing required key 'region'"):
+        parse_rules(VALID.replace("region: east\n", "").encode())
     with pytest.raises(RulesError, match=r"x.yaml:\d+: not valid YAML"):
         parse_rules(b"city: [unclosed\n", "x.yaml")
     with pytest.raises(RulesError, match="cannot read rules file"):
@@ -138,3 +138,51 @@ def test_rules_of_another_city_are_refused(tmp_path):
         RulesError, match="city is 'testcity' but this instance is 'other'"
     ):
         load_rules(path, "other")
+
+
+# -- the voucher prefix: optional in the file, reserved by the registry ------
+
+WITHOUT_PREFIX = VALID.replace("voucher_prefix: TC\n", "")
+
+
+def _file(tmp_path, text):
+    path = tmp_path / "testcity.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_file_without_voucher_prefix_is_valid():
+    assert parse_rules(WITHOUT_PREFIX.encode()).voucher_prefix is None
+
+
+def test_the_service_runs_on_the_prefix_the_registry_reserved(tmp_path):
+    path = _file(tmp_path, WITHOUT_PREFIX)
+    assert instance_rules(path, "testcity", "TCY").voucher_prefix == "TCY"
+
+
+def test_a_file_naming_the_reserved_prefix_is_accepted(tmp_path):
+    path = _file(tmp_path, VALID)
+    assert instance_rules(path, "testcity", "TC").voucher_prefix == "TC"
+    # Without VOUCHER_PREFIX, the file's own (a preset of `make run`).
+    assert instance_rules(path, "testcity", None).voucher_prefix == "TC"
+
+
+def test_a_file_naming_another_prefix_stops_the_service(tmp_path):
+    path = _file(tmp_path, VALID)
+    with pytest.raises(RulesError) as err:
+        instance_rules(path, "testcity", "SH")
+    message = str(err.value)
+    assert "voucher_prefix is 'TC'" in message
+    assert "the registry reserved 'SH'" in message and "VOUCHER_PREFIX" in message
+
+
+def test_no_prefix_anywhere_stops_the_service(tmp_path):
+    path = _file(tmp_path, WITHOUT_PREFIX)
+    with pytest.raises(RulesError, match="no voucher prefix for testcity"):
+        instance_rules(path, "testcity", None)
+
+
+def test_a_malformed_voucher_prefix_setting_is_refused(tmp_path):
+    path = _file(tmp_path, WITHOUT_PREFIX)
+    with pytest.raises(RulesError, match="VOUCHER_PREFIX 'sh1' is not"):
+        instance_rules(path, "testcity", "sh1")

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.common.config import CITY_CODE, RULES_FILE, ConfigError
+from services.common.config import CITY_CODE, RULES_FILE, VOUCHER_PREFIX, ConfigError
 from services.common.contracts import EVENT_SCHEMAS
 from services.common.units import format_ts
 from services.vouchers.rules import RulesError
@@ -42,6 +42,15 @@ def test_build_refuses_bad_configuration(tmp_path):
         ValueError, match=r"shanghai.yaml:\d+: .*above max_rate_percent"
     ):
         build({CITY_CODE: "shanghai", RULES_FILE: str(broken)})
+
+
+def test_build_refuses_a_prefix_other_than_the_reserved_one():
+    """The rules file says SH; the registry reserved SHA: the city must not
+    start issuing codes that would route to whoever holds SH."""
+    config = {CITY_CODE: "shanghai", RULES_FILE: str(SHANGHAI)}
+    assert build({**config, VOUCHER_PREFIX: "SH"}).name == "vouchers_shanghai"
+    with pytest.raises(RulesError, match="the registry reserved 'SHA'"):
+        build({**config, VOUCHER_PREFIX: "SHA"})
 
 
 _text = st.text(min_size=1, max_size=40)
