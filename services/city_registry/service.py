@@ -42,6 +42,7 @@ from services.common.amqp import (
     durable_queue,
 )
 from services.common.config import STALE_AFTER_S
+from services.common.contracts import CITY_CODE
 from services.common.errors import EXPECTED, Conflict, InvalidRequest, NotFound
 from services.common.rpc import TRANSIENT
 from services.common.signing import new_key_id, new_secret
@@ -114,7 +115,8 @@ class CityRegistryService:
 
     @rpc(expected_exceptions=EXPECTED)
     def get_city(self, code: str) -> dict[str, Any]:
-        if not isinstance(code, str):
+        # Not the shape of a city code: not cached, not looked up.
+        if not isinstance(code, str) or not CITY_CODE.match(code):
             raise NotFound("city_not_found", f"no city {code!r}", {"city": code})
 
         def view() -> dict[str, Any] | None:
@@ -348,9 +350,20 @@ class CityRegistryService:
 
     @rpc(expected_exceptions=EXPECTED)
     def recommend_datacenters(
-        self, gpu_model: str, gpus: int, hours: float, voucher: str | None = None
+        self,
+        gpu_model: str,
+        gpus: int,
+        hours: float,
+        voucher: str | None = None,
+        company_id: str | None = None,
     ) -> dict[str, Any]:
-        terms = self._voucher_terms(voucher) if voucher else None
+        """Ranked data centres; with ``voucher``, net of its subsidy.
+
+        The portal lets only the voucher's company, its city and the national
+        admin name a voucher; for a company it passes ``company_id`` and a
+        voucher held by another is ``voucher_not_found`` here too.
+        """
+        terms = self._voucher_terms(voucher, company_id) if voucher else None
         ranked = recommendations.recommend(
             self.store.datacenters(),
             self._usage_overview(),
@@ -367,7 +380,9 @@ class CityRegistryService:
             "items": ranked,
         }
 
-    def _voucher_terms(self, code: str) -> recommendations.VoucherTerms:
+    def _voucher_terms(
+        self, code: str, company_id: str | None = None
+    ) -> recommendations.VoucherTerms:
         """The voucher's program terms: balance from its city (RPC), rate and
         bonuses from the city's latest ``program_published``."""
         try:
@@ -379,6 +394,8 @@ class CityRegistryService:
         if city is None:
             raise NotFound("voucher_not_found", f"no city issues {prefix}- vouchers")
         voucher = self._city_call(city.code, "get_voucher", code.strip().upper())
+        if company_id is not None and voucher.get("company_id") != company_id:
+            raise NotFound("voucher_not_found", f"no voucher {code.strip().upper()}")
         if voucher.get("status") not in (None, "active"):
             raise Conflict(
                 "voucher_not_active", f"voucher is {voucher['status']}", {"code": code}

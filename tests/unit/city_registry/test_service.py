@@ -121,8 +121,8 @@ def test_a_week_of_usage_is_kept_longer_than_a_day(service, metering):
 
     metering.usage_overview.return_value = {"datacenters": {}}
     service.national_overview()
-    day, _ = service.view_cache._entries["usage:24"]
-    week, _ = service.view_cache._entries["usage:168"]
+    day, _ = service.view_cache.entry("usage:24")
+    week, _ = service.view_cache.entry("usage:168")
     assert week - day >= 6 * module.USAGE_CACHE_S - 1
 
 
@@ -139,7 +139,7 @@ def test_a_failed_metering_answer_is_kept_only_briefly(service, metering):
 
     metering.usage_overview.side_effect = ConnectionError("broker gone")
     assert service.network_summary()["gpu_seconds"] is None
-    expires, answer = service.view_cache._entries["usage:24"]
+    expires, answer = service.view_cache.entry("usage:24")
     assert answer is None
     assert expires - time.monotonic() <= module.VIEW_CACHE_S < module.USAGE_CACHE_S
 
