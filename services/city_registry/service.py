@@ -41,7 +41,7 @@ from services.common.amqp import (
     consume_raw,
     durable_queue,
 )
-from services.common.config import STALE_AFTER_S
+from services.common.config import STALE_AFTER_S, TOKEN_TTL_DAYS
 from services.common.contracts import CITY_CODE
 from services.common.errors import EXPECTED, Conflict, InvalidRequest, NotFound
 from services.common.rpc import TRANSIENT
@@ -76,6 +76,11 @@ def metering_timeout_s(window_hours: int) -> float:
 
 def _stale_after_s() -> float:
     return float(config.get(STALE_AFTER_S) or DEFAULT_STALE_AFTER_S)
+
+
+def _token_ttl_days() -> int:
+    value = config.get(TOKEN_TTL_DAYS)
+    return tokens.DEFAULT_TOKEN_TTL_DAYS if value is None else int(value)
 
 
 class CityRegistryService:
@@ -162,18 +167,63 @@ class CityRegistryService:
     # ------------------------------------------------------------ tokens
 
     @rpc(expected_exceptions=EXPECTED)
-    def issue_token(self, role: str) -> str:
+    def issue_token(
+        self, role: str, ttl_days: int | None = None, expires_at: str | None = None
+    ) -> str:
+        """A new token of ``role``, shown only here; it expires after
+        ``ttl_days``, at ``expires_at`` (ISO 8601), or after TOKEN_TTL_DAYS."""
         role = tokens.validate_role(role)
+        now = utcnow()
+        expiry = tokens.token_expiry(
+            now,
+            ttl_days=ttl_days,
+            expires_at=expires_at,
+            default_ttl_days=_token_ttl_days(),
+        )
         token = tokens.new_token()
-        self.store.add_token(tokens.token_digest(token), role, utcnow())
+        self.store.add_token(
+            tokens.token_digest(token),
+            role,
+            now,
+            token_id=tokens.new_token_id(),
+            expires_at=expiry,
+        )
         return token
 
     @rpc(expected_exceptions=EXPECTED, sensitive_arguments=("token",))
     def authenticate(self, token: str) -> dict[str, str] | None:
+        """``{"role"}`` of a token neither revoked nor expired, else None."""
         if not isinstance(token, str) or not token:
             return None
-        role = self.store.role_for(tokens.token_digest(token))
+        role = self.store.role_for(tokens.token_digest(token), utcnow())
         return {"role": role} if role is not None else None
+
+    @rpc(expected_exceptions=EXPECTED)
+    def list_tokens(
+        self, role: str | None = None, limit: int = 100, offset: int = 0
+    ) -> dict[str, Any]:
+        """Tokens (of ``role``), newest first: ``{"items", "total"}``; each
+        ``{id, role, status, created_at, expires_at, revoked_at,
+        last_used_at}``, never the secret or its digest."""
+        if role is not None:
+            role = tokens.validate_role(role)
+        limit = max(1, min(int(limit), 1000))
+        rows, total = self.store.tokens(role, limit=limit, offset=max(0, int(offset)))
+        now = utcnow()
+        return {"items": [tokens.token_view(row, now) for row in rows], "total": total}
+
+    @rpc(expected_exceptions=EXPECTED)
+    def revoke_token(self, token_id: str, role: str | None = None) -> dict[str, Any]:
+        """Revoke one token by its id; with ``role``, only a token of that role
+        (``NotFound token_not_found`` otherwise, as if there were none)."""
+        found = None
+        if isinstance(token_id, str) and tokens.TOKEN_ID.match(token_id):
+            found = self.store.revoke_token(token_id, utcnow(), role)
+        if found is None:
+            raise NotFound(
+                "token_not_found", f"no token {token_id!r}", {"id": token_id}
+            )
+        return tokens.token_view(found, utcnow())
 
     # ------------------------------------------------------------ national view
 
