@@ -15,7 +15,7 @@ from marshmallow import Schema
 
 from gateway import directory
 from gateway.audit import AUDIT, note
-from gateway.auth import CITY_ADMIN, COMPANY, forbid, require_role
+from gateway.auth import AUTH_CACHE, CITY_ADMIN, COMPANY, forbid, require_role
 from gateway.listing import (
     columns_of,
     csv_response,
@@ -39,6 +39,7 @@ from gateway.schemas import (
     FormatQuerySchema,
     HourlyUsageSchema,
     PageQuerySchema,
+    RefusedWritesSchema,
     ReplayResultSchema,
     ReviewRequestSchema,
     RevokeRequestSchema,
@@ -46,6 +47,8 @@ from gateway.schemas import (
     StatementSchema,
     SummarySchema,
     TenantUsageSchema,
+    TokenQuerySchema,
+    TokenSchema,
     UsageQuerySchema,
     VoucherQuerySchema,
     VoucherSchema,
@@ -449,6 +452,66 @@ def list_audit():
         name="audit",
         query=query,
     )
+
+
+@api.get("/audit/anonymous")
+def list_refused_writes():
+    """Anonymous writes refused, counted per endpoint and status (national)."""
+    if not require_role().is_national_admin:
+        raise forbid("only the national admin reads the anonymous refusals")
+    query = FormatQuerySchema().load(request.args.to_dict())
+    counts = current_app.extensions[AUDIT].refused()
+    return table(RefusedWritesSchema(), counts, name="audit-anonymous", query=query)
+
+
+# -- portal tokens ------------------------------------------------------------
+
+
+@api.get("/tokens")
+def list_tokens():
+    """Portal tokens by id: all of them (or one role's) for the national
+    admin; any other principal, its own role's only."""
+    role = require_role()
+    query = TokenQuerySchema().load(request.args.to_dict())
+    wanted = query.get("role")
+    if not role.is_national_admin:
+        if wanted not in (None, str(role)):
+            raise forbid("a principal sees only its own role's tokens")
+        wanted = str(role)
+    found = _rpc(
+        "city_registry",
+        "list_tokens",
+        role=wanted,
+        limit=query["limit"],
+        offset=query["offset"],
+    )
+    return page(
+        TokenSchema(),
+        found["items"],
+        total=found["total"],
+        limit=query["limit"],
+        offset=query["offset"],
+        name="tokens",
+        query=query,
+    )
+
+
+@api.delete("/tokens/<token_id>")
+def revoke_token(token_id: str):
+    """Revoke one token: the national admin any, a principal its own role's
+    (another's is 404, as if there were none)."""
+    role = require_role()
+    revoked = _rpc(
+        "city_registry",
+        "revoke_token",
+        token_id,
+        role=None if role.is_national_admin else str(role),
+    )
+    # This portal forgets every cached role at once: the revoked token is
+    # refused here from now on (other portal processes: within 30 s).
+    current_app.extensions[AUTH_CACHE].clear()
+    note(token_id=token_id, token_role=revoked.get("role"))
+    return _dump(TokenSchema(), revoked)
 
 
 @api.get("/openapi.json")
