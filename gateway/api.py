@@ -13,8 +13,9 @@ from typing import Any
 from flask import Blueprint, Flask, current_app, jsonify, render_template, request
 from marshmallow import Schema
 
+from gateway import directory
 from gateway.audit import AUDIT, note
-from gateway.auth import CITY_ADMIN, COMPANY, TtlCache, forbid, require_role
+from gateway.auth import AUTH_CACHE, CITY_ADMIN, COMPANY, forbid, require_role
 from gateway.listing import (
     columns_of,
     csv_response,
@@ -38,6 +39,7 @@ from gateway.schemas import (
     FormatQuerySchema,
     HourlyUsageSchema,
     PageQuerySchema,
+    RefusedWritesSchema,
     ReplayResultSchema,
     ReviewRequestSchema,
     RevokeRequestSchema,
@@ -45,18 +47,17 @@ from gateway.schemas import (
     StatementSchema,
     SummarySchema,
     TenantUsageSchema,
+    TokenQuerySchema,
+    TokenSchema,
     UsageQuerySchema,
     VoucherQuerySchema,
     VoucherSchema,
 )
-from services.common import vouchercode
-from services.common.contracts import CITY_CODE
-from services.common.errors import InvalidRequest, NotFound
+from gateway.vouchers import check_holder, parse_code, voucher_city
+from services.common.errors import InvalidRequest
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 
-PREFIX_CACHE = "voucher_prefix_cache"  # key in app.extensions
-PREFIX_CACHE_TTL_S = 60.0
 # The summary and the city pages are the same for everyone and are read by
 # every dashboard: served from the PublicView in memory, replaced behind the
 # readers once older than PUBLIC_CACHE_TTL_S (config key of the same name; 0
@@ -115,10 +116,6 @@ def _vouchers_service(city: str) -> str:
     return f"vouchers_{city}"
 
 
-def _city_not_found(city: str) -> NotFound:
-    return NotFound("city_not_found", f"no city {city!r} in the network")
-
-
 def _json_body() -> dict:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
@@ -150,7 +147,10 @@ def get_city(city: str):
     body = snapshot.cities.get(city) if snapshot is not None else None
     if body is not None:
         return _public_response(body)
-    # Off, or a city admitted since the snapshot (or none at all): ask.
+    # Off, or a city admitted since the snapshot (or none at all): ask, when
+    # the directory has it; a made-up code is 404 without an RPC of its own.
+    if not directory.city_listed(city):
+        raise directory.city_not_found(city)
     return _dump(CitySchema(), _rpc("city_registry", "get_city", city))
 
 
@@ -179,7 +179,7 @@ def apply(city: str):
     )
     if not may_apply:
         raise forbid(f"only {city}'s companies and staff may apply to it")
-    _known_city(city)
+    directory.known_city(city)
     application = ApplicationRequestSchema().load(_json_body())
     registration_id = application["company"]["registration_id"]
     if role.kind == COMPANY and not role.is_company(city, registration_id):
@@ -197,79 +197,28 @@ def apply(city: str):
     return _dump(ApplicationResponseSchema(), decision), 201
 
 
-def _city_of_prefix(prefix: str) -> str | None:
-    """The city issuing codes with ``prefix``; the mapping is cached, and
-    fetched again on a miss so that a newly admitted city is found at once."""
-    cache: TtlCache = current_app.extensions[PREFIX_CACHE]
-
-    def load():
-        return _rpc("city_registry", "voucher_prefixes")
-
-    prefixes = cache.get_or_load("prefixes", load, lambda _: PREFIX_CACHE_TTL_S)
-    if prefix not in prefixes:
-        cache.clear()
-        prefixes = cache.get_or_load("prefixes", load, lambda _: PREFIX_CACHE_TTL_S)
-    return prefixes.get(prefix)
-
-
-def _voucher_city(code: str, role) -> tuple[str, str]:
-    """``(normalised code, issuing city)`` when ``role`` may look at it.
-
-    A mistyped code is refused by its check character before any lookup
-    (CONTRACTS.md §4); a caller outside the voucher's city is refused by the
-    code's prefix alone, before the city is asked anything.
-    """
-    prefix = _parse_code(code)
-    code = code.strip().upper()
-    if not (role.is_national_admin or role.kind in (CITY_ADMIN, COMPANY)):
-        raise forbid("vouchers are visible to their company and city only")
-    city = _city_of_prefix(prefix)
-    if city is None:
-        raise _voucher_not_found(code)
-    if role.kind in (CITY_ADMIN, COMPANY) and role.city != city:
-        raise forbid(f"this voucher belongs to {city}")
-    return code, city
-
-
-def _parse_code(code: str) -> str:
-    try:
-        return vouchercode.parse(code)
-    except vouchercode.InvalidVoucherCode as exc:
-        raise InvalidRequest("invalid_voucher_code", str(exc)) from exc
-
-
-def _voucher_not_found(code: str) -> NotFound:
-    return NotFound("voucher_not_found", f"no voucher {code}")
-
-
-def _check_holder(role, voucher: dict, code: str) -> None:
-    # Another company of the same city learns nothing, not even existence.
-    if role.kind == COMPANY and voucher.get("company_id") != role.company_id:
-        raise _voucher_not_found(code)
-
-
 @api.get("/vouchers/<code>")
 def get_voucher(code: str):
-    _parse_code(code)  # 400 before the token is even checked
+    parse_code(code)  # 400 before the token is even checked
     role = require_role()
-    code, city = _voucher_city(code, role)
+    code, city = voucher_city(code, role)
     voucher = _rpc(_vouchers_service(city), "get_voucher", code)
-    _check_holder(role, voucher, code)
+    check_holder(role, voucher, code)
     return _dump(VoucherSchema(), voucher)
 
 
 @api.get("/vouchers/<code>/statement")
 def voucher_statement(code: str):
     """Every ledger entry of a voucher: issue, each subsidised job, release."""
-    _parse_code(code)
+    parse_code(code)
     role = require_role()
     query = PageQuerySchema().load(request.args.to_dict())
-    code, city = _voucher_city(code, role)
+    code, city = voucher_city(code, role)
     limit, offset = query["limit"], query["offset"]
     statement = _rpc(
         _vouchers_service(city), "voucher_statement", code, limit=limit, offset=offset
     )
-    _check_holder(role, statement["voucher"], code)
+    check_holder(role, statement["voucher"], code)
     if wants_csv(query):
         schema = StatementEntrySchema()
         return csv_response(
@@ -283,9 +232,9 @@ def voucher_statement(code: str):
 @api.post("/vouchers/<code>/revoke")
 def revoke_voucher(code: str):
     """City staff (or the ministry) revoke a voucher; its balance is released."""
-    _parse_code(code)
+    parse_code(code)
     role = require_role()
-    code, city = _voucher_city(code, role)
+    code, city = voucher_city(code, role)
     if not (role.is_national_admin or role.is_city_admin(city)):
         raise forbid(f"only {city}'s staff may revoke its vouchers")
     body = RevokeRequestSchema().load(_json_body())
@@ -304,15 +253,8 @@ def _staff_city(city: str):
     role = require_role()
     if not (role.is_national_admin or role.is_city_admin(city)):
         raise forbid(f"only {city}'s staff may see this")
-    _known_city(city)
+    directory.known_city(city)
     return role
-
-
-def _known_city(city: str) -> None:
-    # The city code becomes a service name: never route an arbitrary string.
-    if not CITY_CODE.match(city):
-        raise _city_not_found(city)
-    _rpc("city_registry", "get_city", city)  # NotFound city_not_found
 
 
 @api.get("/cities/<city>/applications")
@@ -373,7 +315,7 @@ def list_vouchers(city: str):
         company_id = role.company_id
     elif not (role.is_national_admin or role.is_city_admin(city)):
         raise forbid(f"only {city}'s staff and companies may list its vouchers")
-    _known_city(city)
+    directory.known_city(city)
     found = _rpc(
         _vouchers_service(city),
         "list_vouchers",
@@ -510,6 +452,66 @@ def list_audit():
         name="audit",
         query=query,
     )
+
+
+@api.get("/audit/anonymous")
+def list_refused_writes():
+    """Anonymous writes refused, counted per endpoint and status (national)."""
+    if not require_role().is_national_admin:
+        raise forbid("only the national admin reads the anonymous refusals")
+    query = FormatQuerySchema().load(request.args.to_dict())
+    counts = current_app.extensions[AUDIT].refused()
+    return table(RefusedWritesSchema(), counts, name="audit-anonymous", query=query)
+
+
+# -- portal tokens ------------------------------------------------------------
+
+
+@api.get("/tokens")
+def list_tokens():
+    """Portal tokens by id: all of them (or one role's) for the national
+    admin; any other principal, its own role's only."""
+    role = require_role()
+    query = TokenQuerySchema().load(request.args.to_dict())
+    wanted = query.get("role")
+    if not role.is_national_admin:
+        if wanted not in (None, str(role)):
+            raise forbid("a principal sees only its own role's tokens")
+        wanted = str(role)
+    found = _rpc(
+        "city_registry",
+        "list_tokens",
+        role=wanted,
+        limit=query["limit"],
+        offset=query["offset"],
+    )
+    return page(
+        TokenSchema(),
+        found["items"],
+        total=found["total"],
+        limit=query["limit"],
+        offset=query["offset"],
+        name="tokens",
+        query=query,
+    )
+
+
+@api.delete("/tokens/<token_id>")
+def revoke_token(token_id: str):
+    """Revoke one token: the national admin any, a principal its own role's
+    (another's is 404, as if there were none)."""
+    role = require_role()
+    revoked = _rpc(
+        "city_registry",
+        "revoke_token",
+        token_id,
+        role=None if role.is_national_admin else str(role),
+    )
+    # This portal forgets every cached role at once: the revoked token is
+    # refused here from now on (other portal processes: within 30 s).
+    current_app.extensions[AUTH_CACHE].clear()
+    note(token_id=token_id, token_role=revoked.get("role"))
+    return _dump(TokenSchema(), revoked)
 
 
 @api.get("/openapi.json")

@@ -18,15 +18,14 @@ from typing import Any
 from flask import Flask, current_app, jsonify
 from kombu import Connection
 
-from gateway import audit
+from gateway import audit, directory
 from gateway.api import (
-    PREFIX_CACHE,
     PUBLIC_CACHE_TTL_S,
     PUBLIC_VIEW,
     api,
     make_public_view,
 )
-from gateway.auth import AUTH_CACHE, TtlCache
+from gateway.auth import AUTH_CACHE, AuthCache
 from gateway.dashboard import dashboard
 from gateway.errors import error_response, register_error_handlers
 from gateway.federation_api import federation
@@ -135,8 +134,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     _instrument(app, config.get(cfg.TRACING), provider)
 
     app.extensions[RPC] = config[RPC] if RPC in config else _make_rpc(config)
-    app.extensions[AUTH_CACHE] = TtlCache()
-    app.extensions[PREFIX_CACHE] = TtlCache(max_entries=1)
+    app.extensions[AUTH_CACHE] = AuthCache()
+    directory.install(app, app.extensions[RPC])
     app.config[PUBLIC_CACHE_TTL_S] = float(config.get(PUBLIC_CACHE_TTL_S, 1.0))
     app.extensions[PUBLIC_VIEW] = make_public_view(
         app, app.extensions[RPC], app.config[PUBLIC_CACHE_TTL_S]

@@ -7,10 +7,20 @@ adds what only it knows (the application decided, the voucher issued) with
 :func:`note`. Bodies are never stored whole: a response may carry credentials
 that are shown once, and a request may carry a company's figures.
 
+Anonymous writes that are refused (no token, a token that is not valid,
+a path that does not exist) are **counted, not stored**: anyone can send them
+without end, and a row each would let them fill the disk and bury the
+entries that matter. ``portal_refused_writes`` keeps one row per endpoint and
+status (both from a fixed set: the portal's routes, or ``unknown``), with the
+count and the first and last time; the national admin reads it at
+``GET /api/v1/audit/anonymous``. Every write by an authenticated caller is
+still one entry of its own, refused or not.
+
 The log lives in the portal's own small database (``AUDIT_DATABASE_URL``,
 SQLite under ``var/`` by default, PostgreSQL in deployment). The code only
-ever inserts and selects; nothing updates or deletes a row. One table, created
-on first use, so no migration history is kept for it yet.
+ever inserts and selects entries; nothing updates or deletes one (only the
+counters move). Two tables, created on first use, so no migration history is
+kept for them yet.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from sqlalchemy import (
     insert,
     select,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 
 from services.common.db import make_engine
 from services.common.units import utcnow
@@ -67,6 +78,16 @@ audit_log = Table(
     Column("details", JSON, nullable=False),
 )
 
+refused_writes = Table(
+    "portal_refused_writes",
+    metadata,
+    Column("action", String(100), primary_key=True),
+    Column("status", Integer, primary_key=True),
+    Column("count", BigInteger, nullable=False),
+    Column("first_at", DateTime(timezone=True), nullable=False),
+    Column("last_at", DateTime(timezone=True), nullable=False),
+)
+
 
 class AuditLog:
     """Insert and page through audit entries; the table is made on first use."""
@@ -90,6 +111,37 @@ class AuditLog:
         entry.setdefault("details", {})
         with self.engine.begin() as connection:
             connection.execute(insert(audit_log), [entry])
+
+    def count_refused(self, action: str, status: int) -> None:
+        """One more anonymous write refused at ``action`` with ``status``."""
+        now = utcnow()
+        dialect = self.engine.dialect.name
+        module = postgresql if dialect == "postgresql" else sqlite
+        statement = module.insert(refused_writes).values(
+            action=action, status=status, count=1, first_at=now, last_at=now
+        )
+        statement = statement.on_conflict_do_update(
+            index_elements=["action", "status"],
+            set_={"count": refused_writes.c["count"] + 1, "last_at": now},
+        )
+        with self.engine.begin() as connection:
+            connection.execute(statement)
+
+    def refused(self) -> list[dict[str, Any]]:
+        """The counters, the most refused first."""
+        query = select(refused_writes).order_by(
+            refused_writes.c["count"].desc(),
+            refused_writes.c.action,
+            refused_writes.c.status,
+        )
+        with self.engine.connect() as connection:
+            rows = [dict(row._mapping) for row in connection.execute(query)]
+        for row in rows:
+            row["first_at"], row["last_at"] = (
+                _aware(row["first_at"]),
+                _aware(row["last_at"]),
+            )
+        return rows
 
     def entries(
         self,
@@ -141,12 +193,19 @@ def _record_write(response: Response) -> Response:
     if request.method in READ_METHODS or not request.path.startswith("/api/"):
         return response
     role = g.get("role")
+    audit: AuditLog = current_app.extensions[AUDIT]
+    if role is None and response.status_code >= 400:
+        try:
+            audit.count_refused(request.endpoint or "unknown", response.status_code)
+        except Exception:  # noqa: BLE001 - a lost count must not fail the answer
+            log.exception("could not count a refused %s", request.method)
+        return response
     view_args = request.view_args or {}
     # The city or data centre the entry concerns: the path's city, else the
     # caller's own; a city admin reads back the entries of its scope.
     scope = view_args.get("city") or getattr(role, "scope", None)
     try:
-        current_app.extensions[AUDIT].record(
+        audit.record(
             actor=str(role) if role is not None else "anonymous",
             token_sha256=_token_fingerprint(),
             scope=scope,

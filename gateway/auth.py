@@ -13,20 +13,21 @@ small predicates below; a refused, authenticated caller gets 403.
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from flask import current_app, g, request
 
+from services.common.caches import BoundedTtlCache
 from services.common.errors import Forbidden, Unauthorized
 
 AUTH_CACHE_TTL_S = 30.0
 AUTH_CACHE_NEGATIVE_TTL_S = 5.0  # an unknown token may be issued a moment later
-AUTH_CACHE_MAX = 10_000
+AUTH_CACHE_MAX = 10_000  # valid tokens: more than the signed-in callers of a portal
+AUTH_CACHE_NEGATIVE_MAX = 1_000  # refused ones: anyone may send new ones
 AUTH_CACHE = "auth_cache"  # key in app.extensions
+_MISSING = object()
 
 NATIONAL_ADMIN = "national_admin"
 CITY_ADMIN = "city_admin"
@@ -34,32 +35,38 @@ COMPANY = "company"
 DATACENTER = "datacenter"
 
 
-class TtlCache:
-    """A small thread-safe cache whose entries expire; cleared when full."""
+class AuthCache:
+    """Tokens' answers: the valid ones and the refused ones kept apart.
 
-    def __init__(self, max_entries: int = AUTH_CACHE_MAX):
-        self.max_entries = max_entries
-        self._entries: dict[Hashable, tuple[float, Any]] = {}
-        self._lock = threading.Lock()
+    Both are bounded (services/common/caches.py). Unknown tokens are what an
+    anonymous caller can send without end, so they have their own, smaller
+    cache: sending a million made-up tokens evicts only other made-up ones,
+    never a signed-in user's role.
+    """
 
-    def get_or_load(
-        self, key: Hashable, load: Callable[[], Any], ttl: Callable[[Any], float]
-    ):
-        now = time.monotonic()
-        with self._lock:
-            entry = self._entries.get(key)
-        if entry is not None and entry[0] > now:
-            return entry[1]
-        value = load()  # outside the lock: an RPC must not serialise requests
-        with self._lock:
-            if len(self._entries) >= self.max_entries:
-                self._entries.clear()
-            self._entries[key] = (now + ttl(value), value)
-        return value
+    def __init__(
+        self,
+        max_known: int = AUTH_CACHE_MAX,
+        max_unknown: int = AUTH_CACHE_NEGATIVE_MAX,
+    ) -> None:
+        self.known = BoundedTtlCache(max_known)
+        self.unknown = BoundedTtlCache(max_unknown)
+
+    def get_or_load(self, key: str, load: Callable[[], Any]) -> Any:
+        for cache in (self.known, self.unknown):
+            entry = cache.get(key, _MISSING)
+            if entry is not _MISSING:
+                return entry
+        answer = load()  # outside any lock: an RPC must not serialise requests
+        if answer:
+            self.known.put(key, answer, AUTH_CACHE_TTL_S)
+        else:
+            self.unknown.put(key, answer, AUTH_CACHE_NEGATIVE_TTL_S)
+        return answer
 
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+        self.known.clear()
+        self.unknown.clear()
 
 
 @dataclass(frozen=True)
@@ -135,13 +142,11 @@ def authenticate_token(token: str) -> Role | None:
 
 def _authenticate(token: str) -> Role | None:
     rpc = current_app.extensions["rpc"]
-    cache: TtlCache = current_app.extensions[AUTH_CACHE]
+    cache: AuthCache = current_app.extensions[AUTH_CACHE]
     # The cache keys on a digest, so raw tokens do not sit in memory.
     key = hashlib.sha256(token.encode()).hexdigest()
     answer = cache.get_or_load(
-        key,
-        lambda: rpc.call("city_registry", "authenticate", token),
-        lambda found: AUTH_CACHE_TTL_S if found else AUTH_CACHE_NEGATIVE_TTL_S,
+        key, lambda: rpc.call("city_registry", "authenticate", token)
     )
     if not answer or not isinstance(answer.get("role"), str):
         return None

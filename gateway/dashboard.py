@@ -24,6 +24,7 @@ from flask import (
 )
 from nameko.exceptions import RpcTimeout, UnknownService
 
+from gateway import directory
 from gateway.auth import Role, authenticate_token
 from services.common import vouchercode
 from services.common.errors import ComputenetError, Forbidden, NotFound
@@ -232,7 +233,7 @@ def voucher_page(code: str):
     except vouchercode.InvalidVoucherCode as exc:
         raise NotFound("voucher_not_found", str(exc)) from exc
     code = code.strip().upper()
-    city = _rpc("city_registry", "voucher_prefixes").get(prefix)
+    city = directory.city_of_prefix(prefix)
     if city is None:
         raise NotFound("voucher_not_found", f"no voucher {code}")
     if not (role.is_national_admin or role.city == city):

@@ -10,7 +10,8 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 
-from gateway.auth import forbid, require_role
+from gateway import directory
+from gateway.auth import COMPANY, forbid, require_role
 from gateway.federation_schemas import (
     AmqpCredentialsSchema,
     CityAdmissionSchema,
@@ -25,6 +26,7 @@ from gateway.federation_schemas import (
     SigningKeySchema,
 )
 from gateway.schemas import CitySchema, DatacenterSchema
+from gateway.vouchers import parse_code, voucher_city
 from services.common.errors import InvalidRequest
 
 federation = Blueprint("federation", __name__, url_prefix="/api/v1")
@@ -67,6 +69,7 @@ def admit_city():
         {"voucher_prefix": body["voucher_prefix"]} if body["voucher_prefix"] else {}
     )
     admitted = _rpc("admit_city", body["code"], body["name"], **requested)
+    directory.invalidate()
     return jsonify(CityAdmittedSchema().dump(admitted)), 201
 
 
@@ -90,7 +93,9 @@ def datacenter_broker_credentials(datacenter_id: str):
 @federation.delete("/cities/<city>")
 def remove_city(city: str):
     _national_admin()
-    return jsonify(CitySchema().dump(_rpc("remove_city", city)))
+    removed = _rpc("remove_city", city)
+    directory.invalidate()
+    return jsonify(CitySchema().dump(removed))
 
 
 # -- data centres -----------------------------------------------------------
@@ -134,13 +139,23 @@ def revoke_key(datacenter_id: str, key_id: str):
 
 @federation.get("/datacenters/recommendations")
 def recommendations():
+    """Public without ``voucher``; with it, only the voucher's company, its
+    city's staff and the national admin (a voucher's balance is private)."""
     query = RecommendationQuerySchema().load(request.args.to_dict())
+    voucher, company_id = query["voucher"], None
+    if voucher is not None:
+        parse_code(voucher)  # 400 before the token is even checked
+        role = require_role()
+        voucher, _city = voucher_city(voucher, role)
+        if role.kind == COMPANY:
+            company_id = role.company_id  # the registry checks the holder
     ranked = _rpc(
         "recommend_datacenters",
         query["gpu_model"],
         query["gpus"],
         query["hours"],
-        voucher=query["voucher"],
+        voucher=voucher,
+        company_id=company_id,
     )
     return jsonify(RecommendationsSchema().dump(ranked))
 
@@ -297,12 +312,19 @@ OPENAPI_PATHS: dict[str, dict[str, Any]] = {
     "/api/v1/datacenters/recommendations": {
         "get": {
             "summary": "Data centres ranked by net cost after the voucher, then spare",
+            "description": (
+                "Public without `voucher`. With `voucher` it needs the "
+                "voucher's company, its city's staff or the national admin: "
+                "no token 401, another role or city 403, another company's "
+                "voucher or a prefix no city issues 404, a mistyped code 400."
+            ),
+            "security": [{}, {"bearer": []}],
             "parameters": [
                 {"in": "query", "schema": RecommendationQuerySchema},
             ],
             "responses": {
                 "200": _ok("ranked, each explained", "Recommendations"),
-                **_err(400, 404, 409),
+                **_err(400, 401, 403, 404, 409),
             },
         }
     },

@@ -41,6 +41,8 @@ _SCHEMAS = {
     "AuditEntry": schemas.AuditEntrySchema,
     "TenantUsage": schemas.TenantUsageSchema,
     "HourlyUsage": schemas.HourlyUsageSchema,
+    "Token": schemas.TokenSchema,
+    "RefusedWrites": schemas.RefusedWritesSchema,
 }
 
 _AUTH = [{"bearer": []}]
@@ -329,6 +331,53 @@ _PATHS: dict[str, dict[str, Any]] = {
             "responses": {
                 "200": _table(_collection("AuditEntry"), "audit entries"),
                 **_errors(400, 401, 403),
+            },
+        }
+    },
+    "/api/v1/audit/anonymous": {
+        "get": {
+            "summary": "Anonymous writes refused, counted per endpoint (national)",
+            "description": (
+                "A write without a valid token that is refused is counted "
+                "here, one row per endpoint and status, instead of an audit "
+                "entry each."
+            ),
+            "security": _AUTH,
+            "parameters": [_query(schemas.FormatQuerySchema)],
+            "responses": {
+                "200": _table(_list("RefusedWrites"), "counts"),
+                **_errors(400, 401, 403),
+            },
+        }
+    },
+    "/api/v1/tokens": {
+        "get": {
+            "summary": "Portal tokens by id (national: all or ?role=; others: own)",
+            "description": (
+                "Never the secret or its digest. A principal other than the "
+                "national admin sees only tokens of its own role; asking for "
+                "another role is 403."
+            ),
+            "security": _AUTH,
+            "parameters": [_query(schemas.TokenQuerySchema)],
+            "responses": {
+                "200": _table(_collection("Token"), "tokens"),
+                **_errors(400, 401, 403),
+            },
+        }
+    },
+    "/api/v1/tokens/{token_id}": {
+        "delete": {
+            "summary": "Revoke one token (national: any; a principal: its own)",
+            "description": (
+                "Idempotent: a revoked token keeps its first revoked_at. A "
+                "token of another role is 404 token_not_found, as if absent."
+            ),
+            "security": _AUTH,
+            "parameters": [_path_param("token_id", "e.g. tok_0123456789abcdef")],
+            "responses": {
+                "200": _json("Token", "the revoked token"),
+                **_errors(401, 404),
             },
         }
     },

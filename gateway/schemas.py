@@ -131,6 +131,15 @@ class AuditQuerySchema(PageQuerySchema):
     scope = fields.String(validate=validate.Length(1, 64))
 
 
+class TokenQuerySchema(PageQuerySchema):
+    """Query string of ``GET /api/v1/tokens``."""
+
+    role = fields.String(
+        validate=validate.Length(1, 300),
+        metadata={"description": "only tokens of this role (national admin)"},
+    )
+
+
 # -- responses --------------------------------------------------------------
 
 
@@ -319,6 +328,35 @@ class AuditEntrySchema(Schema):
     status = fields.Integer()
     remote_addr = fields.String(allow_none=True)
     details = fields.Dict()
+
+
+class RefusedWritesSchema(Schema):
+    """Anonymous writes refused at one endpoint with one status: counted,
+    not each stored (gateway/audit.py)."""
+
+    action = fields.String(metadata={"description": "the endpoint, or unknown"})
+    status = fields.Integer()
+    count = fields.Integer()
+    first_at = UtcTimestamp()
+    last_at = UtcTimestamp()
+
+
+class TokenSchema(Schema):
+    """A portal token as listed: its id, never the secret or its digest."""
+
+    id = fields.String(metadata={"description": "tok_ and 16 hex digits"})
+    role = fields.String()
+    status = fields.String(
+        validate=validate.OneOf(["active", "expired", "revoked"]),
+    )
+    created_at = UtcTimestamp()
+    expires_at = UtcTimestamp(
+        allow_none=True, metadata={"description": "null: never expires"}
+    )
+    revoked_at = UtcTimestamp(allow_none=True)
+    last_used_at = UtcTimestamp(
+        allow_none=True, metadata={"description": "to within 5 minutes"}
+    )
 
 
 class TenantUsageSchema(Schema):

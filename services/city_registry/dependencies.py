@@ -13,23 +13,36 @@ from typing import Any
 from eventlet.semaphore import Semaphore
 from nameko.extensions import DependencyProvider
 
+from services.common.caches import BoundedTtlCache
+
 # The national summary and overview are recomputed at most this often per
 # registry process: under load the portal's readers share one answer.
 VIEW_CACHE_S = 2.0
+# Cities' pages (a few hundred), the national views and the codes asked for
+# that name no city: room for all of the first, a bound on the last.
+VIEW_CACHE_MAX = 2048
 
 
 class ViewCache:
     """One computed answer per key for ``VIEW_CACHE_S`` (or ``ttl(answer)``);
-    shared by workers.
+    shared by workers, at most ``max_entries`` of them.
 
     Single flight: while one worker recomputes an expired answer, the others
     serve the previous one rather than all recomputing at once.
+
+    Some keys come from callers (``city:<code>``, a page asked for, found or
+    not): the least recently used entry is evicted past ``max_entries``, so
+    made-up codes cannot grow memory; the national views, read every second
+    or two, stay at the recent end.
     """
 
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[float, Any]] = {}
+    def __init__(self, max_entries: int = VIEW_CACHE_MAX) -> None:
+        self._entries = BoundedTtlCache(max_entries)
         self._refreshing: set[str] = set()
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def get(
         self,
@@ -37,10 +50,9 @@ class ViewCache:
         compute: Callable[[], Any],
         ttl: Callable[[Any], float] = lambda _: VIEW_CACHE_S,
     ) -> Any:
-        now = time.monotonic()
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry[0] > now:
+            entry = self._entries.entry(key)
+            if entry is not None and entry[0] > time.monotonic():
                 return entry[1]
             if entry is not None and key in self._refreshing:
                 return entry[1]
@@ -50,13 +62,15 @@ class ViewCache:
         finally:
             with self._lock:
                 self._refreshing.discard(key)
-        with self._lock:
-            self._entries[key] = (time.monotonic() + ttl(value), value)
+        self._entries.put(key, value, ttl(value))
         return value
 
+    def entry(self, key: str) -> tuple[float, Any] | None:
+        """``(expires_at, answer)`` of ``key`` (monotonic clock), or None."""
+        return self._entries.entry(key)
+
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+        self._entries.clear()
 
 
 class Views(DependencyProvider):

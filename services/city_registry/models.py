@@ -141,11 +141,18 @@ class DatacenterKey(Base):
 
 
 class Token(Base):
-    """A bearer token, kept as its SHA-256 only, and the role it grants."""
+    """A bearer token, kept as its SHA-256 only, and the role it grants.
+
+    ``id`` is public (listings, revocation); ``expires_at`` null: never
+    (tokens issued before expiry existed, or with TOKEN_TTL_DAYS 0).
+    """
 
     __tablename__ = "tokens"
 
     token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
-    role: Mapped[str] = mapped_column(String(300))
+    id: Mapped[str] = mapped_column(String(32), unique=True)
+    role: Mapped[str] = mapped_column(String(300), index=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=_now)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime())

@@ -46,7 +46,8 @@ from services.common.amqp import (
     consume_raw,
     durable_queue,
 )
-from services.common.config import STALE_AFTER_S
+from services.common.config import STALE_AFTER_S, TOKEN_TTL_DAYS
+from services.common.contracts import CITY_CODE
 from services.common.errors import EXPECTED, Conflict, InvalidRequest, NotFound
 from services.common.rpc import TRANSIENT
 from services.common.rpc_access import ClusterRpc, ServiceRpc, rpc
@@ -81,6 +82,11 @@ def metering_timeout_s(window_hours: int) -> float:
 
 def _stale_after_s() -> float:
     return float(config.get(STALE_AFTER_S) or DEFAULT_STALE_AFTER_S)
+
+
+def _token_ttl_days() -> int:
+    value = config.get(TOKEN_TTL_DAYS)
+    return tokens.DEFAULT_TOKEN_TTL_DAYS if value is None else int(value)
 
 
 class CityRegistryService:
@@ -131,7 +137,8 @@ class CityRegistryService:
 
     @rpc(expected_exceptions=EXPECTED)
     def get_city(self, code: str) -> dict[str, Any]:
-        if not isinstance(code, str):
+        # Not the shape of a city code: not cached, not looked up.
+        if not isinstance(code, str) or not CITY_CODE.match(code):
             raise NotFound("city_not_found", f"no city {code!r}", {"city": code})
 
         def view() -> dict[str, Any] | None:
@@ -177,18 +184,63 @@ class CityRegistryService:
     # ------------------------------------------------------------ tokens
 
     @rpc(expected_exceptions=EXPECTED)
-    def issue_token(self, role: str) -> str:
+    def issue_token(
+        self, role: str, ttl_days: int | None = None, expires_at: str | None = None
+    ) -> str:
+        """A new token of ``role``, shown only here; it expires after
+        ``ttl_days``, at ``expires_at`` (ISO 8601), or after TOKEN_TTL_DAYS."""
         role = tokens.validate_role(role)
+        now = utcnow()
+        expiry = tokens.token_expiry(
+            now,
+            ttl_days=ttl_days,
+            expires_at=expires_at,
+            default_ttl_days=_token_ttl_days(),
+        )
         token = tokens.new_token()
-        self.store.add_token(tokens.token_digest(token), role, utcnow())
+        self.store.add_token(
+            tokens.token_digest(token),
+            role,
+            now,
+            token_id=tokens.new_token_id(),
+            expires_at=expiry,
+        )
         return token
 
     @rpc(expected_exceptions=EXPECTED, sensitive_arguments=("token",))
     def authenticate(self, token: str) -> dict[str, str] | None:
+        """``{"role"}`` of a token neither revoked nor expired, else None."""
         if not isinstance(token, str) or not token:
             return None
-        role = self.store.role_for(tokens.token_digest(token))
+        role = self.store.role_for(tokens.token_digest(token), utcnow())
         return {"role": role} if role is not None else None
+
+    @rpc(expected_exceptions=EXPECTED)
+    def list_tokens(
+        self, role: str | None = None, limit: int = 100, offset: int = 0
+    ) -> dict[str, Any]:
+        """Tokens (of ``role``), newest first: ``{"items", "total"}``; each
+        ``{id, role, status, created_at, expires_at, revoked_at,
+        last_used_at}``, never the secret or its digest."""
+        if role is not None:
+            role = tokens.validate_role(role)
+        limit = max(1, min(int(limit), 1000))
+        rows, total = self.store.tokens(role, limit=limit, offset=max(0, int(offset)))
+        now = utcnow()
+        return {"items": [tokens.token_view(row, now) for row in rows], "total": total}
+
+    @rpc(expected_exceptions=EXPECTED)
+    def revoke_token(self, token_id: str, role: str | None = None) -> dict[str, Any]:
+        """Revoke one token by its id; with ``role``, only a token of that role
+        (``NotFound token_not_found`` otherwise, as if there were none)."""
+        found = None
+        if isinstance(token_id, str) and tokens.TOKEN_ID.match(token_id):
+            found = self.store.revoke_token(token_id, utcnow(), role)
+        if found is None:
+            raise NotFound(
+                "token_not_found", f"no token {token_id!r}", {"id": token_id}
+            )
+        return tokens.token_view(found, utcnow())
 
     # ------------------------------------------------------------ national view
 
@@ -405,9 +457,20 @@ class CityRegistryService:
 
     @rpc(expected_exceptions=EXPECTED)
     def recommend_datacenters(
-        self, gpu_model: str, gpus: int, hours: float, voucher: str | None = None
+        self,
+        gpu_model: str,
+        gpus: int,
+        hours: float,
+        voucher: str | None = None,
+        company_id: str | None = None,
     ) -> dict[str, Any]:
-        terms = self._voucher_terms(voucher) if voucher else None
+        """Ranked data centres; with ``voucher``, net of its subsidy.
+
+        The portal lets only the voucher's company, its city and the national
+        admin name a voucher; for a company it passes ``company_id`` and a
+        voucher held by another is ``voucher_not_found`` here too.
+        """
+        terms = self._voucher_terms(voucher, company_id) if voucher else None
         ranked = recommendations.recommend(
             self.store.datacenters(),
             self._usage_overview(),
@@ -424,7 +487,9 @@ class CityRegistryService:
             "items": ranked,
         }
 
-    def _voucher_terms(self, code: str) -> recommendations.VoucherTerms:
+    def _voucher_terms(
+        self, code: str, company_id: str | None = None
+    ) -> recommendations.VoucherTerms:
         """The voucher's program terms: balance from its city (RPC), rate and
         bonuses from the city's latest ``program_published``."""
         try:
@@ -436,6 +501,8 @@ class CityRegistryService:
         if city is None:
             raise NotFound("voucher_not_found", f"no city issues {prefix}- vouchers")
         voucher = self._city_call(city.code, "get_voucher", code.strip().upper())
+        if company_id is not None and voucher.get("company_id") != company_id:
+            raise NotFound("voucher_not_found", f"no voucher {code.strip().upper()}")
         if voucher.get("status") not in (None, "active"):
             raise Conflict(
                 "voucher_not_active", f"voucher is {voucher['status']}", {"code": code}

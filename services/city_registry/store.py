@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import yaml
 from nameko import config
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -372,9 +372,58 @@ class RegistryStore:
 
     # ------------------------------------------------------------ tokens
 
-    def add_token(self, digest: str, role: str, now: datetime) -> None:
+    def add_token(
+        self,
+        digest: str,
+        role: str,
+        now: datetime,
+        *,
+        token_id: str,
+        expires_at: datetime | None = None,
+    ) -> None:
         with self._transaction():
-            self.session.add(Token(token_sha256=digest, role=role, created_at=now))
+            self.session.add(
+                Token(
+                    token_sha256=digest,
+                    id=token_id,
+                    role=role,
+                    created_at=now,
+                    expires_at=expires_at,
+                )
+            )
+
+    def tokens(
+        self, role: str | None = None, *, limit: int = 100, offset: int = 0
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Newest first (never the digest), with the total of ``role``'s."""
+        query = select(Token)
+        if role is not None:
+            query = query.where(Token.role == role)
+        total = self.session.scalar(select(func.count()).select_from(query.subquery()))
+        rows = self.session.scalars(
+            query.order_by(Token.created_at.desc(), Token.id)
+            .limit(limit)
+            .offset(offset)
+        ).all()
+        return [_token_record(row) for row in rows], int(total or 0)
+
+    def revoke_token(
+        self, token_id: str, now: datetime, role: str | None = None
+    ) -> dict[str, Any] | None:
+        """Revoke one token (of ``role``, when given); the token as it now
+        is, or None when there is no such token (of that role). Revoking a
+        revoked token changes nothing."""
+        with self._transaction():
+            conditions = [Token.id == token_id]
+            if role is not None:
+                conditions.append(Token.role == role)
+            self.session.execute(
+                update(Token)
+                .where(*conditions, Token.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+            row = self.session.scalars(select(Token).where(*conditions)).first()
+            return _token_record(row) if row is not None else None
 
     def revoke_tokens(self, role: str, now: datetime) -> int:
         with self._transaction():
@@ -542,12 +591,31 @@ class RegistryStore:
                 update(City).where(City.code == code).values(**figures)
             )
 
-    def role_for(self, digest: str) -> str | None:
-        return self.session.scalar(
-            select(Token.role).where(
-                Token.token_sha256 == digest, Token.revoked_at.is_(None)
-            )
-        )
+    def role_for(self, digest: str, now: datetime | None = None) -> str | None:
+        """The role of a token that is neither revoked nor expired at ``now``;
+        its ``last_used_at`` is moved on when older than the resolution."""
+        now = now or _utcnow()
+        row = self.session.execute(
+            select(
+                Token.role, Token.expires_at, Token.revoked_at, Token.last_used_at
+            ).where(Token.token_sha256 == digest)
+        ).first()
+        if row is None or not tokens.is_usable(row.revoked_at, row.expires_at, now):
+            return None
+        if tokens.needs_touch(row.last_used_at, now):
+            with self._transaction():
+                self.session.execute(
+                    update(Token)
+                    .where(Token.token_sha256 == digest)
+                    .values(last_used_at=now)
+                )
+        return row.role
+
+
+def _token_record(row: Token) -> dict[str, Any]:
+    return _columns(
+        row, "id", "role", "created_at", "expires_at", "revoked_at", "last_used_at"
+    )
 
 
 # A prefix reservation racing another registry copy's: tried again this often.

@@ -57,6 +57,7 @@ HEARTBEAT_INTERVAL_S = "HEARTBEAT_INTERVAL_S"
 # city_registry
 DEPLOY_DIR = "DEPLOY_DIR"
 STALE_AFTER_S = "STALE_AFTER_S"
+TOKEN_TTL_DAYS = "TOKEN_TTL_DAYS"  # a token's life unless issued for less; 0: ever
 
 # datacenter_gateway
 DATACENTER_ID = "DATACENTER_ID"

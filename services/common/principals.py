@@ -121,6 +121,8 @@ RPC_CALLERS: dict[str, dict[str, frozenset[str]]] = {
             "revoke_datacenter_key",
             "issue_token",
             "authenticate",
+            "list_tokens",
+            "revoke_token",
             # membership
             "admit_city",
             "remove_city",

@@ -98,3 +98,14 @@ def test_a_mistyped_https_setting_is_refused(make_app, value):
 
     with pytest.raises(cfg.ConfigError, match=SESSION_COOKIE_SECURE):
         make_app(**config)
+
+
+def test_the_cookie_keeps_its_flags_when_the_session_is_cleared(sign_in, client):
+    sign_in()
+
+    (cookie,) = client.post("/logout").headers.getlist("Set-Cookie")
+    flags = [flag.strip().lower() for flag in cookie.split(";")]
+
+    assert cookie.startswith("session=;")
+    assert "httponly" in flags
+    assert "samesite=lax" in flags

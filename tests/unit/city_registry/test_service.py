@@ -2,8 +2,8 @@
 
 import json
 import time
-from datetime import UTC, datetime
-from unittest.mock import Mock
+from datetime import UTC, datetime, timedelta
+from unittest.mock import Mock, patch
 
 import pytest
 from eventlet.semaphore import Semaphore
@@ -12,6 +12,7 @@ from nameko.testing.services import worker_factory
 from sqlalchemy.orm import Session
 
 from services.city_registry.dependencies import Prefixes, ViewCache
+from services.city_registry.domain import tokens
 from services.city_registry.service import CityRegistryService
 from services.city_registry.store import RegistryStore
 from services.common.amqp import RawMessage
@@ -186,8 +187,8 @@ def test_a_week_of_usage_is_kept_longer_than_a_day(service, metering):
 
     metering.usage_overview.return_value = {"datacenters": {}}
     service.national_overview()
-    day, _ = service.view_cache._entries["usage:24"]
-    week, _ = service.view_cache._entries["usage:168"]
+    day, _ = service.view_cache.entry("usage:24")
+    week, _ = service.view_cache.entry("usage:168")
     assert week - day >= 6 * module.USAGE_CACHE_S - 1
 
 
@@ -204,7 +205,7 @@ def test_a_failed_metering_answer_is_kept_only_briefly(service, metering):
 
     metering.usage_overview.side_effect = ConnectionError("broker gone")
     assert service.network_summary()["gpu_seconds"] is None
-    expires, answer = service.view_cache._entries["usage:24"]
+    expires, answer = service.view_cache.entry("usage:24")
     assert answer is None
     assert expires - time.monotonic() <= module.VIEW_CACHE_S < module.USAGE_CACHE_S
 
@@ -227,3 +228,88 @@ def test_token_round_trip(service):
     assert service.authenticate("") is None
     with pytest.raises(InvalidRequest):
         service.issue_token("city_admin:")
+
+
+# -- tokens: expiry, listing, revocation ----------------------------------------
+
+NOW = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
+
+
+def _at(moment):
+    return patch("services.city_registry.service.utcnow", return_value=moment)
+
+
+def test_an_issued_token_expires(service):
+    with _at(NOW):
+        token = service.issue_token("city_admin:shanghai", ttl_days=2)
+    with _at(NOW + timedelta(days=2) - timedelta(seconds=1)):
+        assert service.authenticate(token) == {"role": "city_admin:shanghai"}
+    with _at(NOW + timedelta(days=2)):
+        assert service.authenticate(token) is None
+
+
+def test_the_default_expiry_comes_from_the_config(service):
+    with _at(NOW), patch.dict("nameko.config", {"TOKEN_TTL_DAYS": 0}):
+        forever = service.issue_token("national_admin")
+    with _at(NOW):
+        default = service.issue_token("national_admin")
+    listed = {item["expires_at"] for item in service.list_tokens()["items"]}
+    assert listed == {None, "2026-05-30T08:00:00Z"}
+    with _at(NOW + timedelta(days=3650)):
+        assert service.authenticate(forever) == {"role": "national_admin"}
+        assert service.authenticate(default) is None
+
+
+def test_tokens_are_listed_by_id_never_by_secret(service):
+    with _at(NOW):
+        token = service.issue_token("company:shanghai:C1")
+        service.issue_token("company:shanghai:C2")
+        service.authenticate(token)
+        listed = service.list_tokens(role="company:shanghai:C1")
+    assert listed["total"] == 1
+    (item,) = listed["items"]
+    assert set(item) == {
+        "id",
+        "role",
+        "status",
+        "created_at",
+        "expires_at",
+        "revoked_at",
+        "last_used_at",
+    }
+    assert tokens.TOKEN_ID.match(item["id"])
+    assert item["status"] == "active"
+    assert item["last_used_at"] == "2026-03-01T08:00:00Z"
+    text = repr(service.list_tokens())
+    assert token not in text and tokens.token_digest(token) not in text
+    with pytest.raises(InvalidRequest):
+        service.list_tokens(role="superuser")
+
+
+def test_one_token_is_revoked_and_only_within_a_role(service):
+    with _at(NOW):
+        kept = service.issue_token("city_admin:shanghai")
+        gone = service.issue_token("city_admin:shanghai")
+    # gone is told apart from kept by its last use.
+    with _at(NOW + timedelta(minutes=1)):
+        service.authenticate(gone)
+    gone_id = next(
+        item["id"]
+        for item in service.list_tokens()["items"]
+        if item["last_used_at"] == "2026-03-01T08:01:00Z"
+    )
+    with pytest.raises(NotFound) as info:
+        service.revoke_token(gone_id, role="city_admin:beijing")
+    assert info.value.code == "token_not_found"
+    with _at(NOW + timedelta(minutes=2)):
+        revoked = service.revoke_token(gone_id, role="city_admin:shanghai")
+    assert (revoked["status"], revoked["revoked_at"]) == (
+        "revoked",
+        "2026-03-01T08:02:00Z",
+    )
+    with _at(NOW + timedelta(minutes=3)):
+        assert service.authenticate(gone) is None
+        assert service.authenticate(kept) == {"role": "city_admin:shanghai"}
+    for wrong in ("tok_0000000000000000", "not-an-id", None, 7):
+        with pytest.raises(NotFound):
+            service.revoke_token(wrong)

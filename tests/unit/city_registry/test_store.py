@@ -273,10 +273,76 @@ def test_key_rotation_keeps_two_active(store):
     assert store.add_key("nowhere", "k9", "s9", NOW) is False
 
 
+def _add_token(store, secret, role="city_admin:shanghai", **kwargs):
+    token_id = tokens.new_token_id()
+    store.add_token(
+        tokens.token_digest(secret),
+        role,
+        kwargs.pop("now", NOW),
+        token_id=token_id,
+        **kwargs,
+    )
+    return token_id
+
+
 def test_tokens(store):
-    store.add_token(tokens.token_digest("tok"), "city_admin:shanghai", NOW)
-    assert store.role_for(tokens.token_digest("tok")) == "city_admin:shanghai"
-    assert store.role_for(tokens.token_digest("other")) is None
+    _add_token(store, "tok")
+    assert store.role_for(tokens.token_digest("tok"), NOW) == "city_admin:shanghai"
+    assert store.role_for(tokens.token_digest("other"), NOW) is None
+
+
+def test_an_expired_token_grants_nothing(store):
+    _add_token(store, "tok", expires_at=NOW + timedelta(days=1))
+    digest = tokens.token_digest("tok")
+    assert store.role_for(digest, NOW + timedelta(hours=23)) == "city_admin:shanghai"
+    assert store.role_for(digest, NOW + timedelta(days=1)) is None
+    assert store.role_for(digest, NOW + timedelta(days=400)) is None
+
+
+def test_last_use_is_written_at_most_every_few_minutes(store):
+    token_id = _add_token(store, "tok")
+    digest = tokens.token_digest("tok")
+    store.role_for(digest, NOW)
+    store.role_for(digest, NOW + timedelta(minutes=1))
+    ((listed,), _) = store.tokens("city_admin:shanghai")
+    assert (listed["id"], listed["last_used_at"]) == (token_id, NOW)
+    store.role_for(digest, NOW + tokens.LAST_USED_RESOLUTION)
+    ((listed,), _) = store.tokens()
+    assert listed["last_used_at"] == NOW + tokens.LAST_USED_RESOLUTION
+
+
+def test_tokens_are_listed_by_role_without_their_digest(store):
+    mine = _add_token(store, "a", "company:shanghai:C1")
+    _add_token(store, "b", "company:shanghai:C2", now=NOW + timedelta(seconds=1))
+    rows, total = store.tokens("company:shanghai:C1")
+    assert (total, [row["id"] for row in rows]) == (1, [mine])
+    assert set(rows[0]) == {
+        "id",
+        "role",
+        "created_at",
+        "expires_at",
+        "revoked_at",
+        "last_used_at",
+    }
+    everyone, total = store.tokens(limit=1)
+    assert total == 2 and len(everyone) == 1
+    assert everyone[0]["role"] == "company:shanghai:C2"  # newest first
+
+
+def test_one_token_is_revoked_by_id_and_only_in_its_role(store):
+    first = _add_token(store, "a")
+    _add_token(store, "b")
+    later = NOW + timedelta(minutes=1)
+    assert store.revoke_token(first, later, role="city_admin:beijing") is None
+    assert store.role_for(tokens.token_digest("a"), later) == "city_admin:shanghai"
+    revoked = store.revoke_token(first, later, role="city_admin:shanghai")
+    assert revoked["revoked_at"] == later
+    assert store.role_for(tokens.token_digest("a"), later) is None
+    assert store.role_for(tokens.token_digest("b"), later) == "city_admin:shanghai"
+    # Again: nothing changes, the first revocation's time stays.
+    again = store.revoke_token(first, later + timedelta(hours=1))
+    assert again["revoked_at"] == later
+    assert store.revoke_token("tok_0000000000000000", later) is None
 
 
 _events = st.lists(

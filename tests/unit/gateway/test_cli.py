@@ -155,6 +155,7 @@ def test_apply_uses_the_citys_token_and_shows_the_reasons(
     run, rpc, session, tmp_path, application_factory, city_factory, voucher_factory
 ):
     rpc.replies[("city_registry", "get_city")] = city_factory()
+    rpc.replies[("city_registry", "list_cities")] = [city_factory()]
     voucher = voucher_factory()
     rpc.replies[("vouchers_shanghai", "apply")] = {
         "application_id": "a-1",

@@ -16,6 +16,7 @@ CITY_ADMIN = "city_admin:shanghai"
 @pytest.fixture
 def shanghai(rpc, city_factory):
     rpc.replies[("city_registry", "get_city")] = lambda code: city_factory(code=code)
+    rpc.replies[("city_registry", "list_cities")] = [city_factory()]
     rpc.replies[("city_registry", "voucher_prefixes")] = {"SH": "shanghai"}
     return rpc
 
