@@ -320,6 +320,7 @@ programs:
     response = requests.get(
         f"{portal}/api/v1/datacenters/recommendations",
         params={"gpu_model": "H800", "gpus": 8, "hours": 10, "voucher": voucher},
+        headers=city_admin,  # a voucher's terms: its city's (or holder's)
         timeout=15,
     )
     assert response.status_code == 200, response.text

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.support import attacks
 from tests.support.polling import eventually_over_http
 
 pytestmark = pytest.mark.e2e
@@ -72,6 +73,12 @@ def test_local_network_moves_from_the_first_minute_and_stops_on_ctrl_c(
         region["utilisation"] for region in summary["regions"].values()
     ]:
         assert figure is None or 0 <= figure <= 1
+    # Each member runs as its own broker user, and can do only its own part:
+    # issue 14's attacks with its credentials fail, the legitimate paths work.
+    for member in [*creds["cities"].values(), *creds["datacenters"].values()]:
+        assert member["amqp"]["username"].split(".")[0] in ("city", "dc")
+    attempts = attacks.bus_attempts(creds) + attacks.portal_attempts(creds)
+    assert [a for a in attempts if not a.held] == [], attacks.table(attempts)
     # launcher, registry, metering, 3 cities, 2 gateways, 2 agents, portal
     assert len(processes_on(rabbit_uri)) >= 11
 

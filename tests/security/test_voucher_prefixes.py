@@ -33,6 +33,7 @@ from services.common.config import DATABASE_URL, DEPLOY_DIR, STALE_AFTER_S
 from services.common.contracts import make_event
 from services.common.migrations import upgrade
 from services.common.rpc import RpcPool
+from services.common.rpc_access import caller_options
 from services.common.units import utcnow
 from services.common.vouchercode import PREFIX, generate
 from tests.support.bus import wait_acked
@@ -52,7 +53,7 @@ def registry_rpc(rabbit_config, pg_url_factory, container_factory):
         CityRegistryService,
         {DATABASE_URL: url, DEPLOY_DIR: str(DEPLOY), STALE_AFTER_S: 60},
     ).start()
-    with ServiceRpcClient("city_registry", timeout=10) as client:
+    with ServiceRpcClient("city_registry", timeout=10, **caller_options()) as client:
         yield client
 
 
