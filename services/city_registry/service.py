@@ -13,6 +13,7 @@ from typing import Any
 
 import eventlet
 from nameko import config
+from nameko.timer import timer
 
 import services.common.remote_errors  # noqa: F401 - errors cross RPC as themselves
 from services.city_registry.broker import (
@@ -71,6 +72,8 @@ CITY_TIMEOUT_S = 5.0
 # metering's usage figures (GPU-seconds, utilisation over 24 h and 7 d) move
 # slowly against what they cost to aggregate: asked at most this often.
 USAGE_CACHE_S = 10.0
+# How often the cities' usage queues are declared again (declare_city_queues).
+CITY_QUEUES_INTERVAL_S = 600
 
 
 def metering_timeout_s(window_hours: int) -> float:
@@ -127,6 +130,17 @@ class CityRegistryService:
             applied = self.store.apply_event(event, body, utcnow())
         if not applied:
             log.info("duplicate %s %s dropped", event, body["event_id"])
+
+    @timer(interval=CITY_QUEUES_INTERVAL_S, eager=True)
+    def declare_city_queues(self) -> None:
+        """Every city's usage queue exists, whether its service ever started
+        or not (metering publishes usage_rated ``mandatory``): at start, and
+        again now and then in case one was deleted."""
+        codes = [city.code for city in self.store.cities() if city.removed_at is None]
+        try:
+            self.topology(codes)
+        except Exception:  # noqa: BLE001 - the next tick tries again
+            log.exception("could not declare the cities' usage queues")
 
     # ------------------------------------------------------------ cities
 
@@ -291,6 +305,7 @@ class CityRegistryService:
         password = secrets.token_urlsafe(24)
         username = city_username(code)
         self.broker.grant(username, password, city_permissions(code))
+        self.topology([code])  # its usage waits there until its service starts
         token = self.issue_token(f"city_admin:{code}")
         self.view_cache.clear()
         return {

@@ -68,6 +68,18 @@ def durable_queue(name: str, exchange: Exchange, routing_keys: list[str]) -> Que
     )
 
 
+def city_usage_queue(city: str) -> Queue:
+    """``vouchers_<city>.usage_rated``: where metering's usage_rated for the
+    city wait. The city consumes it; the registry declares it too, at
+    admission and as it starts, so that usage of a city whose service has not
+    started yet waits there rather than being returned unroutable."""
+    return durable_queue(
+        f"vouchers_{city}.usage_rated",
+        FEDERATION_EXCHANGE,
+        [federation_key(city, "usage_rated")],
+    )
+
+
 def shared_exchanges() -> list[Exchange]:
     """The exchanges every member uses and only the national side declares."""
     return [
@@ -111,11 +123,30 @@ def declare_topology(connection: Connection) -> None:
 
 class SharedTopology(DependencyProvider):
     """The national registry declares the shared topology as it starts, so
-    that members, which may only check it, find it there."""
+    that members, which may only check it, find it there; and each city's
+    usage queue (:func:`city_usage_queue`), injected as
+    ``declare_city_queues(codes)``; ``cities`` are declared at setup too."""
+
+    def __init__(self, cities: tuple[str, ...] = ()) -> None:
+        self.cities = tuple(cities)
 
     def setup(self) -> None:
-        with Connection(config[AMQP_URI], ssl=broker_ssl(config)) as connection:
+        with self._connection() as connection:
             declare_topology(connection)
+        if self.cities:
+            self.declare_city_queues(self.cities)
+
+    def _connection(self) -> Connection:
+        return Connection(config[AMQP_URI], ssl=broker_ssl(config))
+
+    def declare_city_queues(self, cities) -> None:
+        with self._connection() as connection:
+            channel = connection.default_channel
+            for city in cities:
+                city_usage_queue(city)(channel).declare()
+
+    def get_dependency(self, worker_ctx):
+        return self.declare_city_queues
 
 
 def dead_letter_queue() -> Queue:

@@ -73,8 +73,12 @@ def _frame(frame_type: int, channel_id: int, payload: bytes) -> bytes:
     )
 
 
-def publish_method_frame(channel_id: int, exchange: str, routing_key: str) -> bytes:
-    args = amqp.serialization.dumps("Bssbb", (0, exchange, routing_key, False, False))
+def publish_method_frame(
+    channel_id: int, exchange: str, routing_key: str, mandatory: bool = False
+) -> bytes:
+    args = amqp.serialization.dumps(
+        "Bssbb", (0, exchange, routing_key, mandatory, False)
+    )
     return _frame(1, channel_id, struct.pack(">HH", *amqp.spec.Basic.Publish) + args)
 
 
@@ -97,6 +101,19 @@ def publish_content_frames(
     return _frame(2, channel_id, header) + _frame(3, channel_id, body)
 
 
+class Unroutable(ConnectionError):
+    """The broker returned ``mandatory`` events: no queue is bound for their
+    routing keys. They were not delivered; the caller must not ack upstream."""
+
+    def __init__(self, routing_keys: list[str]):
+        self.routing_keys = routing_keys
+        shown = ", ".join(sorted(set(routing_keys))[:5])
+        super().__init__(
+            f"{len(routing_keys)} event(s) returned unroutable: no queue bound "
+            f"for {shown}"
+        )
+
+
 class ConfirmingChannel:
     """One connection and channel in confirm mode, counting the broker's acks.
 
@@ -104,9 +121,15 @@ class ConfirmingChannel:
     cannot be: a body over several frames, a long id), sends them in one
     write and waits for their confirms. A channel whose ``publish_all``
     raised no longer knows which events were confirmed: close it.
+
+    ``mandatory``: the broker returns an event no queue is bound for (before
+    its confirm) instead of confirming and dropping it; ``publish_all`` then
+    raises :class:`Unroutable`.
     """
 
-    def __init__(self, amqp_uri: str, ssl: dict | None = None):
+    def __init__(self, amqp_uri: str, ssl: dict | None = None, mandatory: bool = False):
+        self.mandatory = mandatory
+        self.returned: list[str] = []  # routing keys of returned events
         self.connection = Connection(amqp_uri, heartbeat=0, ssl=ssl)
         self.connection.ensure_connection(max_retries=1)
         self.channel = self.connection.channel()
@@ -117,6 +140,7 @@ class ConfirmingChannel:
         self.nacked = False
         self.channel.events["basic_ack"].add(self._on_ack)
         self.channel.events["basic_nack"].add(self._on_nack)
+        self.channel.events["basic_return"].add(self._on_return)
         # From here on, frames are collected and sent in one write per batch
         # (py-amqp writes each frame on its own: a system call per event).
         self._frames: list[bytes] = []
@@ -145,6 +169,9 @@ class ConfirmingChannel:
     def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
         self.nacked = True
 
+    def _on_return(self, exc, exchange, routing_key, message) -> None:
+        self.returned.append(routing_key)
+
     def publish_all(
         self, exchange: str, events: Iterable[tuple[str, str, Any]]
     ) -> None:
@@ -172,11 +199,14 @@ class ConfirmingChannel:
                     ),
                     exchange,
                     routing_key,
+                    mandatory=self.mandatory,
                 )
             else:
                 method = self._methods.get((exchange, routing_key))
                 if method is None:
-                    method = publish_method_frame(channel_id, exchange, routing_key)
+                    method = publish_method_frame(
+                        channel_id, exchange, routing_key, self.mandatory
+                    )
                     self._methods[(exchange, routing_key)] = method
                 self._frames.append(method)
                 self._frames.append(content)
@@ -195,6 +225,11 @@ class ConfirmingChannel:
                 continue
         if self.nacked:
             raise ConnectionError("the broker refused (nacked) an event")
+        if self.returned:
+            # Every confirm has come, so every return before it: the channel
+            # stays usable for the next call.
+            returned, self.returned = self.returned, []
+            raise Unroutable(returned)
 
     def close(self) -> None:
         try:
@@ -206,10 +241,13 @@ class ConfirmingChannel:
 
 
 class _ConfirmedPublishing(DependencyProvider):
-    """What both publishers share: the exchange and the broker."""
+    """What both publishers share: the exchange, the broker and whether the
+    events must reach a queue (``mandatory``: an event no queue is bound for
+    fails its publish with :class:`Unroutable`, never confirmed and dropped)."""
 
-    def __init__(self, exchange):
+    def __init__(self, exchange, mandatory: bool = False):
         self.exchange = exchange
+        self.mandatory = mandatory
 
     def setup(self):
         self.amqp_uri = config[AMQP_URI]
@@ -222,8 +260,8 @@ class ConfirmedPublisher(_ConfirmedPublishing):
     once the broker confirmed every one, or raises. Concurrent workers each
     take a channel of a pool."""
 
-    def __init__(self, exchange):
-        super().__init__(exchange)
+    def __init__(self, exchange, mandatory: bool = False):
+        super().__init__(exchange, mandatory)
         self._idle: LightQueue = LightQueue()
 
     def start(self):
@@ -245,7 +283,7 @@ class ConfirmedPublisher(_ConfirmedPublishing):
             try:
                 channel = self._idle.get_nowait()
             except eventlet.queue.Empty:
-                channel = ConfirmingChannel(self.amqp_uri, self.ssl)
+                channel = ConfirmingChannel(self.amqp_uri, self.ssl, self.mandatory)
             try:
                 channel.publish_all(self.exchange.name, events)
             except BaseException:
@@ -272,8 +310,8 @@ class OrderedConfirmedPublisher(_ConfirmedPublishing):
     is the order of the calls.
     """
 
-    def __init__(self, exchange):
-        super().__init__(exchange)
+    def __init__(self, exchange, mandatory: bool = False):
+        super().__init__(exchange, mandatory)
         self._queue: LightQueue = LightQueue()
         self._thread = None
 
@@ -301,7 +339,9 @@ class OrderedConfirmedPublisher(_ConfirmedPublishing):
             while (item := self._queue.get()) is not None:
                 events, confirmation = item
                 try:
-                    channel = channel or ConfirmingChannel(self.amqp_uri, self.ssl)
+                    channel = channel or ConfirmingChannel(
+                        self.amqp_uri, self.ssl, self.mandatory
+                    )
                     channel.publish_all(self.exchange.name, events)
                 except Exception as exc:  # noqa: BLE001 - the caller's to handle
                     if channel is not None:

@@ -21,7 +21,7 @@ import services.common.remote_errors  # noqa: F401 - errors cross RPC as themsel
 from services.common.amqp import FEDERATION_EXCHANGE, USAGE_EXCHANGE, durable_queue
 from services.common.db import Database
 from services.common.errors import EXPECTED, Unavailable
-from services.common.publishing import ConfirmedPublisher
+from services.common.publishing import ConfirmedPublisher, Unroutable
 from services.common.rpc_access import ServiceRpc, rpc
 from services.metering import dead_letters, ingest, reports
 from services.metering.batching import consume_batch
@@ -42,7 +42,9 @@ class MeteringService:
     db = Database()
     city_registry_rpc = ServiceRpc("city_registry")
     registry_cache = RegistryCache()
-    publish = ConfirmedPublisher(FEDERATION_EXCHANGE)
+    # mandatory: a usage_rated no city queue is bound for is an error, never
+    # confirmed and dropped (the registry declares each city's queue).
+    publish = ConfirmedPublisher(FEDERATION_EXCHANGE, mandatory=True)
 
     @consume_batch(USAGE_QUEUE)
     def handle_usage_batch(self, messages: list) -> list[int]:
@@ -72,24 +74,17 @@ class MeteringService:
             return False
         except Exception as exc:
             log.exception("could not process %s", message.routing_key)
-            try:
-                exhausted = dead_letters.record_failure(
-                    self.db, message, exc, self.max_attempts
-                )
-            except Exception:
-                log.exception("could not count the failure; requeued")
-                return False
-            if exhausted:
-                log.error(
-                    "dead letter processing_error from %s after %d attempts",
-                    message.routing_key[:255],
-                    self.max_attempts,
-                )
-            return exhausted
+            return self._count_failure(message, exc)
         try:
             # Its effects are committed; a failure to announce them is the
-            # broker's, never the message's: requeued, not counted.
+            # broker's, never the message's: requeued, not counted ...
             self._publish(outcome)
+        except Unroutable as exc:
+            # ... unless no queue takes them: that will not pass by itself.
+            # Counted, it ends as a dead letter naming the routing keys; a
+            # replay once the city's queue exists announces it again.
+            log.error("the events of %s are unroutable: %s", message.routing_key, exc)
+            return self._count_failure(message, exc)
         except Exception:
             log.exception("could not publish the events of %s", message.routing_key)
             return False
@@ -99,6 +94,23 @@ class MeteringService:
             except Exception:  # noqa: BLE001 - only a counter left behind
                 log.warning("could not clear the failures of a message", exc_info=True)
         return True
+
+    def _count_failure(self, message, exc: BaseException) -> bool:
+        """One more failed attempt; True (ack) once it is a dead letter."""
+        try:
+            exhausted = dead_letters.record_failure(
+                self.db, message, exc, self.max_attempts
+            )
+        except Exception:
+            log.exception("could not count the failure; requeued")
+            return False
+        if exhausted:
+            log.error(
+                "dead letter processing_error from %s after %d attempts",
+                message.routing_key[:255],
+                self.max_attempts,
+            )
+        return exhausted
 
     @property
     def max_attempts(self) -> int:

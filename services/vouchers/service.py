@@ -20,7 +20,7 @@ from services.common import vouchercode
 from services.common.amqp import (
     FEDERATION_EXCHANGE,
     RawMessage,
-    durable_queue,
+    city_usage_queue,
     federation_key,
 )
 from services.common.config import (
@@ -436,11 +436,7 @@ def build(config: dict) -> type:
     if not config.get(RULES_FILE):
         raise ConfigError(f"{RULES_FILE} is not set")
     instance_rules(config[RULES_FILE], city, config.get(VOUCHER_PREFIX))
-    queue = durable_queue(
-        f"vouchers_{city}.usage_rated",
-        FEDERATION_EXCHANGE,
-        [federation_key(city, "usage_rated")],
-    )
+    queue = city_usage_queue(city)
     interval = float(config.get(HEARTBEAT_INTERVAL_S) or DEFAULT_HEARTBEAT_INTERVAL_S)
 
     # Fresh functions per class: nameko records entrypoints on the function.
@@ -467,8 +463,12 @@ def build(config: dict) -> type:
         (VouchersService,),
         {
             "name": f"vouchers_{city}",
-            "publish": Publisher(exchange=FEDERATION_EXCHANGE),
-            "publish_confirmed": OrderedConfirmedPublisher(FEDERATION_EXCHANGE),
+            # mandatory: an event no queue takes is an error (the outbox
+            # keeps it, the batch is not acked), never confirmed and dropped.
+            "publish": Publisher(exchange=FEDERATION_EXCHANGE, mandatory=True),
+            "publish_confirmed": OrderedConfirmedPublisher(
+                FEDERATION_EXCHANGE, mandatory=True
+            ),
             "handle_usage_rated": consume_batch(queue)(handle_usage_rated),
             "publish_state": timer(interval=interval, eager=True)(publish_state),
             "expire_vouchers": timer(interval=expiry_s, eager=True)(expire_vouchers),

@@ -30,6 +30,7 @@ from services.common.units import apply_rate_fen
 from services.vouchers import domain, ledger
 from services.vouchers.models import Program, Redemption, Voucher
 from services.vouchers.rules import parse_rules
+from tests.support import bus
 from tests.support.bus import wait_acked
 from tests.support.polling import eventually
 from tests.support.processes import start_service
@@ -241,6 +242,8 @@ def test_sigkill_mid_stream_then_restart_books_every_record_once(
         HEARTBEAT_INTERVAL_S="1",
         LOG_LEVEL="WARNING",
     )
+    with Connection(uri) as connection:
+        bus.registry_queue(connection)  # the city's events reach the registry's
     process = _start(env)
     try:
         with ClusterRpcClient(uri=uri, timeout=10, **caller_options(uri)) as rpc:
@@ -252,7 +255,7 @@ def test_sigkill_mid_stream_then_restart_books_every_record_once(
                 ignoring=(Exception,),  # not up yet
             )
             code = city.apply(application())["voucher"]["code"]
-        total = 600
+        total = 3_000  # long enough that the kill lands mid-stream
         with Connection(uri) as connection:
             publish_usage_rated(
                 connection,

@@ -38,6 +38,7 @@ from services.common.units import utcnow
 from services.common.vouchercode import PREFIX, generate
 from tests.support.bus import wait_acked
 from tests.support.federation_data import program
+from tests.support.polling import eventually
 from tests.support.portal_data import datacenter
 
 pytestmark = pytest.mark.integration
@@ -145,7 +146,12 @@ def test_a_city_cannot_publish_another_citys_prefix(
     prefixes = registry_rpc.voucher_prefixes()
     assert prefixes["SH"] == "shanghai" and prefixes["QSQ"] == code
     assert list(prefixes.values()).count(code) == 1
-    city = registry_rpc.get_city(code)
+    # The city's page is cached for VIEW_CACHE_S (the admission answer too).
+    city = eventually(
+        lambda: (c := registry_rpc.get_city(code))["budget_fen"] and c,
+        10,
+        "the city's page with its program",
+    )
     # Only its own: the claiming program_published and voucher were refused.
     assert city["voucher_prefix"] == "QSQ"
     assert (city["budget_fen"], city["committed_fen"]) == (7_000, 300)

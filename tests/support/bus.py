@@ -15,7 +15,7 @@ from typing import Any
 
 from kombu import Queue
 
-from services.common.amqp import FEDERATION_EXCHANGE
+from services.common.amqp import FEDERATION_EXCHANGE, durable_queue
 from tests.support import management
 from tests.support.polling import eventually
 
@@ -29,6 +29,18 @@ def usage_rated_queue(connection, **options: Any) -> Queue:
         routing_key="*.usage_rated",
         **options,
     )
+    queue(connection.default_channel).declare()
+    return queue
+
+
+def registry_queue(connection) -> Queue:
+    """The registry's federation queue, declared as the registry declares it:
+    what a city's events (published ``mandatory``) reach when no registry
+    runs in the test."""
+    from services.city_registry.domain.events import ROUTING_KEYS
+    from services.city_registry.service import FEDERATION_QUEUE
+
+    queue = durable_queue(FEDERATION_QUEUE, FEDERATION_EXCHANGE, ROUTING_KEYS)
     queue(connection.default_channel).declare()
     return queue
 

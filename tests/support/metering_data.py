@@ -16,7 +16,7 @@ from nameko import config as nameko_config
 from nameko.rpc import rpc
 
 from services.common import signing, vouchercode
-from services.common.amqp import USAGE_EXCHANGE, RawMessage
+from services.common.amqp import USAGE_EXCHANGE, RawMessage, SharedTopology
 from services.common.contracts import canonical_json
 from services.common.errors import EXPECTED, NotFound
 from services.common.units import format_ts, utcnow
@@ -180,6 +180,9 @@ class StandInRegistry:
     service (integration tests, benches)."""
 
     name = "city_registry"
+    # As the registry does: the shared topology, and the cities' usage queues
+    # (metering's usage_rated are mandatory).
+    topology = SharedTopology(cities=tuple(sorted(set(PREFIXES.values()))))
 
     @rpc(expected_exceptions=EXPECTED)
     def get_datacenter(self, datacenter_id):
