@@ -61,8 +61,8 @@ sys.path.insert(0, str(ROOT))
 from benchlib import CpuMeter, delete_vhost, make_vhost  # noqa: E402
 
 from services.common.amqp import (  # noqa: E402
-    FEDERATION_EXCHANGE,
     USAGE_EXCHANGE,
+    city_usage_queue,
     durable_queue,
 )
 from services.common.contracts import canonical_json  # noqa: E402
@@ -124,7 +124,7 @@ def publish(connection, channel, bodies, exchange: str, routing_key: str) -> Non
                 message_id=record_id,
                 # validated by the broker, checked by metering (its cost is
                 # in the figures: as a gateway publishes)
-                user_id=connection.userid,
+                user_id=BROKER_USER,
             ),
             exchange,
             routing_key,
@@ -137,8 +137,23 @@ def publish(connection, channel, bodies, exchange: str, routing_key: str) -> Non
         connection.drain_events(timeout=30)
 
 
+# The bench publishes as the local bootstrap user, which metering takes as the
+# national side (principals.py); a gateway publishes as dc.<id>: the check
+# costs the same.
+BROKER_USER = "guest"
+
+
+CITIES = ("shanghai", "chengdu")  # the records' vouchers: SH- and CD-
+
+
+def rated_depth(channel) -> int:
+    return sum(queue_depth(channel, f"vouchers_{city}.usage_rated") for city in CITIES)
+
+
 def connect(vhost: str) -> amqp.Connection:
-    connection = amqp.Connection("localhost:5672", virtual_host=vhost)
+    connection = amqp.Connection(
+        "localhost:5672", userid=BROKER_USER, password="guest", virtual_host=vhost
+    )
     connection.connect()
     return connection
 
@@ -248,11 +263,10 @@ def run_metering(
     try:
         connection = connect(vhost)
         channel = connection.channel()
-        # stands in for a city's queue, declared as its voucher service does
-        declare(
-            channel,
-            durable_queue("bench.usage_rated", FEDERATION_EXCHANGE, ["*.usage_rated"]),
-        )
+        # the cities' own queues, as their voucher services and the registry
+        # declare them (metering's usage_rated are mandatory: one queue each)
+        for city in CITIES:
+            declare(channel, city_usage_queue(city))
 
         def wait_consumers(count: int) -> None:
             def consuming() -> bool:  # metering has declared its queue and consumes
@@ -285,7 +299,7 @@ def run_metering(
         probe = connection.channel()
         last = time.monotonic()
         seen, moved = 0, time.monotonic()
-        while (depth := queue_depth(probe, "bench.usage_rated")) < len(bodies):
+        while (depth := rated_depth(probe)) < len(bodies):
             now = time.monotonic()
             if depth > seen:
                 seen, moved = depth, now
