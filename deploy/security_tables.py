@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from gateway.access import ENDPOINT_ACCESS, openapi_path
 from services.city_registry import broker
 from services.common.principals import RPC_CALLERS
 
@@ -69,6 +70,17 @@ def rpc_table() -> str:
     return "\n".join(rows)
 
 
+def endpoint_table() -> str:
+    rows = ["| endpoint | who may call it |", "| --- | --- |"]
+    for (method, rule), grants in sorted(
+        ENDPOINT_ACCESS.items(), key=lambda item: (item[0][1], item[0][0])
+    ):
+        rows.append(
+            f"| `{method} {openapi_path(rule)}` | {', '.join(sorted(grants))} |"
+        )
+    return "\n".join(rows)
+
+
 def tables() -> str:
     return "\n".join(
         [
@@ -81,6 +93,10 @@ def tables() -> str:
             "#### RPC methods (`services/common/principals.py: RPC_CALLERS`)",
             "",
             rpc_table(),
+            "",
+            "#### Portal endpoints (`gateway/access.py: ENDPOINT_ACCESS`)",
+            "",
+            endpoint_table(),
             "",
             END,
         ]

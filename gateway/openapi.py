@@ -15,7 +15,7 @@ from typing import Any
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
-from gateway import federation_api, schemas
+from gateway import access, federation_api, schemas
 from services.common.contracts import UtcTimestamp
 
 API_TITLE = "computenet national portal"
@@ -403,7 +403,15 @@ def build_spec() -> APISpec:
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     for name, schema in _SCHEMAS.items():
         spec.components.schema(name, schema=schema)
+    roles = {
+        (access.openapi_path(rule), method.lower()): sorted(grants)
+        for (method, rule), grants in access.ENDPOINT_ACCESS.items()
+    }
     for path, operations in _PATHS.items():
         # apispec resolves schemas in place: keep the table above pristine.
-        spec.path(path=path, operations=_with_body_limit(copy.deepcopy(operations)))
+        operations = _with_body_limit(copy.deepcopy(operations))
+        for method, operation in operations.items():
+            # who may call it, from gateway/access.py (the one table)
+            operation["x-roles"] = roles.get((path, method), [])
+        spec.path(path=path, operations=operations)
     return spec
