@@ -4,13 +4,10 @@ Federation events are published with kombu, as a city's service would; the
 national view is read over RPC, as the portal would.
 """
 
-import json
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from kombu import Connection
 from nameko import config
 from nameko.rpc import rpc
 from nameko.standalone.rpc import ServiceRpcClient
@@ -21,16 +18,15 @@ from services.city_registry.service import (
     FEDERATION_QUEUE,
     CityRegistryService,
 )
-from services.common.amqp import FEDERATION_EXCHANGE, federation_key
+from services.common.amqp import federation_key
 from services.common.config import DATABASE_URL, DEPLOY_DIR, STALE_AFTER_S
 from services.common.contracts import make_event
 from services.common.errors import InvalidRequest, NotFound
 from services.common.migrations import upgrade
 from services.common.rpc_access import caller_options
-from services.common.units import utcnow
 from services.common.vouchercode import generate
 from tests.support.bus import wait_acked
-from tests.support.federation_data import program
+from tests.support.federation_data import program, publish_events, voucher_issued
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
@@ -79,18 +75,7 @@ def registry_rpc(registry):
 
 
 def publish(events):
-    with Connection(config["AMQP_URI"]) as connection:
-        producer = connection.Producer()
-        for routing_key, body in events:
-            producer.publish(
-                json.dumps(body).encode(),
-                exchange=FEDERATION_EXCHANGE,
-                routing_key=routing_key,
-                content_type="application/json",
-                delivery_mode=2,
-                message_id=body.get("event_id"),
-                retry=True,
-            )
+    publish_events(config["AMQP_URI"], events)
 
 
 def event(kind, city, eid, **fields):
@@ -99,18 +84,6 @@ def event(kind, city, eid, **fields):
 
 def programs(city, budget):
     return [program(city, budget, rules_sha256=SHA)]
-
-
-def issued(city, eid, code, face):
-    return event(
-        "voucher_issued",
-        city,
-        eid,
-        voucher_code=code,
-        program_id=f"{city}-compute",
-        face_value_fen=face,
-        expires_at=utcnow() + timedelta(days=365),
-    )
 
 
 def redeemed(city, eid, code, subsidy):
@@ -155,9 +128,9 @@ def test_national_view_projects_federation_events_once(
             programs=programs("shanghai", 1_000_000),
         ),
         event("heartbeat", "shanghai", "sh-h", version="1", uptime_s=5),
-        issued("shanghai", "sh-i1", sh1, 300_000),
-        issued("shanghai", "sh-i1", sh1, 300_000),  # redelivered: same event_id
-        issued("shanghai", "sh-i2", sh2, 200_000),
+        voucher_issued("shanghai", "sh-i1", sh1, 300_000),
+        voucher_issued("shanghai", "sh-i1", sh1, 300_000),  # redelivered: same event_id
+        voucher_issued("shanghai", "sh-i2", sh2, 200_000),
         redeemed("shanghai", "sh-r1", sh1, 50_000),
         redeemed("shanghai", "sh-r2", sh1, -10_000),  # correction reversal
         event(
@@ -178,11 +151,11 @@ def test_national_view_projects_federation_events_once(
             voucher_prefix="WH",
             programs=programs("wuhan", 500_000),
         ),
-        issued("wuhan", "wh-i1", wh1, 100_000),
+        voucher_issued("wuhan", "wh-i1", wh1, 100_000),
         # a body naming another city than its routing key: dropped
         (
             federation_key("shanghai", "voucher_issued"),
-            issued("wuhan", "x", generate("WH"), 1)[1],
+            voucher_issued("wuhan", "x", generate("WH"), 1)[1],
         ),
     ]
     publish(events)

@@ -23,6 +23,7 @@ from services.datacenter_gateway.capacity import CapacityReporter
 from services.datacenter_gateway.domain import InventoryItem
 from services.datacenter_gateway.outbox import Outbox
 from services.datacenter_gateway.relay import Relay, RelayStatus
+from tests.support.agent_api import agent_records
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
@@ -33,20 +34,7 @@ INVENTORY = [InventoryItem("H800", 256)]
 
 
 def make_records(n):
-    ended = utcnow() - timedelta(minutes=1)
-    return [
-        {
-            "record_id": f"it-{uuid.uuid4().hex}",
-            "tenant_id": "acme",
-            "gpu_model": "H800",
-            "gpu_count": 2,
-            "started_at": format_ts(ended - timedelta(minutes=30)),
-            "ended_at": format_ts(ended),
-            "gpu_seconds": 3000,
-            "source": "simulated",
-        }
-        for _ in range(n)
-    ]
+    return agent_records(n, "it")
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from services.common.publishing import ConfirmingChannel, Unroutable
 from services.common.rpc_access import caller_options
 from services.metering.service import MeteringService
 from tests.support import bus, management
-from tests.support.metering_data import publish_usage, usage, voucher
+from tests.support.metering_data import dead_letters, publish_usage, usage, voucher
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
@@ -93,11 +93,11 @@ def test_usage_no_city_queue_takes_ends_as_a_dead_letter_once_stored(
             for record in [kept[0], lost, *kept[1:]]:
                 publish_usage(connection, canonical_json(record))
 
-            def letters():
-                with ServiceRpcClient("metering", **caller_options()) as rpc:
-                    return rpc.list_dead_letters(reason="processing_error")
-
-            [letter] = eventually(letters, 60, "the unroutable record's dead letter")
+            [letter] = eventually(
+                lambda: dead_letters("processing_error"),
+                60,
+                "the unroutable record's dead letter",
+            )
             assert letter["record_id"] == "to-chengdu"
             assert "Unroutable" in letter["detail"]
             assert "chengdu.usage_rated" in letter["detail"]

@@ -40,6 +40,7 @@ from tests.support.metering_data import (
     SECRET,
     FakeRegistry,
     capacity,
+    dead_letters,
     publish_usage,
     raw_message,
     signed_headers,
@@ -469,11 +470,11 @@ def test_a_message_that_crashes_even_alone_ends_as_a_processing_error(
                 lambda: totals(metering_db)[0] == 10, DEADLINE_S, "ten records"
             )
 
-            def letters():
-                with ServiceRpcClient("metering", **caller_options()) as rpc:
-                    return rpc.list_dead_letters(reason="processing_error")
-
-            [letter] = eventually(letters, 30, "the poison message's dead letter")
+            [letter] = eventually(
+                lambda: dead_letters("processing_error"),
+                30,
+                "the poison message's dead letter",
+            )
             assert letter["record_id"] == "poison-1"
             assert "RuntimeError: this record always crashes" in letter["detail"]
             assert "failed 3 times" in letter["detail"]

@@ -11,8 +11,6 @@ Every connection the node lists for the test's vhost is TLS.
 """
 
 import json
-import uuid
-from datetime import timedelta
 
 import nameko
 import pytest
@@ -35,41 +33,29 @@ from services.common.config import (
 from services.common.db import make_engine
 from services.common.migrations import upgrade
 from services.common.rpc import RpcPool
-from services.common.units import format_ts, utcnow
 from services.datacenter_gateway.app import create_app
 from services.datacenter_gateway.capacity import CapacityReporter
 from services.datacenter_gateway.domain import InventoryItem
 from services.datacenter_gateway.outbox import Outbox
 from services.datacenter_gateway.relay import Relay, RelayStatus
 from services.vouchers.service import build
+from tests.support.agent_api import agent_records
 from tests.support.bus import drain
 from tests.support.polling import eventually
 from tests.support.vouchers_data import EAST_COMMERCIAL as COMMERCIAL
-from tests.support.vouchers_data import application, publish_usage_rated, rated
+from tests.support.vouchers_data import (
+    SHANGHAI_RULES,
+    application,
+    publish_usage_rated,
+    rated,
+)
 
 pytestmark = pytest.mark.integration
 
 DC = "guian-gov-01"
 KEY, SECRET = "k1", "tls-secret"
 CITY = "shanghai"
-RULES = """\
-city: shanghai
-name: Shanghai
-region: east
-voucher_prefix: SH
-programs:
-  - id: sh-compute-2025
-    kind: compute
-    budget_cny: 10000000
-    rate_percent: 80
-    max_rate_percent: 90
-    face_value_cny: {min: 1000, max: 2000000}
-    valid_days: 365
-    review: auto
-    eligibility:
-      all_of:
-        - registered_in: shanghai
-"""
+RULES = SHANGHAI_RULES
 
 
 def _vhost(uri: str) -> str:
@@ -90,20 +76,7 @@ def assert_only_tls(tls_broker, uri: str, at_least: int) -> None:
 
 
 def make_records(n):
-    ended = utcnow() - timedelta(minutes=1)
-    return [
-        {
-            "record_id": f"tls-{uuid.uuid4().hex}",
-            "tenant_id": "acme",
-            "gpu_model": "H800",
-            "gpu_count": 2,
-            "started_at": format_ts(ended - timedelta(minutes=30)),
-            "ended_at": format_ts(ended),
-            "gpu_seconds": 3000,
-            "source": "simulated",
-        }
-        for _ in range(n)
-    ]
+    return agent_records(n, "tls")
 
 
 def test_a_data_centre_publishes_signed_usage_over_tls_with_confirms(

@@ -49,28 +49,19 @@ from tests.support import bus
 from tests.support.bus import drain
 from tests.support.polling import eventually
 from tests.support.vouchers_data import EAST_COMMERCIAL as COMMERCIAL
-from tests.support.vouchers_data import application, publish_usage_rated, rated
+from tests.support.vouchers_data import (
+    SHANGHAI_RULES,
+    application,
+    publish_usage_rated,
+    rated,
+)
 
 pytestmark = pytest.mark.integration
 
 CITY = "shanghai"
-RULES = """\
-city: shanghai
-name: Shanghai
-region: east
-voucher_prefix: SH
-programs:
-  - id: sh-compute-2025
-    kind: compute
-    budget_cny: 10000000
-    rate_percent: 80
-    max_rate_percent: 90
-    face_value_cny: {min: 1000, max: 2000000}
-    valid_days: 365
-    review: auto
-    eligibility:
-      all_of:
-        - registered_in: shanghai
+RULES = (
+    SHANGHAI_RULES
+    + """\
   - id: sh-reviewed
     kind: training_data
     budget_cny: 5000000
@@ -79,6 +70,7 @@ programs:
     valid_days: 365
     review: manual
 """
+)
 FACE_CNY = 1_000_000
 FACE_FEN = FACE_CNY * 100
 

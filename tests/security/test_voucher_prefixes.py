@@ -14,30 +14,26 @@ real RPC client, with exactly CONTRACTS.md §7's fields and with the optional
 
 from __future__ import annotations
 
-import json
 import uuid
-from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
-from kombu import Connection
 from nameko.standalone.rpc import ServiceRpcClient
 
 from gateway.app import create_app
 from gateway.audit import AUDIT, AUDIT_DATABASE_URL
 from services.city_registry.broker import BrokerAdmin
 from services.city_registry.service import FEDERATION_QUEUE, CityRegistryService
-from services.common.amqp import FEDERATION_EXCHANGE, federation_key
+from services.common.amqp import federation_key
 from services.common.config import DATABASE_URL, DEPLOY_DIR, STALE_AFTER_S
 from services.common.contracts import make_event
 from services.common.migrations import upgrade
+from services.common.principals import uri_as
 from services.common.rpc import RpcPool
 from services.common.rpc_access import caller_options
-from services.common.units import utcnow
 from services.common.vouchercode import PREFIX, generate
 from tests.support.bus import wait_acked
-from tests.support.federation_data import program
+from tests.support.federation_data import program, publish_events, voucher_issued
 from tests.support.polling import eventually
 from tests.support.portal_data import datacenter
 
@@ -73,46 +69,11 @@ def _code(stem: str) -> str:
     return f"{stem}_{uuid.uuid4().hex[:6]}"
 
 
-def _as(rabbit_uri: str, amqp: dict[str, str]) -> str:
-    parts = urlsplit(rabbit_uri)
-    return (
-        f"amqp://{amqp['username']}:{amqp['password']}"
-        f"@{parts.hostname}:{parts.port}{parts.path}"
-    )
-
-
-def _publish(uri: str, events: list[tuple[str, dict]]) -> None:
-    with Connection(uri, transport_options={"confirm_publish": True}) as connection:
-        producer = connection.Producer()
-        for routing_key, body in events:
-            producer.publish(
-                json.dumps(body).encode(),
-                exchange=FEDERATION_EXCHANGE,
-                routing_key=routing_key,
-                content_type="application/json",
-                delivery_mode=2,
-                retry=True,
-            )
-
-
 def _published(city: str, eid: str, budget: int, **extra) -> tuple[str, dict]:
     body = make_event(
         "program_published", city, eid, programs=[program(city, budget)], **extra
     )
     return federation_key(city, "program_published"), body
-
-
-def _issued(city: str, eid: str, code: str, face: int) -> tuple[str, dict]:
-    body = make_event(
-        "voucher_issued",
-        city,
-        eid,
-        voucher_code=code,
-        program_id=f"{city}-compute",
-        face_value_fen=face,
-        expires_at=utcnow() + timedelta(days=365),
-    )
-    return federation_key(city, "voucher_issued"), body
 
 
 def test_a_city_cannot_publish_another_citys_prefix(
@@ -122,25 +83,25 @@ def test_a_city_cannot_publish_another_citys_prefix(
     admitted = registry_rpc.admit_city(code, "Squatter", voucher_prefix="QSQ")
     broker_users.append(admitted["amqp"]["username"])
     assert admitted["city"]["voucher_prefix"] == "QSQ"
-    squatter = _as(rabbit_uri, admitted["amqp"])  # its own broker user
+    squatter = uri_as(rabbit_uri, **admitted["amqp"])  # its own broker user
 
     # The attack: Shanghai's prefix announced as its own, and a voucher of it.
     attack = [
         _published(code, "p-attack", 5_000, voucher_prefix="SH"),
-        _issued(code, "i-attack", generate("SH"), 1_000),
+        voucher_issued(code, "i-attack", generate("SH"), 1_000),
     ]
     # Its legitimate path: its own prefix, its own voucher.
     own = [
         _published(code, "p-own", 7_000, voucher_prefix="QSQ"),
-        _issued(code, "i-own", generate("QSQ"), 300),
+        voucher_issued(code, "i-own", generate("QSQ"), 300),
     ]
-    _publish(squatter, attack + own)
+    publish_events(squatter, attack + own)
     # Shanghai's own publications keep working (its code: the local guest).
     shanghai = [
         _published("shanghai", "p-sh", 9_000, voucher_prefix="SH"),
-        _issued("shanghai", "i-sh", generate("SH"), 2_000),
+        voucher_issued("shanghai", "i-sh", generate("SH"), 2_000),
     ]
-    _publish(rabbit_uri, shanghai)
+    publish_events(rabbit_uri, shanghai)
     wait_acked(rabbit_uri, FEDERATION_QUEUE, len(attack + own + shanghai))
 
     prefixes = registry_rpc.voucher_prefixes()

@@ -48,6 +48,25 @@ def make_client(outbox, settings):
     return make
 
 
+def agent_records(n: int, prefix: str = "it") -> list[dict]:
+    """``n`` finished half-hour jobs of tenant acme on 2 H800, as an agent
+    posts them to ``/v1/usage`` (the integration rings' records)."""
+    ended = utcnow() - timedelta(minutes=1)
+    return [
+        {
+            "record_id": f"{prefix}-{uuid.uuid4().hex}",
+            "tenant_id": "acme",
+            "gpu_model": "H800",
+            "gpu_count": 2,
+            "started_at": format_ts(ended - timedelta(minutes=30)),
+            "ended_at": format_ts(ended),
+            "gpu_seconds": 3000,
+            "source": "simulated",
+        }
+        for _ in range(n)
+    ]
+
+
 @pytest.fixture
 def record_factory():
     """``record_factory(gpu_count=8)`` → a valid agent record, random ids."""

@@ -148,6 +148,17 @@ def publish_usage(
             )
 
 
+def dead_letters(reason: str | None = None) -> list[dict]:
+    """metering's dead letters (of ``reason``), asked over RPC as the portal
+    does, in the test's vhost (nameko's config)."""
+    from nameko.standalone.rpc import ServiceRpcClient
+
+    from services.common.rpc_access import caller_options
+
+    with ServiceRpcClient("metering", **caller_options()) as rpc:
+        return rpc.list_dead_letters(reason=reason)
+
+
 class FakeRegistry:
     """What metering asks city_registry, answered in process (unit tests).
 

@@ -34,6 +34,27 @@ programs:
 # The cities' rules files a deployment starts from.
 DEPLOY_CITIES = Path(__file__).resolve().parents[2] / "deploy" / "cities"
 
+# Shanghai with one auto-approved compute program, for the rings that run a
+# city's service as it is deployed (vouchers_shanghai).
+SHANGHAI_RULES = """\
+city: shanghai
+name: Shanghai
+region: east
+voucher_prefix: SH
+programs:
+  - id: sh-compute-2025
+    kind: compute
+    budget_cny: 10000000
+    rate_percent: 80
+    max_rate_percent: 90
+    face_value_cny: {min: 1000, max: 2000000}
+    valid_days: 365
+    review: auto
+    eligibility:
+      all_of:
+        - registered_in: shanghai
+"""
+
 # The smallest valid rules file of the test city: one program.
 MINIMAL_RULES = (
     RULES_HEADER
