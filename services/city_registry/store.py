@@ -21,12 +21,13 @@ from typing import Any, TypeVar
 
 import yaml
 from nameko import config
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from services.city_registry.domain import events, prefixes, seeds, tokens
+from services.city_registry.credentials import CredentialsStore
+from services.city_registry.domain import events, prefixes, seeds
 from services.city_registry.domain.reconciliation import RECONCILED_FIELDS
 from services.city_registry.domain.seeds import SeedError
 from services.city_registry.domain.state import (
@@ -39,10 +40,8 @@ from services.city_registry.domain.state import (
 from services.city_registry.models import (
     City,
     Datacenter,
-    DatacenterKey,
     ProcessedEvent,
     Program,
-    Token,
     Voucher,
 )
 from services.common.config import DEPLOY_DIR
@@ -83,8 +82,9 @@ def read_deploy_dir(
     return cities, datacenters
 
 
-class RegistryStore:
-    """Queries and updates of the registry's tables, on one session."""
+class RegistryStore(CredentialsStore):
+    """Queries and updates of the registry's tables, on one session (keys and
+    tokens: :class:`~services.city_registry.credentials.CredentialsStore`)."""
 
     def __init__(self, session: Session):
         self.session = session
@@ -322,119 +322,6 @@ class RegistryStore:
         row = self.session.get(Datacenter, datacenter_id)
         return _datacenter_state(row) if row is not None else None
 
-    def active_keys(self, datacenter_id: str) -> list[dict[str, str]]:
-        """Active keys, newest first."""
-        rows = self.session.scalars(
-            select(DatacenterKey)
-            .where(
-                DatacenterKey.datacenter_id == datacenter_id,
-                DatacenterKey.revoked_at.is_(None),
-            )
-            .order_by(DatacenterKey.seq.desc())
-        )
-        return [{"key_id": row.key_id, "secret": row.secret} for row in rows]
-
-    def add_key(
-        self, datacenter_id: str, key_id: str, secret: str, now: datetime
-    ) -> bool:
-        """Store a new active key and revoke all but the newest two.
-
-        False if the data centre is unknown. The data centre's row is locked
-        (PostgreSQL) so that two rotations at once cannot leave three active.
-        """
-        with self._transaction():
-            locked = self.session.scalar(
-                select(Datacenter.id)
-                .where(Datacenter.id == datacenter_id)
-                .with_for_update()
-            )
-            if locked is None:
-                self.session.rollback()
-                return False
-            self.session.add(
-                DatacenterKey(
-                    key_id=key_id,
-                    datacenter_id=datacenter_id,
-                    secret=secret,
-                    created_at=now,
-                )
-            )
-            self.session.flush()
-            active = [key["key_id"] for key in self.active_keys(datacenter_id)]
-            revoke = tokens.keys_to_revoke(active)
-            if revoke:
-                self.session.execute(
-                    update(DatacenterKey)
-                    .where(DatacenterKey.key_id.in_(revoke))
-                    .values(revoked_at=now)
-                )
-            return True
-
-    # ------------------------------------------------------------ tokens
-
-    def add_token(
-        self,
-        digest: str,
-        role: str,
-        now: datetime,
-        *,
-        token_id: str,
-        expires_at: datetime | None = None,
-    ) -> None:
-        with self._transaction():
-            self.session.add(
-                Token(
-                    token_sha256=digest,
-                    id=token_id,
-                    role=role,
-                    created_at=now,
-                    expires_at=expires_at,
-                )
-            )
-
-    def tokens(
-        self, role: str | None = None, *, limit: int = 100, offset: int = 0
-    ) -> tuple[list[dict[str, Any]], int]:
-        """Newest first (never the digest), with the total of ``role``'s."""
-        query = select(Token)
-        if role is not None:
-            query = query.where(Token.role == role)
-        total = self.session.scalar(select(func.count()).select_from(query.subquery()))
-        rows = self.session.scalars(
-            query.order_by(Token.created_at.desc(), Token.id)
-            .limit(limit)
-            .offset(offset)
-        ).all()
-        return [_token_record(row) for row in rows], int(total or 0)
-
-    def revoke_token(
-        self, token_id: str, now: datetime, role: str | None = None
-    ) -> dict[str, Any] | None:
-        """Revoke one token (of ``role``, when given); the token as it now
-        is, or None when there is no such token (of that role). Revoking a
-        revoked token changes nothing."""
-        with self._transaction():
-            conditions = [Token.id == token_id]
-            if role is not None:
-                conditions.append(Token.role == role)
-            self.session.execute(
-                update(Token)
-                .where(*conditions, Token.revoked_at.is_(None))
-                .values(revoked_at=now)
-            )
-            row = self.session.scalars(select(Token).where(*conditions)).first()
-            return _token_record(row) if row is not None else None
-
-    def revoke_tokens(self, role: str, now: datetime) -> int:
-        with self._transaction():
-            result = self.session.execute(
-                update(Token)
-                .where(Token.role == role, Token.revoked_at.is_(None))
-                .values(revoked_at=now)
-                .returning(Token.token_sha256)
-            ).all()
-            return len(result)
-
     # ------------------------------------------------------------ federation
 
     def admit_city(
@@ -537,36 +424,6 @@ class RegistryStore:
             ).first()
             return done is not None
 
-    def keys(self, datacenter_id: str) -> list[dict[str, Any]]:
-        """Every key of the data centre, newest first, without secrets."""
-        rows = self.session.scalars(
-            select(DatacenterKey)
-            .where(DatacenterKey.datacenter_id == datacenter_id)
-            .order_by(DatacenterKey.seq.desc())
-        )
-        return [
-            {
-                "key_id": row.key_id,
-                "created_at": row.created_at,
-                "revoked_at": row.revoked_at,
-            }
-            for row in rows
-        ]
-
-    def revoke_key(self, datacenter_id: str, key_id: str | None, now: datetime) -> int:
-        """Revoke one key (or all with ``key_id=None``); how many were active."""
-        with self._transaction():
-            query = update(DatacenterKey).where(
-                DatacenterKey.datacenter_id == datacenter_id,
-                DatacenterKey.revoked_at.is_(None),
-            )
-            if key_id is not None:
-                query = query.where(DatacenterKey.key_id == key_id)
-            done = self.session.execute(
-                query.values(revoked_at=now).returning(DatacenterKey.key_id)
-            ).all()
-            return len(done)
-
     def rebuild_city(self, code: str, totals: dict[str, Any]) -> None:
         """Set a city's read model to its ledger's totals (``ledger_totals``).
 
@@ -590,32 +447,6 @@ class RegistryStore:
             self.session.execute(
                 update(City).where(City.code == code).values(**figures)
             )
-
-    def role_for(self, digest: str, now: datetime | None = None) -> str | None:
-        """The role of a token that is neither revoked nor expired at ``now``;
-        its ``last_used_at`` is moved on when older than the resolution."""
-        now = now or _utcnow()
-        row = self.session.execute(
-            select(
-                Token.role, Token.expires_at, Token.revoked_at, Token.last_used_at
-            ).where(Token.token_sha256 == digest)
-        ).first()
-        if row is None or not tokens.is_usable(row.revoked_at, row.expires_at, now):
-            return None
-        if tokens.needs_touch(row.last_used_at, now):
-            with self._transaction():
-                self.session.execute(
-                    update(Token)
-                    .where(Token.token_sha256 == digest)
-                    .values(last_used_at=now)
-                )
-        return row.role
-
-
-def _token_record(row: Token) -> dict[str, Any]:
-    return _columns(
-        row, "id", "role", "created_at", "expires_at", "revoked_at", "last_used_at"
-    )
 
 
 # A prefix reservation racing another registry copy's: tried again this often.
