@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchlib import amqp_uri_of, delete_vhost, make_vhost  # noqa: E402
 
+from services.common import creditcode  # noqa: E402
 from services.common.amqp import FEDERATION_EXCHANGE, federation_key  # noqa: E402
 from services.common.db import make_engine  # noqa: E402
 from services.common.rpc_access import caller_options  # noqa: E402
@@ -81,7 +82,7 @@ def application(n: int, face: int = 1000) -> dict:
     return {
         "program_id": "bc-compute",
         "company": {
-            "registration_id": f"bench-{uuid.uuid4().hex[:12]}-{n}",
+            "registration_id": creditcode.generate(),
             "name": "Bench Co",
             "registered_in": CITY,
             "employees": 10,

@@ -31,6 +31,7 @@ import requests
 
 from deploy.preflight import broker_problem, port_free, postgres_problem
 from deploy.processes import Child
+from services.common import creditcode
 from services.common.principals import uri_as
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +48,7 @@ DEMO_COMPANIES: dict[str, list[dict[str, Any]]] = {
             "program_id": "sh-compute-2025",
             "tenant": "aurora-ai",
             "company": {
-                "registration_id": "91310000DEMO0001",
+                "registration_id": "91310000MA1DEM001X",
                 "name": "Aurora AI (demo)",
                 "registered_in": "shanghai",
                 "employees": 85,
@@ -62,7 +63,7 @@ DEMO_COMPANIES: dict[str, list[dict[str, Any]]] = {
             "program_id": "sh-compute-2025",
             "tenant": "huangpu-vision",
             "company": {
-                "registration_id": "91310000DEMO0002",
+                "registration_id": "91310000MA1DEM0021",
                 "name": "Huangpu Vision (demo)",
                 "registered_in": "shanghai",
                 "employees": 40,
@@ -79,7 +80,7 @@ DEMO_COMPANIES: dict[str, list[dict[str, Any]]] = {
             "program_id": "cd-research-2023",
             "tenant": "tianfu-lab",
             "company": {
-                "registration_id": "91510100DEMO0001",
+                "registration_id": "91510100MA1DEM001G",
                 "name": "Tianfu Language Lab (demo)",
                 "registered_in": "chengdu",
                 "employees": 60,
@@ -96,7 +97,7 @@ DEMO_COMPANIES: dict[str, list[dict[str, Any]]] = {
             "program_id": "sd-compute-2024",
             "tenant": "qilu-robotics",
             "company": {
-                "registration_id": "91370000DEMO0001",
+                "registration_id": "91370000MA1DEM001N",
                 "name": "Qilu Robotics (demo)",
                 "registered_in": "shandong",
                 "employees": 150,
@@ -456,8 +457,9 @@ class Network:
                     log(f"demo voucher for {tenant}: {exc}; applying as a new company")
                     application["company"] = dict(
                         application["company"],
-                        registration_id=application["company"]["registration_id"]
-                        + os.urandom(2).hex().upper(),
+                        registration_id=creditcode.generate(
+                            application["company"]["registration_id"][2:8]
+                        ),
                     )
                     result = self.rpc.call(f"vouchers_{city}", "apply", application)
                 if result.get("voucher"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from marshmallow import RAISE, Schema, fields, validate
 
-from services.common.contracts import CITY_CODE_PATTERN, UtcTimestamp
+from services.common.contracts import CITY_CODE_PATTERN, CreditCode, UtcTimestamp
 from services.vouchers import schemas as vouchers_schemas
 
 APPLICATION_STATUSES = ("approved", "rejected", "pending_review")
@@ -56,7 +56,8 @@ class CompanySchema(Schema):
     class Meta:
         unknown = RAISE
 
-    registration_id = fields.String(required=True, validate=validate.Length(1, 64))
+    # the unified social credit code: refused by its check character
+    registration_id = CreditCode(required=True)
     name = fields.String(required=True, validate=validate.Length(1, 200))
     registered_in = fields.String(
         required=True, validate=validate.Regexp(CITY_CODE_PATTERN)

@@ -24,6 +24,7 @@ from marshmallow import (
     validates_schema,
 )
 
+from services.common import creditcode
 from services.common.units import format_ts, parse_ts, utcnow
 
 MAX_SPAN = timedelta(days=31)
@@ -40,6 +41,18 @@ FEDERATION_EVENTS = (
 # A stable namespace so that the same fact always gets the same event_id, and a
 # redelivered or re-published fact is recognised downstream.
 _EVENT_NAMESPACE = uuid.UUID("7f0b1a6e-4b7e-4c1e-9a43-2f5d0c9b8a11")
+
+
+class CreditCode(fields.String):
+    """A unified social credit code (``creditcode.py``), normalised; a wrong
+    one fails with what is wrong (its check character, its length …)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return creditcode.parse(text)
+        except creditcode.InvalidCreditCode as exc:
+            raise ValidationError(str(exc)) from None
 
 
 class UtcTimestamp(fields.Field):

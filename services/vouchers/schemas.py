@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from marshmallow import RAISE, Schema, fields, validate
 
-from services.common.contracts import UtcTimestamp
+from services.common.contracts import CreditCode, UtcTimestamp
 
 
 class CompanySchema(Schema):
     class Meta:
         unknown = RAISE
 
-    registration_id = fields.String(required=True, validate=validate.Length(1, 64))
+    # the unified social credit code: refused by its check character
+    registration_id = CreditCode(required=True)
     name = fields.String(required=True, validate=validate.Length(1, 256))
     registered_in = fields.String(required=True, validate=validate.Length(1, 64))
     employees = fields.Integer(

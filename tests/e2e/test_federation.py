@@ -28,6 +28,7 @@ import pytest
 import requests
 from kombu import Connection, Exchange, Producer
 
+from services.common import creditcode
 from tests.support.polling import eventually_over_http
 from tests.support.portal_data import datacenter
 from tests.support.processes import start_service
@@ -244,7 +245,7 @@ programs:
         json={
             "program_id": "nb-compute-2025",
             "company": {
-                "registration_id": f"9133E2E{suffix.upper()}",
+                "registration_id": creditcode.generate("330200"),  # Ningbo
                 "name": "Ningbo Models",
                 "registered_in": code,
                 "employees": 30,

@@ -20,6 +20,7 @@ import pytest
 import requests
 from kombu import Connection, Exchange, Producer
 
+from services.common import creditcode
 from tests.support.polling import eventually_over_http
 
 pytestmark = pytest.mark.e2e
@@ -85,7 +86,7 @@ def test_one_gpu_hour_travels_the_whole_way(network):
     application = {
         "program_id": "sh-compute-2025",
         "company": {
-            "registration_id": f"91310000E2E{uuid.uuid4().hex[:6].upper()}",
+            "registration_id": creditcode.generate(),
             "name": "E2E Test Models Ltd",
             "registered_in": "shanghai",
             "employees": 42,

@@ -35,7 +35,12 @@ from tests.support.bus import wait_acked
 from tests.support.polling import eventually
 from tests.support.processes import start_service
 from tests.support.vouchers_data import EAST_COMMERCIAL as COMMERCIAL
-from tests.support.vouchers_data import application, publish_usage_rated, rated
+from tests.support.vouchers_data import (
+    application,
+    credit_code,
+    publish_usage_rated,
+    rated,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +104,7 @@ def test_32_concurrent_issuers_against_a_small_budget(pg_factory):
     issued, refused = [], []
 
     def issuer(n, session):
-        company = application()["company"] | {"registration_id": f"co-{n}"}
+        company = application()["company"] | {"registration_id": credit_code(1_000 + n)}
         company["registered_in"] = "shanghai"
         try:
             result = ledger.apply(
@@ -174,7 +179,7 @@ def test_concurrent_batches_on_shared_vouchers_with_redelivery(pg_factory):
     session = pg_factory()
     codes = []
     for n, face in enumerate((1000_00, 1000_00, 800_00)):
-        company = application()["company"] | {"registration_id": f"batch-co-{n}"}
+        company = application()["company"] | {"registration_id": credit_code(2_000 + n)}
         decision = domain.decide(program, company)
         codes.append(
             ledger.apply(session, RULES, program, company, face, decision).voucher.code

@@ -52,6 +52,7 @@ from tests.support.vouchers_data import EAST_COMMERCIAL as COMMERCIAL
 from tests.support.vouchers_data import (
     SHANGHAI_RULES,
     application,
+    credit_code,
     publish_usage_rated,
     rated,
 )
@@ -197,9 +198,12 @@ def test_review_queue_vouchers_statements_and_totals_over_rpc(
     first = city.apply(manual)
     assert first["decision"] == "pending_review" and first["voucher"] is None
     second = city.apply(
-        {**application(registration_id="co-second"), "program_id": "sh-reviewed"}
+        {
+            **application(registration_id=credit_code(900_001)),
+            "program_id": "sh-reviewed",
+        }
     )
-    auto = city.apply(application(registration_id="co-auto"))
+    auto = city.apply(application(registration_id=credit_code(900_002)))
     assert auto["decision"] == "approved"
 
     pending = city.list_applications(status="pending_review")
@@ -251,7 +255,7 @@ def test_review_queue_vouchers_statements_and_totals_over_rpc(
     listed = city.list_vouchers()
     assert listed["total"] == 2
     assert {v["code"] for v in listed["items"]} == {reviewed_code, auto_code}
-    mine = city.list_vouchers(company_id="co-auto")
+    mine = city.list_vouchers(company_id=credit_code(900_002))
     assert [v["code"] for v in mine["items"]] == [auto_code]
 
     # Usage on the auto voucher, then revoke it: the rest is released.

@@ -18,6 +18,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from services.common import creditcode
 from services.common.amqp import FEDERATION_EXCHANGE, federation_key
 from services.common.contracts import make_event
 from services.common.units import utcnow
@@ -138,7 +139,7 @@ _ids = itertools.count(1)
 def company(**overrides: Any) -> dict[str, Any]:
     """A company of the test city that the tc-compute rules admit."""
     body = {
-        "registration_id": f"91310000MA{next(_ids):08d}",
+        "registration_id": credit_code(next(_ids)),
         "name": "Deep Thought AI",
         "registered_in": "testcity",
         "employees": 40,
@@ -147,6 +148,12 @@ def company(**overrides: Any) -> dict[str, Any]:
     }
     body.update(overrides)
     return body
+
+
+def credit_code(n: int, division: str = "310000") -> str:
+    """The ``n``-th well-formed unified social credit code of a company in
+    ``division`` (Shanghai's by default): distinct for distinct ``n``."""
+    return creditcode.complete(f"91{division}{n:09d}")
 
 
 def application(

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from services.common import vouchercode
+from services.common import creditcode, vouchercode
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def voucher_factory() -> Callable[..., dict]:
 def application_factory() -> Callable[..., dict]:
     def make(**company_overrides: Any) -> dict:
         company = {
-            "registration_id": f"C{uuid.uuid4().hex[:8]}",
+            "registration_id": creditcode.generate(),
             "name": "Deep Shanghai AI Ltd",
             "registered_in": "shanghai",
             "employees": 42,

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 
 from services.common import vouchercode
+from tests.support.vouchers_data import credit_code
 
-HOLDER = "C-HOLDER"
+HOLDER = credit_code(7)
 CODE = vouchercode.generate("SH")
 
 ROLES = {
