@@ -120,7 +120,7 @@ class Lookups:
         self._cities: dict[str, str] = {}
         # voucher code as sent → (normalised, its city)
         self._codes: dict[str, tuple[str, str]] = {}
-        self._terms: dict[tuple[str, str], rating.PriceTerms] = {}
+        self._terms: dict[tuple[str, str], rating.ModelTerms] = {}
         self._publishers: set[tuple[object, str]] = set()  # (user_id, data centre)
 
     def may_publish(self, user_id: object, datacenter_id: str) -> bool:
@@ -159,13 +159,14 @@ class Lookups:
             known = self._codes[voucher_code] = (code, city)
         return known
 
-    def price_terms(
+    def model_terms(
         self, datacenter_id: str, datacenter: dict, gpu_model: str
-    ) -> rating.PriceTerms:
-        """``rating.price_terms`` of ``datacenter`` (this batch's for its id)."""
+    ) -> rating.ModelTerms:
+        """``rating.model_terms`` of ``datacenter`` (this batch's for its id):
+        the price terms and the registered count, from one look."""
         terms = self._terms.get((datacenter_id, gpu_model))
         if terms is None:
-            terms = rating.price_terms(datacenter, gpu_model)
+            terms = rating.model_terms(datacenter, gpu_model)
             self._terms[(datacenter_id, gpu_model)] = terms
         return terms
 
@@ -219,9 +220,12 @@ def check(
         return Checked(index, kind, datacenter_id, report, digest)
 
     record = validation.load_usage(data, datacenter_id)
-    # rating: its data-centre part asked once a batch
-    price, government_run, hub_region, chip_origin = lookups.price_terms(
+    # rating and the inventory bound: the data-centre part asked once a batch
+    price, government_run, hub_region, chip_origin, registered = lookups.model_terms(
         datacenter_id, datacenter, record["gpu_model"]
+    )
+    rating.check_inventory(
+        record["gpu_count"], registered, datacenter_id, record["gpu_model"]
     )
     cost_fen = rate_cost_fen(record["gpu_seconds"], price)
     city = None

@@ -194,6 +194,11 @@ def _bad_corpus():
         usage(datacenter_id="lingang-com-01"),
     )
     bad("GPU model not in the inventory", "unknown_gpu_model", usage(gpu_model="B200"))
+    bad(
+        "more GPUs than registered",
+        "exceeds_inventory",
+        usage(gpu_count=257, gpu_seconds=257),
+    )
     bad("mistyped voucher", "unknown_voucher", usage(voucher_code="SH-7K3F9QXD2M4A-Z"))
     bad("voucher of no city", "unknown_voucher", usage(voucher_code=voucher("ZZ")))
     return corpus

@@ -21,7 +21,15 @@ from services.metering.domain.encoding import (
     usage_rated_event_id,
     wire_sha256,
 )
-from services.metering.domain.rating import PriceTerms, inventory_item, price_terms
+from services.metering.domain.rating import (
+    ModelTerms,
+    PriceTerms,
+    check_inventory,
+    inventory_item,
+    model_terms,
+    price_terms,
+    registered_gpus,
+)
 from services.metering.domain.rollups import (
     CAPACITY_SLICE,
     HOUR,
@@ -67,6 +75,7 @@ __all__ = [
     "MAX_GPU_COUNT",
     "RECORD_FIELDS",
     "USAGE",
+    "ModelTerms",
     "PriceTerms",
     "Reason",
     "RecordKey",
@@ -75,6 +84,7 @@ __all__ = [
     "canonical_sha256",
     "capacity_gpu_seconds",
     "check_envelope",
+    "check_inventory",
     "check_signature",
     "dump_record",
     "effectiveness_changes",
@@ -85,10 +95,12 @@ __all__ = [
     "load_capacity",
     "load_usage",
     "lock_key",
+    "model_terms",
     "normalise_voucher_code",
     "parse_body",
     "price_terms",
     "readable_record_id",
+    "registered_gpus",
     "record_json",
     "rollup_contribution",
     "spread_over_hours",

@@ -128,6 +128,10 @@ def test_rollup_adds_records_of_the_same_bucket(session, registry):
         (lambda: raw_message(usage(), content_type="text/plain"), "schema"),
         (lambda: raw_message(usage(datacenter_id="other")), "datacenter_mismatch"),
         (lambda: raw_message(usage(gpu_model="B200")), "unknown_gpu_model"),
+        (
+            lambda: raw_message(usage(gpu_count=257, gpu_seconds=257)),
+            "exceeds_inventory",
+        ),
         (lambda: raw_message(usage(voucher_code="SH-NOPE")), "unknown_voucher"),
         (lambda: raw_message(usage(voucher_code=voucher("ZZ"))), "unknown_voucher"),
     ],
