@@ -311,7 +311,8 @@ def process(
     check(registry, message, 0, rated_at)  # raises before anything is stored
     outcome = process_batch(session, registry, [message], store_refused=False)
     if outcome.refused:
-        # Only dedup can refuse here (conflicting_duplicate).
+        # Only dedup and corrections can refuse here (conflicting_duplicate,
+        # already_corrected).
         raise outcome.refused[0][1]
     return outcome.outgoing
 
@@ -334,6 +335,8 @@ def _store_usage(
             repeats.append(checked)
         else:
             first[checked.key] = checked
+
+    refusals += _refuse_competing_corrections(session, first, repeats)
 
     # The records' advisory locks are taken in the round trip that inserts them.
     inserted_keys, correctors = store.insert_records(
@@ -372,6 +375,44 @@ def _store_usage(
         checked = first[key]
         if checked.row["city"] is not None:  # events_of, the wire at hand
             outgoing.append(_usage_rated(checked.row, checked.wire))
+    return refusals
+
+
+def _refuse_competing_corrections(
+    session: Session, first: dict[rollups.RecordKey, Checked], repeats: list[Checked]
+) -> list[tuple[int, Refused]]:
+    """Take out of ``first`` (and ``repeats``) the corrections of a record that
+    is already corrected (``rollups.competing_corrections``); returns their
+    refusals. A refused record already stored under its id stays in: dedup
+    judges it (a redelivery or ``conflicting_duplicate``). A later copy in the
+    batch of a refused record is refused with it (nothing of it is stored)."""
+    corrections = [
+        (key, (checked.datacenter_id, checked.row["correction_of"]))
+        for key, checked in first.items()
+        if checked.row["correction_of"] is not None
+    ]
+    if not corrections:
+        return []
+    rows = [checked.row for checked in first.values()]
+    held = store.held_corrections(session, rows, {target for _, target in corrections})
+    refused = rollups.competing_corrections(corrections, held)
+    if not refused:
+        return []
+    stored = store.stored_rows(session, refused)
+    refusals: list[tuple[int, Refused]] = []
+    for key, holder in refused.items():
+        if key in stored:
+            continue
+        checked = first.pop(key)
+        corrected = checked.row["correction_of"]
+        why = Refused(
+            Reason.ALREADY_CORRECTED,
+            f"record {corrected!r} is already corrected by {holder!r}",
+        )
+        refusals.append((checked.index, why))
+        refusals += [(repeat.index, why) for repeat in repeats if repeat.key == key]
+    if refusals:
+        repeats[:] = [repeat for repeat in repeats if repeat.key in first]
     return refusals
 
 

@@ -19,6 +19,9 @@ breaks is the dead-letter reason it is stored under:
    (``unknown_voucher``);
 9. a stored ``(datacenter_id, record_id)`` with another body
    (``conflicting_duplicate``; the same body is acknowledged and ignored).
+10. a correction of a record that another correction already corrected
+    (``already_corrected``: the first correction stored wins,
+    :func:`.rollups.competing_corrections`).
 
 A record may not correct itself (``correction_of == record_id``: ``schema``).
 The rules that need the registry or the database are asked by
@@ -68,6 +71,8 @@ class Reason:
     EXCEEDS_INVENTORY = "exceeds_inventory"
     UNKNOWN_VOUCHER = "unknown_voucher"
     CONFLICTING_DUPLICATE = "conflicting_duplicate"
+    # a correction of a record another correction already corrected
+    ALREADY_CORRECTED = "already_corrected"
     # Not a broken rule: processing failed (an exception) every time, even alone.
     PROCESSING_ERROR = "processing_error"
 
