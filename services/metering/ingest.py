@@ -120,7 +120,7 @@ class Lookups:
         self._cities: dict[str, str] = {}
         # voucher code as sent → (normalised, its city)
         self._codes: dict[str, tuple[str, str]] = {}
-        self._terms: dict[tuple[str, str], rating.PriceTerms] = {}
+        self._terms: dict[tuple[str, str], rating.ModelTerms] = {}
         self._publishers: set[tuple[object, str]] = set()  # (user_id, data centre)
 
     def may_publish(self, user_id: object, datacenter_id: str) -> bool:
@@ -159,13 +159,14 @@ class Lookups:
             known = self._codes[voucher_code] = (code, city)
         return known
 
-    def price_terms(
+    def model_terms(
         self, datacenter_id: str, datacenter: dict, gpu_model: str
-    ) -> rating.PriceTerms:
-        """``rating.price_terms`` of ``datacenter`` (this batch's for its id)."""
+    ) -> rating.ModelTerms:
+        """``rating.model_terms`` of ``datacenter`` (this batch's for its id):
+        the price terms and the registered count, from one look."""
         terms = self._terms.get((datacenter_id, gpu_model))
         if terms is None:
-            terms = rating.price_terms(datacenter, gpu_model)
+            terms = rating.model_terms(datacenter, gpu_model)
             self._terms[(datacenter_id, gpu_model)] = terms
         return terms
 
@@ -219,9 +220,12 @@ def check(
         return Checked(index, kind, datacenter_id, report, digest)
 
     record = validation.load_usage(data, datacenter_id)
-    # rating: its data-centre part asked once a batch
-    price, government_run, hub_region, chip_origin = lookups.price_terms(
+    # rating and the inventory bound: the data-centre part asked once a batch
+    price, government_run, hub_region, chip_origin, registered = lookups.model_terms(
         datacenter_id, datacenter, record["gpu_model"]
+    )
+    rating.check_inventory(
+        record["gpu_count"], registered, datacenter_id, record["gpu_model"]
     )
     cost_fen = rate_cost_fen(record["gpu_seconds"], price)
     city = None
@@ -307,7 +311,8 @@ def process(
     check(registry, message, 0, rated_at)  # raises before anything is stored
     outcome = process_batch(session, registry, [message], store_refused=False)
     if outcome.refused:
-        # Only dedup can refuse here (conflicting_duplicate).
+        # Only dedup and corrections can refuse here (conflicting_duplicate,
+        # already_corrected).
         raise outcome.refused[0][1]
     return outcome.outgoing
 
@@ -330,6 +335,8 @@ def _store_usage(
             repeats.append(checked)
         else:
             first[checked.key] = checked
+
+    refusals += _refuse_competing_corrections(session, first, repeats)
 
     # The records' advisory locks are taken in the round trip that inserts them.
     inserted_keys, correctors = store.insert_records(
@@ -368,6 +375,44 @@ def _store_usage(
         checked = first[key]
         if checked.row["city"] is not None:  # events_of, the wire at hand
             outgoing.append(_usage_rated(checked.row, checked.wire))
+    return refusals
+
+
+def _refuse_competing_corrections(
+    session: Session, first: dict[rollups.RecordKey, Checked], repeats: list[Checked]
+) -> list[tuple[int, Refused]]:
+    """Take out of ``first`` (and ``repeats``) the corrections of a record that
+    is already corrected (``rollups.competing_corrections``); returns their
+    refusals. A refused record already stored under its id stays in: dedup
+    judges it (a redelivery or ``conflicting_duplicate``). A later copy in the
+    batch of a refused record is refused with it (nothing of it is stored)."""
+    corrections = [
+        (key, (checked.datacenter_id, checked.row["correction_of"]))
+        for key, checked in first.items()
+        if checked.row["correction_of"] is not None
+    ]
+    if not corrections:
+        return []
+    rows = [checked.row for checked in first.values()]
+    held = store.held_corrections(session, rows, {target for _, target in corrections})
+    refused = rollups.competing_corrections(corrections, held)
+    if not refused:
+        return []
+    stored = store.stored_rows(session, refused)
+    refusals: list[tuple[int, Refused]] = []
+    for key, holder in refused.items():
+        if key in stored:
+            continue
+        checked = first.pop(key)
+        corrected = checked.row["correction_of"]
+        why = Refused(
+            Reason.ALREADY_CORRECTED,
+            f"record {corrected!r} is already corrected by {holder!r}",
+        )
+        refusals.append((checked.index, why))
+        refusals += [(repeat.index, why) for repeat in repeats if repeat.key == key]
+    if refusals:
+        repeats[:] = [repeat for repeat in repeats if repeat.key in first]
     return refusals
 
 

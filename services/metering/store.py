@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -298,6 +298,26 @@ def _corrections_of(
             for record, corrected in rows
         )
     return pairs
+
+
+def held_corrections(
+    session: Session,
+    rows: Sequence[Mapping[str, Any]],
+    targets: Iterable[rollups.RecordKey],
+) -> dict[rollups.RecordKey, set[str]]:
+    """The record ids of the stored corrections of each of ``targets``, read
+    once ``rows``' advisory locks are held (PostgreSQL), so a concurrent
+    correction of the same record has committed (and is seen: under READ
+    COMMITTED this statement's snapshot is taken after the lock) or waits for
+    this transaction (and then sees its corrections). The insert takes the
+    same locks again (a transaction's advisory locks stack). Asked only for a
+    batch holding corrections: one round trip more for it."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(_lock_statement(rows)))
+    held: dict[rollups.RecordKey, set[str]] = {}
+    for (_dc, corrector), corrected in _corrections_of(session, set(targets)):
+        held.setdefault(corrected, set()).add(corrector)
+    return held
 
 
 def update_rollups(

@@ -4,6 +4,8 @@
   total moves, the consumer keeps going;
 - records in random order with corrections interleaved, rated by two metering
   processes competing on one queue: the rollups equal the in-order result;
+- rival corrections of the same records, rated by two processes at once: one
+  of each pair stored, the other ``already_corrected``, nothing counted twice;
 - metering killed with SIGKILL mid-stream with 50 000 records in flight, then
   restarted: every record stored and rolled up exactly once.
 """
@@ -194,6 +196,11 @@ def _bad_corpus():
         usage(datacenter_id="lingang-com-01"),
     )
     bad("GPU model not in the inventory", "unknown_gpu_model", usage(gpu_model="B200"))
+    bad(
+        "more GPUs than registered",
+        "exceeds_inventory",
+        usage(gpu_count=257, gpu_seconds=257),
+    )
     bad("mistyped voucher", "unknown_voucher", usage(voucher_code="SH-7K3F9QXD2M4A-Z"))
     bad("voucher of no city", "unknown_voucher", usage(voucher_code=voucher("ZZ")))
     return corpus
@@ -380,6 +387,82 @@ def test_two_processes_random_order_with_corrections_roll_up_as_in_order(
     }
     assert totals(metering_db)[2] == sum(
         r["gpu_seconds"] for r in records if r["record_id"] in effective
+    )
+
+
+def _stored_ids(url: str) -> set[str]:
+    with psycopg.connect(url) as db:
+        return {row[0] for row in db.execute("SELECT record_id FROM usage_records")}
+
+
+def _dead_letter_ids(url: str) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    with psycopg.connect(url) as db:
+        for record_id, reason in db.execute(
+            "SELECT record_id, reason FROM dead_letters"
+        ):
+            found.setdefault(reason, set()).add(record_id)
+    return found
+
+
+def test_two_processes_rival_corrections_store_one_each_and_count_once(
+    registry_stand_in, metering_db, sqlite_url
+):
+    """Each original corrected by two rivals, rated by two processes at once:
+    exactly one rival is stored, the other is ``already_corrected``, and the
+    rollups are those of the records stored (nothing counted twice)."""
+    rng = random.Random(15)
+    originals = _with_corrections(300, rng)[:300]
+    rivals, chains = [], []
+    for n, original in enumerate(originals):
+        for side, share in (("a", 2), ("b", 3)):
+            rivals.append(
+                dict(
+                    original,
+                    record_id=f"r{side}-{n}",
+                    correction_of=original["record_id"],
+                    gpu_seconds=original["gpu_seconds"] // share,
+                )
+            )
+        if n % 3 == 0:  # a chain on one rival: fine whichever wins
+            chains.append(
+                dict(rivals[-2], record_id=f"c2-{n}", correction_of=f"ra-{n}")
+            )
+    by_id = {r["record_id"]: r for r in originals + rivals + chains}
+    # Rivals in alternating runs of a batch each, so that the consumers of both
+    # processes hold the two corrections of a record at the same time.
+    side_a, side_b = rivals[0::2], rivals[1::2]
+    contended = []
+    for start in range(0, len(side_a), 50):
+        contended += side_a[start : start + 50] + side_b[start : start + 50]
+    mixed = chains + rng.sample(rivals, 100)  # some rivals delivered again
+    rng.shuffle(mixed)
+    sent = originals + contended + mixed
+    processes = [
+        start_metering(registry_stand_in, metering_db, BATCH_SIZE="50", CONSUMERS="2")
+        for _ in range(2)
+    ]
+    try:
+        with Connection(registry_stand_in) as connection:
+            wait_consumers(connection, 4)
+            publish_usage(connection, *(canonical_json(r) for r in sent))
+            bus.wait_acked(registry_stand_in, USAGE_QUEUE.name, len(sent))
+    finally:
+        for process in processes:
+            stop(process)
+    stored = _stored_ids(metering_db)
+    refused = set(by_id) - stored
+    for n in range(len(originals)):
+        assert len({f"ra-{n}", f"rb-{n}"} & stored) == 1, n
+    assert refused == {r["record_id"] for r in rivals} - stored
+    assert _dead_letter_ids(metering_db) == {"already_corrected": refused}
+    kept = [by_id[record_id] for record_id in sorted(stored)]
+    assert rollups(metering_db) == _in_order_rollups(kept, sqlite_url)
+    effective = stored - {by_id[record_id]["correction_of"] for record_id in stored}
+    assert totals(metering_db)[:3] == (
+        len(stored),
+        len(effective),
+        sum(by_id[record_id]["gpu_seconds"] for record_id in effective),
     )
 
 

@@ -5,6 +5,10 @@ round_half_up(gpu_seconds × price_fen_per_gpu_hour / 3600)``
 (``services.common.units.rate_cost_fen``), at its data centre's price for its
 GPU model; the event it becomes also carries the data centre's
 ``government_run``, ``hub_region`` and the model's ``chip_origin``.
+
+A record holds at most the data centre's registered GPUs of its model
+(``exceeds_inventory``, :func:`check_inventory`; DESIGN.md §9): the count is
+read from the same inventory line as the price, once a batch.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from services.metering.domain.validation import Reason, Refused
 
 # (price_fen_per_gpu_hour, government_run, hub_region, chip_origin)
 PriceTerms = tuple[int, bool, str, str]
+# PriceTerms and the registered count of the model: what a batch keeps per model
+ModelTerms = tuple[int, bool, str, str, int]
 
 
 def inventory_item(datacenter: Mapping[str, Any], gpu_model: str) -> dict[str, Any]:
@@ -43,3 +49,29 @@ def price_terms(datacenter: Mapping[str, Any], gpu_model: str) -> PriceTerms:
         datacenter.get("hub_region") or "",
         item.get("chip_origin") or "imported",
     )
+
+
+def registered_gpus(datacenter: Mapping[str, Any], gpu_model: str) -> int:
+    """How many GPUs of ``gpu_model`` the data centre registered (0 when its
+    inventory line names no count: then no record of the model fits)."""
+    return int(inventory_item(datacenter, gpu_model).get("count") or 0)
+
+
+def model_terms(datacenter: Mapping[str, Any], gpu_model: str) -> ModelTerms:
+    """:func:`price_terms` and :func:`registered_gpus` of ``gpu_model``, from
+    one look at the inventory (``ingest.Lookups`` asks once a batch)."""
+    terms = price_terms(datacenter, gpu_model)
+    return (*terms, registered_gpus(datacenter, gpu_model))
+
+
+def check_inventory(
+    gpu_count: int, registered: int, datacenter_id: str, gpu_model: str
+) -> None:
+    """A record claims at most the ``registered`` GPUs of its model at its
+    data centre, else :class:`Refused` ``exceeds_inventory``."""
+    if gpu_count > registered:
+        raise Refused(
+            Reason.EXCEEDS_INVENTORY,
+            f"gpu_count {gpu_count} exceeds the {registered} {gpu_model!r} GPUs "
+            f"registered at {datacenter_id!r}",
+        )

@@ -3,7 +3,9 @@
 A stored usage record counts once in the hour its span started; its
 GPU-seconds and cost are spread pro rata over the UTC hours of its span
 (:func:`spread_over_hours`), in exact integers. A record stops counting when
-a stored record corrects it (:func:`effectiveness_changes`). Capacity reports
+a stored record corrects it (:func:`effectiveness_changes`); a record is
+corrected once (:func:`competing_corrections`: the first correction stored
+wins, any other is ``already_corrected``). Capacity reports
 turn into GPU-seconds of capacity (:func:`capacity_gpu_seconds`), the divisor
 of utilisation.
 """
@@ -195,6 +197,36 @@ def effectiveness_changes(
         if after != before:
             changes[key] = 1 if after else -1
     return changes
+
+
+def competing_corrections(
+    corrections: Iterable[tuple[RecordKey, RecordKey]],
+    stored: Mapping[RecordKey, Iterable[str]],
+) -> dict[RecordKey, str]:
+    """The corrections to refuse ``already_corrected``: ``{corrector: the
+    record id of the correction that holds its corrected record}``.
+
+    The rule: **a record is corrected once; the first correction stored wins**,
+    any other correction of the same record is refused (a correction of a
+    correction, a chain, is a correction of another record: fine). Whether the
+    corrected record itself is stored does not matter, so a correction that
+    arrives before its original holds it as well.
+
+    ``corrections``: the batch's new ``(corrector, corrected)`` pairs in batch
+    order (an earlier one in the batch is stored first); ``stored``: the
+    record ids of the stored corrections of each corrected record, read while
+    the corrected records' locks are held. A corrector among those stored (a
+    redelivery of itself) is not refused: dedup judges it.
+    """
+    holders = {key: set(ids) for key, ids in stored.items() if ids}
+    refused: dict[RecordKey, str] = {}
+    for corrector, corrected in corrections:
+        held = holders.get(corrected)
+        if held is None:
+            holders[corrected] = {corrector[1]}
+        elif corrector[1] not in held:
+            refused[corrector] = min(held)
+    return refused
 
 
 def lock_key(datacenter_id: str, record_id: str) -> int:

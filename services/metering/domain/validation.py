@@ -13,10 +13,15 @@ breaks is the dead-letter reason it is stored under:
 5. its ``datacenter_id`` is the routing key's (``datacenter_mismatch``);
 6. its ``gpu_model`` is in the data centre's inventory (``unknown_gpu_model``,
    :mod:`.rating`);
-7. its ``voucher_code``, when present, is well formed and names a known city
+7. its ``gpu_count`` is at most the data centre's registered count of that
+   model (``exceeds_inventory``, :mod:`.rating`);
+8. its ``voucher_code``, when present, is well formed and names a known city
    (``unknown_voucher``);
-8. a stored ``(datacenter_id, record_id)`` with another body
+9. a stored ``(datacenter_id, record_id)`` with another body
    (``conflicting_duplicate``; the same body is acknowledged and ignored).
+10. a correction of a record that another correction already corrected
+    (``already_corrected``: the first correction stored wins,
+    :func:`.rollups.competing_corrections`).
 
 A record may not correct itself (``correction_of == record_id``: ``schema``).
 The rules that need the registry or the database are asked by
@@ -62,8 +67,12 @@ class Reason:
     # published by a broker user other than the data centre's own
     WRONG_PUBLISHER = "wrong_publisher"
     UNKNOWN_GPU_MODEL = "unknown_gpu_model"
+    # more GPUs than the data centre registered of that model (DESIGN.md §9)
+    EXCEEDS_INVENTORY = "exceeds_inventory"
     UNKNOWN_VOUCHER = "unknown_voucher"
     CONFLICTING_DUPLICATE = "conflicting_duplicate"
+    # a correction of a record another correction already corrected
+    ALREADY_CORRECTED = "already_corrected"
     # Not a broken rule: processing failed (an exception) every time, even alone.
     PROCESSING_ERROR = "processing_error"
 

@@ -7,7 +7,7 @@ import pytest
 from services.common import signing
 from services.common.contracts import canonical_json, load_event
 from services.common.units import format_ts, parse_ts
-from services.metering.domain import encoding, rollups, validation
+from services.metering.domain import encoding, rating, rollups, validation
 from services.metering.domain.validation import Reason, Refused
 from tests.support import metering_reference as reference
 from tests.support.metering_data import (
@@ -205,6 +205,32 @@ def test_cost_is_rounded_half_up_once_per_record(gpu_seconds, price, cost):
     rating = reference.rate(record, datacenter)
     assert rating.cost_fen == cost
     assert rating.unit_price_fen_per_gpu_hour == price
+
+
+@pytest.mark.parametrize(
+    "gpu_model, gpu_count, refused",
+    [("H800", 256, False), ("H800", 257, True), ("Ascend-910B", 512, False)],
+)
+def test_a_record_holds_at_most_the_registered_gpus(gpu_model, gpu_count, refused):
+    terms = rating.model_terms(DATACENTER, gpu_model)
+    assert terms[:4] == rating.price_terms(DATACENTER, gpu_model)
+    registered = terms[4]
+    assert registered == rating.registered_gpus(DATACENTER, gpu_model)
+    try:
+        rating.check_inventory(gpu_count, registered, DATACENTER_ID, gpu_model)
+    except Refused as exc:
+        assert refused and exc.reason == Reason.EXCEEDS_INVENTORY
+        assert str(registered) in exc.detail_text
+    else:
+        assert not refused
+
+
+def test_a_model_registered_without_a_count_holds_no_record():
+    datacenter = {**DATACENTER, "inventory": [{"gpu_model": "H800"}]}
+    assert rating.registered_gpus(datacenter, "H800") == 0
+    with pytest.raises(Refused) as refused:
+        rating.check_inventory(1, 0, DATACENTER_ID, "H800")
+    assert refused.value.reason == Reason.EXCEEDS_INVENTORY
 
 
 def test_rating_carries_the_attributes_city_rules_use():

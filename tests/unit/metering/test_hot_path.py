@@ -225,6 +225,17 @@ def reference_check(registry, message, index, rated_at):
         return report, encoding.canonical_sha256(report, contracts.CapacityReportSchema)
     record = validation.load_usage(data, datacenter_id)
     rating = reference.rate(record, datacenter)
+    registered = next(
+        item.get("count") or 0
+        for item in datacenter["inventory"]
+        if item["gpu_model"] == record["gpu_model"]
+    )
+    if record["gpu_count"] > registered:
+        raise Refused(
+            validation.Reason.EXCEEDS_INVENTORY,
+            f"gpu_count {record['gpu_count']} exceeds the {registered} "
+            f"{record['gpu_model']!r} GPUs registered at {datacenter_id!r}",
+        )
     city = None
     if record["voucher_code"] is not None:
         record["voucher_code"] = validation.normalise_voucher_code(
@@ -273,6 +284,8 @@ def messages(draw):
         ),
         gpu_model=draw(st.sampled_from(["H800", "Ascend-910B", "B200"])),
         gpu_seconds=draw(st.sampled_from([0, 1, 1799, 1800, 7200, 7201])),
+        # H800: 256 registered, Ascend-910B: 512 (metering_data.DATACENTER)
+        gpu_count=draw(st.sampled_from([1, 2, 2, 255, 256, 257, 512, 513])),
         datacenter_id=draw(st.sampled_from([DATACENTER_ID, "other-dc"])),
         correction_of=draw(st.sampled_from([None, "r1", "r0"])),
         started_at=format_ts(now - timedelta(hours=1)),

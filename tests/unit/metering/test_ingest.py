@@ -128,6 +128,10 @@ def test_rollup_adds_records_of_the_same_bucket(session, registry):
         (lambda: raw_message(usage(), content_type="text/plain"), "schema"),
         (lambda: raw_message(usage(datacenter_id="other")), "datacenter_mismatch"),
         (lambda: raw_message(usage(gpu_model="B200")), "unknown_gpu_model"),
+        (
+            lambda: raw_message(usage(gpu_count=257, gpu_seconds=257)),
+            "exceeds_inventory",
+        ),
         (lambda: raw_message(usage(voucher_code="SH-NOPE")), "unknown_voucher"),
         (lambda: raw_message(usage(voucher_code=voucher("ZZ"))), "unknown_voucher"),
     ],
@@ -256,8 +260,11 @@ def test_a_freshly_reporting_datacenter_is_not_read_as_full(session, registry):
     assert row["utilisation_window"] == pytest.approx(1 / 8)
 
 
-def _with_corrections(count: int, rng: random.Random) -> list[dict]:
-    """Records, some corrected (by a chain now and then), ids unique."""
+def _with_corrections(
+    count: int, rng: random.Random, rivals: bool = False
+) -> list[dict]:
+    """Records, some corrected (by a chain now and then), ids unique; with
+    ``rivals``, some corrected twice over (one of the two is refused)."""
     code = voucher("SH")
     records = []
     for n in range(count):
@@ -267,11 +274,65 @@ def _with_corrections(count: int, rng: random.Random) -> list[dict]:
             fix = dict(record, record_id=f"t-{n}-fix", gpu_seconds=n * 11)
             fix["correction_of"] = record["record_id"]
             records.append(fix)
+            if rivals and rng.random() < 0.5:
+                rival = dict(fix, record_id=f"t-{n}-rival", gpu_seconds=n * 5)
+                records.append(rival)
             if rng.random() < 0.3:
                 again = dict(fix, record_id=f"t-{n}-fix2", gpu_seconds=n)
                 again["correction_of"] = fix["record_id"]
                 records.append(again)
     return records
+
+
+def _stored(session) -> dict[str, tuple[str | None, int]]:
+    """record_id → (correction_of, gpu_seconds) of every stored record."""
+    rows = session.execute(
+        select(
+            UsageRecord.record_id, UsageRecord.correction_of, UsageRecord.gpu_seconds
+        )
+    )
+    return {record_id: (of, seconds) for record_id, of, seconds in rows}
+
+
+def _dead_letter_reasons(session) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for letter in reports.list_dead_letters(session, limit=10_000):
+        found.setdefault(letter["reason"], set()).add(letter["record_id"])
+    return found
+
+
+def test_a_second_correction_of_a_record_is_refused_already_corrected(
+    session, registry
+):
+    original = usage(gpu_seconds=3600)
+    first = usage(correction_of=original["record_id"], gpu_seconds=1800)
+    second = usage(correction_of=original["record_id"], gpu_seconds=900)
+    chain = usage(correction_of=first["record_id"], gpu_seconds=600)
+    for record in (original, first):
+        assert process(session, registry, raw_message(record)) == []
+    assert process(session, registry, raw_message(second)) == "already_corrected"
+    assert process(session, registry, raw_message(first)) == []  # a redelivery
+    assert process(session, registry, raw_message(chain)) == []  # a chain is fine
+    assert process(session, registry, raw_message(second)) == "already_corrected"
+    letters = reports.list_dead_letters(session, reason="already_corrected")
+    assert [letter["record_id"] for letter in letters] == [second["record_id"]] * 2
+    assert first["record_id"] in letters[0]["detail"]
+    assert set(_stored(session)) == {r["record_id"] for r in (original, first, chain)}
+    assert rollup_totals(session)[:2] == (1, 600)
+
+
+def test_rival_corrections_in_one_batch_the_first_in_it_wins(session, registry):
+    original = usage(gpu_seconds=3600)
+    rivals = [usage(correction_of=original["record_id"], gpu_seconds=n) for n in (7, 8)]
+    # a correction before its original holds it as well
+    batch = [rivals[1], original, rivals[0], rivals[0]]
+    outcome = ingest.process_batch(session, registry, [raw_message(r) for r in batch])
+    assert [(index, refused.reason) for index, refused in outcome.refused] == [
+        (2, Reason.ALREADY_CORRECTED),
+        (3, Reason.ALREADY_CORRECTED),
+    ]
+    assert set(_stored(session)) == {original["record_id"], rivals[1]["record_id"]}
+    assert rollup_totals(session)[:2] == (1, 8)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -282,20 +343,30 @@ def test_all_time_totals_are_the_sum_of_the_rollups_in_any_order(
     corrections in any order (before their original, in chains, redelivered),
     in batches of any size, the overview's all-time figures are the rollups'."""
     rng = random.Random(seed)
-    records = _with_corrections(60, rng)
+    records = _with_corrections(60, rng, rivals=True)
     arrivals = records + rng.sample(records, 10)  # and some delivered again
     rng.shuffle(arrivals)
     while arrivals:
         size = rng.randint(1, 25)
         batch, arrivals = arrivals[:size], arrivals[size:]
         ingest.process_batch(session, registry, [raw_message(r) for r in batch])
-    effective = {r["record_id"] for r in records} - {
-        r["correction_of"] for r in records
-    }
+    stored = _stored(session)
+    # of two rival corrections, exactly one is stored; the other is refused
+    targets = [of for of, _ in stored.values() if of is not None]
+    assert len(targets) == len(set(targets))
+    refused = {r["record_id"] for r in records} - set(stored)
+    assert refused == {
+        r["record_id"] for r in records if r["record_id"].endswith(("-fix", "-rival"))
+    } - set(stored)
+    assert len(refused) == sum(r["record_id"].endswith("-rival") for r in records)
+    assert _dead_letter_reasons(session) == (
+        {"already_corrected": refused} if refused else {}
+    )
+    effective = set(stored) - set(targets)
     expected = rollup_totals(session)
     assert expected[:2] == (
         len(effective),
-        sum(r["gpu_seconds"] for r in records if r["record_id"] in effective),
+        sum(stored[record_id][1] for record_id in effective),
     )
     kept = session.execute(
         select(

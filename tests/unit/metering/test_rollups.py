@@ -2,7 +2,6 @@
 correction rule, the hand-built event and record dump against the contract."""
 
 import json
-import random
 from datetime import UTC, datetime, timedelta, timezone
 from itertools import permutations
 
@@ -48,19 +47,28 @@ def test_shares_sum_exactly_and_are_within_one_of_pro_rata(amount, start_s, span
     assert [(h, -s) for h, s in negated] == shares  # taking back cancels exactly
 
 
-def _effective_after_all(arrivals):
-    """Apply the rule record by record, as metering does, and return the set of
-    records counting at the end."""
+def _stored_and_effective(arrivals):
+    """Apply the rules record by record, as metering does (a correction of a
+    record already corrected is refused, the rest stored): the records stored
+    (and what each corrects) and the set of records counting at the end."""
     stored: dict = {}
     counting: set = set()
     for key, corrects in arrivals:
+        if corrects is not None and key not in stored:
+            held = {k[1] for k, c in stored.items() if c == corrects}
+            if rollups.competing_corrections([(key, corrects)], {corrects: held}):
+                continue  # already_corrected: not stored
         stored[key] = corrects
         targets = {corrects} & set(stored) - {key} if corrects else set()
         pairs = [(k, c) for k, c in stored.items() if c in ({key} | targets)]
         changes = rollups.effectiveness_changes({key}, targets, pairs)
         for record, sign in changes.items():
             (counting.add if sign > 0 else counting.discard)(record)
-    return counting
+    return stored, counting
+
+
+def _effective_after_all(arrivals):
+    return _stored_and_effective(arrivals)[1]
 
 
 def test_corrections_count_the_same_in_every_arrival_order():
@@ -75,15 +83,63 @@ def test_corrections_count_the_same_in_every_arrival_order():
     assert results == {frozenset({("dc", "c2"), ("dc", "cx")})}
 
 
-def test_two_corrections_of_one_record_both_count_and_the_original_not():
+def test_a_record_is_corrected_once_the_first_correction_stored_wins():
     records = [
         (("dc", "o"), None),
         (("dc", "a"), ("dc", "o")),
         (("dc", "b"), ("dc", "o")),
+        (("dc", "a2"), ("dc", "a")),  # a chain: a correction of a correction
     ]
-    for _ in range(6):
-        random.shuffle(records)
-        assert _effective_after_all(records) == {("dc", "a"), ("dc", "b")}
+    for order in permutations(records):
+        stored, counting = _stored_and_effective(order)
+        winner = next(key for key, _ in order if key[1] in "ab")
+        loser = ("dc", "b") if winner == ("dc", "a") else ("dc", "a")
+        assert winner in stored and loser not in stored
+        targets = [c for c in stored.values() if c is not None]
+        assert len(targets) == len(set(targets))  # nothing corrected twice
+        # the rule on the set of records stored, whatever their order
+        assert counting == set(stored) - set(targets)
+        assert ("dc", "o") not in counting
+        if winner == ("dc", "a"):
+            assert counting == {("dc", "a2")}
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 5), st.none() | st.integers(0, 5)),
+        min_size=1,
+        max_size=12,
+        unique_by=lambda pair: pair[0],
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_competing_corrections_keep_one_corrector_per_record_in_any_order(records, rng):
+    records = [
+        (("dc", f"r{n}"), None if c is None or c == n else ("dc", f"r{c}"))
+        for n, c in records
+    ]
+    order = records[:]
+    rng.shuffle(order)
+    stored, counting = _stored_and_effective(order)
+    targets = [c for c in stored.values() if c is not None]
+    assert len(targets) == len(set(targets))
+    assert counting == set(stored) - set(targets)
+    # what is refused is exactly a correction of a record corrected before it
+    for key, corrects in records:
+        if key not in stored:
+            assert corrects is not None and corrects in targets
+    # the stored set, replayed in any order, is stored whole and counts the same
+    again = list(stored.items())
+    rng.shuffle(again)
+    assert _stored_and_effective(again) == (stored, counting)
+
+
+def test_competing_corrections_in_one_batch_and_against_stored_ones():
+    o, a, b, c = (("dc", n) for n in "oabc")
+    assert rollups.competing_corrections([(a, o), (b, o)], {}) == {b: "a"}
+    assert rollups.competing_corrections([(b, o)], {o: {"a"}}) == {b: "a"}
+    # its own redelivery is not refused (dedup judges it); a chain is fine
+    assert rollups.competing_corrections([(a, o), (c, a)], {o: {"a"}}) == {}
 
 
 def test_contribution_counts_the_record_once_in_its_start_hour():
