@@ -60,6 +60,7 @@ ENDPOINT_ACCESS: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/v1/cities/<city>/vouchers"): _VOUCHER_READERS,
     ("GET", "/api/v1/vouchers/<code>"): _VOUCHER_READERS,
     ("GET", "/api/v1/vouchers/<code>/statement"): _VOUCHER_READERS,
+    ("GET", "/api/v1/vouchers/<code>/redemptions"): _VOUCHER_READERS,
     ("POST", "/api/v1/vouchers/<code>/revoke"): _CITY_STAFF,
     # data centres
     ("GET", "/api/v1/datacenters/<datacenter_id>/usage/tenants"): _DATACENTER,

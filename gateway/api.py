@@ -39,6 +39,7 @@ from gateway.schemas import (
     FormatQuerySchema,
     HourlyUsageSchema,
     PageQuerySchema,
+    RedemptionLineSchema,
     RefusedWritesSchema,
     ReplayResultSchema,
     ReviewRequestSchema,
@@ -227,6 +228,29 @@ def voucher_statement(code: str):
             f"statement-{code}",
         )
     return _dump(StatementSchema(), statement | {"limit": limit, "offset": offset})
+
+
+@api.get("/vouchers/<code>/redemptions")
+def list_redemptions(code: str):
+    """Every record billed to a voucher (booked, clawed back, refused), paged."""
+    parse_code(code)
+    role = require_role()
+    query = PageQuerySchema().load(request.args.to_dict())
+    code, city = voucher_city(code, role)
+    limit, offset = query["limit"], query["offset"]
+    found = _rpc(
+        _vouchers_service(city), "list_redemptions", code, limit=limit, offset=offset
+    )
+    check_holder(role, found["voucher"], code)
+    return page(
+        RedemptionLineSchema(),
+        found["items"],
+        total=found["total"],
+        limit=limit,
+        offset=offset,
+        name=f"redemptions-{code}",
+        query=query,
+    )
 
 
 @api.post("/vouchers/<code>/revoke")

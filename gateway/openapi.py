@@ -37,6 +37,7 @@ _SCHEMAS = {
     "ReviewRequest": schemas.ReviewRequestSchema,
     "RevokeRequest": schemas.RevokeRequestSchema,
     "Statement": schemas.StatementSchema,
+    "RedemptionLine": schemas.RedemptionLineSchema,
     "ReplayResult": schemas.ReplayResultSchema,
     "AuditEntry": schemas.AuditEntrySchema,
     "TenantUsage": schemas.TenantUsageSchema,
@@ -279,6 +280,21 @@ _PATHS: dict[str, dict[str, Any]] = {
             ],
             "responses": {
                 "200": _table("Statement", "the statement (CSV: the entries)"),
+                **_errors(400, 401, 403, 404),
+            },
+        }
+    },
+    "/api/v1/vouchers/{code}/redemptions": {
+        "get": {
+            "summary": "Every record billed to a voucher (booked, clawed back, "
+            "refused), oldest first",
+            "security": _AUTH,
+            "parameters": [
+                _path_param("code", "e.g. SH-7K3F9QXD2M4A-R"),
+                _query(schemas.PageQuerySchema),
+            ],
+            "responses": {
+                "200": _table(_collection("RedemptionLine"), "redemption lines"),
                 **_errors(400, 401, 403, 404),
             },
         }

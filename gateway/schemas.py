@@ -227,6 +227,43 @@ class RedemptionSchema(Schema):
     subsidy_fen = _fen()
 
 
+REDEMPTION_STATUSES = ("booked", "clawed_back", "refused")
+
+
+class RedemptionLineSchema(Schema):
+    """One line of ``GET /vouchers/<code>/redemptions``: a booked record, the
+    reversal of one a correction superseded (``clawed_back``), or a record
+    refused against the voucher (no GPU-seconds or money: nothing booked)."""
+
+    record_id = fields.String()
+    datacenter_id = fields.String()
+    tenant_id = fields.String(
+        allow_none=True,
+        metadata={"description": "null: the city's ledger does not keep it yet"},
+    )
+    started_at = UtcTimestamp(
+        allow_none=True,
+        metadata={"description": "null: the city's ledger does not keep it yet"},
+    )
+    ended_at = UtcTimestamp(
+        allow_none=True,
+        metadata={"description": "null: the city's ledger does not keep it yet"},
+    )
+    gpu_seconds = fields.Integer(allow_none=True)
+    cost_fen = _fen(allow_none=True)
+    subsidy_fen = _fen(allow_none=True)
+    status = fields.String(
+        validate=validate.OneOf(REDEMPTION_STATUSES),
+        metadata={"description": " | ".join(REDEMPTION_STATUSES)},
+    )
+    booked_at = UtcTimestamp(
+        allow_none=True, metadata={"description": "booked (or refused) at"}
+    )
+    reason = fields.String(
+        allow_none=True, metadata={"description": "why it was refused"}
+    )
+
+
 class VoucherSchema(Schema):
     code = fields.String()
     city = fields.String()
@@ -240,6 +277,12 @@ class VoucherSchema(Schema):
     issued_at = UtcTimestamp(allow_none=True)
     expires_at = UtcTimestamp(allow_none=True)
     redemptions = fields.List(fields.Nested(RedemptionSchema))
+    redemptions_total = fields.Integer(
+        metadata={
+            "description": "how many lines there are; the list holds the latest "
+            "100, /redemptions pages through them all"
+        }
+    )
 
 
 class ReasonSchema(Schema):

@@ -160,6 +160,7 @@ RPC_CALLERS: dict[str, dict[str, frozenset[str]]] = {
             "review_application",
             "revoke_voucher",
             "list_vouchers",
+            "list_redemptions",
             "voucher_statement",
             "program_statement",
             "ledger_totals",

@@ -56,6 +56,27 @@ class RedemptionSchema(Schema):
     booked_at = UtcTimestamp()  # extension
 
 
+class RedemptionLineSchema(Schema):
+    """One line of ``list_redemptions``: booked, clawed back (a reversal) or
+    refused. ``tenant_id``, ``started_at`` and ``ended_at`` are in the contract
+    (CONTRACTS.md §7) but the city's ledger does not keep them: always null.
+    A refused line has no GPU-seconds or money (nothing was booked)."""
+
+    record_id = fields.String()
+    datacenter_id = fields.String()
+    tenant_id = fields.String(allow_none=True, dump_default=None)
+    started_at = UtcTimestamp(allow_none=True, dump_default=None)
+    ended_at = UtcTimestamp(allow_none=True, dump_default=None)
+    gpu_seconds = fields.Integer(allow_none=True)
+    cost_fen = fields.Integer(allow_none=True)
+    subsidy_fen = fields.Integer(allow_none=True)
+    status = fields.String()  # booked | clawed_back | refused
+    kind = fields.String()  # extension: usage | reversal
+    rate_bp = fields.Integer(allow_none=True)  # extension
+    booked_at = UtcTimestamp()  # extension: booked, or refused, at
+    reason = fields.String(allow_none=True)  # extension: why it was refused
+
+
 class VoucherSchema(Schema):
     code = fields.String()
     city = fields.String()

@@ -54,6 +54,7 @@ from services.vouchers.schemas import (
     LedgerEntrySchema,
     LedgerTotalsSchema,
     ProgramStateSchema,
+    RedemptionLineSchema,
     VoucherSchema,
 )
 
@@ -75,6 +76,7 @@ _VOUCHER = VoucherSchema()
 _APPLICATION = ApplicationSchema()
 _APPLICATION_REQUEST = ApplicationRequestSchema()
 _APPLICATION_RESPONSE = ApplicationResponseSchema()
+_REDEMPTION_LINES = RedemptionLineSchema(many=True)
 
 
 def _voucher_body(city: str, voucher, redemptions=(), total: int = 0) -> dict[str, Any]:
@@ -282,6 +284,18 @@ class VouchersService:
         rows, total = self.ledger.list_vouchers(company_id, status, limit, offset)
         return {
             "items": [_voucher_body(self.city, row) for row in rows],
+            "total": total,
+        }
+
+    @rpc(expected_exceptions=EXPECTED)
+    def list_redemptions(self, code: str, limit: int = 100, offset: int = 0) -> dict:
+        """Every line the ledger has for the voucher, one page of them."""
+        voucher, lines, total = self.ledger.list_redemptions(
+            self._code(code), limit, offset
+        )
+        return {
+            "voucher": _voucher_body(self.city, voucher),
+            "items": _REDEMPTION_LINES.dump(lines),
             "total": total,
         }
 

@@ -5,6 +5,8 @@ A real RabbitMQ (a fresh vhost per test) and a real PostgreSQL database:
 - the review queue (``list_applications``, ``review_application``), vouchers
   (``list_vouchers``, ``revoke_voucher``), statements and ``ledger_totals``
   over RPC, with the ledger checked to the fen;
+- ``list_redemptions`` paging through more than 100 booked, clawed-back and
+  refused lines of one voucher, none repeated or skipped;
 - the expiry timer releases an expired voucher's balance and publishes
   ``voucher_released`` once;
 - an event whose publish failed after its commit is published by the outbox
@@ -25,7 +27,7 @@ from nameko.standalone.rpc import ClusterRpcClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from services.common import batching, publishing
+from services.common import batching, publishing, vouchercode
 from services.common.amqp import FEDERATION_EXCHANGE, federation_key
 from services.common.config import (
     CITY_CODE,
@@ -497,3 +499,55 @@ def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
         voucher = session.scalar(select(Voucher).where(Voucher.code == code))
         assert voucher.redeemed_fen == count * 800
         assert ledger.check_ledger(session) == []
+
+
+def test_list_redemptions_pages_through_every_line_without_repeats_or_gaps(
+    start_city, federation, engine
+):
+    city = start_city()
+    connection, _ = federation
+    code = city.apply(application(registration_id="co-pages"))["voucher"]["code"]
+
+    def total() -> int:
+        return city.list_redemptions(code, limit=1)["total"]
+
+    booked = [f"pg-{n:03d}" for n in range(130)]
+    publish_usage_rated(
+        connection, *(rated(code, r, 1_000, COMMERCIAL) for r in booked)
+    )
+    eventually(lambda: total() == 130, what=lambda: f"130 booked, not {total()}")
+    # A correction: the original is reversed (clawed back), the fix booked.
+    publish_usage_rated(
+        connection, rated(code, "pg-fix", 500, COMMERCIAL, correction_of=booked[0])
+    )
+    eventually(lambda: total() == 132, what=lambda: f"132 lines, not {total()}")
+    # Revoked, the voucher refuses what comes after: refused lines too.
+    city.revoke_voucher(code, "closing", "officer-1")
+    late = [f"pg-late-{n}" for n in range(3)]
+    publish_usage_rated(connection, *(rated(code, r, 1_000, COMMERCIAL) for r in late))
+    eventually(lambda: total() == 135, what=lambda: f"135 lines, not {total()}")
+
+    lines = []
+    for offset in range(0, 200, 40):
+        page = city.list_redemptions(code, limit=40, offset=offset)
+        assert page["total"] == 135 and page["voucher"]["code"] == code
+        lines += page["items"]
+    assert len(lines) == 135
+    keys = [(line["record_id"], line["status"]) for line in lines]
+    assert len(set(keys)) == 135
+    assert set(keys) == {
+        *((r, "booked") for r in booked),
+        (booked[0], "clawed_back"),
+        ("pg-fix", "booked"),
+        *((r, "refused") for r in late),
+    }
+    assert lines == city.list_redemptions(code, limit=1000)["items"]
+    assert [line["booked_at"] for line in lines] == sorted(
+        line["booked_at"] for line in lines
+    )
+    assert {line["status"] for line in lines[-3:]} == {"refused"}
+    assert lines[-1]["reason"] == "voucher_revoked"
+    with pytest.raises(InvalidRequest):
+        city.list_redemptions(code, limit=1001)
+    with pytest.raises(NotFound):
+        city.list_redemptions(vouchercode.generate("SH"))

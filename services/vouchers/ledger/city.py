@@ -80,6 +80,9 @@ class CityLedger:
     def list_vouchers(self, company_id=None, status=None, limit=100, offset=0):
         return queries.list_vouchers(self.session, company_id, status, limit, offset)
 
+    def list_redemptions(self, code: str, limit: int = 100, offset: int = 0):
+        return queries.list_redemptions(self.session, code, limit, offset)
+
     def voucher_statement(self, code: str, limit: int = 1000, offset: int = 0):
         return queries.voucher_statement(self.session, code, limit, offset)
 

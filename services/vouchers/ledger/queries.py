@@ -7,19 +7,29 @@ from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import BigInteger, String, case, func, literal, null, select, union_all
 from sqlalchemy.orm import Session
 
 from services.common.errors import InvalidRequest, NotFound
 from services.common.units import utcnow
 from services.vouchers import domain
+from services.vouchers.ledger.booking import REVERSAL, USAGE
 from services.vouchers.models import (
     Application,
     LedgerEntry,
     Program,
     Redemption,
+    RejectedUsage,
     Voucher,
 )
+
+# A redemption line's status (CONTRACTS.md §7) from what the ledger keeps: a
+# usage row was booked; a reversal row gives back the subsidy of a booked line
+# that a correction superseded; a rejected_usage row naming the voucher was
+# refused (nothing booked, so no GPU-seconds or money on it).
+BOOKED = "booked"
+CLAWED_BACK = "clawed_back"
+REFUSED = "refused"
 
 
 def get_voucher(
@@ -38,6 +48,74 @@ def get_voucher(
     total = session.scalar(select(func.count()).where(Redemption.voucher_code == code))
     session.rollback()
     return voucher, lines[::-1], total
+
+
+def list_redemptions(
+    session: Session, code: str, limit: int, offset: int
+) -> tuple[Voucher, list[dict[str, Any]], int]:
+    """The voucher and one page of every line the city's ledger has for it:
+    booked and reversed redemptions and refused records, oldest first.
+
+    Ordered by when each was written, then booked before refused, then row id:
+    a total order, so consecutive pages neither repeat nor skip a line.
+    """
+    limit, offset = _page(limit, offset)
+    voucher = _found(session, Voucher, code)
+    booked = select(
+        literal(0).label("source"),
+        Redemption.id.label("id"),
+        Redemption.booked_at.label("at"),
+        Redemption.record_id,
+        Redemption.datacenter_id,
+        Redemption.kind,
+        case(
+            (Redemption.kind == REVERSAL, literal(CLAWED_BACK)), else_=literal(BOOKED)
+        ).label("status"),
+        Redemption.gpu_seconds,
+        Redemption.cost_fen,
+        Redemption.rate_bp,
+        Redemption.subsidy_fen,
+        null().cast(String).label("reason"),
+    ).where(Redemption.voucher_code == code)
+    refused = select(
+        literal(1),
+        RejectedUsage.id,
+        RejectedUsage.received_at,
+        RejectedUsage.record_id,
+        RejectedUsage.datacenter_id,
+        literal(USAGE),
+        literal(REFUSED),
+        null().cast(BigInteger),
+        null().cast(BigInteger),
+        null().cast(BigInteger),
+        null().cast(BigInteger),
+        RejectedUsage.reason,
+    ).where(RejectedUsage.voucher_code == code)
+    lines = union_all(booked, refused).subquery()
+    rows = session.execute(
+        select(lines)
+        .order_by(lines.c.at, lines.c.source, lines.c.id)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    total = session.scalar(select(func.count()).select_from(lines))
+    session.rollback()
+    items = [
+        {
+            "record_id": row.record_id,
+            "datacenter_id": row.datacenter_id,
+            "kind": row.kind,
+            "status": row.status,
+            "gpu_seconds": row.gpu_seconds,
+            "cost_fen": row.cost_fen,
+            "rate_bp": row.rate_bp,
+            "subsidy_fen": row.subsidy_fen,
+            "booked_at": row.at,
+            "reason": row.reason,
+        }
+        for row in rows
+    ]
+    return voucher, items, total
 
 
 def not_found(model: type, key: str) -> NotFound:
