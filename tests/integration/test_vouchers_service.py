@@ -506,7 +506,8 @@ def test_list_redemptions_pages_through_every_line_without_repeats_or_gaps(
 ):
     city = start_city()
     connection, _ = federation
-    code = city.apply(application(registration_id="co-pages"))["voucher"]["code"]
+    applied = city.apply(application(registration_id=credit_code(900_003)))
+    code = applied["voucher"]["code"]
 
     def total() -> int:
         return city.list_redemptions(code, limit=1)["total"]
