@@ -208,18 +208,30 @@ def get_voucher(code: str):
     return _dump(VoucherSchema(), voucher)
 
 
-@api.get("/vouchers/<code>/statement")
-def voucher_statement(code: str):
-    """Every ledger entry of a voucher: issue, each subsidised job, release."""
+def _voucher_page(code: str, method: str) -> tuple[dict, str, dict]:
+    """``(query, code, answer)`` of a paged read of a voucher's city
+    (``method``), for a caller who may see the voucher: the code checked by
+    its check character, the caller by its role and the voucher's holder."""
     parse_code(code)
     role = require_role()
     query = PageQuerySchema().load(request.args.to_dict())
     code, city = voucher_city(code, role)
-    limit, offset = query["limit"], query["offset"]
-    statement = _rpc(
-        _vouchers_service(city), "voucher_statement", code, limit=limit, offset=offset
+    answer = _rpc(
+        _vouchers_service(city),
+        method,
+        code,
+        limit=query["limit"],
+        offset=query["offset"],
     )
-    check_holder(role, statement["voucher"], code)
+    check_holder(role, answer["voucher"], code)
+    return query, code, answer
+
+
+@api.get("/vouchers/<code>/statement")
+def voucher_statement(code: str):
+    """Every ledger entry of a voucher: issue, each subsidised job, release."""
+    query, code, statement = _voucher_page(code, "voucher_statement")
+    limit, offset = query["limit"], query["offset"]
     if wants_csv(query):
         schema = StatementEntrySchema()
         return csv_response(
@@ -233,15 +245,8 @@ def voucher_statement(code: str):
 @api.get("/vouchers/<code>/redemptions")
 def list_redemptions(code: str):
     """Every record billed to a voucher (booked, clawed back, refused), paged."""
-    parse_code(code)
-    role = require_role()
-    query = PageQuerySchema().load(request.args.to_dict())
-    code, city = voucher_city(code, role)
+    query, code, found = _voucher_page(code, "list_redemptions")
     limit, offset = query["limit"], query["offset"]
-    found = _rpc(
-        _vouchers_service(city), "list_redemptions", code, limit=limit, offset=offset
-    )
-    check_holder(role, found["voucher"], code)
     return page(
         RedemptionLineSchema(),
         found["items"],
