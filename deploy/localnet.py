@@ -533,8 +533,15 @@ def _run(args: argparse.Namespace) -> int:
     )
     network = Network(spec)
     stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    # Set from another thread: the handler runs in the main thread, which may
+    # be inside stop.wait() holding the event's lock (setting it here could
+    # deadlock, as it once did in a data-centre gateway).
+    def request_stop(*_: object) -> None:
+        threading.Thread(target=stop.set, daemon=True).start()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     code = 0
     try:
         network.start()

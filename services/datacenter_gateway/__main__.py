@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 from werkzeug.serving import make_server
 
@@ -160,11 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     port = int(cfg.get(HTTP_PORT) or 8101)
     server = make_server(host, port, app, threaded=True)
 
-    stopping = threading.Event()
+    # The handler only records the signal. It runs in the main thread, between
+    # any two bytecodes: setting a threading.Event there deadlocked when the
+    # signal came while the main thread was inside Event.wait() holding the
+    # event's lock (a killed launcher's SIGTERM left a gateway running for
+    # good). Logging takes locks too; the main loop logs instead.
+    received: list[int] = []
 
     def request_stop(signum, _frame):
-        log.info("%s received, stopping", signal.Signals(signum).name)
-        stopping.set()
+        received.append(signum)
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
@@ -183,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         ", ".join(keys.key_ids),
         len(inventory),
     )
-    while not stopping.wait(0.5):
-        pass
+    while not received:
+        time.sleep(0.2)
+    log.info("%s received, stopping", signal.Signals(received[0]).name)
 
     # Stop taking records first, then let the relay finish its batch.
     server.shutdown()
