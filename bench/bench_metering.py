@@ -50,6 +50,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import amqp
@@ -66,6 +67,7 @@ from services.common.amqp import (  # noqa: E402
     durable_queue,
 )
 from services.common.contracts import canonical_json  # noqa: E402
+from services.common.units import format_ts, utcnow  # noqa: E402
 from tests.support.metering_data import signed_headers, usage, voucher  # noqa: E402
 from tests.support.polling import eventually  # noqa: E402
 from tests.support.processes import service_command  # noqa: E402
@@ -78,15 +80,28 @@ ROUTING_KEY = "guian-gov-01.usage"  # DATACENTER_ID of tests/support/metering_da
 STALL_S = 60  # metering published nothing for this long: it is stuck
 
 
+# An honest data centre's stream (the holds' checks on, none held): in time
+# order, RECORDS_PER_HOUR two-GPU hours starting in each hour, so each hour's
+# GPU-seconds (at most 120 × 7 200) fit its 256 H800s (921 600): every batch
+# takes the capacity check's hot path (its buckets' upsert, nothing read),
+# and nothing is held (a usage_hold would count as a usage_rated below).
+RECORDS_PER_HOUR = 120
+
+
 def messages(count: int) -> list[tuple[bytes, dict, str]]:
     codes = [voucher("SH") for _ in range(20)] + [voucher("CD") for _ in range(20)]
+    end = utcnow().replace(microsecond=0) - timedelta(minutes=1)
+    hours = count // RECORDS_PER_HOUR + 1
     out = []
     for n in range(count):
+        started = end - timedelta(hours=hours - n // RECORDS_PER_HOUR)
         record = usage(
             record_id=f"bench-{n}",
             tenant_id=f"tenant-{n % 50}",
             voucher_code=codes[n % len(codes)],
             gpu_seconds=3600 + n % 3600,
+            started_at=format_ts(started),
+            ended_at=format_ts(started + timedelta(hours=1)),
         )
         body = canonical_json(record)
         out.append((body, signed_headers(body), record["record_id"]))

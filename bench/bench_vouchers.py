@@ -46,6 +46,7 @@ from services.common.rpc_access import caller_options  # noqa: E402
 from services.vouchers.batching import UsageRatedConsumer  # noqa: E402
 from services.vouchers.ledger import check_ledger  # noqa: E402
 from tests.support.polling import eventually  # noqa: E402
+from tests.support.vouchers_books import consent_by_rpc  # noqa: E402
 from tests.support.vouchers_data import publish_usage_rated, rated  # noqa: E402
 
 CITY = "benchcity"
@@ -167,6 +168,9 @@ def main() -> int:
                 ignoring=(Exception,),  # starting
             )
             code = city.apply(application(0, 2_000_000))["voucher"]["code"]
+            # Its holder authorises the bench's tenant, a day back so that
+            # the records (of the last hour) started after it (DESIGN.md §9).
+            consent_by_rpc(city, url, code, tenants=(("dc-bench", "t"),))
 
         # -- issues/s: concurrent RPC callers
         def issue_batch(ns):

@@ -11,6 +11,10 @@ Databases are SQLite files under the var directory unless the environment
 says otherwise: ``<NAME>_DATABASE_URL`` for one process (``METERING_DATABASE_URL``,
 ``VOUCHERS_SHANGHAI_DATABASE_URL`` …) or ``DATABASE_URL_TEMPLATE`` for all
 (``postgresql://postgres@127.0.0.1/computenet_{name}``).
+
+The broker is the one at ``AMQP_URI`` (the system RabbitMQ by default);
+``BROKER=cluster make run`` starts a local three-node cluster instead and
+runs the network on it (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -29,9 +33,15 @@ from typing import Any
 
 import requests
 
+from deploy.demo import (
+    DEMO_TENANTS,
+    VOUCHERLESS_TENANT,
+    authorise_demo_tenants,
+    company_tokens,
+    issue_demo_vouchers,
+)
 from deploy.preflight import broker_problem, port_free, postgres_problem
 from deploy.processes import Child
-from services.common import creditcode
 from services.common.principals import uri_as
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,83 +49,6 @@ DEFAULT_AMQP_URI = "amqp://guest:guest@localhost:5672/"
 DEFAULT_CITIES = ("shanghai", "chengdu", "shandong")
 DEFAULT_DATACENTERS = ("guian-gov-01", "lingang-com-01")
 CREDENTIALS_FILE = "local-credentials.json"
-
-# Demo companies, one or two per city, whose vouchers the simulated tenants
-# spend. Facts chosen to pass each preset's eligibility rules.
-DEMO_COMPANIES: dict[str, list[dict[str, Any]]] = {
-    "shanghai": [
-        {
-            "program_id": "sh-compute-2025",
-            "tenant": "aurora-ai",
-            "company": {
-                "registration_id": "91310000MA1DEM001X",
-                "name": "Aurora AI (demo)",
-                "registered_in": "shanghai",
-                "employees": 85,
-                "annual_revenue_cny": 12000000,
-                "government_research_project": False,
-                "founded_on": "2021-03-15",
-                "sector": "foundation_models",
-            },
-            "requested_face_value_cny": 1500000,
-        },
-        {
-            "program_id": "sh-compute-2025",
-            "tenant": "huangpu-vision",
-            "company": {
-                "registration_id": "91310000MA1DEM0021",
-                "name": "Huangpu Vision (demo)",
-                "registered_in": "shanghai",
-                "employees": 40,
-                "annual_revenue_cny": 6000000,
-                "government_research_project": False,
-                "founded_on": "2022-09-01",
-                "sector": "computer_vision",
-            },
-            "requested_face_value_cny": 1000000,
-        },
-    ],
-    "chengdu": [
-        {
-            "program_id": "cd-research-2023",
-            "tenant": "tianfu-lab",
-            "company": {
-                "registration_id": "91510100MA1DEM001G",
-                "name": "Tianfu Language Lab (demo)",
-                "registered_in": "chengdu",
-                "employees": 60,
-                "annual_revenue_cny": 3000000,
-                "government_research_project": True,
-                "founded_on": "2019-05-20",
-                "sector": "research_institute",
-            },
-            "requested_face_value_cny": 1200000,
-        }
-    ],
-    "shandong": [
-        {
-            "program_id": "sd-compute-2024",
-            "tenant": "qilu-robotics",
-            "company": {
-                "registration_id": "91370000MA1DEM001N",
-                "name": "Qilu Robotics (demo)",
-                "registered_in": "shandong",
-                "employees": 150,
-                "annual_revenue_cny": 20000000,
-                "government_research_project": False,
-                "founded_on": "2018-11-11",
-                "sector": "robotics",
-            },
-            "requested_face_value_cny": 1000000,
-        }
-    ],
-}
-# Which tenants each data centre's simulated agent runs jobs for.
-DEMO_TENANTS = {
-    "guian-gov-01": ["aurora-ai", "tianfu-lab", "qilu-robotics"],
-    "lingang-com-01": ["huangpu-vision", "aurora-ai"],
-}
-VOUCHERLESS_TENANT = "metered-only-corp"
 
 
 class NetworkError(Exception):
@@ -164,6 +97,7 @@ class Network:
         self.previous = self._read_previous_credentials()
         self.credentials: dict[str, Any] = {}
         self.demo_vouchers: dict[str, str] = {}  # tenant → voucher code
+        self.companies: dict[str, dict[str, Any]] = {}  # credit code → token…
         self._rpc = None
 
     # -- helpers ------------------------------------------------------------
@@ -361,6 +295,7 @@ class Network:
         if spec.simulate:
             self._issue_demo_vouchers()
             self.credentials["demo_vouchers"] = dict(self.demo_vouchers)
+            self.credentials["companies"] = self.companies
             self._start_simulators()
         # Written whole, then renamed: whoever waits for the file never reads
         # half of it, and it is never readable by others.
@@ -434,38 +369,15 @@ class Network:
         return self.rpc.call("city_registry", "issue_datacenter_key", dc)
 
     def _issue_demo_vouchers(self) -> None:
-        from services.common.errors import Conflict, NotFound
-
-        previous = self.previous.get("demo_vouchers", {}) or {}
-        for city in self.spec.cities:
-            for demo in DEMO_COMPANIES.get(city, []):
-                tenant = demo["tenant"]
-                code = previous.get(tenant)
-                if code:
-                    try:
-                        self.rpc.call(f"vouchers_{city}", "get_voucher", code)
-                        self.demo_vouchers[tenant] = code
-                        continue
-                    except NotFound:
-                        pass
-                application = {k: v for k, v in demo.items() if k != "tenant"}
-                try:
-                    result = self.rpc.call(f"vouchers_{city}", "apply", application)
-                except Conflict as exc:
-                    # The city's database outlived the credentials file: apply
-                    # under a fresh registration id rather than give up.
-                    log(f"demo voucher for {tenant}: {exc}; applying as a new company")
-                    application["company"] = dict(
-                        application["company"],
-                        registration_id=creditcode.generate(
-                            application["company"]["registration_id"][2:8]
-                        ),
-                    )
-                    result = self.rpc.call(f"vouchers_{city}", "apply", application)
-                if result.get("voucher"):
-                    self.demo_vouchers[tenant] = result["voucher"]["code"]
-                else:
-                    log(f"demo application for {tenant} was {result.get('decision')}")
+        """The demo companies' vouchers, and each company's portal token."""
+        vouchers = issue_demo_vouchers(
+            self.rpc, self.spec.cities, self.previous.get("demo_vouchers") or {}, log
+        )
+        self.demo_vouchers = {tenant: v["code"] for tenant, v in vouchers.items()}
+        authorise_demo_tenants(self.rpc, vouchers, self.spec.datacenters, log)
+        self.companies = company_tokens(
+            self.rpc, vouchers, self.previous.get("companies") or {}
+        )
 
     def _start_simulators(self) -> None:
         for dc in self.spec.datacenters:
@@ -520,10 +432,41 @@ class Network:
 # Command line
 
 
+def _start_cluster(var_dir: Path, environ: dict[str, str]):
+    """``BROKER=cluster``: a local three-node RabbitMQ cluster under
+    ``<var>/cluster`` (deploy/cluster.py; ``CLUSTER_BASE_PORT``, default
+    5700), stopped with the network. Every process gets the failover URI of
+    the three nodes; the registry manages broker users through the first
+    node's management API (users and vhosts are the whole cluster's)."""
+    from deploy.cluster import Cluster, ClusterError
+
+    cluster = Cluster(
+        var_dir / "cluster", base_port=int(environ.get("CLUSTER_BASE_PORT", 5700))
+    )
+    log(f"starting a three-node RabbitMQ cluster in {cluster.directory}")
+    try:
+        cluster.start()
+    except ClusterError as exc:
+        raise NetworkError(f"the local cluster did not start: {exc}") from exc
+    environ["BROKER_ADMIN_URL"] = cluster.management_url()
+    log(f"cluster up: {', '.join(node.name for node in cluster.nodes)}")
+    return cluster
+
+
 def _run(args: argparse.Namespace) -> int:
+    environ = dict(os.environ)
+    cluster = None
+    if environ.get("BROKER", "single") == "cluster":
+        try:
+            cluster = _start_cluster(Path(args.var_dir).resolve(), environ)
+        except NetworkError as exc:
+            print(f"computenet: {exc}", file=sys.stderr)
+            return 1
+        args.amqp_uri = cluster.failover_uri()
     spec = NetworkSpec(
         var_dir=Path(args.var_dir).resolve(),
         amqp_uri=args.amqp_uri,
+        environ=environ,
         cities=tuple(args.cities.split(",")),
         portal_port=args.portal_port,
         gateway_base_port=args.gateway_port,
@@ -557,6 +500,9 @@ def _run(args: argparse.Namespace) -> int:
             log("stopping")
             network.stop()
             log("stopped")
+        if cluster is not None:
+            log("stopping the cluster")
+            cluster.stop()
     return code
 
 

@@ -12,9 +12,11 @@ Grants, for the path's own city, voucher or data centre:
 
 - ``anyone``: no token needed (public aggregates);
 - ``national_admin``;
-- ``own_city_admin``: the staff of the path's city (or of the voucher's city);
-- ``own_company``: a company of the path's city (applying, its own vouchers
-  listed), or the holder of the path's voucher;
+- ``own_city_admin``: the staff of the path's city (or of the voucher's city,
+  or of a city where the path's company holds a voucher);
+- ``own_company``: the holder of the path's voucher;
+- ``any_company``: any company, for itself (a company is one identity in
+  every city: it applies, and lists its own vouchers, in any of them);
 - ``own_datacenter``: the path's data centre;
 - ``any_city_admin``, ``any_datacenter``: each sees its own part of a
   national list (the audit log, dead letters);
@@ -27,6 +29,7 @@ ANYONE = "anyone"
 NATIONAL_ADMIN = "national_admin"
 OWN_CITY_ADMIN = "own_city_admin"
 OWN_COMPANY = "own_company"
+ANY_COMPANY = "any_company"
 OWN_DATACENTER = "own_datacenter"
 ANY_CITY_ADMIN = "any_city_admin"
 ANY_DATACENTER = "any_datacenter"
@@ -36,6 +39,8 @@ _PUBLIC = frozenset({ANYONE})
 _NATIONAL = frozenset({NATIONAL_ADMIN})
 _VOUCHER_READERS = frozenset({NATIONAL_ADMIN, OWN_CITY_ADMIN, OWN_COMPANY})
 _CITY_STAFF = frozenset({NATIONAL_ADMIN, OWN_CITY_ADMIN})
+_HOLDER = frozenset({OWN_COMPANY})
+_APPLICANTS = frozenset({NATIONAL_ADMIN, OWN_CITY_ADMIN, ANY_COMPANY})
 _DATACENTER = frozenset({NATIONAL_ADMIN, OWN_DATACENTER})
 
 # (method, Flask rule) → grants
@@ -52,16 +57,22 @@ ENDPOINT_ACCESS: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/v1/openapi.json"): _PUBLIC,
     ("GET", "/api/v1/docs"): _PUBLIC,
     # a city's applications and vouchers
-    ("POST", "/api/v1/cities/<city>/applications"): _VOUCHER_READERS,
+    ("POST", "/api/v1/cities/<city>/applications"): _APPLICANTS,
     ("GET", "/api/v1/cities/<city>/applications"): _CITY_STAFF,
     ("POST", "/api/v1/cities/<city>/applications/<application_id>/review"): (
         _CITY_STAFF
     ),
-    ("GET", "/api/v1/cities/<city>/vouchers"): _VOUCHER_READERS,
+    ("GET", "/api/v1/cities/<city>/vouchers"): _APPLICANTS,
     ("GET", "/api/v1/vouchers/<code>"): _VOUCHER_READERS,
     ("GET", "/api/v1/vouchers/<code>/statement"): _VOUCHER_READERS,
     ("GET", "/api/v1/vouchers/<code>/redemptions"): _VOUCHER_READERS,
     ("POST", "/api/v1/vouchers/<code>/revoke"): _CITY_STAFF,
+    # its holder's consent (issue 15): city staff read, only the company decides
+    ("GET", "/api/v1/vouchers/<code>/bindings"): _VOUCHER_READERS,
+    ("PUT", "/api/v1/vouchers/<code>/bindings/<datacenter_id>/<tenant_id>"): (_HOLDER),
+    ("DELETE", "/api/v1/vouchers/<code>/bindings/<datacenter_id>/<tenant_id>"): (
+        _HOLDER
+    ),
     # data centres
     ("GET", "/api/v1/datacenters/<datacenter_id>/usage/tenants"): _DATACENTER,
     ("GET", "/api/v1/datacenters/<datacenter_id>/usage/hourly"): _DATACENTER,
@@ -69,7 +80,19 @@ ENDPOINT_ACCESS: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/api/v1/datacenters/<datacenter_id>/keys"): _DATACENTER,
     ("DELETE", "/api/v1/datacenters/<datacenter_id>/keys/<key_id>"): _DATACENTER,
     ("GET", "/api/v1/dead-letters"): frozenset({NATIONAL_ADMIN, ANY_DATACENTER}),
+    # refused and held shares; what each sees of it: gateway/integrity.py
+    ("GET", "/api/v1/integrity"): frozenset(
+        {NATIONAL_ADMIN, ANY_CITY_ADMIN, ANY_DATACENTER}
+    ),
     ("POST", "/api/v1/dead-letters/<int:dead_letter_id>/replay"): _NATIONAL,
+    # a city's refusal, replayed (metering re-sends the record, replay: true)
+    ("POST", "/api/v1/dead-letters/city:<int:refusal_id>/replay"): _NATIONAL,
+    # a city's review queue and clawbacks (issue 15)
+    ("GET", "/api/v1/cities/<city>/held"): _CITY_STAFF,
+    ("POST", "/api/v1/cities/<city>/held/<datacenter_id>/<record_id>/decision"): (
+        _CITY_STAFF
+    ),
+    ("POST", "/api/v1/vouchers/<code>/clawbacks"): _CITY_STAFF,
     # membership and the national read model
     ("POST", "/api/v1/cities"): _NATIONAL,
     ("DELETE", "/api/v1/cities/<city>"): _NATIONAL,
@@ -79,10 +102,15 @@ ENDPOINT_ACCESS: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/api/v1/datacenters/<datacenter_id>/broker-credentials"): _NATIONAL,
     ("POST", "/api/v1/network/reconciliation"): _NATIONAL,
     ("POST", "/api/v1/network/reconciliation/rebuild"): _NATIONAL,
+    # federation events the registry set aside (issue 16)
+    ("GET", "/api/v1/parked-events"): _NATIONAL,
+    ("POST", "/api/v1/parked-events/<int:parked_id>/replay"): _NATIONAL,
     # the audit log and tokens
     ("GET", "/api/v1/audit"): frozenset({NATIONAL_ADMIN, ANY_CITY_ADMIN}),
     ("GET", "/api/v1/audit/anonymous"): _NATIONAL,
     ("GET", "/api/v1/tokens"): frozenset({ANY_ROLE}),
+    # the city: where the company holds a voucher (test_company_tokens)
+    ("POST", "/api/v1/companies/<credit_code>/token"): _CITY_STAFF,
     ("DELETE", "/api/v1/tokens/<token_id>"): frozenset({ANY_ROLE}),
 }
 

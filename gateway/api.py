@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, jsonify, render_template, request
-from marshmallow import Schema
+from marshmallow import Schema, ValidationError
 
 from gateway import directory
 from gateway.audit import AUDIT, note
 from gateway.auth import AUTH_CACHE, CITY_ADMIN, COMPANY, forbid, require_role
+from gateway.companies import credit_code_refusal, with_first_token
 from gateway.listing import (
     columns_of,
     csv_response,
@@ -34,8 +35,6 @@ from gateway.schemas import (
     AuditQuerySchema,
     CitySchema,
     DatacenterSchema,
-    DeadLetterQuerySchema,
-    DeadLetterSchema,
     FormatQuerySchema,
     HourlyUsageSchema,
     PageQuerySchema,
@@ -174,16 +173,20 @@ def get_datacenter(datacenter_id: str):
 
 @api.post("/cities/<city>/applications")
 def apply(city: str):
+    """A company applies for itself (in any city), or the city's staff (or the
+    ministry) on its behalf. The answer that issues the company's first
+    voucher carries its portal token, once (gateway/companies.py)."""
     role = require_role()
-    may_apply = (
-        role.is_national_admin or role.is_city_admin(city) or role.is_company(city)
-    )
+    may_apply = role.is_national_admin or role.is_city_admin(city) or role.is_company()
     if not may_apply:
-        raise forbid(f"only {city}'s companies and staff may apply to it")
+        raise forbid(f"only companies and {city}'s staff may apply to it")
     directory.known_city(city)
-    application = ApplicationRequestSchema().load(_json_body())
+    try:
+        application = ApplicationRequestSchema().load(_json_body())
+    except ValidationError as err:
+        raise credit_code_refusal(err) or err from None
     registration_id = application["company"]["registration_id"]
-    if role.kind == COMPANY and not role.is_company(city, registration_id):
+    if role.kind == COMPANY and not role.is_company(registration_id):
         raise forbid("a company may apply only for itself")
     # Dump again so that dates travel as ISO strings, as the contract says.
     payload = ApplicationRequestSchema().dump(application)
@@ -195,7 +198,7 @@ def apply(city: str):
         application_id=decision.get("application_id"),
         voucher_code=(decision.get("voucher") or {}).get("code"),
     )
-    return _dump(ApplicationResponseSchema(), decision), 201
+    return _dump(ApplicationResponseSchema(), with_first_token(decision)), 201
 
 
 @api.get("/vouchers/<code>")
@@ -329,16 +332,16 @@ def review_application(city: str, application_id: str):
         decision=reviewed.get("decision"),
         voucher_code=voucher.get("code") or reviewed.get("voucher_code"),
     )
-    return _dump(ApplicationSchema(), reviewed)
+    return _dump(ApplicationSchema(), with_first_token(reviewed))
 
 
 @api.get("/cities/<city>/vouchers")
 def list_vouchers(city: str):
-    """The city's vouchers; a company sees only its own."""
+    """The city's vouchers; a company (of any city) sees only its own."""
     role = require_role()
     query = VoucherQuerySchema().load(request.args.to_dict())
     company_id = query.get("company_id")
-    if role.kind == COMPANY and role.city == city:
+    if role.kind == COMPANY:
         if company_id not in (None, role.company_id):
             raise forbid("a company sees only its own vouchers")
         company_id = role.company_id
@@ -403,41 +406,7 @@ def usage_by_hour(datacenter_id: str):
     )
 
 
-# -- data centres' rejected records -----------------------------------------
-
-
-@api.get("/dead-letters")
-def list_dead_letters():
-    role = require_role()
-    if not (role.is_national_admin or role.is_datacenter()):
-        raise forbid("dead letters are visible to the national admin and data centres")
-    query = DeadLetterQuerySchema().load(request.args.to_dict())
-    if role.is_datacenter():
-        wanted = query.get("datacenter_id")
-        if wanted is not None and wanted != role.datacenter_id:
-            raise forbid("a data centre sees only its own dead letters")
-        query["datacenter_id"] = role.datacenter_id
-    limit, offset = query["limit"], query["offset"]
-    # metering pages by ``limit`` alone: ask for one more than this page needs,
-    # so that the total is known whenever this is the last page.
-    wanted_rows = offset + limit + 1
-    letters = _rpc(
-        "metering",
-        "list_dead_letters",
-        datacenter_id=query.get("datacenter_id"),
-        reason=query.get("reason"),
-        limit=wanted_rows,
-    )
-    total = len(letters) if len(letters) < wanted_rows else None
-    return page(
-        DeadLetterSchema(),
-        letters[offset : offset + limit],
-        total=total,
-        limit=limit,
-        offset=offset,
-        name="dead-letters",
-        query=query,
-    )
+# -- data centres' rejected records (the listing: gateway/review_api.py) ----
 
 
 @api.post("/dead-letters/<int:dead_letter_id>/replay")

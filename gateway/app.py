@@ -18,7 +18,7 @@ from typing import Any
 from flask import Flask, current_app, jsonify
 from kombu import Connection
 
-from gateway import audit, directory
+from gateway import audit, audit_retention, directory
 from gateway.api import (
     PUBLIC_CACHE_TTL_S,
     PUBLIC_VIEW,
@@ -26,9 +26,14 @@ from gateway.api import (
     make_public_view,
 )
 from gateway.auth import AUTH_CACHE, AuthCache
+from gateway.bindings_api import bindings
+from gateway.companies import companies
 from gateway.dashboard import dashboard
 from gateway.errors import error_response, register_error_handlers
 from gateway.federation_api import federation
+from gateway.integrity import integrity_api
+from gateway.parked_api import parked
+from gateway.review_api import review
 from services.common import config as cfg
 from services.common.broker_tls import broker_ssl
 from services.common.http_limits import limit_body_size
@@ -142,9 +147,15 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     )
 
     audit.init_app(app, config.get(audit.AUDIT_DATABASE_URL) or audit.DEFAULT_AUDIT_URL)
+    audit_retention.init_app(app, config)
     register_error_handlers(app)
     app.add_url_rule("/healthz", "healthz", healthz)
     app.register_blueprint(api)
     app.register_blueprint(dashboard)
     app.register_blueprint(federation)
+    app.register_blueprint(companies)
+    app.register_blueprint(review)
+    app.register_blueprint(bindings)
+    app.register_blueprint(integrity_api)
+    app.register_blueprint(parked)
     return app

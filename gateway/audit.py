@@ -18,9 +18,11 @@ still one entry of its own, refused or not.
 
 The log lives in the portal's own small database (``AUDIT_DATABASE_URL``,
 SQLite under ``var/`` by default, PostgreSQL in deployment). The code only
-ever inserts and selects entries; nothing updates or deletes one (only the
-counters move). Two tables, created on first use, so no migration history is
-kept for them yet.
+ever inserts and selects entries; nothing updates one (only the counters
+move), and only the retention (``audit_retention``: the ``audit`` class of
+``services.common.retention``, at least six months) deletes the oldest.
+Two tables, created on first use, so no migration history is kept for them
+yet.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ DEFAULT_AUDIT_URL = (
     f"sqlite:///{Path(__file__).resolve().parent.parent / 'var' / 'portal.db'}"
 )
 AUDIT = "audit"  # key in app.extensions
+AUDIT_SCOPE = "audit_scope"  # key in flask.g: the city a view found it concerns
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 log = logging.getLogger(__name__)
@@ -202,8 +205,9 @@ def _record_write(response: Response) -> Response:
         return response
     view_args = request.view_args or {}
     # The city or data centre the entry concerns: the path's city, else the
+    # city of the path's voucher (a company's writes name no city), else the
     # caller's own; a city admin reads back the entries of its scope.
-    scope = view_args.get("city") or getattr(role, "scope", None)
+    scope = view_args.get("city") or g.get(AUDIT_SCOPE) or getattr(role, "scope", None)
     try:
         audit.record(
             actor=str(role) if role is not None else "anonymous",

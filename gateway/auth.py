@@ -4,7 +4,9 @@ Tokens are issued and checked by ``city_registry`` (``authenticate(token) ->
 {"role": role} | None``); the answer is cached for ``AUTH_CACHE_TTL_S`` so
 that a page of requests costs one RPC, at the price of a revoked token living
 up to that long. Roles (CONTRACTS.md §7): ``national_admin``,
-``city_admin:<city>``, ``company:<city>:<company_id>``, ``datacenter:<id>``.
+``city_admin:<city>``, ``company:<credit code>``, ``datacenter:<id>``. A
+company is one legal person nationally (DESIGN.md §2): its role names its
+unified social credit code and no city, and it acts in every city.
 
 Views call :func:`require_role` (401 without a valid token) and then the
 small predicates below; a refused, authenticated caller gets 403.
@@ -19,6 +21,7 @@ from typing import Any
 
 from flask import current_app, g, request
 
+from services.common import creditcode
 from services.common.caches import BoundedTtlCache
 from services.common.errors import Forbidden, Unauthorized
 
@@ -73,12 +76,17 @@ class AuthCache:
 class Role:
     kind: str  # national_admin | city_admin | company | datacenter
     city: str | None = None
-    company_id: str | None = None
+    company_id: str | None = None  # a company's unified social credit code
     datacenter_id: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> Role | None:
-        """``"company:shanghai:91310000X"`` → Role; None for an unknown shape."""
+        """``"company:91310000MA1DEM001X"`` → Role; None for an unknown shape.
+
+        A company's code must be a well-formed credit code as the registry
+        spells it (normalised): the legacy ``company:<city>:<code>`` of the
+        early test fixtures is no role at all.
+        """
         if text == NATIONAL_ADMIN:
             return cls(NATIONAL_ADMIN)
         kind, _, rest = text.partition(":")
@@ -86,24 +94,23 @@ class Role:
             return cls(CITY_ADMIN, city=rest)
         if kind == DATACENTER and rest:
             return cls(DATACENTER, datacenter_id=rest)
-        if kind == COMPANY:
-            city, _, company_id = rest.partition(":")
-            if city and company_id:
-                return cls(COMPANY, city=city, company_id=company_id)
+        if kind == COMPANY and is_credit_code(rest):
+            return cls(COMPANY, company_id=rest)
         return None
 
     def __str__(self) -> str:
-        """The role as the registry spells it: ``company:shanghai:C1``."""
+        """The role as the registry spells it: ``company:91310000MA1DEM001X``."""
         parts = {
             CITY_ADMIN: (self.city,),
-            COMPANY: (self.city, self.company_id),
+            COMPANY: (self.company_id,),
             DATACENTER: (self.datacenter_id,),
         }.get(self.kind, ())
         return ":".join((self.kind, *parts))
 
     @property
     def scope(self) -> str | None:
-        """The city or data centre the role is confined to (None: national)."""
+        """The city or data centre the role is confined to (None: national,
+        or a company, which deals with every city)."""
         return self.datacenter_id if self.kind == DATACENTER else self.city
 
     @property
@@ -113,9 +120,9 @@ class Role:
     def is_city_admin(self, city: str) -> bool:
         return self.kind == CITY_ADMIN and self.city == city
 
-    def is_company(self, city: str, company_id: str | None = None) -> bool:
-        """A company of ``city`` (and, when given, exactly that company)."""
-        if self.kind != COMPANY or self.city != city:
+    def is_company(self, company_id: str | None = None) -> bool:
+        """A company (and, when given, exactly the one of that credit code)."""
+        if self.kind != COMPANY:
             return False
         return company_id is None or self.company_id == company_id
 
@@ -123,6 +130,14 @@ class Role:
         if self.kind != DATACENTER:
             return False
         return datacenter_id is None or self.datacenter_id == datacenter_id
+
+
+def is_credit_code(text: str) -> bool:
+    """``text`` is a unified social credit code, spelt as it is normalised."""
+    try:
+        return creditcode.parse(text) == text
+    except creditcode.InvalidCreditCode:
+        return False
 
 
 def _bearer_token() -> str:

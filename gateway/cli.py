@@ -334,6 +334,8 @@ def apply(obj: Context, city_code: str, file: Path):
                 f"{_cny(voucher.get('face_value_fen'))}, "
                 f"expires {voucher.get('expires_at')}"
             )
+        if data.get("company_token"):  # shown this once: hand it to the company
+            obj.console.print(f"company token (shown once): {data['company_token']}")
 
     obj.emit(decision, render)
 
@@ -548,7 +550,7 @@ def simulate(obj: Context, datacenter_id, rate, count, tenants, seed):
 
 
 def _demo_tenants(obj: Context, datacenter_id: str) -> list:
-    from deploy.localnet import DEMO_TENANTS, VOUCHERLESS_TENANT
+    from deploy.demo import DEMO_TENANTS, VOUCHERLESS_TENANT
     from services.datacenter_gateway.simulate import Tenant
 
     vouchers = obj.credentials.get("demo_vouchers") or {}
@@ -567,6 +569,10 @@ def _gateway_ok(response, expected: int, what: str) -> None:
             f"{what}: gateway answered HTTP {response.status_code}: "
             f"{text[0] if text else ''}"
         )
+
+
+# Command groups kept in their own modules register themselves on ``cli``.
+from gateway import cli_parked  # noqa: E402, F401
 
 
 def main() -> None:

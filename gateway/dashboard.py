@@ -1,11 +1,11 @@
 """The dashboard: server-rendered pages over the same RPCs as ``/api/v1``.
 
 Public pages (the national view, a city, a data centre) need no sign-in; a
-voucher, a city's applications and a data centre's own stream need the same
-token as the API, pasted once at ``/login`` and kept in a signed, HTTP-only
-session cookie. Charts are drawn by the vendored Chart.js
-(``static/vendor/``, no CDN) from JSON embedded in the page; the national
-page reloads itself every ``REFRESH_S`` seconds.
+voucher, a city's applications, a company's vouchers in every city and a data
+centre's own stream need the same token as the API, pasted once at ``/login``
+and kept in a signed, HTTP-only session cookie. Charts are drawn by the
+vendored Chart.js (``static/vendor/``, no CDN) from JSON embedded in the page;
+the national page reloads itself every ``REFRESH_S`` seconds.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from flask import (
 from nameko.exceptions import RpcTimeout, UnknownService
 
 from gateway import directory
-from gateway.auth import Role, authenticate_token
+from gateway.auth import COMPANY, Role, authenticate_token
+from gateway.companies import company_vouchers, parse_credit_code
+from gateway.integrity import integrity_view
 from services.common import vouchercode
 from services.common.errors import ComputenetError, Forbidden, NotFound
 from services.common.units import format_cny, gpu_hours
@@ -236,10 +238,11 @@ def voucher_page(code: str):
     city = directory.city_of_prefix(prefix)
     if city is None:
         raise NotFound("voucher_not_found", f"no voucher {code}")
-    if not (role.is_national_admin or role.city == city):
+    # A company may hold vouchers of any city: the holder check below decides.
+    if not (role.is_national_admin or role.is_city_admin(city) or role.is_company()):
         raise Forbidden("forbidden", f"this voucher belongs to {city}")
     voucher = _rpc(f"vouchers_{city}", "get_voucher", code)
-    if role.kind == "company" and voucher.get("company_id") != role.company_id:
+    if role.kind == COMPANY and voucher.get("company_id") != role.company_id:
         raise NotFound("voucher_not_found", f"no voucher {code}")
     redemptions = voucher.get("redemptions", [])
     charts = {
@@ -257,15 +260,42 @@ def voucher_page(code: str):
     )
 
 
+@dashboard.get("/companies/<credit_code>")
+def company_page(credit_code: str):
+    """A company's vouchers in every city (the company itself, national)."""
+    role = _signed_in()
+    if role is None:
+        return redirect(url_for("dashboard.login", next=request.path))
+    code = parse_credit_code(credit_code)
+    if not (role.is_national_admin or role.is_company(code)):
+        raise Forbidden("forbidden", "a company's page is its own")
+    found = company_vouchers(code, _rpc("city_registry", "list_cities") or [])
+    return render_template("company.html", company_id=code, **found)
+
+
+@dashboard.get("/integrity")
+def integrity_page():
+    """Refused and held shares per data centre, the review queues
+    (``gateway/integrity.py`` says who sees what)."""
+    role = _signed_in()
+    if role is None:
+        return redirect(url_for("dashboard.login", next=request.path))
+    return render_template("integrity.html", view=integrity_view(role))
+
+
 @dashboard.route("/login", methods=["GET", "POST"])
 def login():
     error = None
     if request.method == "POST":
         token = (request.form.get("token") or "").strip()
-        if token and authenticate_token(token) is not None:
+        role = authenticate_token(token) if token else None
+        if role is not None:
             session.clear()
             session[SESSION_TOKEN] = token
-            return redirect(_same_site(request.form.get("next") or ""))
+            target = request.form.get("next") or ""
+            if not target and role.kind == COMPANY:
+                target = url_for("dashboard.company_page", credit_code=role.company_id)
+            return redirect(_same_site(target))
         error = "that token is not valid"
     return render_template(
         "login.html", error=error, next=request.args.get("next", "")

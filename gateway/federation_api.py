@@ -181,6 +181,13 @@ def rebuild():
     return jsonify(_rpc("rebuild_read_model", body["city"]))
 
 
+_RETRY_AFTER_503 = (
+    "503 `broker_unavailable`: the member is kept as pending and its broker "
+    "user was not granted; the same request again completes the onboarding "
+    "(docs/onboarding.md). 409 only once its credentials were delivered."
+)
+
+
 def _ok(description: str, schema: Any) -> dict[str, Any]:
     return {
         "description": description,
@@ -234,6 +241,7 @@ OPENAPI_PATHS: dict[str, dict[str, Any]] = {
         "post": {
             "summary": "Admit a city (national admin): credentials returned once; "
             "its voucher prefix reserved (the requested one if free)",
+            "description": _RETRY_AFTER_503,
             "security": _ADMIN,
             "requestBody": {
                 "required": True,
@@ -256,6 +264,7 @@ OPENAPI_PATHS: dict[str, dict[str, Any]] = {
     "/api/v1/datacenters": {
         "post": {
             "summary": "Register a data centre (national admin): keys returned once",
+            "description": _RETRY_AFTER_503,
             "security": _ADMIN,
             "requestBody": {
                 "required": True,

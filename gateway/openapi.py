@@ -15,7 +15,16 @@ from typing import Any
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
-from gateway import access, federation_api, schemas
+from gateway import (
+    access,
+    bindings_api,
+    companies,
+    federation_api,
+    integrity,
+    parked_api,
+    review_api,
+    schemas,
+)
 from services.common.contracts import UtcTimestamp
 
 API_TITLE = "computenet national portal"
@@ -166,7 +175,16 @@ _PATHS: dict[str, dict[str, Any]] = {
             },
         },
         "post": {
-            "summary": "Apply for a voucher (the company itself, its city, national)",
+            "summary": "Apply for a voucher (a company for itself, the city's "
+            "staff, national)",
+            "description": (
+                "A company may apply in any city, only for itself "
+                "(company.registration_id is its credit code). A mistyped "
+                "credit code is 400 invalid_credit_code. The answer that "
+                "issues the company's first voucher, while it has no live "
+                "portal token, carries `company_token`: shown once, never "
+                "again (re-issue: POST /api/v1/companies/{credit_code}/token)."
+            ),
             "security": _AUTH,
             "parameters": [_path_param("city", "city code")],
             "requestBody": {
@@ -182,6 +200,10 @@ _PATHS: dict[str, dict[str, Any]] = {
     "/api/v1/cities/{city}/applications/{application_id}/review": {
         "post": {
             "summary": "Approve or reject an application in review (city staff)",
+            "description": (
+                "An approval that issues the company's first voucher carries "
+                "`company_token` once, as an application's answer would."
+            ),
             "security": _AUTH,
             "parameters": [
                 _path_param("city", "city code"),
@@ -225,19 +247,6 @@ _PATHS: dict[str, dict[str, Any]] = {
             },
         }
     },
-    "/api/v1/dead-letters": {
-        "get": {
-            "summary": "Rejected usage records: national admin, or a data centre's own",
-            "security": _AUTH,
-            "parameters": [
-                {"in": "query", "schema": schemas.DeadLetterQuerySchema},
-            ],
-            "responses": {
-                "200": _table(_collection("DeadLetter"), "dead letters"),
-                **_errors(400, 401, 403),
-            },
-        }
-    },
     "/api/v1/dead-letters/{dead_letter_id}/replay": {
         "post": {
             "summary": "Run a dead letter through metering again (national admin)",
@@ -258,7 +267,7 @@ _PATHS: dict[str, dict[str, Any]] = {
     },
     "/api/v1/cities/{city}/vouchers": {
         "get": {
-            "summary": "A city's vouchers (its staff, national; a company: its own)",
+            "summary": "A city's vouchers (its staff, national; any company: its own)",
             "security": _AUTH,
             "parameters": [
                 _path_param("city", "city code"),
@@ -399,10 +408,19 @@ _PATHS: dict[str, dict[str, Any]] = {
     },
 }
 
-# The federation endpoints (issue 6) declare theirs beside their views.
-for _path, _operations in federation_api.OPENAPI_PATHS.items():
-    _PATHS.setdefault(_path, {}).update(_operations)
-_SCHEMAS.update(federation_api.OPENAPI_SCHEMAS)
+# The federation endpoints (issue 6), the companies' and the review's (issue
+# 15) declare theirs beside their views.
+for _module in (
+    federation_api,
+    companies,
+    review_api,
+    bindings_api,
+    integrity,
+    parked_api,
+):
+    for _path, _operations in _module.OPENAPI_PATHS.items():
+        _PATHS.setdefault(_path, {}).update(_operations)
+    _SCHEMAS.update(_module.OPENAPI_SCHEMAS)
 
 
 @lru_cache(maxsize=1)

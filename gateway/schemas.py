@@ -299,6 +299,12 @@ class ApplicationResponseSchema(Schema):
     reasons = fields.List(fields.Nested(ReasonSchema))
     rules_version = fields.String(allow_none=True)
     voucher = fields.Nested(VoucherSchema, allow_none=True)
+    company_token = fields.String(
+        metadata={
+            "description": "the company's portal token, present once: in the "
+            "answer that issued its first voucher while it had no live token"
+        }
+    )
 
 
 class DeadLetterSchema(Schema):
@@ -331,6 +337,12 @@ class ApplicationSchema(Schema):
     reviewed_by = fields.String(allow_none=True)
     reviewed_at = UtcTimestamp(allow_none=True)
     review_reason = fields.String(allow_none=True)
+    company_token = fields.String(
+        metadata={
+            "description": "the company's portal token, present once: in the "
+            "answer that issued its first voucher while it had no live token"
+        }
+    )
 
 
 class StatementEntrySchema(Schema):
@@ -400,6 +412,18 @@ class TokenSchema(Schema):
     revoked_at = UtcTimestamp(allow_none=True)
     last_used_at = UtcTimestamp(
         allow_none=True, metadata={"description": "to within 5 minutes"}
+    )
+
+
+class CompanyTokenSchema(TokenSchema):
+    """A company's token as re-issued: the secret, shown only here."""
+
+    class Meta:
+        exclude = ("status", "created_at", "revoked_at", "last_used_at")
+
+    token = fields.String(metadata={"description": "the bearer token, shown once"})
+    revoked_tokens = fields.Integer(
+        metadata={"description": "how many earlier tokens were revoked"}
     )
 
 

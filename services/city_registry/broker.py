@@ -17,7 +17,8 @@ permissions (routing keys on a topic exchange); docs/security.md prints them
   service (``city_registry.issue_token`` is refused by the broker, and by
   the registry's own check of the caller, services/common/rpc_access.py).
 - a data centre (``dc.<id>``) publishes on ``computenet.usage`` only, and
-  only ``<id>.*``; it declares no queue and reads nothing.
+  only ``<id>.*`` (its ``usage``, ``capacity`` and ``binding`` requests);
+  it declares no queue and reads nothing.
 
 No member may configure a shared exchange (declare, redeclare or delete it):
 the national side declares them (``services/common/amqp.py``,
@@ -114,8 +115,11 @@ def datacenter_permissions(datacenter_id: str) -> Permissions:
 
 
 def management_target(amqp_uri: str, admin_url: str | None) -> tuple[str, tuple, str]:
-    """``(base url, (user, password), vhost)`` from the configuration."""
-    amqp = urlsplit(amqp_uri)
+    """``(base url, (user, password), vhost)`` from the configuration; of a
+    cluster's failover URI, the first node (users and vhosts are cluster-wide,
+    so any node's management API will do; ``BROKER_ADMIN_URL`` names it when
+    its port is not the default)."""
+    amqp = urlsplit(amqp_uri.split(";", 1)[0].strip())
     vhost = unquote(amqp.path[1:]) if amqp.path not in ("", "/") else "/"
     source = urlsplit(admin_url) if admin_url else None
     host = (source.hostname if source else amqp.hostname) or "localhost"

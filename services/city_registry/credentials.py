@@ -3,12 +3,15 @@
 :class:`CredentialsStore` is the part of
 :class:`~services.city_registry.store.RegistryStore` that keeps credentials:
 keys are rotated with overlap and revoked, tokens are kept as digests with an
-expiry and their last use, listed and revoked one by one. It works on the
-store's session and transactions.
+expiry and their last use, listed and revoked one by one. A company's first
+token is stored only if it has no live one, and a re-issue revokes the
+earlier ones, each under a lock of the role, so two at once leave one live
+token. It works on the store's session and transactions.
 """
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -80,15 +83,71 @@ class CredentialsStore:
         expires_at: datetime | None = None,
     ) -> None:
         with self._transaction():
-            self.session.add(
-                Token(
-                    token_sha256=digest,
-                    id=token_id,
-                    role=role,
-                    created_at=now,
-                    expires_at=expires_at,
+            self.session.add(_token_row(digest, role, now, token_id, expires_at))
+
+    def add_first_token(
+        self,
+        digest: str,
+        role: str,
+        now: datetime,
+        *,
+        token_id: str,
+        expires_at: datetime | None = None,
+    ) -> bool:
+        """Store a token of ``role`` unless the role has a live one (neither
+        revoked nor expired at ``now``); True if stored.
+
+        Inserted first, then counted, under the role's lock: of two callers
+        at once the second sees the first's token and takes its own back.
+        """
+        with self._transaction():
+            self._lock_role(role)
+            self.session.add(_token_row(digest, role, now, token_id, expires_at))
+            self.session.flush()  # SQLite: the write lock is held from here
+            live = self.session.execute(
+                select(Token.revoked_at, Token.expires_at).where(
+                    Token.role == role, Token.revoked_at.is_(None)
                 )
-            )
+            ).all()
+            if sum(tokens.is_usable(r.revoked_at, r.expires_at, now) for r in live) > 1:
+                self.session.rollback()
+                return False
+            return True
+
+    def replace_tokens(
+        self,
+        digest: str,
+        role: str,
+        now: datetime,
+        *,
+        token_id: str,
+        expires_at: datetime | None = None,
+    ) -> int:
+        """Revoke every token of ``role`` and store a new one, in one
+        transaction under the role's lock; how many were revoked."""
+        with self._transaction():
+            self._lock_role(role)
+            revoked = self.session.execute(
+                update(Token)
+                .where(Token.role == role, Token.revoked_at.is_(None))
+                .values(revoked_at=now)
+                .returning(Token.id)
+            ).all()
+            self.session.add(_token_row(digest, role, now, token_id, expires_at))
+            return len(revoked)
+
+    def _lock_role(self, role: str) -> None:
+        """Serialise the writers of one role's tokens to the end of the
+        transaction: a PostgreSQL advisory lock (SQLite has one writer at a
+        time anyway, from a transaction's first write to its end)."""
+        if self.session.get_bind().dialect.name != "postgresql":
+            return
+        key = int.from_bytes(
+            hashlib.blake2b(f"token-role\x1f{role}".encode(), digest_size=8).digest(),
+            "big",
+            signed=True,
+        )
+        self.session.execute(select(func.pg_advisory_xact_lock(key)))
 
     def tokens(
         self, role: str | None = None, *, limit: int = 100, offset: int = 0
@@ -182,6 +241,18 @@ class CredentialsStore:
                     .values(last_used_at=now)
                 )
         return row.role
+
+
+def _token_row(
+    digest: str, role: str, now: datetime, token_id: str, expires_at: datetime | None
+) -> Token:
+    return Token(
+        token_sha256=digest,
+        id=token_id,
+        role=role,
+        created_at=now,
+        expires_at=expires_at,
+    )
 
 
 def _token_record(row: Token) -> dict[str, Any]:

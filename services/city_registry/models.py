@@ -13,11 +13,14 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     ForeignKey,
+    Index,
     Integer,
     String,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from services.common.parking_store import ParkedEventColumns
 from services.common.sqltypes import UtcDateTime
 
 
@@ -56,6 +59,10 @@ class City(Base):
     # deleted and its tokens revoked, its history stays.
     admitted_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     removed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # Set at admission, cleared once its credentials are in the answer: a
+    # grant that failed after the commit leaves it set, and admitting the
+    # city again completes the admission instead of answering 409.
+    credentials_pending_since: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class Program(Base):
@@ -102,6 +109,8 @@ class ProcessedEvent(Base):
     """
 
     __tablename__ = "processed_events"
+    # What the retention prunes by (migration 0008).
+    __table_args__ = (Index("ix_processed_events_processed_at", "processed_at"),)
 
     city_code: Mapped[str] = mapped_column(String(64), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -122,6 +131,10 @@ class Datacenter(Base):
     inventory: Mapped[list] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=_now)
     removed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # As ``City.credentials_pending_since``: registered through the API and
+    # its credentials not delivered yet (null for seeded data centres, which
+    # get theirs from ``grant_member_credentials``).
+    credentials_pending_since: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class DatacenterKey(Base):
@@ -156,3 +169,81 @@ class Token(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class CityRefusal(Base):
+    """A rated record a city refused (``usage_refused``): the latest refusal of
+    each record, listed beside metering's dead letters. ``outcome`` is what a
+    replay came to (``booked``, ``held``, ``refused``), null before one."""
+
+    __tablename__ = "city_refusals"
+    __table_args__ = (
+        UniqueConstraint("city_code", "datacenter_id", "record_id"),
+        Index("ix_city_refusals_datacenter_id", "datacenter_id", "refused_at"),
+        Index("ix_city_refusals_refused_at", "refused_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    city_code: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[str] = mapped_column(String(128))
+    datacenter_id: Mapped[str] = mapped_column(String(64))
+    record_id: Mapped[str] = mapped_column(String(128))
+    voucher_code: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(String(512))
+    refused_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    replayed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    outcome: Mapped[str | None] = mapped_column(String(16))
+
+
+class CityHold(Base):
+    """A rated record a city held for review (``usage_held``), its verdict
+    (``usage_released``) and any clawback of its subsidy."""
+
+    __tablename__ = "city_holds"
+    __table_args__ = (
+        UniqueConstraint("city_code", "datacenter_id", "record_id"),
+        Index("ix_city_holds_datacenter_id", "datacenter_id", "held_at"),
+        Index("ix_city_holds_held_at", "held_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    city_code: Mapped[str] = mapped_column(String(64))
+    datacenter_id: Mapped[str] = mapped_column(String(64))
+    record_id: Mapped[str] = mapped_column(String(128))
+    voucher_code: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(32))
+    evidence: Mapped[dict] = mapped_column(JSON)
+    subsidy_fen: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16))  # held | released | refused
+    held_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    decided_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    decided_by: Mapped[str | None] = mapped_column(String(128))
+    decision_reason: Mapped[str | None] = mapped_column(String(512))
+    released_fen: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class CityClawback(Base):
+    """A booked subsidy a city took back (``voucher_clawed_back``)."""
+
+    __tablename__ = "city_clawbacks"
+    __table_args__ = (Index("ix_city_clawbacks_datacenter_id", "datacenter_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    city_code: Mapped[str] = mapped_column(String(64))
+    voucher_code: Mapped[str] = mapped_column(String(64))
+    datacenter_id: Mapped[str] = mapped_column(String(64))
+    record_id: Mapped[str] = mapped_column(String(128))
+    clawed_back_fen: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(String(512))
+    actor: Mapped[str] = mapped_column(String(128))
+    clawed_back_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class ParkedEvent(ParkedEventColumns, Base):
+    """A federation event the registry could not apply (issue 16): rejected
+    on arrival (``rejected``: not JSON, not the contract, another city's
+    name) or failing ``MAX_DELIVERY_ATTEMPTS`` times (``failed``). Kept
+    whole, with its reason, for an operator to list and replay; the queue
+    goes on (``services/common/parking.py``)."""

@@ -2,7 +2,8 @@
 
 RPC for the portal and metering, and the consumer of the federation events
 that keeps the national read model. The rules are in ``domain/``, the SQL in
-``store.py``, the answers' cache and the projection lock in ``dependencies.py``.
+``store.py``, the answers' cache and the projection lock in ``dependencies.py``;
+the RPCs of companies' tokens in ``company_tokens.py`` (mixed in).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import secrets
 from typing import Any
 
 import eventlet
+import requests
 from nameko import config
 from nameko.timer import timer
 
@@ -23,6 +25,7 @@ from services.city_registry.broker import (
     datacenter_permissions,
     datacenter_username,
 )
+from services.city_registry.company_tokens import CompanyTokens, token_ttl_days
 from services.city_registry.dependencies import (
     VIEW_CACHE_S,
     PrefixReservations,
@@ -38,6 +41,10 @@ from services.city_registry.domain import (
     views,
 )
 from services.city_registry.domain.state import DatacenterState
+from services.city_registry.models import City, Datacenter
+from services.city_registry.parking import Attempts, ParkedEvents
+from services.city_registry.retention import RegistryRetention
+from services.city_registry.review_rpc import ReviewEntrypoints
 from services.city_registry.store import RegistryDatabase
 from services.common import vouchercode
 from services.common.amqp import (
@@ -47,9 +54,15 @@ from services.common.amqp import (
     consume_raw,
     durable_queue,
 )
-from services.common.config import STALE_AFTER_S, TOKEN_TTL_DAYS
+from services.common.config import STALE_AFTER_S
 from services.common.contracts import CITY_CODE
-from services.common.errors import EXPECTED, Conflict, InvalidRequest, NotFound
+from services.common.errors import (
+    EXPECTED,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    Unavailable,
+)
 from services.common.rpc import TRANSIENT
 from services.common.rpc_access import ClusterRpc, ServiceRpc, rpc
 from services.common.signing import new_key_id, new_secret
@@ -87,12 +100,9 @@ def _stale_after_s() -> float:
     return float(config.get(STALE_AFTER_S) or DEFAULT_STALE_AFTER_S)
 
 
-def _token_ttl_days() -> int:
-    value = config.get(TOKEN_TTL_DAYS)
-    return tokens.DEFAULT_TOKEN_TTL_DAYS if value is None else int(value)
-
-
-class CityRegistryService:
+class CityRegistryService(
+    RegistryRetention, CompanyTokens, ReviewEntrypoints, ParkedEvents
+):
     name = "city_registry"
 
     topology = SharedTopology()
@@ -102,6 +112,7 @@ class CityRegistryService:
     broker = Broker()
     view_cache = Views()
     projection_lock = ProjectionLock()
+    attempts = Attempts()
     reserved_prefixes = PrefixReservations()
 
     # ------------------------------------------------------------ federation
@@ -111,25 +122,9 @@ class CityRegistryService:
         requeue_on_error=True,
     )
     def handle_federation_event(self, message: RawMessage) -> None:
-        """Project one city event; a database fault requeues it, nothing is lost."""
-        try:
-            event, body = events.decode_event(message.routing_key, message.body)
-        except events.RejectedEvent as exc:
-            log.warning("dropped federation message: %s", exc)
-            return
-        # The prefix is checked under the lock too: reading it may wait for
-        # the database, and events must still be applied in delivery order.
-        with self.projection_lock:
-            try:
-                events.check_voucher_prefix(
-                    event, body, self._assigned_prefix(body["city"])
-                )
-            except events.RejectedEvent as exc:
-                log.warning("dropped federation message: %s", exc)
-                return
-            applied = self.store.apply_event(event, body, utcnow())
-        if not applied:
-            log.info("duplicate %s %s dropped", event, body["event_id"])
+        """Project one city event; a database fault requeues it, nothing is
+        lost; what cannot be applied is set aside (``parking.py``)."""
+        self.project_or_park(message)
 
     @timer(interval=CITY_QUEUES_INTERVAL_S, eager=True)
     def declare_city_queues(self) -> None:
@@ -209,7 +204,7 @@ class CityRegistryService:
             now,
             ttl_days=ttl_days,
             expires_at=expires_at,
-            default_ttl_days=_token_ttl_days(),
+            default_ttl_days=token_ttl_days(),
         )
         token = tokens.new_token()
         self.store.add_token(
@@ -296,17 +291,22 @@ class CityRegistryService:
         """
         code, name, requested = seeds.check_city_admission(code, name, voucher_prefix)
         outcome = self.store.admit_city(code, name, utcnow(), requested)
-        if outcome != "admitted":
+        if outcome not in ("admitted", "pending"):
             raise Conflict(
                 f"city_{outcome}",
                 f"city {code} was admitted before ({outcome})",
                 {"city": code},
             )
+        role = f"city_admin:{code}"
+        if outcome == "pending":
+            log.warning("completing the admission of %s (its grant failed)", code)
+            self.store.revoke_tokens(role, utcnow())  # never delivered
         password = secrets.token_urlsafe(24)
         username = city_username(code)
-        self.broker.grant(username, password, city_permissions(code))
+        self._grant(username, password, city_permissions(code))
         self.topology([code])  # its usage waits there until its service starts
-        token = self.issue_token(f"city_admin:{code}")
+        token = self.issue_token(role)
+        self.store.credentials_delivered(City, code)
         self.view_cache.clear()
         return {
             "city": self.get_city(code),
@@ -329,22 +329,46 @@ class CityRegistryService:
     def register_datacenter(self, registration: dict) -> dict[str, Any]:
         """Register; key id, secret, AMQP user and token are returned only here."""
         dc = seeds.parse_datacenter_registration(registration)
-        if not self.store.add_datacenter(dc, utcnow()):
+        outcome = self.store.add_datacenter(dc, utcnow())
+        if outcome == "exists":
             raise Conflict(
                 "datacenter_exists", f"data centre {dc.id} exists", {"id": dc.id}
             )
+        role = f"datacenter:{dc.id}"
+        if outcome == "pending":
+            # What the failed try issued was never delivered: revoked.
+            log.warning("completing the registration of %s (its grant failed)", dc.id)
+            self.store.revoke_key(dc.id, None, utcnow())
+            self.store.revoke_tokens(role, utcnow())
         key = self.issue_datacenter_key(dc.id)
         password = secrets.token_urlsafe(24)
         username = datacenter_username(dc.id)
-        self.broker.grant(username, password, datacenter_permissions(dc.id))
+        self._grant(username, password, datacenter_permissions(dc.id))
+        token = self.issue_token(role)
+        self.store.credentials_delivered(Datacenter, dc.id)
         self.view_cache.clear()
         return {
             "datacenter": views.datacenter_view(dc, None),
             "key_id": key["key_id"],
             "secret": key["secret"],
             "amqp": {"username": username, "password": password},
-            "token": self.issue_token(f"datacenter:{dc.id}"),
+            "token": token,
         }
+
+    def _grant(self, username: str, password: str, permissions) -> None:
+        """The broker grant, or 503 ``broker_unavailable``: the member stays
+        pending, and the same admission or registration again completes it."""
+        try:
+            self.broker.grant(username, password, permissions)
+        except requests.RequestException as exc:
+            log.error("broker grant for %s failed: %s", username, exc)
+            raise Unavailable(
+                "broker_unavailable",
+                "the broker's management API did not grant the member's "
+                "user; the member is kept, and the same request again "
+                "completes its onboarding",
+                {"username": username},
+            ) from exc
 
     @rpc(expected_exceptions=EXPECTED)
     def grant_member_credentials(self, kind: str, member_id: str) -> dict[str, str]:
@@ -377,7 +401,7 @@ class CityRegistryService:
         if removed:
             raise Conflict(f"{kind}_removed", f"{member_id} was removed")
         password = secrets.token_urlsafe(24)
-        self.broker.grant(username, password, permissions)
+        self._grant(username, password, permissions)
         return {"username": username, "password": password}
 
     @rpc(expected_exceptions=EXPECTED)

@@ -23,7 +23,6 @@ import yaml
 from nameko import config
 from sqlalchemy import or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.city_registry.credentials import CredentialsStore
@@ -44,8 +43,10 @@ from services.city_registry.models import (
     Program,
     Voucher,
 )
+from services.city_registry.parking_store import ParkingStore
+from services.city_registry.review_store import ReviewStore
 from services.common.config import DEPLOY_DIR
-from services.common.db import Database
+from services.common.db import Database, retry_on_conflict
 
 log = logging.getLogger("computenet.city_registry")
 T = TypeVar("T")
@@ -82,9 +83,11 @@ def read_deploy_dir(
     return cities, datacenters
 
 
-class RegistryStore(CredentialsStore):
+class RegistryStore(CredentialsStore, ReviewStore, ParkingStore):
     """Queries and updates of the registry's tables, on one session (keys and
-    tokens: :class:`~services.city_registry.credentials.CredentialsStore`)."""
+    tokens: :class:`~services.city_registry.credentials.CredentialsStore`;
+    cities' refusals and holds: :class:`~.review_store.ReviewStore`; events
+    set aside: :class:`~.parking_store.ParkingStore`)."""
 
     def __init__(self, session: Session):
         self.session = session
@@ -185,6 +188,10 @@ class RegistryStore(CredentialsStore):
                 )
             elif event == "program_published":
                 self._publish(city, body)
+            elif event == "binding_changed":
+                pass  # claimed above, so a redelivery is seen; no figures move
+            elif event in events.REVIEW_EVENTS:
+                self.apply_review_event(city, event, body, received_at)
             else:
                 self._book(city, event, body)
             return True
@@ -327,7 +334,9 @@ class RegistryStore(CredentialsStore):
     def admit_city(
         self, code: str, name: str, now: datetime, voucher_prefix: str | None = None
     ) -> str:
-        """``admitted`` (new or seeded city), ``exists`` or ``removed``.
+        """``admitted`` (new or seeded city), ``pending`` (admitted, its
+        credentials not delivered: :meth:`credentials_delivered` was not
+        called), ``exists`` or ``removed``.
 
         An admitted city has its voucher prefix reserved: ``voucher_prefix``
         if no other city holds it, else one derived from its code; a seeded
@@ -345,10 +354,13 @@ class RegistryStore(CredentialsStore):
             row = self.session.get(City, code, with_for_update=True)
             if row.removed_at is not None:
                 outcome = "removed"
+            elif row.credentials_pending_since is not None:
+                outcome = "pending"  # admitted, its credentials never delivered
             elif row.admitted_at is not None:
                 outcome = "exists"
             else:
                 row.admitted_at, row.name = now, name
+                row.credentials_pending_since = now
                 self.session.flush()
                 self._reserve_prefix(code, voucher_prefix)
                 outcome = "admitted"
@@ -390,21 +402,42 @@ class RegistryStore(CredentialsStore):
     def remove_city(self, code: str, now: datetime) -> bool:
         return self._mark_removed(City, code, now)
 
-    def add_datacenter(self, dc: DatacenterState, now: datetime) -> bool:
-        """False if the id is taken (also by a removed data centre)."""
+    def add_datacenter(self, dc: DatacenterState, now: datetime) -> str:
+        """``added``; ``pending`` if registered before and its credentials
+        never delivered (the row then takes this registration: nobody could
+        act as it yet); ``exists`` if the id is taken (also by a removed or
+        a seeded data centre)."""
+        fields = {
+            "name": dc.name,
+            "operator": dc.operator,
+            "city": dc.city,
+            "hub_region": dc.hub_region,
+            "government_run": dc.government_run,
+            "inventory": [vars(item) for item in dc.inventory],
+        }
         with self._transaction():
-            added = self._insert_absent(
+            if self._insert_absent(
                 Datacenter,
                 id=dc.id,
-                name=dc.name,
-                operator=dc.operator,
-                city=dc.city,
-                hub_region=dc.hub_region,
-                government_run=dc.government_run,
-                inventory=[vars(item) for item in dc.inventory],
                 created_at=now,
+                credentials_pending_since=now,
+                **fields,
+            ):
+                return "added"
+            row = self.session.get(Datacenter, dc.id, with_for_update=True)
+            if row.removed_at is not None or row.credentials_pending_since is None:
+                return "exists"
+            for name, value in fields.items():
+                setattr(row, name, value)
+            return "pending"
+
+    def credentials_delivered(self, model: type, key: str) -> None:
+        """The member's credentials are in an answer: onboarding is done."""
+        with self._transaction():
+            pk = model.__table__.primary_key.columns[0]
+            self.session.execute(
+                update(model).where(pk == key).values(credentials_pending_since=None)
             )
-            return added
 
     def remove_datacenter(self, datacenter_id: str, now: datetime) -> bool:
         """Mark removed and revoke every key; False if unknown or removed."""
@@ -456,14 +489,7 @@ PREFIX_ATTEMPTS = 5
 def _retry_on_conflict(attempt: Callable[[], T], session: Session) -> T:
     """``attempt()``, again when a unique key (a voucher prefix) was taken
     by a concurrent transaction between our read and our commit."""
-    for remaining in range(PREFIX_ATTEMPTS - 1, -1, -1):
-        try:
-            return attempt()
-        except IntegrityError:
-            session.rollback()
-            if not remaining:
-                raise
-    raise AssertionError("unreachable")
+    return retry_on_conflict(attempt, PREFIX_ATTEMPTS, session.rollback)
 
 
 def _increments(model: type, delta: events.LedgerDelta) -> dict[str, Any]:

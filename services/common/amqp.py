@@ -16,7 +16,7 @@ from nameko.extensions import DependencyProvider
 from nameko.messaging import Consumer
 
 from services.common.broker_tls import broker_ssl
-from services.common.config import AMQP_URI
+from services.common.config import AMQP_URI, QUEUE_DELIVERY_LIMIT, QUEUE_TYPE
 from services.common.principals import (
     NATIONAL,
     national_users,
@@ -32,18 +32,78 @@ DEAD_EXCHANGE = Exchange("computenet.dead", type="topic", durable=True)
 # itself) go to computenet.dead, keeping their routing key.
 _DEAD_LETTERED = {"x-dead-letter-exchange": DEAD_EXCHANGE.name}
 
-# Durable queues are *lazy*: their messages go to disk as they arrive instead
-# of being held in the broker's memory as well. A consumer that is down for
-# hours (metering during an outage: up to 10^7 records a day nationally; a
-# city's voucher service) then leaves a backlog on disk, not a memory alarm
-# that would block every publisher in the country; and the broker does less
-# for each message (bench_metering: its CPU per record 236-290 µs -> 201-220,
-# the usage_rated queue's work a fifth less). RabbitMQ 3.12 and later keep
-# every classic queue this way and ignore the argument. RabbitMQ refuses to
-# redeclare an existing queue with other arguments: a broker whose queues
-# were declared without it needs them drained and deleted first
-# (docs/ARCHITECTURE.md, "The bus").
+# Durable queues are *quorum* queues by default (QUEUE_TYPE, docs/cluster.md):
+# on a cluster each is replicated to every node and led by one, so a node's
+# loss moves the leadership and loses nothing a publisher had confirmed; on
+# one node they work the same. A quorum queue keeps every message on disk as
+# it arrives, which is what *lazy* did for classic ones (a backlog of hours
+# on disk, not a memory alarm blocking every publisher in the country):
+# x-queue-mode is no argument of theirs, and RabbitMQ 3.10 refuses it
+# (PRECONDITION_FAILED), so it is declared only on classic queues, which
+# QUEUE_TYPE: classic keeps (bench_metering: the broker's CPU per record
+# 236-290 µs -> 201-220 with lazy; 3.12 and later keep every classic queue
+# this way and ignore it).
+#
+# x-delivery-limit: a quorum queue counts deliveries (x-delivery-count, which
+# the registry's parking reads) and dead-letters a message past the limit.
+# Our consumers count a message's own failures themselves and park it or
+# make it a dead letter after 5 (metering's MAX_DELIVERY_ATTEMPTS, the
+# registry's parking), but requeue without counting while a database or the
+# registry is down, pausing 1 s each time (metering, the registry): the broker's count
+# grows through an outage. So the limit is generous (100 000: more than a
+# day of such retries) and the application always decides first; it is set
+# explicitly because RabbitMQ 4 gives quorum queues a limit of 20 otherwise.
+#
+# RabbitMQ refuses to redeclare an existing queue with other arguments (or
+# another type): a broker whose queues were declared classic needs them
+# drained and deleted first (docs/cluster.md, "Migrating to quorum queues").
+QUORUM, CLASSIC = "quorum", "classic"
+DEFAULT_QUEUE_TYPE = QUORUM
+DEFAULT_DELIVERY_LIMIT = 100_000
 LAZY = {"x-queue-mode": "lazy"}
+_TYPE_ARGUMENTS = frozenset({"x-queue-type", "x-queue-mode", "x-delivery-limit"})
+
+
+def queue_type_arguments(
+    settings: object = None, dead_letter_queue: bool = False
+) -> dict:
+    """The arguments of a durable queue's type, from ``settings`` (by default
+    nameko's config, read when the queue is declared)."""
+    settings = config if settings is None else settings
+    kind = (settings.get(QUEUE_TYPE) or DEFAULT_QUEUE_TYPE).lower()
+    if kind == CLASSIC:
+        return dict(LAZY)
+    if kind != QUORUM:
+        raise ValueError(f"{QUEUE_TYPE} must be {QUORUM} or {CLASSIC}, not {kind!r}")
+    arguments: dict = {"x-queue-type": QUORUM}
+    limit = int(settings.get(QUEUE_DELIVERY_LIMIT) or DEFAULT_DELIVERY_LIMIT)
+    if limit > 0 and not dead_letter_queue:
+        arguments["x-delivery-limit"] = limit
+    return arguments
+
+
+class BusQueue(Queue):
+    """A durable queue whose type (:func:`queue_type_arguments`) is read from
+    the configuration as it is declared, not when it is built: the queues
+    are module constants (``USAGE_QUEUE``), made at import, before a process
+    has loaded its configuration."""
+
+    dead_letter_queue = False
+
+    @property
+    def queue_arguments(self) -> dict:
+        return {
+            **self._own_arguments,
+            **queue_type_arguments(dead_letter_queue=self.dead_letter_queue),
+        }
+
+    @queue_arguments.setter
+    def queue_arguments(self, value: dict | None) -> None:
+        # kombu sets it as it builds or copies the queue; the type's part is
+        # always the configuration's.
+        self._own_arguments = {
+            key: arg for key, arg in (value or {}).items() if key not in _TYPE_ARGUMENTS
+        }
 
 
 def usage_key(datacenter_id: str) -> str:
@@ -54,29 +114,42 @@ def capacity_key(datacenter_id: str) -> str:
     return f"{datacenter_id}.capacity"
 
 
+def binding_key(datacenter_id: str) -> str:
+    """A data centre's binding requests (CONTRACTS.md §6, the tenant's voucher)."""
+    return f"{datacenter_id}.binding"
+
+
 def federation_key(city: str, event: str) -> str:
     return f"{city}.{event}"
 
 
 def durable_queue(name: str, exchange: Exchange, routing_keys: list[str]) -> Queue:
-    """A durable, lazy, dead-lettered queue bound to ``exchange`` by each key."""
-    return Queue(
+    """A durable, dead-lettered queue (quorum, or classic and lazy, as
+    ``QUEUE_TYPE`` says) bound to ``exchange`` by each key."""
+    return BusQueue(
         name,
         bindings=[binding(exchange, routing_key=key) for key in routing_keys],
         durable=True,
-        queue_arguments={**_DEAD_LETTERED, **LAZY},
+        queue_arguments=dict(_DEAD_LETTERED),
     )
 
 
 def city_usage_queue(city: str) -> Queue:
     """``vouchers_<city>.usage_rated``: where metering's usage_rated for the
-    city wait. The city consumes it; the registry declares it too, at
-    admission and as it starts, so that usage of a city whose service has not
-    started yet waits there rather than being returned unroutable."""
+    city wait, its data centres' binding requests and metering's usage_hold
+    (one queue, so that all are read in the order metering sent them: a hold
+    after the record it holds). The city consumes it; the registry declares
+    it too, at admission and as it starts, so that usage of a city whose
+    service has not started yet waits there rather than being returned
+    unroutable."""
     return durable_queue(
         f"vouchers_{city}.usage_rated",
         FEDERATION_EXCHANGE,
-        [federation_key(city, "usage_rated")],
+        [
+            federation_key(city, "usage_rated"),
+            federation_key(city, "binding_requested"),
+            federation_key(city, "usage_hold"),
+        ],
     )
 
 
@@ -150,13 +223,19 @@ class SharedTopology(DependencyProvider):
 
 
 def dead_letter_queue() -> Queue:
-    """Keeps everything dead-lettered on the bus, for operators to inspect."""
-    return Queue(
+    """Keeps everything dead-lettered on the bus, for operators to inspect
+    (of ``QUEUE_TYPE``, so that it survives a node's loss too; no delivery
+    limit: nothing consumes it but an operator)."""
+    return _DeadLetterQueue(
         "computenet.dead",
         exchange=DEAD_EXCHANGE,
         routing_key="#",
         durable=True,
     )
+
+
+class _DeadLetterQueue(BusQueue):
+    dead_letter_queue = True  # a class attribute: kombu's copies keep it
 
 
 @dataclass(frozen=True)

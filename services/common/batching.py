@@ -10,7 +10,8 @@ acked is the consumer's policy, one of two subclasses:
 :class:`RequeueingBatchConsumer` (the worker returns the indices of the
 messages to requeue) or :class:`ConfirmedBatchConsumer` (the worker may return
 a :class:`~services.common.publishing.Confirmation`, and its batch is acked
-once that completes, in delivery order, while the next batch is worked on).
+once that completes, in delivery order, while the next batch is worked on;
+or a :class:`Requeue`, the same but for the messages it names).
 A service subclasses one and sets its defaults (``services/<name>/batching.py``).
 Deliveries are read from their frames by hand (``services/common/deliveries.py``).
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import eventlet
 from eventlet.event import Event
@@ -28,6 +29,7 @@ from kombu import Connection
 from nameko import config
 from nameko.extensions import Entrypoint
 
+from services.common.backoff import Backoff
 from services.common.broker_tls import broker_ssl
 from services.common.config import (
     AMQP_URI,
@@ -39,6 +41,7 @@ from services.common.config import (
 from services.common.deliveries import (
     Delivery,
     as_delivery,
+    basic_nack,
     buffer_reads,
     drain_buffered,
     read_deliveries,
@@ -97,6 +100,9 @@ class BatchConsumer(Entrypoint):
         self.queue = queue
         self._stopping = False
         self._threads: list = []
+        # Jittered and growing: the consumers of a whole country that lost
+        # the same broker node do not come back in lockstep (issue 16).
+        self._backoff = Backoff(initial=RETRY_PAUSE_S / 2, cap=30.0)
         super().__init__(**kwargs)
 
     def setup(self):
@@ -144,8 +150,13 @@ class BatchConsumer(Entrypoint):
             except Exception as exc:  # the broker went away: connect again
                 if self._stopping:
                     return
-                log.warning("batch consumer lost the broker (%r); reconnecting", exc)
-                eventlet.sleep(RETRY_PAUSE_S)
+                delay = self._backoff.next_delay()
+                log.warning(
+                    "batch consumer lost the broker (%r); reconnecting in %.1f s",
+                    exc,
+                    delay,
+                )
+                eventlet.sleep(delay)
 
     def _consume(self) -> None:
         # py-amqp directly, not kombu's Consumer: no kombu Message per delivery.
@@ -164,6 +175,7 @@ class BatchConsumer(Entrypoint):
                 callback=lambda message: pending.append(as_delivery(message)),
                 no_ack=False,
             )
+            self._backoff.reset()  # consuming again
 
             def receive(timeout: float) -> bool:
                 """Deliveries into ``pending``: the frames already read, else
@@ -228,7 +240,9 @@ class _RequeueIndices(_Acks):
         if exc_info is not None:
             log.error("batch of %d failed; requeued", len(batch), exc_info=exc_info)
             eventlet.sleep(RETRY_PAUSE_S)  # so a fault does not spin
-            self.channel.basic_nack(batch[-1].delivery_tag, multiple=True, requeue=True)
+            basic_nack(
+                self.channel, batch[-1].delivery_tag, multiple=True, requeue=True
+            )
             return
         requeue = set(result or ())
         if not requeue:
@@ -255,36 +269,53 @@ class RequeueingBatchConsumer(BatchConsumer):
     _acks = _RequeueIndices
 
 
+class Requeue(NamedTuple):
+    """What a :class:`ConfirmedBatchConsumer`'s worker returns when some
+    messages of its batch are to be tried again and the others are done
+    (booked one by one after the batch failed as a whole): the indices to
+    requeue, and the confirmation of the done ones' events (or None)."""
+
+    indices: frozenset[int]
+    confirmation: Any = None
+
+
 class _AckWhenConfirmed(_Acks):
     def __init__(self, channel):
         super().__init__(channel)
-        # The last delivery of the batch awaiting its confirmation, and that.
-        self.unconfirmed: tuple[Delivery, Any] | None = None
+        # The batch awaiting its confirmation, that, and what to requeue of it.
+        self.unconfirmed: tuple[list[Delivery], Any, frozenset[int]] | None = None
 
     def done(self, batch: list[Delivery], result: Any, exc_info) -> None:
         self.settle()  # the batch before this one: acks go in order
         if exc_info is not None:
             log.error("batch of %d failed; requeued", len(batch), exc_info=exc_info)
             self._requeue(batch[-1])
+        elif isinstance(result, Requeue):
+            self.unconfirmed = (batch, result.confirmation, result.indices)
         elif hasattr(result, "wait"):
-            self.unconfirmed = (batch[-1], result)
+            self.unconfirmed = (batch, result, frozenset())
         else:
             self._ack(batch[-1])
 
     def settle(self) -> None:
         """Ack the batch whose events were awaiting confirmation, once they
-        are confirmed; requeue it if they are not."""
+        are confirmed (but the messages its worker asked to requeue); requeue
+        it all if they are not."""
         if self.unconfirmed is None:
             return
-        last, confirmation = self.unconfirmed
+        batch, confirmation, requeue = self.unconfirmed
         self.unconfirmed = None
         try:
-            confirmation.wait()
+            if confirmation is not None:
+                confirmation.wait()
         except Exception:
             log.exception("the events of a batch were not confirmed; requeued")
-            self._requeue(last)
+            self._requeue(batch[-1])
         else:
-            self._ack(last)
+            if requeue:
+                self._ack_but(batch, requeue)
+            else:
+                self._ack(batch[-1])
 
     idle = close = settle
 
@@ -294,19 +325,33 @@ class _AckWhenConfirmed(_Acks):
 
     def _requeue(self, last: Delivery) -> None:
         eventlet.sleep(RETRY_PAUSE_S)  # so that a fault does not spin
-        self.channel.basic_nack(last.delivery_tag, multiple=True, requeue=True)
+        basic_nack(self.channel, last.delivery_tag, multiple=True, requeue=True)
+
+    def _ack_but(self, batch: list[Delivery], requeue: frozenset[int]) -> None:
+        """Each delivery on its own: the ones named requeued (after a pause,
+        so that a fault does not spin), the others acked. Settled one by one,
+        none is left for the next batch's ``multiple`` ack to cover."""
+        eventlet.sleep(RETRY_PAUSE_S)
+        for index, delivery in enumerate(batch):
+            if index in requeue:
+                self.channel.basic_reject(delivery.delivery_tag, requeue=True)
+            else:
+                self.channel.basic_ack(delivery.delivery_tag)
 
 
 class ConfirmedBatchConsumer(BatchConsumer):
     """The worker may return a :class:`Confirmation` (or anything with
-    ``wait()``) for its events.
+    ``wait()``) for its events, or a :class:`Requeue` of the messages to try
+    again with the confirmation of the others'.
 
     The consumer then hands over the next batch at once and acks this one
     when the confirmation completes, before the next ack (acks go in
     delivery order). One batch at most waits so; if its confirmation fails,
     that batch is requeued (the next one, worked on meanwhile, is acked or
     requeued on its own confirmation). If the worker raises, its batch is
-    requeued after a pause. The next deliveries are read while a worker runs.
+    requeued after a pause. A :class:`Requeue` is settled like a
+    confirmation, then message by message: the ones it names requeued, the
+    others acked. The next deliveries are read while a worker runs.
     """
 
     prefetch_batches = 3  # one being worked on, one awaiting confirms, one arriving

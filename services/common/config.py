@@ -36,7 +36,18 @@ from typing import Any
 import yaml
 
 # Keys shared by every process.
+# One broker URI, or a cluster's nodes joined by ";" (kombu's failover form,
+# tried in turn: see broker_urls).
 AMQP_URI = "AMQP_URI"
+# How long each class of rows is kept and how the timer prunes the rest:
+# {<class>_days: int, interval_s, batch_size, pause_s, max_batches, enabled}
+# (services/common/retention.py; a value below its class's floor is an error).
+RETENTION = "RETENTION"
+# The type of the durable queues this process declares (services/common/amqp.py):
+# "quorum" (the default; replicated on a cluster, and on one node too) or
+# "classic" (lazy). QUEUE_DELIVERY_LIMIT: a quorum queue's x-delivery-limit.
+QUEUE_TYPE = "QUEUE_TYPE"
+QUEUE_DELIVERY_LIMIT = "QUEUE_DELIVERY_LIMIT"
 # TLS to the broker: {ca_certs, certfile, keyfile} (services/common/broker_tls.py);
 # nameko's own key, so its consumers and publishers read it too.
 AMQP_SSL = "AMQP_SSL"
@@ -229,3 +240,18 @@ def load_config(
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
+
+
+def broker_urls(amqp_uri: str) -> list[str]:
+    """The brokers an ``AMQP_URI`` names: one, or a cluster's nodes joined by
+    ``;``. kombu's ``Connection`` takes the joined form as it is (the first
+    URI, the others its alternates, switched to round-robin as a node stops
+    answering), so nameko and our own connections accept it; code that reads
+    a URI's parts (user, vhost, host) reads each one, or the first."""
+    return [uri.strip() for uri in (amqp_uri or "").split(";") if uri.strip()]
+
+
+def primary_url(amqp_uri: str) -> str:
+    """The first broker of ``AMQP_URI`` (its user and vhost are every node's)."""
+    urls = broker_urls(amqp_uri)
+    return urls[0] if urls else ""

@@ -20,11 +20,12 @@ from marshmallow import (
     Schema,
     ValidationError,
     fields,
+    post_dump,
     validate,
     validates_schema,
 )
 
-from services.common import creditcode
+from services.common import creditcode, vouchercode
 from services.common.units import format_ts, parse_ts, utcnow
 
 MAX_SPAN = timedelta(days=31)
@@ -37,7 +38,22 @@ FEDERATION_EVENTS = (
     "voucher_redeemed",
     "voucher_released",
     "heartbeat",
+    "binding_requested",
+    "binding_changed",
+    # issue 15: holds, review and refusals (docs/ARCHITECTURE.md)
+    "usage_hold",
+    "usage_refused",
+    "usage_held",
+    "usage_released",
+    "voucher_clawed_back",
 )
+# A GPU as nvidia-smi and DCGM print its UUID: ``GPU-<uuid>``, or a MIG
+# instance ``MIG-<uuid>`` (or the older ``MIG-GPU-<uuid>/<gi>/<ci>``).
+GPU_UUID = re.compile(r"^(GPU|MIG)-[0-9A-Za-z][0-9A-Za-z/-]{0,118}$")
+# Why metering holds a rated record (CONTRACTS §9: rated, not yet subsidised).
+HOLD_REASONS = ("over_capacity", "double_claim")
+# A review's verdict on a held record (``usage_released``).
+RELEASE_DECISIONS = ("released", "refused")
 # A stable namespace so that the same fact always gets the same event_id, and a
 # redelivered or re-published fact is recognised downstream.
 _EVENT_NAMESPACE = uuid.UUID("7f0b1a6e-4b7e-4c1e-9a43-2f5d0c9b8a11")
@@ -100,6 +116,33 @@ class UsageRecordSchema(Schema):
     correction_of = fields.String(
         load_default=None, allow_none=True, validate=validate.Length(1, 128)
     )
+    # Extension (issue 15): the GPUs the job held. Optional: absent, the
+    # record is what it always was, and its canonical JSON (and digest) too.
+    gpu_uuids = fields.List(
+        fields.String(validate=validate.Regexp(GPU_UUID)),
+        load_default=None,
+        allow_none=True,
+    )
+
+    @post_dump
+    def omit_absent_gpu_uuids(self, data: dict, **kwargs: Any) -> dict:
+        # A record without gpu_uuids dumps as before the field existed, so the
+        # digest of every record stored before it stays the same.
+        if data.get("gpu_uuids", ...) is None:
+            del data["gpu_uuids"]
+        return data
+
+    @validates_schema
+    def check_gpu_uuids(self, data: dict, **kwargs: Any) -> None:
+        uuids, count = data.get("gpu_uuids"), data.get("gpu_count")
+        if uuids is None:
+            return
+        if len(set(uuids)) != len(uuids):
+            raise ValidationError("a GPU is named twice", "gpu_uuids")
+        if count is not None and len(uuids) != count:
+            raise ValidationError(
+                f"names {len(uuids)} GPUs but gpu_count is {count}", "gpu_uuids"
+            )
 
     @validates_schema
     def check_times(self, data: dict, **kwargs: Any) -> None:
@@ -152,6 +195,46 @@ class CapacityReportSchema(Schema):
     gpus = fields.List(fields.Nested(CapacityGpuSchema), required=True)
 
 
+class VoucherCode(fields.String):
+    """A well-formed voucher code (CONTRACTS.md §4), normalised; a wrong one
+    fails with what is wrong (its shape, its check character)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            vouchercode.parse(text)
+        except vouchercode.InvalidVoucherCode as exc:
+            raise ValidationError(str(exc)[:300]) from None
+        return text.strip().upper()
+
+
+BINDING_ACTIONS = ("request", "cancel")
+
+
+class BindingRequestSchema(Schema):
+    """CONTRACTS.md §6: a data centre asks to bill a tenant's records to a
+    voucher (``request``, its ``PUT …/voucher``) or stops (``cancel``,
+    ``DELETE``); the voucher's holder decides (§7)."""
+
+    class Meta:
+        unknown = RAISE
+
+    request_id = fields.String(required=True, validate=validate.Length(1, 128))
+    datacenter_id = fields.String(required=True, validate=validate.Length(1, 64))
+    tenant_id = fields.String(required=True, validate=validate.Length(1, 128))
+    voucher_code = VoucherCode(required=True)
+    action = fields.String(required=True, validate=validate.OneOf(BINDING_ACTIONS))
+    requested_at = UtcTimestamp(required=True)
+
+    @validates_schema
+    def check_time(self, data: dict, **kwargs: Any) -> None:
+        requested = data.get("requested_at")
+        if requested is not None and requested > utcnow() + MAX_FUTURE_SKEW:
+            raise ValidationError(
+                "requested_at is more than 5 minutes in the future", "requested_at"
+            )
+
+
 # CONTRACTS.md §5: a city code. Every module that checks one uses these.
 CITY_CODE_PATTERN = r"^[a-z0-9_]+$"
 CITY_CODE = re.compile(CITY_CODE_PATTERN)
@@ -183,6 +266,16 @@ class DatacenterAttributesSchema(Schema):
     )
 
 
+class HoldSchema(Schema):
+    """Why a rated record is held, and what shows it (the contract's evidence)."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    reason = fields.String(required=True, validate=validate.OneOf(HOLD_REASONS))
+    evidence = fields.Dict(load_default=dict)
+
+
 class UsageRatedSchema(FederationEventSchema, UsageRecordSchema):
     """metering → city: a usage record with its cost."""
 
@@ -194,6 +287,10 @@ class UsageRatedSchema(FederationEventSchema, UsageRecordSchema):
         required=True, validate=validate.Range(min=0)
     )
     datacenter = fields.Nested(DatacenterAttributesSchema, required=True)
+    # Extensions (issue 15): rated but not to be subsidised until released;
+    # re-sent by an operator's replay (the city decides its refusal again).
+    hold = fields.Nested(HoldSchema, load_default=None, allow_none=True)
+    replay = fields.Boolean(load_default=False)
 
     @validates_schema
     def check_times(self, data: dict, **kwargs: Any) -> None:
@@ -264,6 +361,83 @@ class HeartbeatSchema(FederationEventSchema):
     uptime_s = _strict_int(required=True, validate=validate.Range(min=0))
 
 
+class BindingRequestedSchema(FederationEventSchema):
+    """metering → city: a data centre asks to bill a tenant to a voucher
+    (``request``) or takes the request back (``cancel``); only the holder
+    authorises (CONTRACTS.md §7)."""
+
+    voucher_code = fields.String(required=True, validate=validate.Length(1, 32))
+    datacenter_id = fields.String(required=True, validate=validate.Length(1, 64))
+    tenant_id = fields.String(required=True, validate=validate.Length(1, 128))
+    action = fields.String(
+        required=True, validate=validate.OneOf(["request", "cancel"])
+    )
+    requested_at = UtcTimestamp(required=True)
+
+
+class BindingChangedSchema(FederationEventSchema):
+    """city → registry: a binding's new status, and who changed it."""
+
+    voucher_code = fields.String(required=True, validate=validate.Length(1, 32))
+    company_id = fields.String(required=True)
+    datacenter_id = fields.String(required=True, validate=validate.Length(1, 64))
+    tenant_id = fields.String(required=True, validate=validate.Length(1, 128))
+    status = fields.String(
+        required=True, validate=validate.OneOf(["requested", "authorised", "withdrawn"])
+    )
+    actor = fields.String(required=True, validate=validate.Length(1, 128))
+    changed_at = UtcTimestamp(required=True)
+
+
+class _UsageFactSchema(FederationEventSchema):
+    """What every event about one rated record of a city names."""
+
+    record_id = fields.String(required=True, validate=validate.Length(1, 128))
+    datacenter_id = fields.String(required=True, validate=validate.Length(1, 64))
+    voucher_code = fields.String(load_default=None, allow_none=True)
+
+
+class UsageHoldSchema(_UsageFactSchema):
+    """metering → city: a record rated without hold, held after all."""
+
+    hold = fields.Nested(HoldSchema, required=True)
+
+
+class UsageRefusedSchema(_UsageFactSchema):
+    """city → registry: a rated record the city did not book, and why."""
+
+    reason = fields.String(required=True, validate=validate.Length(1, 64))
+    detail = fields.String(load_default="", validate=validate.Length(max=512))
+
+
+class UsageHeldSchema(_UsageFactSchema):
+    """city → registry: a record held for review, with what it would book."""
+
+    reason = fields.String(required=True, validate=validate.OneOf(HOLD_REASONS))
+    subsidy_fen = _strict_int(required=True, validate=validate.Range(min=0))
+    evidence = fields.Dict(load_default=dict)
+
+
+class UsageReleasedSchema(_UsageFactSchema):
+    """city → registry: a review's verdict on a held (or replayed) record."""
+
+    decision = fields.String(required=True, validate=validate.OneOf(RELEASE_DECISIONS))
+    subsidy_fen = _strict_int(required=True, validate=validate.Range(min=0))
+    actor = fields.String(required=True, validate=validate.Length(1, 128))
+    reason = fields.String(load_default="", validate=validate.Length(max=512))
+
+
+class VoucherClawedBackSchema(FederationEventSchema):
+    """city → registry: a booked subsidy reversed after review."""
+
+    voucher_code = fields.String(required=True)
+    record_id = fields.String(required=True, validate=validate.Length(1, 128))
+    datacenter_id = fields.String(required=True, validate=validate.Length(1, 64))
+    clawed_back_fen = _strict_int(required=True, validate=validate.Range(min=0))
+    reason = fields.String(required=True, validate=validate.Length(1, 512))
+    actor = fields.String(required=True, validate=validate.Length(1, 128))
+
+
 EVENT_SCHEMAS: dict[str, type[FederationEventSchema]] = {
     "usage_rated": UsageRatedSchema,
     "program_published": ProgramPublishedSchema,
@@ -271,6 +445,13 @@ EVENT_SCHEMAS: dict[str, type[FederationEventSchema]] = {
     "voucher_redeemed": VoucherRedeemedSchema,
     "voucher_released": VoucherReleasedSchema,
     "heartbeat": HeartbeatSchema,
+    "binding_requested": BindingRequestedSchema,
+    "binding_changed": BindingChangedSchema,
+    "usage_hold": UsageHoldSchema,
+    "usage_refused": UsageRefusedSchema,
+    "usage_held": UsageHeldSchema,
+    "usage_released": UsageReleasedSchema,
+    "voucher_clawed_back": VoucherClawedBackSchema,
 }
 
 
@@ -345,6 +526,13 @@ def fast_load_usage_rated(body: Any) -> dict[str, Any] | None:
             1 <= len(optional["correction_of"]) <= 128
         ):
             return None
+        # A held record is rare: the schema loads its evidence; and the GPUs
+        # a record names (a list of checked strings) too.
+        if body.get("hold") is not None or body.get("gpu_uuids") is not None:
+            return None
+        replay = body.get("replay", False)
+        if type(replay) is not bool:
+            return None
         integers = {}
         for name, least in (
             ("gpu_count", 1),
@@ -396,6 +584,7 @@ def fast_load_usage_rated(body: Any) -> dict[str, Any] | None:
         "source": body["source"],
         "job_id": optional["job_id"],
         "correction_of": optional["correction_of"],
+        "gpu_uuids": None,
         "cost_fen": integers["cost_fen"],
         "unit_price_fen_per_gpu_hour": integers["unit_price_fen_per_gpu_hour"],
         "datacenter": {
@@ -404,4 +593,6 @@ def fast_load_usage_rated(body: Any) -> dict[str, Any] | None:
             "chip_origin": chip_origin,
             "utilisation": None if utilisation is None else float(utilisation),
         },
+        "hold": None,
+        "replay": replay,
     }

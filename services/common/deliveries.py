@@ -36,6 +36,16 @@ class Delivery:
         self.message = message
 
 
+def basic_nack(
+    channel: amqp.Channel, delivery_tag: int, multiple: bool, requeue: bool
+) -> None:
+    """``basic.nack`` (RabbitMQ's extension): py-amqp's channel has only
+    ``basic_reject``, one delivery at a time; calling a ``basic_nack`` it
+    does not have raised AttributeError, and the consumer dropped its
+    connection to have its batch requeued that way."""
+    channel.send_method(amqp.spec.Basic.Nack, "Lbb", (delivery_tag, multiple, requeue))
+
+
 def as_delivery(message) -> Delivery:
     """A py-amqp delivery as a :class:`Delivery` (no kombu ``Message`` between)."""
     body = message.body

@@ -74,12 +74,22 @@ def principal_of(username: object, national: frozenset[str]) -> Principal | None
 
 
 def username_of(amqp_uri: str) -> str:
-    """The user an AMQP URI connects as (``guest`` when it names none)."""
-    return unquote(urlsplit(amqp_uri).username or "guest")
+    """The user an AMQP URI connects as (``guest`` when it names none); of a
+    cluster's failover list (``amqp://…;amqp://…``), the first node's, which
+    is every node's: users are cluster-wide."""
+    first = amqp_uri.split(";", 1)[0].strip()
+    return unquote(urlsplit(first).username or "guest")
 
 
 def uri_as(amqp_uri: str, username: str, password: str) -> str:
-    """``amqp_uri`` (scheme, host, port, vhost, options) as another user."""
+    """``amqp_uri`` (scheme, host, port, vhost, options) as another user;
+    each node of a failover list (``amqp://…;amqp://…``)."""
+    if ";" in amqp_uri:
+        return ";".join(
+            uri_as(uri.strip(), username, password)
+            for uri in amqp_uri.split(";")
+            if uri.strip()
+        )
     parts = urlsplit(amqp_uri)
     host = parts.hostname or "localhost"
     netloc = f"{quote(username, safe='')}:{quote(password, safe='')}@{host}"
@@ -123,6 +133,8 @@ RPC_CALLERS: dict[str, dict[str, frozenset[str]]] = {
             "authenticate",
             "list_tokens",
             "revoke_token",
+            "issue_company_token",
+            "reissue_company_token",
             # membership
             "admit_city",
             "remove_city",
@@ -132,6 +144,16 @@ RPC_CALLERS: dict[str, dict[str, frozenset[str]]] = {
             # the national read model
             "reconcile",
             "rebuild_read_model",
+            # cities' refusals and holds (issue 15)
+            "list_city_refusals",
+            "get_city_refusal",
+            "mark_refusal_replayed",
+            "list_city_holds",
+            "city_refusal_counts",
+            "review_queues",
+            # federation events set aside (issue 16)
+            "list_parked_events",
+            "replay_parked_event",
         )
     },
     "metering": {
@@ -143,6 +165,11 @@ RPC_CALLERS: dict[str, dict[str, frozenset[str]]] = {
             "usage_by_hour",
             "list_dead_letters",
             "replay_dead_letter",
+            "replay_rated",
+            "integrity_counts",
+            # messages set aside after failing to apply (issue 16)
+            "list_parked_events",
+            "replay_parked_event",
         )
     },
     # A city's own service: called by the portal (for the city's staff, its
@@ -161,9 +188,21 @@ RPC_CALLERS: dict[str, dict[str, frozenset[str]]] = {
             "revoke_voucher",
             "list_vouchers",
             "list_redemptions",
+            # bindings: the portal lets only the holder decide
+            "list_bindings",
+            "authorise_binding",
+            "withdraw_binding",
             "voucher_statement",
             "program_statement",
             "ledger_totals",
+            # the review queue and clawbacks (issue 15)
+            "list_held",
+            "decide_held",
+            "claw_back",
+            # usage-queue messages set aside (issue 16): the portal lets
+            # the ministry and the city's own admin call them
+            "list_parked_events",
+            "replay_parked_event",
         )
     },
 }

@@ -45,6 +45,30 @@ def transient_replies() -> None:
     nameko.rpc.Responder.publisher_cls = TransientPublisher
 
 
+def node_local_reply_queues() -> None:
+    """Make this process's RPC reply queues transient (non-durable).
+
+    nameko 3.0.0rc11 declares each process's reply queue durable, with an
+    expiry. On a cluster a classic durable queue lives on one node; once that
+    node is lost the queue cannot be declared again anywhere ("home node …
+    is down", 404) until it comes back, so the process could make no more
+    RPC calls. A transient queue is deleted with its node, and the reply
+    listener declares it anew on the node it reconnects to; the replies it
+    held were for calls that have timed out by then anyway. The name has a
+    fresh uuid per process, so no broker holds it with the old arguments."""
+    listener = nameko.rpc.ReplyListener  # a service's (not the standalone one)
+    if getattr(listener.setup, "_node_local", False):
+        return
+    original = listener.setup
+
+    def setup(self) -> None:
+        original(self)
+        self.queue.durable = False
+
+    setup._node_local = True  # type: ignore[attr-defined]
+    listener.setup = setup  # type: ignore[method-assign]
+
+
 # A client that failed with one of these has lost its connection: drop it
 # rather than hand it to the next caller.
 _BROKEN = (OSError, ConnectionError, AmqpConnectionError, OperationalError)

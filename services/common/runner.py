@@ -36,7 +36,7 @@ from services.common.config import (  # noqa: E402
 )
 from services.common.migrations import SERVICES_DIR, upgrade  # noqa: E402
 from services.common.principals import NATIONAL_BROKER_USERS  # noqa: E402
-from services.common.rpc import transient_replies  # noqa: E402
+from services.common.rpc import node_local_reply_queues, transient_replies  # noqa: E402
 from services.common.telemetry import setup_tracing  # noqa: E402
 
 log = logging.getLogger("computenet.runner")
@@ -89,6 +89,7 @@ def main(
     setup_tracing(service_cls.name, cfg.get(TRACING), instrument_nameko=True)
 
     transient_replies()
+    node_local_reply_queues()
     if is_member(cfg.get(AMQP_URI) or "", cfg.get(NATIONAL_BROKER_USERS)):
         declare_shared_passively()
     runner = ServiceRunner()

@@ -47,6 +47,7 @@ from services.common.config import (
 from services.common.db import make_engine
 from services.common.migrations import upgrade
 from services.common.principals import NATIONAL_BROKER_USERS
+from services.common.retention import policy_from_config
 from services.common.telemetry import setup_tracing
 from services.common.units import parse_ts
 from services.datacenter_gateway import SERVICE_NAME, domain, parsers
@@ -54,6 +55,7 @@ from services.datacenter_gateway.app import _timezone, create_app
 from services.datacenter_gateway.capacity import CapacityReporter, load_inventory
 from services.datacenter_gateway.outbox import Outbox
 from services.datacenter_gateway.relay import Relay, RelayStatus
+from services.datacenter_gateway.retention import OutboxPruner
 from services.datacenter_gateway.tail import SacctTail
 
 log = logging.getLogger("computenet.datacenter_gateway")
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"{args.config}: {key} must be set")
         keys = signing_keys(cfg)
         tls = broker_ssl(cfg)
+        # A retention below its floor stops the gateway here, at start.
+        retention = policy_from_config(cfg)
         host = cfg.get(HTTP_HOST) or "127.0.0.1"
         if not cfg.get(AGENT_TOKEN) and not domain.listens_on_loopback(host):
             raise ConfigError(
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         keys=keys,
         ssl=tls,
     )
+    pruner = OutboxPruner(outbox.engine, retention)
     app = create_app(cfg, outbox, status, inventory)
     tail_path = args.tail or cfg.get(TAIL_FILE)
     tail = None
@@ -178,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     http.start()
     relay.start()
     capacity.start()
+    pruner.start()
     if tail is not None:
         tail.start()
         log.info("following %s", tail_path)
@@ -198,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if tail is not None:
         tail.stop()
     capacity.stop()
+    pruner.stop()
     relay.stop()
     outbox.close()
     log.info("stopped")

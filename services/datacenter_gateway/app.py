@@ -222,6 +222,9 @@ def create_app(
 
     @app.put("/v1/tenants/<tenant_id>/voucher")
     def put_voucher(tenant_id: str):
+        """Hand the voucher over and ask its holder (CONTRACTS.md §6): the
+        records it then carries are subsidised only once the holder has
+        authorised this tenant here, on the portal."""
         _check_tenant(tenant_id)
         payload = _json_body()
         code = payload.get("voucher_code") if isinstance(payload, dict) else None
@@ -231,8 +234,14 @@ def create_app(
             raise InvalidRequest(
                 "invalid_voucher_code", str(exc), {"voucher_code": [str(exc)]}
             ) from exc
-        outbox.set_voucher(tenant_id, code)
-        return jsonify(tenant_id=tenant_id, voucher_code=code)
+        asked = outbox.set_voucher(tenant_id, code, datacenter_id, _traceparent())
+        return jsonify(
+            tenant_id=tenant_id,
+            voucher_code=code,
+            status="requested",
+            request_id=asked.request_id,
+            requested_at=format_ts(asked.requested_at),
+        )
 
     @app.get("/v1/tenants/<tenant_id>/voucher")
     def get_voucher(tenant_id: str):
@@ -245,7 +254,8 @@ def create_app(
 
     @app.delete("/v1/tenants/<tenant_id>/voucher")
     def delete_voucher(tenant_id: str):
-        outbox.clear_voucher(tenant_id)
+        """End the hand-over; its request is cancelled with the city."""
+        outbox.clear_voucher(tenant_id, datacenter_id, _traceparent())
         return "", 204
 
     @app.get("/v1/status")
@@ -262,6 +272,8 @@ def create_app(
             key_id=key_id,
             next_key_id=next_key_id,
             backlog=outbox.backlog(fresh=True),
+            # extension: binding requests not yet published
+            binding_backlog=outbox.binding_backlog(),
             oldest_unsent_age_s=(
                 round((now - oldest).total_seconds(), 3) if oldest else None
             ),
@@ -310,6 +322,11 @@ def _json_body() -> Any:
             "invalid_request", "the body must be JSON (application/json)"
         )
     return payload
+
+
+def _traceparent() -> str | None:
+    """The trace of this request, continued by the relay's publish."""
+    return telemetry.inject({}).get("traceparent")
 
 
 def _text_body() -> str:

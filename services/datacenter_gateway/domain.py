@@ -3,6 +3,7 @@
 - what an agent's batch must look like, and the exact bytes each record
   becomes (the bytes that are stored, signed and published);
 - the signed headers of a message;
+- the binding request of CONTRACTS.md §6 (the tenant's voucher, asked for);
 - the capacity report of CONTRACTS.md §2;
 - the relay's back-off.
 """
@@ -18,9 +19,10 @@ from typing import Any
 
 from marshmallow import ValidationError
 
-from services.common import signing, vouchercode
+from services.common import contracts, signing, vouchercode
 from services.common.contracts import (
     AgentUsageRecordSchema,
+    BindingRequestSchema,
     CapacityReportSchema,
     UsageRecordSchema,
     canonical_json,
@@ -152,6 +154,52 @@ def message_headers(body: bytes, key_id: str, secret: str) -> dict[str, Any]:
     }
 
 
+REQUEST = "request"
+CANCEL = "cancel"
+
+
+@dataclass(frozen=True)
+class BindingRequest:
+    """A data centre asking for (``request``) or giving up (``cancel``) the
+    voucher a tenant handed over: the voucher's holder decides on the portal.
+
+    ``request_id`` is derived from the data centre, tenant, voucher, action and
+    the moment (to the microsecond) the gateway stored it: the same stored
+    request always carries the same id, so metering and the city recognise a
+    redelivered or re-published copy. ``body`` is what is signed.
+    """
+
+    request_id: str
+    tenant_id: str
+    voucher_code: str
+    action: str
+    requested_at: datetime
+    body: bytes
+
+
+def binding_request(
+    datacenter_id: str,
+    tenant_id: str,
+    voucher_code: str,
+    action: str,
+    at: datetime,
+) -> BindingRequest:
+    """The request and its canonical JSON (CONTRACTS.md §6), byte for byte."""
+    request_id = "br-" + contracts.event_id(
+        "binding", datacenter_id, tenant_id, voucher_code, action, at.isoformat()
+    )
+    fields = {
+        "request_id": request_id,
+        "datacenter_id": datacenter_id,
+        "tenant_id": tenant_id,
+        "voucher_code": voucher_code,
+        "action": action,
+        "requested_at": at,
+    }
+    body = canonical_json(BindingRequestSchema().dump(fields))
+    return BindingRequest(request_id, tenant_id, voucher_code, action, at, body)
+
+
 def capacity_report(
     datacenter_id: str,
     inventory: Iterable[InventoryItem],
@@ -204,23 +252,6 @@ class SigningKeys:
     @property
     def key_ids(self) -> list[str]:
         return [k.key_id for k in (self.current, self.next) if k is not None]
-
-
-class Backoff:
-    """Exponential back-off: 0.5 s, 1 s, 2 s … capped at 30 s; reset on success."""
-
-    def __init__(self, initial: float = 0.5, cap: float = 30.0):
-        self.initial = initial
-        self.cap = cap
-        self._next = initial
-
-    def next_delay(self) -> float:
-        delay = self._next
-        self._next = min(self._next * 2, self.cap)
-        return delay
-
-    def reset(self) -> None:
-        self._next = self.initial
 
 
 def listens_on_loopback(host: str) -> bool:

@@ -7,7 +7,10 @@ crash in between publishes a row twice (metering drops the duplicate by
 ``record_id``), never zero times.
 
 The tenant → voucher hand-over of CONTRACTS.md §6 lives here too: it is part
-of what turns an agent's record into the body that is signed.
+of what turns an agent's record into the body that is signed. Each change of
+it writes, in the same transaction, a binding request (``binding_requests``)
+that the relay publishes like a record: the voucher's holder is asked, and
+nothing of the hand-over is lost between the database and the bus.
 """
 
 from __future__ import annotations
@@ -31,12 +34,18 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from services.common.db import retry_on_conflict
 from services.common.sqltypes import Id, UtcDateTime
 from services.common.units import utcnow
-from services.datacenter_gateway.domain import PreparedRecord
+from services.datacenter_gateway.domain import (
+    CANCEL,
+    REQUEST,
+    BindingRequest,
+    PreparedRecord,
+    binding_request,
+)
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -91,6 +100,27 @@ class TenantVoucher(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
 
 
+class BindingRequestRow(Base):
+    """A binding request (CONTRACTS.md §6) as it will be published."""
+
+    __tablename__ = "binding_requests"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(128), unique=True, nullable=False)
+    tenant_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    voucher_code: Mapped[str] = mapped_column(String(64), nullable=False)
+    action: Mapped[str] = mapped_column(String(16), nullable=False)
+    requested_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    body: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    traceparent: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    published_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+    __table_args__ = (
+        Index("ix_binding_requests_unpublished", "published_at", "id"),
+        Index("ix_binding_requests_tenant_id", "tenant_id", "id"),
+    )
+
+
 class TailPosition(Base):
     """How far ``tail`` mode has read a file, so a restart resumes there."""
 
@@ -118,6 +148,9 @@ class Conflict:
 
 @dataclass(frozen=True)
 class PendingRow:
+    """An unpublished row: a usage record, or a binding request (whose
+    ``record_id`` is its ``request_id``); either way the message id."""
+
     id: int
     record_id: str
     body: bytes
@@ -150,17 +183,12 @@ class Outbox:
         body differs (formats whose repeated observations of one fact differ in
         timing, such as nvidia-smi's accounted processes); else a conflict.
         """
-        for attempt in range(attempts):
-            try:
-                return self._ingest_once(
-                    records, datacenter_id, traceparent, keep_first
-                )
-            except IntegrityError:
-                # Another request stored one of these record_ids between our
-                # read and our insert: read again and decide again.
-                if attempt == attempts - 1:
-                    raise
-        raise AssertionError("unreachable")
+        # Another request may store one of these record_ids between our read
+        # and our insert: read again and decide again.
+        return retry_on_conflict(
+            lambda: self._ingest_once(records, datacenter_id, traceparent, keep_first),
+            attempts,
+        )
 
     def _ingest_once(
         self,
@@ -236,33 +264,69 @@ class Outbox:
 
     # -- tenant vouchers ------------------------------------------------------
 
-    def set_voucher(self, tenant_id: str, voucher_code: str) -> None:
+    def set_voucher(
+        self,
+        tenant_id: str,
+        voucher_code: str,
+        datacenter_id: str,
+        traceparent: str | None = None,
+    ) -> BindingRequest:
+        """Hand ``voucher_code`` over for ``tenant_id`` and ask its holder.
+
+        One transaction: the hand-over, a ``cancel`` of the voucher it
+        replaces, and a ``request`` of this one. The same voucher again asks
+        nothing new: the request that stands is returned.
+        """
+        now = utcnow()
         with self.sessions.begin() as session:
             row = session.get(TenantVoucher, tenant_id)
+            if row is not None and row.voucher_code == voucher_code:
+                standing = _latest_request(session, tenant_id, voucher_code)
+                if standing is not None:
+                    return standing
             if row is None:
                 session.add(
                     TenantVoucher(
-                        tenant_id=tenant_id,
-                        voucher_code=voucher_code,
-                        updated_at=utcnow(),
+                        tenant_id=tenant_id, voucher_code=voucher_code, updated_at=now
                     )
                 )
             else:
+                if row.voucher_code != voucher_code:
+                    _add_request(
+                        session,
+                        binding_request(
+                            datacenter_id, tenant_id, row.voucher_code, CANCEL, now
+                        ),
+                        traceparent,
+                    )
                 row.voucher_code = voucher_code
-                row.updated_at = utcnow()
+                row.updated_at = now
+            request = binding_request(
+                datacenter_id, tenant_id, voucher_code, REQUEST, now
+            )
+            _add_request(session, request, traceparent)
+        return request
 
     def get_voucher(self, tenant_id: str) -> str | None:
         with self.sessions() as session:
             row = session.get(TenantVoucher, tenant_id)
             return row.voucher_code if row else None
 
-    def clear_voucher(self, tenant_id: str) -> bool:
+    def clear_voucher(
+        self, tenant_id: str, datacenter_id: str, traceparent: str | None = None
+    ) -> BindingRequest | None:
+        """End the hand-over and cancel its request (one transaction); None
+        when the tenant had handed over no voucher."""
         with self.sessions.begin() as session:
             row = session.get(TenantVoucher, tenant_id)
             if row is None:
-                return False
+                return None
+            request = binding_request(
+                datacenter_id, tenant_id, row.voucher_code, CANCEL, utcnow()
+            )
             session.delete(row)
-            return True
+            _add_request(session, request, traceparent)
+        return request
 
     # -- tail mode ------------------------------------------------------------
 
@@ -321,6 +385,45 @@ class Outbox:
         with self._lock:
             self._backlog = None
 
+    def pending_bindings(self, limit: int) -> list[PendingRow]:
+        """Up to ``limit`` unpublished binding requests, oldest first."""
+        with self.sessions() as session:
+            rows = session.execute(
+                select(
+                    BindingRequestRow.id,
+                    BindingRequestRow.request_id,
+                    BindingRequestRow.body,
+                    BindingRequestRow.traceparent,
+                )
+                .where(BindingRequestRow.published_at.is_(None))
+                .order_by(BindingRequestRow.id)
+                .limit(limit)
+            ).all()
+        return [
+            PendingRow(r.id, r.request_id, bytes(r.body), r.traceparent) for r in rows
+        ]
+
+    def mark_bindings_published(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        now = utcnow()
+        with self.sessions.begin() as session:
+            session.execute(
+                update(BindingRequestRow)
+                .where(BindingRequestRow.id.in_(list(ids)))
+                .values(published_at=now)
+            )
+
+    def binding_backlog(self) -> int:
+        """Binding requests not yet published (few: one per hand-over)."""
+        with self.sessions() as session:
+            count = session.scalar(
+                select(func.count())
+                .select_from(BindingRequestRow)
+                .where(BindingRequestRow.published_at.is_(None))
+            )
+        return int(count or 0)
+
     # -- status and capacity --------------------------------------------------
 
     def backlog(self, fresh: bool = False) -> int:
@@ -364,6 +467,56 @@ class Outbox:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _add_request(session, request: BindingRequest, traceparent: str | None) -> None:
+    """Store ``request``, unless it is stored already: the same id is the same
+    request (same tenant, voucher, action and moment)."""
+    if session.scalar(
+        select(BindingRequestRow.id).where(
+            BindingRequestRow.request_id == request.request_id
+        )
+    ):
+        return
+    session.add(
+        BindingRequestRow(
+            request_id=request.request_id,
+            tenant_id=request.tenant_id,
+            voucher_code=request.voucher_code,
+            action=request.action,
+            requested_at=request.requested_at,
+            body=request.body,
+            traceparent=traceparent,
+        )
+    )
+    session.flush()
+
+
+def _latest_request(
+    session, tenant_id: str, voucher_code: str
+) -> BindingRequest | None:
+    """The last request of ``voucher_code`` for ``tenant_id``, if any (a
+    hand-over stored before binding requests existed has none)."""
+    row = session.scalars(
+        select(BindingRequestRow)
+        .where(
+            BindingRequestRow.tenant_id == tenant_id,
+            BindingRequestRow.voucher_code == voucher_code,
+            BindingRequestRow.action == REQUEST,
+        )
+        .order_by(BindingRequestRow.id.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    return BindingRequest(
+        row.request_id,
+        row.tenant_id,
+        row.voucher_code,
+        row.action,
+        row.requested_at,
+        bytes(row.body),
+    )
 
 
 def _chunks(items: list, size: int):

@@ -1,5 +1,9 @@
 """The relay: publishes the outbox to ``computenet.usage``, signed, with confirms.
 
+Usage records go out on ``<dc>.usage``, binding requests (the tenants'
+vouchers, CONTRACTS.md §6) on ``<dc>.binding``, each with its id as
+``message_id``.
+
 It owns its retry loop (DESIGN.md §3): on any broker error it logs one line,
 backs off (0.5 s doubling to 30 s), reconnects and resumes by itself. A row is
 marked published only after the broker confirmed it *and* routed it to a queue
@@ -19,12 +23,13 @@ from amqp.exceptions import MessageNacked
 from kombu import Connection, Producer
 
 from services.common import telemetry
-from services.common.amqp import USAGE_EXCHANGE, usage_key
+from services.common.amqp import USAGE_EXCHANGE, binding_key, usage_key
+from services.common.backoff import Backoff
 from services.common.principals import username_of
 from services.common.units import utcnow
 from services.datacenter_gateway import domain
 from services.datacenter_gateway.background import BackgroundLoop
-from services.datacenter_gateway.outbox import Outbox
+from services.datacenter_gateway.outbox import Outbox, PendingRow
 
 log = logging.getLogger("computenet.datacenter_gateway.relay")
 
@@ -130,6 +135,10 @@ class Relay(BackgroundLoop):
     One batch = publish every row on a channel in confirm mode, then wait for
     the broker's acks of the whole batch (one round trip per batch, not per
     message), then mark the acked, routed rows published in one transaction.
+
+    Binding requests go first, in a batch of their own. Returned unroutable
+    (no metering that takes them yet), they wait with a back-off of their
+    own: usage is not held up by them.
     """
 
     thread_name = "relay"
@@ -154,6 +163,9 @@ class Relay(BackgroundLoop):
         self.ssl = ssl  # kombu's, from services/common/broker_tls.py
         self.datacenter_id = datacenter_id
         self.routing_key = usage_key(datacenter_id)
+        self.binding_key = binding_key(datacenter_id)
+        self._bindings_backoff = Backoff()
+        self._bindings_due = 0.0  # time.monotonic() of the next binding batch
         self.keys = keys or domain.SigningKeys(domain.SigningKey(key_id, secret))
         self.batch_size = max(1, int(batch_size))
         self.status = status or RelayStatus()
@@ -169,7 +181,7 @@ class Relay(BackgroundLoop):
     # -- lifecycle ------------------------------------------------------------
 
     def run(self) -> None:
-        backoff = domain.Backoff()
+        backoff = Backoff()
         while not self._stop.is_set():
             try:
                 if self._conn is None:
@@ -199,10 +211,59 @@ class Relay(BackgroundLoop):
     # -- one pass -------------------------------------------------------------
 
     def publish_pending(self) -> int:
-        """Publish up to one batch; returns how many rows are now published."""
+        """Publish up to one batch of binding requests and one of records;
+        returns how many rows are now published."""
+        published = self._publish_bindings()
         rows = self.outbox.pending(self.batch_size)
         if not rows:
+            return published
+        done, returned, nacked = self._publish_rows(
+            rows, self.routing_key, "datacenter_gateway.publish"
+        )
+        self.outbox.mark_published(done)
+        if done:
+            self.status.confirmed(len(done))
+        if returned:
+            raise Unroutable(
+                f"{returned} records returned unroutable: no queue bound to "
+                f"{USAGE_EXCHANGE.name} for {self.routing_key!r} (is metering running?)"
+            )
+        if nacked:
+            raise MessageNacked(f"the broker refused {nacked} records")
+        return published + len(done)
+
+    def _publish_bindings(self) -> int:
+        if time.monotonic() < self._bindings_due:
             return 0
+        rows = self.outbox.pending_bindings(self.batch_size)
+        if not rows:
+            return 0
+        done, returned, nacked = self._publish_rows(
+            rows, self.binding_key, "datacenter_gateway.publish_bindings"
+        )
+        self.outbox.mark_bindings_published(done)
+        if done:
+            self.status.confirmed(len(done))
+        if nacked:
+            raise MessageNacked(f"the broker refused {nacked} binding requests")
+        if returned:
+            delay = self._bindings_backoff.next_delay()
+            self._bindings_due = time.monotonic() + delay
+            message = (
+                f"{returned} binding requests returned unroutable: no queue bound "
+                f"to {USAGE_EXCHANGE.name} for {self.binding_key!r}"
+            )
+            log.warning("relay: %s; retrying them in %.1f s", message, delay)
+            self.status.failed(message, reachable=True)
+        else:
+            self._bindings_backoff.reset()
+        return len(done)
+
+    def _publish_rows(
+        self, rows: list[PendingRow], routing_key: str, span_name: str
+    ) -> tuple[list[int], int, int]:
+        """Publish ``rows`` signed on ``routing_key`` and wait for the
+        confirms: (ids of the acked and routed rows, returned, nacked)."""
         if self._channel is None:
             self._connect()
         channel = self._channel
@@ -210,9 +271,7 @@ class Relay(BackgroundLoop):
         self._returned.clear()
         self._nacked.clear()
         tags: list[int] = []
-        with telemetry.tracer.start_as_current_span(
-            "datacenter_gateway.publish"
-        ) as span:
+        with telemetry.tracer.start_as_current_span(span_name) as span:
             span.set_attribute("computenet.records", len(rows))
             for row in rows:
                 headers = domain.message_headers(row.body, key.key_id, key.secret)
@@ -231,7 +290,7 @@ class Relay(BackgroundLoop):
                         user_id=self.user_id,
                     ),
                     exchange=USAGE_EXCHANGE.name,
-                    routing_key=self.routing_key,
+                    routing_key=routing_key,
                     mandatory=True,
                 )
                 self._tag += 1
@@ -244,17 +303,7 @@ class Relay(BackgroundLoop):
             for row, tag in zip(rows, tags, strict=True)
             if tag not in self._nacked and row.record_id not in self._returned
         ]
-        self.outbox.mark_published(done)
-        if done:
-            self.status.confirmed(len(done))
-        if self._returned:
-            raise Unroutable(
-                f"{len(self._returned)} records returned unroutable: no queue bound to "
-                f"{USAGE_EXCHANGE.name} for {self.routing_key!r} (is metering running?)"
-            )
-        if self._nacked:
-            raise MessageNacked(f"the broker refused {len(self._nacked)} records")
-        return len(done)
+        return done, len(self._returned), len(self._nacked)
 
     def _wait_for_confirms(self) -> None:
         deadline = time.monotonic() + CONFIRM_TIMEOUT_S

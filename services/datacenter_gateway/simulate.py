@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import requests
@@ -34,6 +34,8 @@ GPU_COUNT_WEIGHTS = (30, 20, 18, 16, 7, 4, 2, 1.5, 1, 0.5)
 DEFAULT_GPU_MODELS = ("H800", "Ascend-910B")
 BATCH_INTERVAL_S = 3.0
 MIN_DURATION_S = 300  # 5 minutes
+# A job the agent saw start runs at least this long before it is reported.
+MIN_SEEN_S = 10
 MAX_DURATION_S = 3 * 24 * 3600  # 3 days
 
 
@@ -50,8 +52,16 @@ def make_job(
     late_s: int = 0,
     max_gpus: int = GPU_COUNTS[-1],
     max_duration_s: int = MAX_DURATION_S,
+    not_before: datetime | None = None,
 ) -> dict[str, Any]:
-    """One finished job as an agent reports it (voucher left to the gateway)."""
+    """One finished job as an agent reports it (voucher left to the gateway).
+
+    A job never starts before ``not_before``, when the agent began watching:
+    it reports what it saw, and a voucher pays only for jobs that started
+    after its holder authorised the tenant (DESIGN.md §9), which happens
+    before the agent starts. A job cut short so ends up to ``MIN_SEEN_S``
+    ahead of now at most (the gateway admits 5 minutes).
+    """
     model = rng.choice(sorted(gpu_models))
     limit = min(gpu_models[model] or GPU_COUNTS[-1], max_gpus)
     choices = [
@@ -64,6 +74,10 @@ def make_job(
     duration_s = int(round(MIN_DURATION_S * (span ** rng.random())))
     ended = utcnow() - timedelta(seconds=rng.randint(0, 120) + late_s)
     started = ended - timedelta(seconds=duration_s)
+    if not_before is not None and started < not_before:
+        started = not_before
+        ended = max(ended, started + timedelta(seconds=MIN_SEEN_S))
+        duration_s = int((ended - started).total_seconds())
     utilisation = rng.uniform(0.35, 0.98)
     return {
         "record_id": f"sim-{uuid.uuid4().hex}",
@@ -242,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                 tenant.tenant_id,
                 tenant.voucher_code,
             )
+        # Records name whole seconds: the next one, so that no job seems to
+        # start before an authorisation given within this second.
+        watching_since = utcnow().replace(microsecond=0) + timedelta(seconds=1)
         gpu_models: dict[str, int | None] = {m: None for m in args.gpu_model}
         if not gpu_models:
             status = client.send(
@@ -284,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                         else 0,
                         max_gpus=args.max_gpus,
                         max_duration_s=args.max_duration,
+                        not_before=watching_since,
                     )
                     for _ in range(size)
                 ]

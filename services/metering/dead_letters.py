@@ -1,7 +1,7 @@
 """Dead letters: a refused message kept whole with its reason, a poison
-message's failed attempts counted until it becomes one, and a dead letter
-turned back into the message it was made from (for a replay,
-``reports.replay_dead_letter``).
+message's failed attempts counted until it is parked (issue 16), and a dead
+letter (or a parked message) turned back into the message it was made from
+(for a replay, ``reports.replay_dead_letter``, ``parking``).
 
 :func:`dead_letter_row` is what :func:`services.metering.ingest.process_batch`
 adds to a batch's transaction for each refused message; the other writers
@@ -13,15 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from services.common.amqp import RawMessage
+from services.common.parking import FAILED
+from services.common.parking_store import REASON_WIDTH
 from services.common.units import utcnow
 from services.metering.domain import validation
-from services.metering.domain.validation import Reason, Refused
-from services.metering.models import DeadLetter, DeliveryAttempt
+from services.metering.domain.validation import Refused
+from services.metering.models import DeadLetter, DeliveryAttempt, ParkedEvent
 from services.metering.store import insert_for
 
 
@@ -97,9 +100,11 @@ def record_failure(
 ) -> bool:
     """Count one failed attempt of ``message`` processed alone (own transaction).
 
-    Returns True when this was attempt ``max_attempts``: the message is then
-    stored as a ``processing_error`` dead letter (with the exception) and the
-    caller acks it; False: the caller requeues it. Raises if the database
+    Counted in the database (a restart does not reset it), or by the broker
+    (a quorum queue's ``x-delivery-count``) when that says more. Returns True
+    when this was attempt ``max_attempts``: the message is then parked
+    (``parked_events``, kind ``failed``, with the exception; issue 16) and
+    the caller acks it; False: the caller requeues it. Raises if the database
     cannot be written either (then nothing is counted and it is requeued).
     """
     session.rollback()
@@ -119,19 +124,55 @@ def record_failure(
     ).returning(_ATTEMPTS.c.attempts)
     try:
         attempts = session.execute(statement).scalar_one()
+        counted = (message.headers or {}).get("x-delivery-count")
+        if isinstance(counted, int) and not isinstance(counted, bool):
+            attempts = max(attempts, counted + 1)
         exhausted = attempts >= max_attempts
         if exhausted:
             session.execute(_ATTEMPTS.delete().where(_ATTEMPTS.c.message_key == key))
-            refused = Refused(
-                Reason.PROCESSING_ERROR,
-                f"failed {attempts} times on its own; last: {error_text}",
-            )
-            session.add(dead_letter_row(message, refused))
+            session.add(parked_row(message, error_text, attempts, now))
         session.commit()
     except BaseException:
         session.rollback()
         raise
     return exhausted
+
+
+def parked_row(
+    message: RawMessage, reason: str, attempts: int, now: datetime
+) -> ParkedEvent:
+    """The parked event of a message that failed ``attempts`` times."""
+    properties = {
+        name: message.properties.get(name)
+        for name in ("content_type", "content_encoding", "message_id", "user_id")
+        if message.properties.get(name) is not None
+    }
+    return ParkedEvent(
+        routing_key=_clean(message.routing_key, 255),
+        event_id=_clean(str(message.properties.get("message_id") or ""), 128) or None,
+        body=_clean(message.body.decode("utf-8", "replace")),
+        kind=FAILED,
+        reason=_clean(reason, REASON_WIDTH),
+        attempts=attempts,
+        parked_at=now,
+        headers=json.loads(json.dumps(_json_safe(message.headers))),
+        properties=json.loads(json.dumps(_json_safe(properties))),
+    )
+
+
+def parked_message(parked: Mapping[str, Any]) -> RawMessage:
+    """The message a parked event was made from, as it was received (its
+    publisher checked again; none stored: the national side's replay)."""
+    properties = dict(parked.get("properties") or {})
+    properties.setdefault("content_type", "application/json")
+    properties.setdefault("user_id", REPLAYED_BY)
+    return RawMessage(
+        body=parked["body"].encode("utf-8"),
+        headers=dict(parked.get("headers") or {}),
+        properties=properties,
+        routing_key=parked["routing_key"],
+        redelivered=True,
+    )
 
 
 def forget_failures(session: Session, message: RawMessage) -> None:

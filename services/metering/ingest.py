@@ -32,7 +32,7 @@ from services.common import contracts, signing
 from services.common.amqp import RawMessage, federation_key
 from services.common.principals import may_publish_for
 from services.common.units import format_ts, rate_cost_fen, utcnow
-from services.metering import store
+from services.metering import holds, store
 from services.metering.capacity import store_capacity
 from services.metering.dead_letters import dead_letter_row
 from services.metering.domain import encoding, rating, rollups, validation
@@ -67,6 +67,7 @@ class Checked:
     row: dict[str, Any] | None = None  # usage: the row to insert (``loaded`` too)
     wire: bytes | None = None  # usage: its canonical JSON (encoding.record_json)
     key: rollups.RecordKey | None = None  # usage: (datacenter_id, record_id)
+    registered: int = 0  # usage: the data centre's registered count of the model
 
 
 @dataclass
@@ -244,6 +245,9 @@ def check(
     row["hub_region"] = hub_region
     row["chip_origin"] = chip_origin
     row["rated_at"] = rated_at
+    if row["gpu_uuids"] is not None:  # stored as its JSON array
+        row["gpu_uuids"] = holds.uuids_json(row["gpu_uuids"])
+    row["hold"] = None  # decided once stored (services.metering.holds)
     return Checked(
         index,
         kind,
@@ -253,6 +257,7 @@ def check(
         row,
         wire,
         (datacenter_id, record["record_id"]),
+        registered,
     )
 
 
@@ -365,16 +370,30 @@ def _store_usage(
             )
             continue
         outcome.duplicates += 1
+        if key in inserted_keys:
+            continue  # its event goes out with the inserted copy's (and hold)
         # The same fact again: its event goes out again, with the same id.
         outcome.outgoing.extend(events_of(existing))
-    store.update_rollups(
+    changes, rows = store.update_rollups(
         session, {key: first[key].row for key in inserted_keys}, correctors
     )
+    registered = {
+        (checked.datacenter_id, checked.row["gpu_model"]): checked.registered
+        for checked in first.values()
+    }
+    held = holds.decide(session, rows, changes, registered)
     outgoing = outcome.outgoing
     for key in inserted_keys:
         checked = first[key]
+        hold = held.pop(key, None)
+        if hold is not None:
+            checked.row["hold"] = holds.hold_json(hold)
         if checked.row["city"] is not None:  # events_of, the wire at hand
             outgoing.append(_usage_rated(checked.row, checked.wire))
+    if held:  # stored before, rated without a hold, held now
+        for key, row in sorted(store.stored_rows(session, held).items()):
+            if row["city"] is not None:
+                outgoing.append(_usage_hold(row, held[key]))
     return refusals
 
 
@@ -440,7 +459,28 @@ def _usage_rated(row: Mapping[str, Any], wire: bytes) -> Outgoing:
             row["government_run"],
             row["hub_region"],
             row["chip_origin"],
+            None if row.get("hold") is None else row["hold"].encode(),
         ),
+    )
+
+
+def _usage_hold(row: Mapping[str, Any], hold: Mapping[str, Any]) -> Outgoing:
+    """``<city>.usage_hold``: a record announced without a hold, held now.
+    One id per record, whatever the reason: the city applies the first."""
+    event_id = contracts.event_id("usage_hold", row["datacenter_id"], row["record_id"])
+    body = contracts.make_event(
+        "usage_hold",
+        row["city"],
+        event_id,
+        record_id=row["record_id"],
+        datacenter_id=row["datacenter_id"],
+        voucher_code=row["voucher_code"],
+        hold=dict(hold),
+    )
+    return Outgoing(
+        federation_key(row["city"], "usage_hold"),
+        event_id,
+        contracts.canonical_json(body),
     )
 
 

@@ -1,6 +1,6 @@
 """metering's tables: rated usage records, hourly rollups, capacity, dead letters.
 
-``migrations/versions/`` (0001–0005) create exactly these; change both
+``migrations/versions/`` (0001–0007) create exactly these; change both
 together.
 """
 
@@ -23,6 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from services.common.parking_store import ParkedEventColumns
 from services.common.sqltypes import Id
 
 Timestamp = DateTime(timezone=True)
@@ -80,6 +81,11 @@ class UsageRecord(Base):
     hub_region: Mapped[str] = mapped_column(String(64))
     chip_origin: Mapped[str] = mapped_column(String(16))
     rated_at: Mapped[datetime] = mapped_column(Timestamp)
+    # Issue 15 (migration 0006). The GPUs the record names, as the canonical
+    # JSON array of their UUIDs (null: it names none); and why it is held
+    # (``HoldSchema``'s canonical JSON; null: not held), see ``holds``.
+    gpu_uuids: Mapped[str | None] = mapped_column(Text, nullable=True)
+    hold: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class UsageRollup(Base):
@@ -138,6 +144,51 @@ class UsageTotal(Base):
     cost_fen: Mapped[int] = mapped_column(BigInteger)
 
 
+class CapacityBucket(Base):
+    """The GPU-seconds claimed per data centre, GPU model and UTC hour by the
+    records that count (migration 0006): what a batch compares with the
+    registered count × 3 600, and the row it locks (``FOR UPDATE`` through
+    its upsert, in key order) so two consumers decide a bucket one at a time.
+    """
+
+    __tablename__ = "capacity_buckets"
+    # What the retention prunes by (migration 0007).
+    __table_args__ = (Index(None, "hour"),)
+
+    datacenter_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    gpu_model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hour: Mapped[datetime] = mapped_column(Timestamp, primary_key=True)
+    gpu_seconds: Mapped[int] = mapped_column(BigInteger)
+
+
+class CapacityClaim(Base):
+    """One record's share of one bucket (``holds.hour_shares``): read, in the
+    canonical order of the primary key, only when the bucket is over."""
+
+    __tablename__ = "capacity_claims"
+    __table_args__ = (Index(None, "hour"),)  # the retention's (migration 0007)
+
+    datacenter_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    gpu_model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hour: Mapped[datetime] = mapped_column(Timestamp, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(Timestamp, primary_key=True)
+    record_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    gpu_seconds: Mapped[int] = mapped_column(BigInteger)
+
+
+class GpuClaim(Base):
+    """A GPU (by UUID) claimed by a record that counts, over its span."""
+
+    __tablename__ = "gpu_claims"
+    __table_args__ = (Index(None, "ended_at"),)  # the retention's (migration 0007)
+
+    datacenter_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    gpu_uuid: Mapped[str] = mapped_column(String(128), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(Timestamp, primary_key=True)
+    record_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    ended_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
 class CapacityReport(Base):
     """One capacity report (CONTRACTS.md §2), with its totals for the overview."""
 
@@ -164,6 +215,7 @@ class DeadLetter(Base):
     __table_args__ = (
         Index(None, "datacenter_id", "received_at"),
         Index(None, "reason", "received_at"),
+        Index(None, "received_at"),  # the retention's (migration 0007)
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -209,3 +261,16 @@ class DeliveryAttempt(Base):
     attempts: Mapped[int] = mapped_column(Integer)
     last_error: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class ParkedEvent(ParkedEventColumns, Base):
+    """A usage, capacity or binding message that passed every check but
+    failed to apply ``MAX_DELIVERY_ATTEMPTS`` times on its own (issue 16):
+    a fault of the platform (a bug, a value the database refuses, an event
+    no city queue takes), not of the data centre, so not a dead letter.
+    Kept whole, with the headers that carry its signature and the
+    properties that name its publisher, for the ministry to replay once
+    the cause is fixed; the queue goes on."""
+
+    headers: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    properties: Mapped[dict | None] = mapped_column(JSON, nullable=True)

@@ -8,7 +8,9 @@ Deliveries are handled in batches: one transaction stores a batch's records,
 rollups and dead letters, its ``usage_rated`` events are published with
 confirms, then the deliveries are acked. A refused message is a dead letter
 in that transaction; an unexpected fault (database or registry down) requeues
-the batch after a short pause, so the consumer never stops and never spins.
+the batch after a short pause, so the consumer never stops and never spins;
+a message failing alone ``MAX_DELIVERY_ATTEMPTS`` times is parked (``parking``).
+Binding requests (``<dc>.binding``) have their consumer in ``bindings``.
 """
 
 from __future__ import annotations
@@ -18,25 +20,32 @@ import logging
 from nameko import config
 
 import services.common.remote_errors  # noqa: F401 - errors cross RPC as themselves
+from services.common import parking
 from services.common.amqp import FEDERATION_EXCHANGE, USAGE_EXCHANGE, durable_queue
 from services.common.db import Database
 from services.common.errors import EXPECTED, Unavailable
 from services.common.publishing import ConfirmedPublisher, Unroutable
 from services.common.rpc_access import ServiceRpc, rpc
-from services.metering import dead_letters, ingest, reports
+from services.metering import dead_letters, ingest, integrity, replay_rated, reports
 from services.metering.batching import consume_batch
+from services.metering.bindings import BindingRequests
+from services.metering.parking import MeteringParking
 from services.metering.registry import RegistryCache
+from services.metering.retention import MeteringRetention
 
 log = logging.getLogger(__name__)
 
-# A message that fails this many times on its own is a processing_error dead letter.
-MAX_DELIVERY_ATTEMPTS = "MAX_DELIVERY_ATTEMPTS"
-DEFAULT_MAX_DELIVERY_ATTEMPTS = 5
+# A message that fails this many times on its own is parked (issue 16).
+MAX_DELIVERY_ATTEMPTS = parking.MAX_DELIVERY_ATTEMPTS
+DEFAULT_MAX_DELIVERY_ATTEMPTS = parking.DEFAULT_MAX_ATTEMPTS
 
 USAGE_QUEUE = durable_queue("metering.usage", USAGE_EXCHANGE, ["*.usage", "*.capacity"])
 
 
-class MeteringService:
+class MeteringService(MeteringRetention, BindingRequests, MeteringParking):
+    """Usage and capacity (here), data centres' binding requests, the
+    parked messages and retention (the mixins)."""
+
     name = "metering"
 
     db = Database()
@@ -57,8 +66,8 @@ class MeteringService:
             except Exception:
                 log.exception("batch of %d failed; retrying one by one", len(messages))
         # A batch fails as a whole; alone, each message either goes through
-        # or is the one that fails (and only it is requeued, or dead-lettered
-        # once it has failed MAX_DELIVERY_ATTEMPTS times).
+        # or is the one that fails (and only it is requeued, or parked once
+        # it has failed MAX_DELIVERY_ATTEMPTS times).
         return [
             index
             for index, message in enumerate(messages)
@@ -74,6 +83,8 @@ class MeteringService:
             return False
         except Exception as exc:
             log.exception("could not process %s", message.routing_key)
+            if parking.is_transient(exc):
+                return False  # the database's fault, not the message's: uncounted
             return self._count_failure(message, exc)
         try:
             # Its effects are committed; a failure to announce them is the
@@ -96,7 +107,7 @@ class MeteringService:
         return True
 
     def _count_failure(self, message, exc: BaseException) -> bool:
-        """One more failed attempt; True (ack) once it is a dead letter."""
+        """One more failed attempt; True (ack) once it is parked."""
         try:
             exhausted = dead_letters.record_failure(
                 self.db, message, exc, self.max_attempts
@@ -106,7 +117,7 @@ class MeteringService:
             return False
         if exhausted:
             log.error(
-                "dead letter processing_error from %s after %d attempts",
+                "%s parked after %d attempts",
                 message.routing_key[:255],
                 self.max_attempts,
             )
@@ -143,6 +154,12 @@ class MeteringService:
         return reports.usage_figures(self.db)
 
     @rpc(expected_exceptions=EXPECTED)
+    def integrity_counts(self) -> dict:
+        """Records rated and dead letters by reason, per data centre, over
+        the last 24 h and 7 days (the integrity page)."""
+        return integrity.integrity_counts(self.db)
+
+    @rpc(expected_exceptions=EXPECTED)
     def usage_by_tenant(self, datacenter_id: str, window_hours: int = 24) -> list:
         return reports.usage_by_tenant(self.db, datacenter_id, window_hours)
 
@@ -163,8 +180,19 @@ class MeteringService:
     @rpc(expected_exceptions=EXPECTED)
     def replay_dead_letter(self, dead_letter_id: int) -> dict:
         """Run a dead letter through every rule again (its cause fixed)."""
+        replayed = self.replay_binding_letter(dead_letter_id)
+        if replayed is not None:
+            return replayed
         registry = self.registry_cache(self.city_registry_rpc)
         result, outgoing = reports.replay_dead_letter(self.db, registry, dead_letter_id)
+        self.publish((e.routing_key, e.event_id, e.body) for e in outgoing)
+        return result
+
+    @rpc(expected_exceptions=EXPECTED)
+    def replay_rated(self, datacenter_id: str, record_id: str) -> dict:
+        """Send a stored record to its city again, ``replay: true`` (the city
+        decides its refusal again): the replay of a city's refusal."""
+        result, outgoing = replay_rated.replay_rated(self.db, datacenter_id, record_id)
         self.publish((e.routing_key, e.event_id, e.body) for e in outgoing)
         return result
 

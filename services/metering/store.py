@@ -13,6 +13,7 @@ module knows nothing of messages or events.
 
 from __future__ import annotations
 
+import json
 import operator
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from services.metering.domain import rollups, validation
 from services.metering.models import (
+    CapacityClaim,
     MeteredDatacenter,
     UsageRecord,
     UsageRollup,
@@ -48,6 +50,7 @@ _ROW_COLUMNS = [
         "hub_region",
         "chip_origin",
         "rated_at",
+        "hold",
     )
 ]
 
@@ -143,6 +146,14 @@ def _add_sums(table: str) -> str:
 
 
 _RECORD_COLUMNS = [name for name in _RECORDS.c.keys() if name != "id"]
+CLAIM_COLUMNS = (
+    "datacenter_id",
+    "gpu_model",
+    "hour",
+    "started_at",
+    "record_id",
+    "gpu_seconds",
+)
 _RECORD_VALUES = operator.itemgetter(*_RECORD_COLUMNS)  # a row's, in COPY order
 _COPY_TARGETS = {
     "usage_records": (
@@ -178,6 +189,22 @@ _COPY_TARGETS = {
         " GROUP BY datacenter_id ORDER BY datacenter_id"
         " ON CONFLICT (datacenter_id, stripe) DO UPDATE SET "
         + _add_sums("usage_totals"),
+    ),
+    # The holds' capacity claims of a batch's records and, in the same
+    # statement, the buckets they add to, in key order (their row locks),
+    # each bucket's new total returned (``services.metering.holds``).
+    "capacity_claims": (
+        [*CLAIM_COLUMNS],
+        "WITH claimed AS ("
+        " INSERT INTO capacity_claims ({names})"
+        " SELECT {names} FROM incoming_capacity_claims)"
+        " INSERT INTO capacity_buckets (datacenter_id, gpu_model, hour, gpu_seconds)"
+        " SELECT datacenter_id, gpu_model, hour, sum(gpu_seconds)"
+        " FROM incoming_capacity_claims GROUP BY datacenter_id, gpu_model, hour"
+        " ORDER BY datacenter_id, gpu_model, hour"
+        " ON CONFLICT (datacenter_id, gpu_model, hour) DO UPDATE SET"
+        " gpu_seconds = capacity_buckets.gpu_seconds + excluded.gpu_seconds"
+        " RETURNING datacenter_id, gpu_model, hour, gpu_seconds",
     ),
 }
 # Keys of the SQLAlchemy connection's ``info`` (which lives as long as the
@@ -246,6 +273,13 @@ def _copy_in(
         return cursor.fetchall() if cursor.description else []
 
 
+def copy_claims(session: Session, claims: list[tuple]) -> list[tuple]:
+    """PostgreSQL: store ``claims`` (``CLAIM_COLUMNS`` tuples) and add them
+    to their buckets, in one COPY and one statement; returns each bucket's
+    ``(datacenter_id, gpu_model, hour, total)`` after it."""
+    return _copy_in(session, CapacityClaim.__table__, claims)
+
+
 def _by_datacenter(
     keys: Iterable[rollups.RecordKey], size: int = 500
 ) -> Iterable[tuple[str, list[str]]]:
@@ -275,7 +309,10 @@ def stored_rows(
             )
         )
         for row in rows.mappings():
-            found[(row["datacenter_id"], row["record_id"])] = dict(row)
+            row = dict(row)
+            if row["gpu_uuids"] is not None:  # stored as a JSON array
+                row["gpu_uuids"] = json.loads(row["gpu_uuids"])
+            found[(row["datacenter_id"], row["record_id"])] = row
     return found
 
 
@@ -324,14 +361,16 @@ def update_rollups(
     session: Session,
     inserted: dict[rollups.RecordKey, dict[str, Any]],
     stored_correctors: Correctors | None = None,
-) -> None:
+) -> tuple[dict[rollups.RecordKey, int], dict[rollups.RecordKey, dict[str, Any]]]:
     """Move the rollups by what the newly stored records change (domain rule).
 
     ``stored_correctors``: the records stored before this transaction that
     correct one of ``inserted`` (from the insert itself), or None to ask.
+    Returns the changes (record key → +1 starts counting, −1 stops) and the
+    rows they are of: what the holds move by (``services.metering.holds``).
     """
     if not inserted:
-        return
+        return {}, {}
     targets = {
         (dc, row["correction_of"])
         for (dc, _record_id), row in inserted.items()
@@ -368,6 +407,7 @@ def update_rollups(
             total[1] += gpu_seconds
             total[2] += cost
     _upsert_rollups(session, buckets)
+    return changes, rows
 
 
 def _upsert_rollups(

@@ -7,10 +7,9 @@ import time
 
 from nameko import config
 from nameko.extensions import DependencyProvider
-from sqlalchemy.exc import IntegrityError
 
 from services.common.config import CITY_CODE, RULES_FILE, VOUCHER_PREFIX
-from services.common.db import Database
+from services.common.db import Database, retry_on_conflict
 from services.vouchers.ledger import CityLedger, sync_programs
 from services.vouchers.rules import instance_rules
 
@@ -27,18 +26,16 @@ class Ledger(Database):
         self.rules = instance_rules(
             config[RULES_FILE], config[CITY_CODE], config.get(VOUCHER_PREFIX)
         )
-        for attempt in range(2):
-            session = self.sessionmaker()
-            try:
-                sync_programs(session, self.rules)
-                break
-            except IntegrityError:
-                # Another copy of this city's service funded the programs at
-                # the same moment: its rows are there now, sync against them.
-                if attempt:
-                    raise
-            finally:
-                session.close()
+        # Another copy of this city's service may fund the programs at the
+        # same moment: its rows are there then, sync against them.
+        retry_on_conflict(self._sync_programs, 2)
+
+    def _sync_programs(self) -> None:
+        session = self.sessionmaker()
+        try:
+            sync_programs(session, self.rules)
+        finally:
+            session.close()
 
     def get_dependency(self, worker_ctx) -> CityLedger:
         return CityLedger(super().get_dependency(worker_ctx), self.rules)

@@ -22,6 +22,20 @@ from services.common.terms import (  # noqa: F401 - the vouchers' names for them
     subsidy_fen,
     terms_to_wire,
 )
+from services.vouchers.consent import (  # noqa: F401 - the vouchers' names for them
+    AUTHORISED,
+    BINDING_STATUSES,
+    CANCEL,
+    DEFAULT_GRACE_DAYS,
+    MAX_GRACE_DAYS,
+    REQUEST,
+    REQUESTED,
+    WITHDRAWN,
+    binding_after,
+    expired,
+    grace_ends,
+    in_time,
+)
 
 KINDS = ("compute", "training_data")
 REVIEWS = ("auto", "manual")
@@ -43,6 +57,22 @@ VOUCHER_REVOKED = "voucher_revoked"
 VOUCHER_WRONG_DATACENTER = "voucher_wrong_datacenter"
 # A correction of this record arrived (and was booked) before the record.
 SUPERSEDED = "superseded"
+# DESIGN.md §9, consent and time: the voucher's holder has not authorised the
+# record's tenant at its data centre; the record started before the voucher
+# was issued, or before the tenant was authorised.
+TENANT_NOT_AUTHORISED = "tenant_not_authorised"
+BEFORE_AUTHORISATION = "before_authorisation"
+
+# Review (issue 15): a held record is held, then released or refused, once.
+HELD = "held"
+RELEASED = "released"
+REFUSED = "refused"
+HELD_STATUSES = (HELD, RELEASED, REFUSED)
+RELEASE = "release"
+REFUSE = "refuse"
+REVIEW_DECISIONS = (RELEASE, REFUSE)
+# A release that would book nothing: the voucher's balance is spent.
+VOUCHER_EXHAUSTED = "voucher_exhausted"
 
 
 # --------------------------------------------------------------------------
@@ -298,6 +328,7 @@ class Program:
     eligibility: Rule = ALWAYS
     bonuses: tuple[Bonus, ...] = ()
     datacenters: DatacenterScope = ANYWHERE
+    grace_days: int = DEFAULT_GRACE_DAYS
 
 
 def program_summary(
@@ -379,17 +410,71 @@ def usage_problem(
     started_at: Any,
     datacenter_id: str,
     datacenter: Mapping[str, Any],
+    *,
+    ended_at: datetime,
+    issued_at: datetime | None,
+    authorised_at: datetime | None,
+    now: datetime,
 ) -> str | None:
-    """Why a rated record cannot be booked against this voucher, or None."""
+    """Why a rated record cannot be booked against this voucher, or None.
+
+    ``authorised_at`` is when the holder authorised the record's tenant at its
+    data centre, None when that binding is not authorised (DESIGN.md §9).
+    The checks go from the voucher to the record: a record that could never
+    be booked on it says so before one its holder could still authorise.
+    """
     if voucher_status is None:
         return UNKNOWN_VOUCHER
     if voucher_status == REVOKED:
         return VOUCHER_REVOKED
-    if voucher_status != ACTIVE or expired(expires_at, started_at):
+    grace_days = program.grace_days if program is not None else DEFAULT_GRACE_DAYS
+    if voucher_status != ACTIVE or not in_time(
+        expires_at, grace_days, started_at, ended_at, now
+    ):
         return VOUCHER_EXPIRED
     scope = program.datacenters if program is not None else ANYWHERE
     if not scope.admits(datacenter_id, datacenter):
         return VOUCHER_WRONG_DATACENTER
+    if issued_at is not None and started_at < issued_at:
+        return BEFORE_AUTHORISATION
+    if authorised_at is None:
+        return TENANT_NOT_AUTHORISED
+    if started_at < authorised_at:
+        return BEFORE_AUTHORISATION
+    return None
+
+
+def release_problem(
+    voucher_status: str | None, wanted_fen: int, payable_fen: int
+) -> str | None:
+    """Why a held record's release cannot book the ``wanted_fen`` it was held
+    with, of which the voucher can pay ``payable_fen`` now; or None.
+
+    Within the grace period a voucher is still active (CONTRACTS.md, Time):
+    its status says whether it may still pay; a spent balance pays nothing.
+    """
+    if voucher_status is None:
+        return UNKNOWN_VOUCHER
+    if voucher_status == REVOKED:
+        return VOUCHER_REVOKED
+    if voucher_status != ACTIVE:
+        return VOUCHER_EXPIRED
+    if wanted_fen > 0 and payable_fen <= 0:
+        return VOUCHER_EXHAUSTED
+    return None
+
+
+def standing(kinds: Iterable[str], booking: Iterable[str]) -> int | None:
+    """Of a record's redemption rows (their kinds, in booking order), the
+    index of the one whose subsidy stands booked now, or None.
+
+    Rows of a ``booking`` kind book (usage, a release); every other kind (a
+    correction's reversal, a hold's, a clawback) takes the booking back, so
+    the last row decides.
+    """
+    kinds = list(kinds)
+    if kinds and kinds[-1] in set(booking):
+        return len(kinds) - 1
     return None
 
 
@@ -417,15 +502,12 @@ def expiry_date(issued_at: datetime, valid_days: int) -> datetime:
     return issued_at + timedelta(days=valid_days)
 
 
-def expired(expires_at: datetime, at: datetime) -> bool:
-    """Whether a voucher expiring at ``expires_at`` is past its date ``at`` a
-    moment: usage that started then is refused, and from then it is due."""
-    return at >= expires_at
-
-
-def due_to_expire(status: str, expires_at: datetime, now: datetime) -> bool:
-    """Whether the expiry timer closes this voucher ``now``."""
-    return status == ACTIVE and expired(expires_at, now)
+def due_to_expire(
+    status: str, expires_at: datetime, grace_days: int, now: datetime
+) -> bool:
+    """Whether the expiry timer closes this voucher ``now``: once its grace
+    period is over, so that late usage of time it covered is still booked."""
+    return status == ACTIVE and expired(grace_ends(expires_at, grace_days), now)
 
 
 def covers(funds_fen: int, amount_fen: int) -> bool:

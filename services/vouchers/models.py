@@ -12,6 +12,7 @@ from datetime import datetime
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     ForeignKey,
     Index,
@@ -23,6 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from services.common.parking_store import ParkedEventColumns
 from services.common.sqltypes import Id, UtcDateTime
 
 NAMING = {
@@ -212,6 +214,8 @@ class OutboxEvent(Base):
             postgresql_where=text("published_at IS NULL"),
             sqlite_where=text("published_at IS NULL"),
         ),
+        # What the retention prunes by (migration 0006).
+        Index("ix_outbox_published_at", "published_at"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -220,3 +224,126 @@ class OutboxEvent(Base):
     body: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     published_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class Binding(Base):
+    """A tenant of a data centre the voucher may pay for, once its holder says so.
+
+    The data centre asks (``requested``), the holder decides (``authorised``,
+    ``withdrawn``); a record is subsidised only while its binding is
+    authorised and only if it started at or after ``authorised_at`` (the
+    latest authorisation). ``binding_changes`` keeps every step.
+    """
+
+    __tablename__ = "bindings"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('requested', 'authorised', 'withdrawn')", name="status_known"
+        ),
+    )
+
+    voucher_code: Mapped[str] = mapped_column(
+        ForeignKey("vouchers.code"), primary_key=True
+    )
+    datacenter_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    # The data centre's latest request, the latest authorisation, the latest
+    # withdrawal (by the holder, or a cancel of a request by the data centre).
+    requested_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    authorised_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    withdrawn_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class BindingChange(Base):
+    """Append-only: who did what to a binding, and when.
+
+    A data centre's request or cancel is written once per event
+    (``event_id`` unique), so a redelivered ``binding_requested`` changes
+    nothing, even after the holder has decided since.
+    """
+
+    __tablename__ = "binding_changes"
+    __table_args__ = (
+        Index(
+            "ix_binding_changes_binding", "voucher_code", "datacenter_id", "tenant_id"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    voucher_code: Mapped[str] = mapped_column(ForeignKey("vouchers.code"))
+    datacenter_id: Mapped[str] = mapped_column(String(64))
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(16))  # request|cancel|authorise|withdraw
+    status: Mapped[str] = mapped_column(String(16))  # the binding's status after it
+    actor: Mapped[str] = mapped_column(String(128))
+    event_id: Mapped[str | None] = mapped_column(
+        String(128), unique=True, nullable=True
+    )
+    changed_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class HeldUsage(Base):
+    """A rated record held for review (CONTRACTS §9: rated, not subsidised).
+
+    Held on arrival (``usage_rated`` with a hold: nothing booked, ``record``
+    kept whole to be booked on release) or after booking (``usage_hold``:
+    the booking reversed, ``retroactive``). ``status`` held → released or
+    refused, once; every decision is in ``usage_decisions`` too.
+    """
+
+    __tablename__ = "held_usage"
+    __table_args__ = (
+        UniqueConstraint("datacenter_id", "record_id"),
+        Index("ix_held_usage_status_held_at", "status", "held_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    datacenter_id: Mapped[str] = mapped_column(String(64))
+    record_id: Mapped[str] = mapped_column(String(128))
+    voucher_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    program_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reason: Mapped[str] = mapped_column(String(32))  # over_capacity | double_claim
+    evidence: Mapped[dict] = mapped_column(JSON)
+    # The usage_rated record as received (wire form), booked on release;
+    # null for a retroactive hold (its booking is the redemption row).
+    record: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    retroactive: Mapped[bool] = mapped_column(Boolean)
+    gpu_seconds: Mapped[int] = mapped_column(BigInteger)
+    cost_fen: Mapped[int] = mapped_column(BigInteger)
+    # What it would book (on arrival), or what was booked and reversed.
+    subsidy_fen: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16))  # held | released | refused
+    held_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    decided_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    decided_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    decision_reason: Mapped[str | None] = mapped_column(String(512), nullable=True)
+
+
+class UsageDecision(Base):
+    """Append-only: every hold, release, refusal on review, clawback and
+    replayed refusal of a record, with who decided and why (the audit)."""
+
+    __tablename__ = "usage_decisions"
+    __table_args__ = (Index("ix_usage_decisions_record", "datacenter_id", "record_id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    datacenter_id: Mapped[str] = mapped_column(String(64))
+    record_id: Mapped[str] = mapped_column(String(128))
+    voucher_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    action: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(String(512))
+    subsidy_fen: Mapped[int] = mapped_column(BigInteger)
+    # The message or request the decision came from (a replay's event id).
+    reference: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    decided_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class ParkedEvent(ParkedEventColumns, Base):
+    """A message of the city's usage queue it could not apply (issue 16): a
+    ``usage_rated``, ``binding_requested`` or ``usage_hold`` not of the
+    contract (``rejected``, at once) or failing ``MAX_DELIVERY_ATTEMPTS``
+    times (``failed``). Kept whole with its reason, for the city's staff or
+    the ministry to list and replay; the bookings behind it go on."""

@@ -34,6 +34,7 @@ PROGRAM_KEYS = {
     "max_rate_percent",
     "face_value_cny",
     "valid_days",
+    "grace_days",
     "review",
     "eligibility",
     "bonuses",
@@ -299,6 +300,13 @@ def _program(value: Any, path: Path_) -> domain.Program:
             path + ("face_value_cny", "max"),
             f"max {face_max} is above budget_cny {budget}",
         )
+    grace_days = value.get("grace_days", domain.DEFAULT_GRACE_DAYS)
+    if not _is_int(grace_days) or not 0 <= grace_days <= domain.MAX_GRACE_DAYS:
+        raise _Invalid(
+            path + ("grace_days",),
+            f"must be a whole number of days from 0 to {domain.MAX_GRACE_DAYS}, "
+            f"not {_show(grace_days)}",
+        )
     review = value.get("review", "auto")
     if review not in domain.REVIEWS:
         raise _Invalid(
@@ -319,6 +327,7 @@ def _program(value: Any, path: Path_) -> domain.Program:
         face_min_fen=cny_to_fen(face_min),
         face_max_fen=cny_to_fen(face_max),
         valid_days=_positive_int(value["valid_days"], path + ("valid_days",)),
+        grace_days=grace_days,
         review=review,
         eligibility=eligibility,
         bonuses=tuple(_bonus(b, path + ("bonuses", i)) for i, b in enumerate(bonuses)),

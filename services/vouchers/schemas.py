@@ -70,11 +70,37 @@ class RedemptionLineSchema(Schema):
     gpu_seconds = fields.Integer(allow_none=True)
     cost_fen = fields.Integer(allow_none=True)
     subsidy_fen = fields.Integer(allow_none=True)
-    status = fields.String()  # booked | clawed_back | refused
+    status = fields.String()  # booked | held | refused | clawed_back
     kind = fields.String()  # extension: usage | reversal
     rate_bp = fields.Integer(allow_none=True)  # extension
     booked_at = UtcTimestamp()  # extension: booked, or refused, at
     reason = fields.String(allow_none=True)  # extension: why it was refused
+
+
+class HeldUsageSchema(Schema):
+    """One record of the review queue (``list_held``): what it claimed, why
+    it is held (the evidence: the hour's totals, the overlapping records),
+    what it would book (``subsidy_fen``), and the verdict once decided."""
+
+    datacenter_id = fields.String()
+    record_id = fields.String()
+    voucher_code = fields.String(allow_none=True)
+    program_id = fields.String(allow_none=True)
+    reason = fields.String()  # over_capacity | double_claim
+    evidence = fields.Dict()
+    retroactive = fields.Boolean()  # held after it was booked (usage_hold)
+    tenant_id = fields.String(allow_none=True)
+    gpu_model = fields.String(allow_none=True)
+    started_at = fields.String(allow_none=True)
+    ended_at = fields.String(allow_none=True)
+    gpu_seconds = fields.Integer()
+    cost_fen = fields.Integer()
+    subsidy_fen = fields.Integer()
+    status = fields.String()  # held | released | refused
+    held_at = UtcTimestamp()
+    decided_at = UtcTimestamp(allow_none=True)
+    decided_by = fields.String(allow_none=True)
+    decision_reason = fields.String(allow_none=True)
 
 
 class VoucherSchema(Schema):
@@ -166,3 +192,16 @@ class LedgerTotalsSchema(Schema):
     city = fields.String()
     as_of = UtcTimestamp()
     programs = fields.List(fields.Nested(ProgramTotalsSchema))
+
+
+class BindingSchema(Schema):
+    """A tenant of a data centre the voucher may pay for (CONTRACTS.md §7)."""
+
+    voucher_code = fields.String()
+    datacenter_id = fields.String()
+    tenant_id = fields.String()
+    status = fields.String()  # requested | authorised | withdrawn
+    requested_at = UtcTimestamp(allow_none=True)
+    authorised_at = UtcTimestamp(allow_none=True)
+    withdrawn_at = UtcTimestamp(allow_none=True)
+    updated_at = UtcTimestamp()

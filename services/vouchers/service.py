@@ -1,13 +1,14 @@
 """``vouchers_<city>``: one city's voucher service — nameko entrypoints only.
 
-Applications arrive by RPC, rated usage on ``vouchers_<city>.usage_rated``;
+Applications arrive by RPC, rated usage on ``vouchers_<city>.usage_rated``
+(with the data centres' binding requests; the bindings' entrypoints are in
+``binding_entrypoints``);
 decisions come from ``domain``, money moves in ``ledger``, and the facts are
 published on ``computenet.federation`` after they are committed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -34,18 +35,21 @@ from services.common.contracts import (
     CITY_CODE as CITY_CODE_SHAPE,
 )
 from services.common.contracts import (
-    EVENT_SCHEMAS,
     event_id,
-    fast_load_usage_rated,
     make_event,
 )
 from services.common.errors import EXPECTED, InvalidRequest, NotFound
+from services.common.parking import Attempts
 from services.common.publishing import OrderedConfirmedPublisher
 from services.common.rpc_access import rpc
-from services.common.units import cny_to_fen, format_ts, utcnow
+from services.common.units import cny_to_fen
 from services.vouchers import domain
 from services.vouchers.batching import consume_batch
+from services.vouchers.binding_entrypoints import BindingEntrypoints
 from services.vouchers.dependencies import Ledger, OutboxMarks, Uptime
+from services.vouchers.parking import UsageQueueParking
+from services.vouchers.retention import VouchersRetention
+from services.vouchers.review_rpc import ReviewEntrypoints
 from services.vouchers.rules import instance_rules
 from services.vouchers.schemas import (
     ApplicationRequestSchema,
@@ -71,7 +75,6 @@ DEFAULT_OUTBOX_INTERVAL_S = 2.0
 # Well inside the relay's 1 s grace, so that it rarely republishes an event.
 MARK_INTERVAL_S = 0.2
 # Built once: a marshmallow schema costs more to build than to use.
-_USAGE_RATED = EVENT_SCHEMAS["usage_rated"]()
 _VOUCHER = VoucherSchema()
 _APPLICATION = ApplicationSchema()
 _APPLICATION_REQUEST = ApplicationRequestSchema()
@@ -101,25 +104,6 @@ def _voucher_body(city: str, voucher, redemptions=(), total: int = 0) -> dict[st
     )
 
 
-def redeemed_body(city: str, row, occurred_at: str) -> dict[str, Any]:
-    """The ``voucher_redeemed`` event of one redemption row, as the schema
-    dumps it (a property test holds them equal): dumping through the schema
-    took about 5 % of the consumer's time, for fields that are plain strings
-    and ints already."""
-    return {
-        "event_id": row.event_id,
-        "city": city,
-        "occurred_at": occurred_at,
-        "voucher_code": row.voucher_code,
-        "program_id": row.program_id,
-        "record_id": row.record_id,
-        "datacenter_id": row.datacenter_id,
-        "gpu_seconds": row.gpu_seconds,
-        "cost_fen": row.cost_fen,
-        "subsidy_fen": row.subsidy_fen,
-    }
-
-
 def _application_body(city: str, application, voucher=None) -> dict[str, Any]:
     body = _APPLICATION.dump(application)
     body["voucher"] = _voucher_body(city, voucher) if voucher is not None else None
@@ -134,8 +118,12 @@ def _text(value: Any, name: str, max_length: int = 512) -> str:
     return value.strip()
 
 
-class VouchersService:
-    """The entrypoints; :func:`build` names an instance for its city.
+class VouchersService(
+    VouchersRetention, BindingEntrypoints, ReviewEntrypoints, UsageQueueParking
+):
+    """The entrypoints; :func:`build` names an instance for its city (the
+    bindings' are in ``binding_entrypoints``, the review queue's in
+    ``review_rpc``, the usage queue's bounded retries in ``parking``).
 
     ``publish`` (a nameko ``Publisher``), the usage queue and the timer are
     added by :func:`build`, because they depend on the configuration.
@@ -144,6 +132,7 @@ class VouchersService:
     name = "vouchers"
 
     ledger = Ledger()
+    attempts = Attempts()
     clock = Uptime()
     outbox_marks = OutboxMarks()
     publish: Any
@@ -341,6 +330,9 @@ class VouchersService:
     def ledger_totals(self) -> dict:
         return LedgerTotalsSchema().dump(self.ledger.totals())
 
+    def _voucher_view(self, voucher) -> dict[str, Any]:
+        return _voucher_body(self.city, voucher)
+
     def _code(self, code: Any) -> str:
         try:
             vouchercode.parse(code)
@@ -370,38 +362,12 @@ class VouchersService:
         The ``voucher_redeemed`` events (the same ids for a redelivered record)
         are published after the commit; the returned confirmation tells the
         consumer when the broker has them, and only then is the batch acked
-        (the next batch is booked meanwhile). If anything fails the batch is
-        requeued and booked as no-ops.
+        (the next batch is booked meanwhile). Binding requests on the queue
+        are applied first, in their own transaction, holds after. What the
+        batch cannot apply is booked one by one, and what fails even alone
+        is set aside after ``MAX_DELIVERY_ATTEMPTS`` (``parking``).
         """
-        records = []
-        for message in messages:
-            try:
-                body = json.loads(message.body)
-                # The schema only for what the fast path leaves to it.
-                records.append(fast_load_usage_rated(body) or _USAGE_RATED.load(body))
-            except (ValueError, ValidationError) as err:
-                # Requeueing could never make it valid: log it and let it go.
-                detail = getattr(err, "messages", str(err))
-                log.error("malformed usage_rated %r: %s", message.message_id, detail)
-        if not records:
-            return None
-        outcomes = self.ledger.book_usage_batch(records)
-        key = federation_key(self.city, "voucher_redeemed")
-        occurred_at = format_ts(utcnow())
-        events = []
-        for record, outcome in zip(records, outcomes, strict=True):
-            if outcome.rejected is not None and not outcome.duplicate:
-                log.info(
-                    "usage %s/%s not booked: %s",
-                    record["datacenter_id"],
-                    record["record_id"],
-                    outcome.rejected,
-                )
-            events.extend(
-                (key, row.event_id, redeemed_body(self.city, row, occurred_at))
-                for row in outcome.redemptions
-            )
-        return self.publish_confirmed(events)
+        return self.book_or_park(messages)
 
     def publish_state(self) -> None:
         """Heartbeat every tick; the programs on the first and every 10th."""

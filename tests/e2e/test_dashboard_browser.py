@@ -156,6 +156,8 @@ def test_dashboard_pages_load_with_data_and_draw_charts(network, browser):
         "city": ("/cities/shanghai", "#vouchers tr:nth-child(2)", 2),
         "datacenter": (f"/datacenters/{datacenter}", "#inventory tr:nth-child(2)", 1),
         "voucher": (f"/vouchers/{voucher}", "#redemptions tr:nth-child(2)", 1),
+        # refused and held shares per data centre, the review queues
+        "integrity": ("/integrity", "#integrity tr:nth-child(2)", 0),
     }
     for name, (path, data_row, charts) in pages.items():
         browser.get(f"{portal}{path}")

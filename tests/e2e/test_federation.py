@@ -29,6 +29,7 @@ import requests
 from kombu import Connection, Exchange, Producer
 
 from services.common import creditcode
+from tests.support.e2e_flow import cost_fen
 from tests.support.polling import eventually_over_http
 from tests.support.portal_data import datacenter
 from tests.support.processes import start_service
@@ -101,13 +102,10 @@ def publish(uri, exchange, routing_key, body, headers=None):
         )
 
 
-def cost_fen(gpu_seconds: int, price: int) -> int:
-    whole, remainder = divmod(gpu_seconds * price, 3600)
-    return whole + (1 if remainder * 2 >= 3600 else 0)
-
-
 def usage_record(dc_id, voucher, n, start):
-    gpus, duration = 8, 3600 + 97 * n
+    # Short jobs that start at ``start``, just after the holder's consent:
+    # none may end more than 5 minutes ahead.
+    gpus, duration = 8, 60 + 2 * n
     return {
         "record_id": f"fed-{uuid.uuid4().hex[:10]}-{n}",
         "datacenter_id": dc_id,
@@ -262,9 +260,21 @@ programs:
     assert response.status_code == 201, response.text
     voucher = response.json()["voucher"]["code"]
     assert voucher.startswith(f"{prefix}-")
+    # Its holder, with the token its first voucher brought, authorises its
+    # tenant at the new data centre (DESIGN.md §9).
+    holder = {"Authorization": f"Bearer {response.json()['company_token']}"}
+    response = requests.put(
+        f"{portal}/api/v1/vouchers/{voucher}/bindings/{dc_id}/fed-tenant",
+        headers=holder,
+        timeout=15,
+    )
+    assert response.status_code == 200, response.text
+    authorised_at = datetime.strptime(
+        response.json()["authorised_at"], "%Y-%m-%dT%H:%M:%SZ"
+    ).replace(tzinfo=UTC)
 
     # 5. The data centre streams signed usage with its own AMQP user.
-    start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=30)
+    start = authorised_at + timedelta(seconds=1)
     records = [usage_record(dc_id, voucher, n, start) for n in range(12)]
     for record in records:
         signed(dc_amqp, record, **key1)

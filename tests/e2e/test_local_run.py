@@ -56,6 +56,15 @@ def test_local_network_moves_from_the_first_minute_and_stops_on_ctrl_c(
     assert (var_dir / "vouchers_chengdu.db").exists()
 
     portal = creds["portal"]
+    # Each demo company has its token, which reads its own vouchers.
+    held = [code for c in creds["companies"].values() for code in c["vouchers"]]
+    assert sorted(held) == sorted(creds["demo_vouchers"].values())
+    for company_id, company in creds["companies"].items():
+        headers = {"Authorization": f"Bearer {company['token']}"}
+        for code in company["vouchers"]:
+            url = f"{portal}/api/v1/vouchers/{code}"
+            voucher = requests.get(url, headers=headers, timeout=5).json()
+            assert voucher["company_id"] == company_id
 
     def moving():
         summary = requests.get(f"{portal}/api/v1/network/summary", timeout=5).json()

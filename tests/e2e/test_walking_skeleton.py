@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import json
 import random
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -21,6 +20,7 @@ import requests
 from kombu import Connection, Exchange, Producer
 
 from services.common import creditcode
+from tests.support.e2e_flow import cost_fen, make_records
 from tests.support.polling import eventually_over_http
 
 pytestmark = pytest.mark.e2e
@@ -38,38 +38,6 @@ def network(launch_network, pg_databases):
     return launch_network(
         "--no-simulate", env={"DATABASE_URL_TEMPLATE": template}
     ).credentials
-
-
-def make_records(n, tenant, rng, start, voucher_code=None):
-    records = []
-    for i in range(n):
-        gpus = rng.choice([1, 2, 4, 8, 16, 64])
-        duration = rng.randint(60, 6 * 3600)
-        began = start + timedelta(seconds=rng.randint(0, 3600))
-        records.append(
-            {
-                "record_id": f"{tenant}-{uuid.uuid4().hex[:12]}-{i}",
-                "tenant_id": tenant,
-                "voucher_code": voucher_code,
-                "gpu_model": "H800",
-                "gpu_count": gpus,
-                "started_at": began.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "ended_at": (began + timedelta(seconds=duration)).strftime(
-                    "%Y-%m-%dT%H:%M:%SZ"
-                ),
-                "gpu_seconds": gpus * duration * rng.randint(50, 100) // 100,
-                "source": "slurm",
-                "job_id": str(rng.randint(10_000, 99_999)),
-                "correction_of": None,
-            }
-        )
-    return records
-
-
-def cost_fen(gpu_seconds: int, price: int) -> int:
-    exact_numerator = gpu_seconds * price
-    whole, remainder = divmod(exact_numerator, 3600)
-    return whole + (1 if remainder * 2 >= 3600 else 0)  # half up
 
 
 def test_one_gpu_hour_travels_the_whole_way(network):
@@ -111,25 +79,70 @@ def test_one_gpu_hour_travels_the_whole_way(network):
     face_value_fen = 1_000_000 * 100
     assert voucher["face_value_fen"] == face_value_fen
 
-    # 2. The company hands the voucher to the data centre for its tenant.
+    # 1b. Its first voucher brought the company its portal token (once), with
+    #     which it reads its voucher; a re-issue by the city replaces it.
+    company_id = application["company"]["registration_id"]
+    company = {"Authorization": f"Bearer {decision['company_token']}"}
+    own = requests.get(f"{portal}/api/v1/vouchers/{code}", headers=company, timeout=10)
+    assert own.status_code == 200, own.text
+    assert own.json()["company_id"] == company_id
+    response = requests.post(
+        f"{portal}/api/v1/companies/{company_id}/token",
+        headers=shanghai_admin,
+        timeout=10,
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["revoked_tokens"] == 1
+    stale = requests.get(
+        f"{portal}/api/v1/vouchers/{code}", headers=company, timeout=10
+    )
+    assert stale.status_code == 401
+    company = {"Authorization": f"Bearer {response.json()['token']}"}
+    own = requests.get(f"{portal}/api/v1/vouchers/{code}", headers=company, timeout=10)
+    assert own.status_code == 200, own.text
+
+    # 2. The data centre asks for the voucher for its tenant; the company, its
+    #    holder, authorises that tenant and another one on the portal
+    #    (tests/security/test_bindings.py: nobody else can).
     response = requests.put(
         f"{gateway}/v1/tenants/e2e-tenant/voucher",
         json={"voucher_code": code},
         headers=agent,
         timeout=10,
     )
-    assert response.status_code in (200, 204), response.text
+    assert response.status_code in (200, 202, 204), response.text
+    consent = f"{portal}/api/v1/vouchers/{code}/bindings/{GUIAN}"
+    authorised_at = []
+    for tenant in ("e2e-tenant", "e2e-other"):
+        response = requests.put(f"{consent}/{tenant}", headers=company, timeout=10)
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "authorised"
+        authorised_at.append(response.json()["authorised_at"])
+    listed = requests.get(
+        f"{portal}/api/v1/vouchers/{code}/bindings", headers=company, timeout=10
+    ).json()
+    assert {(b["tenant_id"], b["status"]) for b in listed["items"]} >= {
+        ("e2e-tenant", "authorised"),
+        ("e2e-other", "authorised"),
+    }
 
-    # 3. 1 000 usage records: 600 carry the voucher through the tenant mapping,
-    #    200 name it explicitly, 200 belong to a tenant with no voucher; 100 of
-    #    them are posted twice.
+    # 3. 1 000 usage records after the authorisation: 600 carry the voucher
+    #    through the tenant mapping, 200 name it explicitly, 200 belong to a
+    #    tenant with no voucher; 100 of them are posted twice. And 20 the
+    #    voucher must not pay for: 10 of a tenant its holder never authorised
+    #    (naming the code it has seen), 10 that started before the
+    #    authorisation.
     rng = random.Random(20261122)
-    start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2)
+    start = datetime.strptime(max(authorised_at), "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=UTC
+    ) + timedelta(seconds=1)
     with_voucher = make_records(600, "e2e-tenant", rng, start)
     explicit = make_records(200, "e2e-other", rng, start, voucher_code=code)
     metered_only = make_records(200, "e2e-no-voucher", rng, start)
-    records = with_voucher + explicit + metered_only
-    assert len(records) == 1000
+    stranger = make_records(10, "e2e-stranger", rng, start, voucher_code=code)
+    too_early = make_records(10, "e2e-tenant", rng, start - timedelta(hours=1))
+    records = with_voucher + explicit + metered_only + stranger + too_early
+    assert len(records) == 1020
     for offset in range(0, len(records), 250):
         response = requests.post(
             f"{gateway}/v1/usage",
@@ -193,6 +206,7 @@ def test_one_gpu_hour_travels_the_whole_way(network):
     )
     assert 0 < expected_subsidy < face_value_fen  # no record is capped by the balance
     expected_gpu_seconds = sum(r["gpu_seconds"] for r in records)
+    assert expected_gpu_seconds < 256 * 3600  # within capacity: nothing held
 
     def voucher_settled():
         body = requests.get(
@@ -232,12 +246,27 @@ def test_one_gpu_hour_travels_the_whole_way(network):
     assert summary["datacenters"] == 2
 
     # The bad messages are dead letters with their reasons; nothing else is.
-    letters = requests.get(
-        f"{portal}/api/v1/dead-letters",
-        params={"datacenter_id": GUIAN},
-        headers=national,
-        timeout=10,
-    )
-    assert letters.status_code == 200, letters.text
+    # The city's refusals reach the registry's copy on their own time.
+    def all_letters():
+        answer = requests.get(
+            f"{portal}/api/v1/dead-letters",
+            params={"datacenter_id": GUIAN},
+            headers=national,
+            timeout=10,
+        )
+        answer.raise_for_status()
+        return answer if len(answer.json()["items"]) >= 22 else None
+
+    letters = eventually_over_http(all_letters, 60, "the city's refusals")
     reasons = sorted(letter["reason"] for letter in letters.json()["items"])
-    assert reasons == ["bad_signature", "schema"], reasons
+    assert reasons == sorted(
+        ["bad_signature", "schema"]
+        + ["tenant_not_authorised"] * 10
+        + ["before_authorisation"] * 10
+    ), reasons
+    refused_by_city = {
+        letter["record_id"]
+        for letter in letters.json()["items"]
+        if letter["source"] == "shanghai"
+    }
+    assert refused_by_city == {r["record_id"] for r in stranger + too_early}

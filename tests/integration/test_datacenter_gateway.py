@@ -2,7 +2,8 @@
 
 Records posted through the agent API reach ``computenet.usage`` once each,
 signed over the exact body; records posted while the relay is stopped are
-published by the next relay — nothing is lost.
+published by the next relay — nothing is lost. A tenant's voucher hand-over
+reaches the voucher's city as ``binding_requested``, through metering.
 """
 
 import json
@@ -13,7 +14,7 @@ import pytest
 from kombu import Connection, Queue, binding
 
 from services.common import signing
-from services.common.amqp import USAGE_EXCHANGE
+from services.common.amqp import FEDERATION_EXCHANGE, USAGE_EXCHANGE
 from services.common.config import DATACENTER_ID, KEY_ID, MAX_BACKLOG
 from services.common.db import make_engine
 from services.common.migrations import upgrade
@@ -23,7 +24,12 @@ from services.datacenter_gateway.capacity import CapacityReporter
 from services.datacenter_gateway.domain import InventoryItem
 from services.datacenter_gateway.outbox import Outbox
 from services.datacenter_gateway.relay import Relay, RelayStatus
+from services.metering.bindings import BINDINGS_QUEUE
+from services.metering.domain.bindings import event_id
+from tests.support import metering_data
 from tests.support.agent_api import agent_records
+from tests.support.bus import consumers, empty
+from tests.support.bus import drain as drain_simple
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
@@ -227,3 +233,66 @@ def test_capacity_report_is_signed_and_counts_running_jobs(
     assert signing.verify(raw_body(message), SECRET, message.headers["x-signature"])
     report = json.loads(raw_body(message))
     assert report["gpus"] == [{"model": "H800", "total": 256, "allocated": 16}]
+
+
+def test_a_hand_over_reaches_the_vouchers_city_as_binding_requested(metering, outbox):
+    """PUT …/voucher → outbox → relay (signed, ``<dc>.binding``) → metering
+    (verified) → ``shanghai.binding_requested`` on the bus; DELETE → its
+    cancel; a voucher of no admitted city → a dead letter, no event."""
+    settings = {DATACENTER_ID: DC, KEY_ID: metering_data.KEY_ID}
+    client = create_app(settings, outbox, inventory=INVENTORY).test_client()
+    relay = Relay(outbox, metering, DC, metering_data.KEY_ID, metering_data.SECRET)
+    with Connection(metering) as connection:
+        queue = Queue(
+            f"test-binding-requested-{uuid.uuid4().hex[:6]}",
+            exchange=FEDERATION_EXCHANGE,
+            routing_key="*.binding_requested",
+            durable=False,
+        )
+        queue(connection.default_channel).declare()
+        eventually(
+            lambda: consumers(connection, BINDINGS_QUEUE.name) >= 1,
+            15,
+            "metering's binding consumer",
+        )
+        code = metering_data.voucher("SH")
+        asked = client.put("/v1/tenants/acme/voucher", json={"voucher_code": code})
+        assert asked.get_json()["status"] == "requested"
+        request_id = asked.get_json()["request_id"]
+        relay.start()
+        try:
+            with connection.SimpleQueue(queue) as simple:
+                [(routing_key, event)] = drain_simple(simple, lambda got: got)
+                assert routing_key == "shanghai.binding_requested"
+                assert event == {
+                    "event_id": event_id(DC, request_id),
+                    "city": "shanghai",
+                    "occurred_at": asked.get_json()["requested_at"],
+                    "voucher_code": code,
+                    "datacenter_id": DC,
+                    "tenant_id": "acme",
+                    "action": "request",
+                    "requested_at": asked.get_json()["requested_at"],
+                }
+
+                assert client.delete("/v1/tenants/acme/voucher").status_code == 204
+                [(_, cancel)] = drain_simple(simple, lambda got: got)
+                assert (cancel["action"], cancel["voucher_code"]) == ("cancel", code)
+                assert cancel["event_id"] != event["event_id"]
+
+                unknown = metering_data.voucher("ZZ")
+                refused = client.put(
+                    "/v1/tenants/beta/voucher", json={"voucher_code": unknown}
+                ).get_json()
+                [letter] = eventually(
+                    lambda: metering_data.dead_letters("unknown_voucher"),
+                    15,
+                    "the dead letter of a voucher no city issues",
+                )
+                assert letter["record_id"] == refused["request_id"]
+                assert letter["routing_key"] == f"{DC}.binding"
+                assert letter["datacenter_id"] == DC
+                assert empty(simple) == []
+        finally:
+            relay.stop()
+    assert outbox.pending_bindings(10) == []

@@ -27,7 +27,12 @@ from services.common.publishing import ConfirmingChannel, Unroutable
 from services.common.rpc_access import caller_options
 from services.metering.service import MeteringService
 from tests.support import bus, management
-from tests.support.metering_data import dead_letters, publish_usage, usage, voucher
+from tests.support.metering_data import (
+    parked_events,
+    publish_usage,
+    usage,
+    voucher,
+)
 from tests.support.polling import eventually
 
 pytestmark = pytest.mark.integration
@@ -68,7 +73,7 @@ def test_without_mandatory_the_broker_drops_it_silently(rabbit_uri):
         channel.close()
 
 
-def test_usage_no_city_queue_takes_ends_as_a_dead_letter_once_stored(
+def test_usage_no_city_queue_takes_ends_parked_once_stored(
     registry_stand_in, metering_db, container_factory, monkeypatch
 ):
     monkeypatch.setattr(batching, "RETRY_PAUSE_S", 0.05)
@@ -93,14 +98,11 @@ def test_usage_no_city_queue_takes_ends_as_a_dead_letter_once_stored(
             for record in [kept[0], lost, *kept[1:]]:
                 publish_usage(connection, canonical_json(record))
 
-            [letter] = eventually(
-                lambda: dead_letters("processing_error"),
-                60,
-                "the unroutable record's dead letter",
-            )
-            assert letter["record_id"] == "to-chengdu"
-            assert "Unroutable" in letter["detail"]
-            assert "chengdu.usage_rated" in letter["detail"]
+            [parked] = eventually(parked_events, 60, "the unroutable record parked")
+            assert parked["routing_key"].endswith(".usage")
+            assert parked["kind"] == "failed" and parked["attempts"] == 3
+            assert "Unroutable" in parked["reason"]
+            assert "chengdu.usage_rated" in parked["reason"]
             assert eventually(
                 lambda: bus.ready(connection, "vouchers_shanghai.usage_rated") == 3,
                 30,
@@ -110,9 +112,11 @@ def test_usage_no_city_queue_takes_ends_as_a_dead_letter_once_stored(
                 lambda: bus.ready(connection, "metering.usage") == 0, 30, "drained"
             )
         # The queue back (the registry's timer declares it again): a replay of
-        # the dead letter announces the stored record.
+        # the parked message announces the stored record (a duplicate: it
+        # was stored, only its event was lost).
         with Connection(registry_stand_in) as connection:
             city_usage_queue("chengdu")(connection.default_channel).declare()
             with ServiceRpcClient("metering", **caller_options()) as rpc:
-                assert rpc.replay_dead_letter(letter["id"])["outcome"] == "applied"
+                replayed = rpc.replay_parked_event(parked["id"])
+                assert replayed["outcome"] == "duplicate", replayed
             assert bus.ready(connection, "vouchers_chengdu.usage_rated") == 1

@@ -43,6 +43,7 @@ from tests.support.metering_data import (
     FakeRegistry,
     capacity,
     dead_letters,
+    parked_events,
     publish_usage,
     raw_message,
     signed_headers,
@@ -517,12 +518,13 @@ def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(
     assert totals(metering_db)[3] == cost
 
 
-def test_a_message_that_crashes_even_alone_ends_as_a_processing_error(
+def test_a_message_that_crashes_even_alone_ends_parked(
     registry_stand_in, metering_db, container_factory, monkeypatch
 ):
-    """A poison message is retried a bounded number of times, then kept as a
-    dead letter ``processing_error`` (with the exception) and acked: the
-    records around it are rated and the queue does not wedge."""
+    """A poison message is retried a bounded number of times, then parked
+    (issue 16, with the exception) and acked: the records around it are
+    rated and the queue does not wedge; its replay, once the cause is gone,
+    rates it."""
 
     real_check = ingest.check
 
@@ -553,19 +555,20 @@ def test_a_message_that_crashes_even_alone_ends_as_a_processing_error(
                 lambda: totals(metering_db)[0] == 10, DEADLINE_S, "ten records"
             )
 
-            [letter] = eventually(
-                lambda: dead_letters("processing_error"),
-                30,
-                "the poison message's dead letter",
-            )
-            assert letter["record_id"] == "poison-1"
-            assert "RuntimeError: this record always crashes" in letter["detail"]
-            assert "failed 3 times" in letter["detail"]
+            [parked] = eventually(parked_events, 30, "the poison message parked")
+            assert parked["event_id"] is None or "poison" in parked["event_id"]
+            assert parked["reason"] == "RuntimeError: this record always crashes"
+            assert (parked["kind"], parked["attempts"]) == ("failed", 3)
+            assert dead_letters() == []  # not the data centre's fault
 
             def drained():
                 return bus.ready(connection, USAGE_QUEUE.name) == 0
 
             assert eventually(drained, 10, f"{USAGE_QUEUE.name} drained")
-    assert totals(metering_db)[:2] == (10, 10)
+        monkeypatch.setattr(ingest, "check", real_check)  # the bug is fixed
+        with ServiceRpcClient("metering", **caller_options()) as rpc:
+            replayed = rpc.replay_parked_event(parked["id"])
+        assert replayed["outcome"] == "applied", replayed
+    assert totals(metering_db)[:2] == (11, 11)
     with psycopg.connect(metering_db) as db:
         assert db.execute("SELECT count(*) FROM delivery_attempts").fetchone()[0] == 0

@@ -11,6 +11,8 @@ Every connection the node lists for the test's vhost is TLS.
 """
 
 import json
+from functools import partial
+from types import SimpleNamespace
 
 import nameko
 import pytest
@@ -42,6 +44,7 @@ from services.vouchers.service import build
 from tests.support.agent_api import agent_records
 from tests.support.bus import drain
 from tests.support.polling import eventually
+from tests.support.vouchers_books import consent_by_rpc
 from tests.support.vouchers_data import EAST_COMMERCIAL as COMMERCIAL
 from tests.support.vouchers_data import (
     SHANGHAI_RULES,
@@ -195,6 +198,13 @@ def test_a_city_books_a_batch_and_publishes_its_events_over_tls(
             code = pool.call(f"vouchers_{CITY}", "apply", application())["voucher"][
                 "code"
             ]
+            # its holder authorises the test data's tenants (DESIGN.md §9)
+            city = SimpleNamespace(
+                authorise_binding=partial(
+                    pool.call, f"vouchers_{CITY}", "authorise_binding"
+                )
+            )
+            consent_by_rpc(city, vouchers_db, code)
         finally:
             pool.close()
         count = 30

@@ -27,6 +27,7 @@ from services.vouchers.models import Base
 from services.vouchers.service import build
 from tests.support.bus import drain
 from tests.support.schema import schema_drift
+from tests.support.vouchers_books import consent_by_rpc
 from tests.support.vouchers_data import EAST_COMMERCIAL as COMMERCIAL
 from tests.support.vouchers_data import WEST_GOVERNMENT as GOVERNMENT
 from tests.support.vouchers_data import application, publish_usage_rated, rated
@@ -75,6 +76,7 @@ def test_apply_redeem_and_publish(city, federation, vouchers_db):
     assert approved["voucher"]["balance_fen"] == FACE_FEN
     with pytest.raises(Conflict):
         city.apply(application(registration_id=approved["voucher"]["company_id"]))
+    consent_by_rpc(city, vouchers_db, code)
 
     records = [
         rated(code, "r1", 100_000, COMMERCIAL),  # 80 % → 80 000

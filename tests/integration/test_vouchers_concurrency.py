@@ -34,6 +34,7 @@ from tests.support import bus
 from tests.support.bus import wait_acked
 from tests.support.polling import eventually
 from tests.support.processes import start_service
+from tests.support.vouchers_books import consent, consent_by_rpc
 from tests.support.vouchers_data import EAST_COMMERCIAL as COMMERCIAL
 from tests.support.vouchers_data import (
     application,
@@ -138,6 +139,7 @@ def test_32_concurrent_redeemers_on_one_voucher_with_redelivery(pg_factory):
     code = ledger.apply(
         session, RULES, program, company, 1000_00, domain.decide(program, company)
     ).voucher.code
+    consent(session, RULES, code)
     session.close()
     # 32 × 5 records of 1 000 fen cost (800 subsidy): 128 000 > the 100 000
     # face value, so the balance runs out in the middle; each record twice.
@@ -184,6 +186,7 @@ def test_concurrent_batches_on_shared_vouchers_with_redelivery(pg_factory):
         codes.append(
             ledger.apply(session, RULES, program, company, face, decision).voucher.code
         )
+        consent(session, RULES, codes[-1])
     session.close()
     from services.common.contracts import load_event
 
@@ -260,6 +263,7 @@ def test_sigkill_mid_stream_then_restart_books_every_record_once(
                 ignoring=(Exception,),  # not up yet
             )
             code = city.apply(application())["voucher"]["code"]
+            consent_by_rpc(city, url, code)
         total = 3_000  # long enough that the kill lands mid-stream
         with Connection(uri) as connection:
             publish_usage_rated(

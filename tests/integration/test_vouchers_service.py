@@ -50,6 +50,7 @@ from services.vouchers.service import (
 from tests.support import bus
 from tests.support.bus import drain
 from tests.support.polling import eventually
+from tests.support.vouchers_books import consent_by_rpc
 from tests.support.vouchers_data import EAST_COMMERCIAL as COMMERCIAL
 from tests.support.vouchers_data import (
     SHANGHAI_RULES,
@@ -160,12 +161,12 @@ def _events(messages, event):
 
 
 def _expire(engine, code):
-    """A year passes for this voucher."""
+    """A year passes for this voucher, and its 7 days of grace."""
     with Session(engine) as session:
         session.execute(
             update(Voucher)
             .where(Voucher.code == code)
-            .values(expires_at=utcnow() - timedelta(seconds=1))
+            .values(expires_at=utcnow() - timedelta(days=7, seconds=1))
         )
         session.commit()
 
@@ -190,7 +191,7 @@ def _rest(simple):
 
 
 def test_review_queue_vouchers_statements_and_totals_over_rpc(
-    start_city, federation, engine
+    start_city, federation, engine, vouchers_db
 ):
     city = start_city()
     connection, simple = federation
@@ -254,6 +255,8 @@ def test_review_queue_vouchers_statements_and_totals_over_rpc(
     # Vouchers: by company, by status.
     reviewed_code = approved["voucher"]["code"]
     auto_code = auto["voucher"]["code"]
+    for code in (reviewed_code, auto_code):
+        consent_by_rpc(city, vouchers_db, code)
     listed = city.list_vouchers()
     assert listed["total"] == 2
     assert {v["code"] for v in listed["items"]} == {reviewed_code, auto_code}
@@ -333,11 +336,12 @@ def test_review_queue_vouchers_statements_and_totals_over_rpc(
 
 
 def test_expiry_timer_releases_the_balance_and_publishes_once(
-    start_city, federation, engine
+    start_city, federation, engine, vouchers_db
 ):
     city = start_city()
     connection, simple = federation
     code = city.apply(application())["voucher"]["code"]
+    consent_by_rpc(city, vouchers_db, code)
     publish_usage_rated(connection, rated(code, "exp-r1", 10_000, COMMERCIAL))
     drain(simple, lambda m: _events(m, "voucher_redeemed"))
 
@@ -409,7 +413,7 @@ def test_outbox_timer_publishes_an_event_whose_publish_failed(
 
 
 def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
-    start_container, federation, engine, monkeypatch
+    start_container, federation, engine, monkeypatch, vouchers_db
 ):
     """The consumer reads each delivery from its frames by hand (headers of
     any type among them, left to py-amqp's decoder) and acks a batch only
@@ -422,6 +426,7 @@ def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
     with ClusterRpcClient(timeout=10, **caller_options()) as rpc:
         city = getattr(rpc, f"vouchers_{CITY}")
         code = city.apply(application())["voucher"]["code"]
+        consent_by_rpc(city, vouchers_db, code)
     assert eventually(
         lambda: bus.ready(connection, queue) is not None, 15, f"{queue} declared"
     )
@@ -502,12 +507,13 @@ def test_usage_rated_is_read_by_hand_and_acked_once_its_events_are_confirmed(
 
 
 def test_list_redemptions_pages_through_every_line_without_repeats_or_gaps(
-    start_city, federation, engine
+    start_city, federation, engine, vouchers_db
 ):
     city = start_city()
     connection, _ = federation
     applied = city.apply(application(registration_id=credit_code(900_003)))
     code = applied["voucher"]["code"]
+    consent_by_rpc(city, vouchers_db, code)
 
     def total() -> int:
         return city.list_redemptions(code, limit=1)["total"]
@@ -552,3 +558,57 @@ def test_list_redemptions_pages_through_every_line_without_repeats_or_gaps(
         city.list_redemptions(code, limit=1001)
     with pytest.raises(NotFound):
         city.list_redemptions(vouchercode.generate("SH"))
+
+
+def test_a_poison_usage_rated_is_parked_while_its_batch_is_booked(
+    start_container, federation, monkeypatch, vouchers_db
+):
+    """Issue 16, on RabbitMQ and PostgreSQL: a ``usage_rated`` valid by its
+    schema but impossible to book (a cost of 2⁶³ fen, beyond BIGINT) and a
+    body that is not JSON, among good records. The good ones are booked at
+    once; the poison one is tried ``MAX_DELIVERY_ATTEMPTS`` times, alone,
+    then parked with its reason, the malformed one at once; the queue
+    drains; a replay of the poison one is still refused (parked_again)."""
+    monkeypatch.setattr(batching, "RETRY_PAUSE_S", 0.05)
+    connection, simple = federation
+    queue = f"vouchers_{CITY}.usage_rated"
+    start_container()
+    with ClusterRpcClient(timeout=10, **caller_options()) as rpc:
+        city = getattr(rpc, f"vouchers_{CITY}")
+        code = city.apply(application())["voucher"]["code"]
+        consent_by_rpc(city, vouchers_db, code)
+        assert eventually(
+            lambda: bus.ready(connection, queue) is not None, 15, f"{queue} declared"
+        )
+        good = [rated(code, f"good-{n}", 1_000, COMMERCIAL) for n in range(6)]
+        poison = rated(code, "poison", 2**63, COMMERCIAL)
+        publish_usage_rated(connection, *good[:3], poison, *good[3:])
+        connection.Producer().publish(
+            b"{not json",
+            exchange=FEDERATION_EXCHANGE,
+            routing_key=federation_key(CITY, "usage_rated"),
+            delivery_mode=2,
+        )
+
+        def booked():
+            found = city.list_redemptions(code)
+            return sorted(item["record_id"] for item in found["items"])
+
+        assert eventually(lambda: len(booked()) == 6, 30, "the six good records")
+
+        def both_parked():
+            found = city.list_parked_events()
+            return found if found["total"] == 2 else None
+
+        parked = {i["kind"]: i for i in eventually(both_parked, 60)["items"]}
+        failed, rejected = parked["failed"], parked["rejected"]
+        assert failed["event_id"] == "rated-poison"
+        assert failed["attempts"] == 5
+        assert "DataError" in failed["reason"] or "range" in failed["reason"]
+        assert rejected["attempts"] == 1
+        assert rejected["reason"].startswith("schema: ")
+        assert eventually(lambda: bus.ready(connection, queue) == 0, 15, "drained")
+        assert "poison" not in booked()
+
+        again = city.replay_parked_event(failed["id"])
+        assert again["outcome"] == "parked_again"

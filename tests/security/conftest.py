@@ -47,7 +47,8 @@ def sign_in(client, token_for) -> Callable[..., object]:
     return post
 
 
-HOLDER = "91310000MA1FL5XX1K"  # the company holding the network's one voucher
+HOLDER = "91310000MA1FL5XX1G"  # the company holding the network's one voucher
+OTHER_COMPANY = "91310000MA1QA0001K"  # a company holding nothing
 
 
 @pytest.fixture

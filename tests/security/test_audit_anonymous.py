@@ -9,6 +9,7 @@ authenticated caller, refused or not, is still an audit entry of its own.
 from __future__ import annotations
 
 from gateway.audit import AUDIT
+from tests.security.conftest import OTHER_COMPANY
 
 
 def _entries(app) -> list[dict]:
@@ -42,12 +43,12 @@ def test_anonymous_refused_writes_add_no_entries(app, client, token_for):
 
 def test_authenticated_writes_are_still_each_audited(app, client, token_for):
     refused = client.post(
-        "/api/v1/cities", json={}, headers=token_for("company:shanghai:C1")
+        "/api/v1/cities", json={}, headers=token_for(f"company:{OTHER_COMPANY}")
     )
     assert refused.status_code == 403
 
     (entry,) = _entries(app)
-    assert (entry["actor"], entry["status"]) == ("company:shanghai:C1", 403)
+    assert (entry["actor"], entry["status"]) == (f"company:{OTHER_COMPANY}", 403)
     assert _counts(client, token_for) == {}
 
 
@@ -55,7 +56,7 @@ def test_only_the_national_admin_reads_the_counts(client, token_for):
     client.post("/api/v1/cities", json={})
 
     assert client.get("/api/v1/audit/anonymous").status_code == 401
-    for role in ("city_admin:shanghai", "company:shanghai:C1", "datacenter:dc-1"):
+    for role in ("city_admin:shanghai", f"company:{OTHER_COMPANY}", "datacenter:dc-1"):
         response = client.get("/api/v1/audit/anonymous", headers=token_for(role))
         assert response.status_code == 403
         assert response.get_json()["error"] == "forbidden"

@@ -23,6 +23,7 @@ from services.common.config import AGENT_TOKEN, MAX_CONTENT_LENGTH
 from services.common.vouchercode import generate
 from services.datacenter_gateway.app import DEFAULT_MAX_CONTENT_LENGTH as AGENT_LIMIT
 from services.datacenter_gateway.domain import MAX_BATCH, prepare_batch
+from tests.security.conftest import OTHER_COMPANY
 from tests.support.agent_api import DC
 from tests.support.portal_data import datacenter
 
@@ -50,7 +51,7 @@ def test_oversized_body_is_refused_before_any_rpc(client, rpc, token_for):
     response = client.post(
         "/api/v1/cities/shanghai/applications",
         data=body,
-        headers=JSON | token_for("company:shanghai:C1"),
+        headers=JSON | token_for(f"company:{OTHER_COMPANY}"),
     )
 
     assert response.status_code == 413

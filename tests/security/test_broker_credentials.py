@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.security.conftest import OTHER_COMPANY
+
 PATHS = [
     ("/api/v1/cities/shanghai/broker-credentials", ("city", "shanghai")),
     (
@@ -22,7 +24,7 @@ WRONG = [
     ("city_admin:shanghai", 403),
     ("city_admin:chengdu", 403),
     ("datacenter:guian-gov-01", 403),
-    ("company:shanghai:C1", 403),
+    (f"company:{OTHER_COMPANY}", 403),
     (None, 401),
 ]
 

@@ -104,7 +104,9 @@ def test_a_city_user_is_confined_to_its_own_names(admin, rabbit_uri):
         _try(uri, _publish(FED, f"{code}.heartbeat"))
 
 
-def test_a_datacenter_user_publishes_only_its_own_usage(admin, rabbit_uri):
+def test_a_datacenter_user_publishes_only_its_own_keys(admin, rabbit_uri):
+    """Its usage, capacity and binding requests (CONTRACTS.md §6); nobody
+    else's, and nothing else."""
     dc = f"dc-{uuid.uuid4().hex[:6]}"
     user = broker.datacenter_username(dc)
     admin.grant(user, "pw", broker.datacenter_permissions(dc))
@@ -112,8 +114,13 @@ def test_a_datacenter_user_publishes_only_its_own_usage(admin, rabbit_uri):
     try:
         _try(uri, _publish(USAGE, f"{dc}.usage"))
         _try(uri, _publish(USAGE, f"{dc}.capacity"))
+        _try(uri, _publish(USAGE, f"{dc}.binding"))
         for refused in (
             _publish(USAGE, "guian-gov-01.usage"),
+            _publish(USAGE, "guian-gov-01.binding"),
+            _publish(USAGE, f"{dc}x.binding"),
+            _publish(FED, f"{dc}.binding_requested"),
+            _publish(FED, "shanghai.binding_requested"),
             _publish(FED, f"{dc}.heartbeat"),
             _publish(RPC, "city_registry.issue_token"),
             _publish(RPC, REPLY_KEY),

@@ -33,6 +33,10 @@ def _rows(response) -> list[dict[str, str]]:
 
 def _dead_letters(client, rpc, token_for, letters: list[dict]):
     rpc.replies[("metering", "list_dead_letters")] = lambda **kw: letters
+    rpc.replies[("city_registry", "list_city_refusals")] = lambda **kw: {
+        "items": [],
+        "total": 0,
+    }
     return client.get(
         "/api/v1/dead-letters?format=csv", headers=token_for("national_admin")
     )
@@ -67,12 +71,18 @@ def test_plain_cells_are_unchanged(client, rpc, token_for):
 
     assert row == {
         "id": "7",
+        "source": "metering",
         "datacenter_id": "dc-1",
         "record_id": "r-1=2",
+        "voucher_code": "",
         "routing_key": "",
         "reason": "unknown_voucher",
         "detail": '{"voucher_code":"SH-XXXX"}',
         "received_at": "2025-03-01T08:00:00Z",
+        "replayed_at": "",
+        "replay_outcome": "",
+        "replay_reason": "",
+        "replay_url": "/api/v1/dead-letters/7/replay",
     }
 
 

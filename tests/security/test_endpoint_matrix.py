@@ -2,12 +2,12 @@
 
 Every route of the portal is called by every kind of principal: anonymous,
 the national admin, the path's own city's staff and another city's, the
-voucher's holder and a company of another city, the path's data centre and
-another. A principal the table does not grant is refused (401 without a
-token, 403 or 404 with one) before anything but a read reaches the
-services; one it grants gets past the checks (what it then sees is each
-feature's own tests'). A route missing from the table fails the first test,
-so a new endpoint cannot be forgotten.
+voucher's holder and another company (a company is one identity in every
+city), the path's data centre and another. A principal the table does not
+grant is refused (401 without a token, 403 or 404 with one) before anything
+but a read reaches the services; one it grants gets past the checks (what it
+then sees is each feature's own tests'). A route missing from the table fails
+the first test, so a new endpoint cannot be forgotten.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 from gateway import access
 from gateway.access import (
     ANY_CITY_ADMIN,
+    ANY_COMPANY,
     ANY_DATACENTER,
     ANY_ROLE,
     ANYONE,
@@ -26,9 +27,11 @@ from gateway.access import (
     OWN_DATACENTER,
 )
 from services.common import vouchercode
+from tests.security.conftest import HOLDER, OTHER_COMPANY
 
-CODE = vouchercode.generate("SH")  # held by company:shanghai:C1
+CODE = vouchercode.generate("SH")  # held by HOLDER, its only voucher (shanghai)
 PATH_VALUES = {
+    "credit_code": HOLDER,
     "city": "shanghai",
     "datacenter_id": "guian-gov-01",
     "code": CODE,
@@ -36,6 +39,9 @@ PATH_VALUES = {
     "key_id": "k1",
     "token_id": "tok_0123456789abcdef",
     "dead_letter_id": "1",
+    "refusal_id": "1",
+    "record_id": "rec-1",
+    "parked_id": "1",
 }
 # role (None: anonymous) → the grants it holds on the paths above
 PRINCIPALS: dict[str | None, set[str]] = {
@@ -43,8 +49,8 @@ PRINCIPALS: dict[str | None, set[str]] = {
     "national_admin": {NATIONAL_ADMIN},
     "city_admin:shanghai": {OWN_CITY_ADMIN, ANY_CITY_ADMIN},
     "city_admin:chengdu": {ANY_CITY_ADMIN},
-    "company:shanghai:C1": {OWN_COMPANY},
-    "company:chengdu:C9": set(),
+    f"company:{HOLDER}": {OWN_COMPANY, ANY_COMPANY},
+    f"company:{OTHER_COMPANY}": {ANY_COMPANY},
     "datacenter:guian-gov-01": {OWN_DATACENTER, ANY_DATACENTER},
     "datacenter:lingang-com-01": {ANY_DATACENTER},
 }
@@ -55,6 +61,12 @@ READS = {
     "voucher_prefixes",
     "public_view",
     "get_voucher",
+    # whether the path's company holds a voucher in the caller's city
+    "list_vouchers",
+    # a voucher's page, read before its holder is compared with the caller
+    "voucher_statement",
+    "list_redemptions",
+    "list_bindings",
 }
 
 
@@ -96,13 +108,26 @@ def network(rpc):
         "SH": "shanghai",
         "CD": "chengdu",
     }
-    rpc.replies[("vouchers_shanghai", "get_voucher")] = {
+    voucher = {
         "code": CODE,
         "city": "shanghai",
-        "company_id": "C1",
+        "company_id": HOLDER,
         "program_id": "sh-compute-2025",
         "status": "active",
     }
+    rpc.replies[("vouchers_shanghai", "get_voucher")] = voucher
+    for method in ("voucher_statement", "list_redemptions", "list_bindings"):
+        rpc.replies[("vouchers_shanghai", method)] = lambda *a, **k: {
+            "voucher": voucher,
+            "entries": [],
+            "items": [],
+            "total": 0,
+        }
+    for city, total in (("shanghai", 1), ("chengdu", 0)):
+        rpc.replies[(f"vouchers_{city}", "list_vouchers")] = lambda total=total, **_: {
+            "items": [],
+            "total": total,
+        }
     return rpc
 
 

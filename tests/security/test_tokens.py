@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 
 from services.common.errors import NotFound
+from tests.security.conftest import HOLDER, OTHER_COMPANY
 
 SHANGHAI = "city_admin:shanghai"
-COMPANY = "company:shanghai:91310000MA1FL5XX1K"
+COMPANY = f"company:{HOLDER}"
 
 
 @pytest.fixture
@@ -96,7 +97,7 @@ def test_a_principal_lists_only_its_own_role(client, rpc, registry, token_for, r
     [
         (SHANGHAI, "city_admin:beijing"),
         (SHANGHAI, "national_admin"),
-        (COMPANY, "company:shanghai:SOMEONE-ELSE"),
+        (COMPANY, f"company:{OTHER_COMPANY}"),
         (COMPANY, SHANGHAI),
     ],
 )

@@ -159,6 +159,16 @@ def dead_letters(reason: str | None = None) -> list[dict]:
         return rpc.list_dead_letters(reason=reason)
 
 
+def parked_events(kind: str | None = None) -> list[dict]:
+    """metering's parked messages (issue 16), over RPC as the portal asks."""
+    from nameko.standalone.rpc import ServiceRpcClient
+
+    from services.common.rpc_access import caller_options
+
+    with ServiceRpcClient("metering", **caller_options()) as rpc:
+        return rpc.list_parked_events(kind=kind)["items"]
+
+
 class FakeRegistry:
     """What metering asks city_registry, answered in process (unit tests).
 

@@ -107,7 +107,7 @@ def client(app):
 
 @pytest.fixture
 def token_for(rpc) -> Callable[[str], dict[str, str]]:
-    """``token_for("company:shanghai:C1")`` → headers carrying a fresh token."""
+    """``token_for("city_admin:shanghai")`` → headers carrying a fresh token."""
 
     def make(role: str) -> dict[str, str]:
         token = f"tok-{uuid.uuid4().hex}"

@@ -8,12 +8,24 @@ where, correction_of)``; :func:`record` makes each the event the ledger
 receives, on the voucher codes of one books.
 """
 
+from datetime import timedelta
+
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
+from services.common.db import make_engine
+from services.common.units import utcnow
 from services.vouchers import domain, ledger
-from services.vouchers.models import Program, Redemption, RejectedUsage, Voucher
+from services.vouchers.ledger import bindings
+from services.vouchers.models import (
+    Binding,
+    Program,
+    Redemption,
+    RejectedUsage,
+    Voucher,
+)
 from tests.support.vouchers_data import (
     EAST_COMMERCIAL,
     WEST_GOVERNMENT,
@@ -37,12 +49,71 @@ def ledger_examples(count: int) -> settings:
     )
 
 
-def issue(session, rules, program_id="tc-compute", face_fen=1000_00, **overrides):
-    """A voucher of ``program_id`` for a new company (``ledger.apply``'s result)."""
+# The (data centre, tenant) pairs the test data bills (vouchers_data.usage and
+# rated): their holders authorise them (DESIGN.md §9) unless a test says not.
+TEST_TENANTS = (("dc-a", "tenant-1"), ("dc-test-01", "tenant-1"))
+HOLDER = "company: test holder consent"
+
+
+def consent(
+    session, rules, code, tenants=TEST_TENANTS, ago=timedelta(days=1), actor=HOLDER
+):
+    """The holder of ``code`` authorises ``tenants`` (by the ledger's own
+    path); then the voucher's issue and those authorisations are dated
+    ``ago`` back (:func:`date_back`). ``ago=None`` keeps the real moments."""
+    for datacenter_id, tenant_id in tenants:
+        bindings.authorise(session, rules, code, datacenter_id, tenant_id, actor)
+    if ago is not None:
+        date_back(session, code, ago)
+
+
+def consent_by_rpc(
+    city, database_url, code, tenants=TEST_TENANTS, ago=timedelta(days=1)
+):
+    """:func:`consent` for a running city: its ``authorise_binding`` RPC (what
+    the portal calls for the holder), then :func:`date_back` in its database."""
+    for datacenter_id, tenant_id in tenants:
+        city.authorise_binding(code, datacenter_id, tenant_id, HOLDER)
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as session:
+            date_back(session, code, ago)
+    finally:
+        engine.dispose()
+
+
+def date_back(session, code, ago):
+    """Date the voucher's issue and every authorisation on it ``ago`` back,
+    so that the test data's records (of the last hours) started after both."""
+    then = utcnow() - ago
+    session.execute(update(Voucher).where(Voucher.code == code).values(issued_at=then))
+    session.execute(
+        update(Binding)
+        .where(Binding.voucher_code == code, Binding.authorised_at.is_not(None))
+        .values(authorised_at=then)
+    )
+    session.commit()
+
+
+def issue(
+    session,
+    rules,
+    program_id="tc-compute",
+    face_fen=1000_00,
+    *,
+    tenants=TEST_TENANTS,
+    **overrides,
+):
+    """A voucher of ``program_id`` for a new company (``ledger.apply``'s
+    result), the test tenants authorised on it (:func:`consent`) when it is
+    issued at once; ``tenants=()`` for none."""
     program = rules.program(program_id)
     applicant = company(**overrides)
     decision = domain.decide(program, applicant)
-    return ledger.apply(session, rules, program, applicant, face_fen, decision)
+    result = ledger.apply(session, rules, program, applicant, face_fen, decision)
+    if result.voucher is not None and tenants:
+        consent(session, rules, result.voucher.code, tenants)
+    return result
 
 
 def program_row(session, program_id="tc-compute"):
@@ -110,11 +181,11 @@ def funded_books(city_rules, session=None):
         program = city_rules.program(program_id)
         applicant = company(registration_id=f"co-{n}")
         decision = domain.decide(program, applicant)
-        codes.append(
-            ledger.apply(
-                session, city_rules, program, applicant, face, decision
-            ).voucher.code
-        )
+        code = ledger.apply(
+            session, city_rules, program, applicant, face, decision
+        ).voucher.code
+        consent(session, city_rules, code)
+        codes.append(code)
     codes.append("TC-AAAAAAAAAAAA-0")
     return engine, session, codes
 

@@ -17,12 +17,24 @@ from services.common.contracts import CITY_CODE, load_event
 from services.common.terms import TERMS_ON_THE_WIRE
 
 # Events of computenet.federation that the registry projects (CONTRACTS.md §3).
+# Cities' refusals, holds, verdicts and clawbacks (issue 15): listed, not
+# money (that moves by voucher_redeemed, negative for what is taken back).
+REVIEW_EVENTS = (
+    "usage_refused",
+    "usage_held",
+    "usage_released",
+    "voucher_clawed_back",
+)
 REGISTRY_EVENTS = (
     "program_published",
     "voucher_issued",
     "voucher_redeemed",
     "voucher_released",
     "heartbeat",
+    # Recorded, not projected: the city's ledger keeps the bindings; bound
+    # because cities publish it mandatory (an unbound key is an error there).
+    "binding_changed",
+    *REVIEW_EVENTS,
 )
 ROUTING_KEYS = [f"*.{event}" for event in REGISTRY_EVENTS]
 
@@ -119,6 +131,9 @@ _MAX_LENGTHS = {
     "region": 64,
     "voucher_prefix": 8,
     "rules_version": 64,
+    "record_id": 128,
+    "datacenter_id": 64,
+    "actor": 128,
 }
 
 

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from services.city_registry.domain.state import DATACENTER_ID
+from services.common import creditcode
 from services.common.contracts import CITY_CODE
 from services.common.errors import InvalidRequest
 from services.common.units import format_ts
@@ -24,13 +25,14 @@ from services.common.units import format_ts
 # one while messages signed with the old one are still in flight.
 ACTIVE_KEYS_PER_DATACENTER = 2
 
-# A company id is the registration id the city knows it by: anything printable
-# without ':' (the role separator) or whitespace.
-COMPANY_ID = re.compile(r"^[^:\s]{1,128}$")
-
 
 def validate_role(role: Any) -> str:
-    """A role of CONTRACTS.md §7, or ``InvalidRequest invalid_role``."""
+    """A role of CONTRACTS.md §7, or ``InvalidRequest invalid_role``.
+
+    A company's role names its unified social credit code, normalised and
+    with the right check character (one identity in every city: no city in
+    the role).
+    """
     if isinstance(role, str):
         parts = role.split(":")
         kind = parts[0]
@@ -38,21 +40,37 @@ def validate_role(role: Any) -> str:
             return role
         if kind == "city_admin" and len(parts) == 2 and CITY_CODE.match(parts[1]):
             return role
-        if (
-            kind == "company"
-            and len(parts) == 3
-            and CITY_CODE.match(parts[1])
-            and COMPANY_ID.match(parts[2])
-        ):
+        if kind == "company" and len(parts) == 2 and _is_credit_code(parts[1]):
             return role
         if kind == "datacenter" and len(parts) == 2 and DATACENTER_ID.match(parts[1]):
             return role
     raise InvalidRequest(
         "invalid_role",
         f"{role!r} is not a role: national_admin, city_admin:<city>, "
-        "company:<city>:<company_id> or datacenter:<id>",
+        "company:<credit code> or datacenter:<id>",
         {"role": role if isinstance(role, str) else repr(role)},
     )
+
+
+def _is_credit_code(text: str) -> bool:
+    try:
+        return creditcode.parse(text) == text
+    except creditcode.InvalidCreditCode:
+        return False
+
+
+def company_role(credit_code: Any) -> str:
+    """``company:<code>`` of a credit code (normalised), or ``InvalidRequest
+    invalid_credit_code`` saying what is wrong with it."""
+    try:
+        code = creditcode.parse(credit_code)
+    except creditcode.InvalidCreditCode as exc:
+        raise InvalidRequest(
+            "invalid_credit_code",
+            str(exc),
+            {"credit_code": credit_code if isinstance(credit_code, str) else None},
+        ) from None
+    return f"company:{code}"
 
 
 # A token lives this long unless issued for less (TOKEN_TTL_DAYS; 0: forever).

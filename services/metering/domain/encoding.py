@@ -27,7 +27,10 @@ _ZERO = timedelta(0)
 
 
 # In key order: a dump is then already in its canonical order (record_json).
-_SORTED_FIELDS = tuple(sorted(RECORD_FIELDS))
+# ``gpu_uuids`` (issue 15) is in a dump only when the record names GPUs, so a
+# record without them keeps the canonical JSON (and digest) it always had.
+_OPTIONAL_FIELDS = frozenset({"gpu_uuids"})
+_SORTED_FIELDS = tuple(sorted(set(RECORD_FIELDS) - _OPTIONAL_FIELDS))
 
 
 def dump_record(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -38,6 +41,15 @@ def dump_record(record: Mapping[str, Any]) -> dict[str, Any]:
     same, and the check below that no field of the contract is missing.
     """
     get = record.get
+    uuids = get("gpu_uuids")
+    if uuids is not None:  # rare: the key's place in the order, by the sort
+        dumped = _dump_fields(get)
+        dumped["gpu_uuids"] = list(uuids)
+        return dict(sorted(dumped.items()))
+    return _dump_fields(get)
+
+
+def _dump_fields(get) -> dict[str, Any]:
     return {
         "correction_of": get("correction_of"),
         "datacenter_id": get("datacenter_id"),
@@ -113,6 +125,8 @@ def record_json(record: Mapping[str, Any]) -> bytes:
     count, seconds = get("gpu_count"), get("gpu_seconds")
     if type(count) is not int or type(seconds) is not int:
         return _encoded_record_json(record)  # bool, float, None: the encoder's way
+    if get("gpu_uuids") is not None:
+        return _encoded_record_json(record)  # GPUs named: the encoder's way
     correction_of, job_id = get("correction_of"), get("job_id")
     voucher_code = get("voucher_code")
     quote = _quote
@@ -190,6 +204,7 @@ def usage_rated_bytes(
     government_run: Any,
     hub_region: str,
     chip_origin: str,
+    hold: bytes | None = None,
 ) -> bytes:
     """The ``<city>.usage_rated`` body (CONTRACTS.md §3) as the JSON to publish.
 
@@ -200,6 +215,9 @@ def usage_rated_bytes(
     the same record always yields the same bytes and a re-publish after a
     crash is the first publish. ``test_usage_rated_body_is_the_event`` checks
     it loads to the event ``contracts.make_event`` builds.
+
+    ``hold``: the canonical JSON of the record's hold (``HoldSchema``), when
+    it is held as it is rated (``domain.holds``); absent otherwise.
     """
     return b"".join(
         (
@@ -210,7 +228,7 @@ def usage_rated_bytes(
             b',"cost_fen":%d,"unit_price_fen_per_gpu_hour":%d,"datacenter":'
             % (cost_fen, unit_price_fen_per_gpu_hour),
             _datacenter_json(bool(government_run), hub_region, chip_origin),
-            b"}",
+            b"}" if hold is None else b',"hold":' + hold + b"}",
         )
     )
 

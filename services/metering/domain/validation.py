@@ -24,6 +24,10 @@ breaks is the dead-letter reason it is stored under:
     :func:`.rollups.competing_corrections`).
 
 A record may not correct itself (``correction_of == record_id``: ``schema``).
+Its ``gpu_uuids``, when present, are ``GPU-…``/``MIG-…`` names, none twice,
+as many as ``gpu_count`` (``schema``; such a record takes the schema's path,
+not :func:`fast_load_usage`'s). What passes every rule is stored, and may
+still be *held* (``over_capacity``, ``double_claim``: :mod:`.holds`).
 The rules that need the registry or the database are asked by
 ``services.metering.ingest``; this module decides them from the answers.
 """
@@ -291,6 +295,8 @@ def fast_load_usage(data: Mapping[str, Any]) -> dict[str, Any] | None:
             value = data.get(name)
             if value is not None and type(value) is not str:
                 return None
+        if data.get("gpu_uuids") is not None:
+            return None  # the GPUs a record names: the schema checks them
         correction_of = data.get("correction_of")
         if correction_of is not None and (
             type(correction_of) is not str or not 1 <= len(correction_of) <= 128
@@ -327,6 +333,7 @@ def fast_load_usage(data: Mapping[str, Any]) -> dict[str, Any] | None:
         "source": data["source"],
         "job_id": data.get("job_id"),
         "correction_of": correction_of,
+        "gpu_uuids": None,
     }
 
 

@@ -8,20 +8,22 @@ ledger entries, and commits. Its modules, along the seams of the work:
 - ``postings``, ``outbox``: ledger entries, budget shifts, federation events;
 - ``programs``: the program rows funded from the rules file;
 - ``issue``: applications and the issue of vouchers;
+- ``bindings``: the tenants a voucher's holder lets it pay for (asked for by
+  data centres, authorised or withdrawn by the holder);
+- ``redemptions``: the rows a booking writes, its outcomes and their event ids;
 - ``booking``: rated usage booked, once, in batches (a record is a batch of one);
+- ``lookups``: what a batch, or a review, finds booked, refused or held before;
+- ``decisions``: the ``usage_decisions`` row of every hold, release, refusal,
+  clawback and replay;
+- ``arrival``: a record held as it arrives, a refusal forgotten on replay;
+- ``review``: the queue of held records, released or refused;
+- ``clawback``: a booked subsidy taken back (a hold after booking, a clawback);
 - ``lifecycle``: review, expiry and revocation;
 - ``queries``: listings, statements, totals and the reconciliation;
 - ``city``: ``CityLedger``, the session and rules a worker gets injected.
 """
 
-from services.vouchers.ledger.booking import (
-    REVERSAL,
-    USAGE,
-    BookingOutcome,
-    RedemptionRow,
-    book_usage,
-    book_usage_batch,
-)
+from services.vouchers.ledger.booking import book_usage, book_usage_batch
 from services.vouchers.ledger.city import CityLedger
 from services.vouchers.ledger.issue import ApplicationResult, apply
 from services.vouchers.ledger.lifecycle import expire_due, review, revoke
@@ -37,6 +39,12 @@ from services.vouchers.ledger.queries import (
     list_vouchers,
     program_statement,
     voucher_statement,
+)
+from services.vouchers.ledger.redemptions import (
+    REVERSAL,
+    USAGE,
+    BookingOutcome,
+    RedemptionRow,
 )
 
 __all__ = [

@@ -14,26 +14,49 @@ look up what is done already (under READ COMMITTED every query after the lock
 sees what a competing consumer committed before releasing it); then decide
 record by record in memory (``domain``); then update each locked row once and
 insert the redemptions, rejections and ledger entries in bulk.
+
+This module is that order of work, ``_Batch``; what it looks up is in
+``lookups``, the rows it writes and answers in ``redemptions``, and what
+review decides on arrival (a hold, a replay) in ``arrival``. Review books and
+reverses through a ``_Batch`` too (``locked_batch``), so that its ledger
+entries are those of any booking.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from operator import attrgetter
 from typing import Any
 
-from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.common.contracts import event_id
+from services.common.db import retry_on_conflict
 from services.common.units import utcnow
 from services.vouchers import domain
+from services.vouchers.ledger import lookups
+from services.vouchers.ledger.arrival import (
+    forget_refusals,
+    hold_on_arrival,
+    replayed_event,
+)
+from services.vouchers.ledger.bindings import authorised_at
 from services.vouchers.ledger.outbox import write_event
 from services.vouchers.ledger.postings import ENTRY_COLUMNS, entry_rows
-from services.vouchers.ledger.sql import dialect, insert_rows, lock_rows, writing
+from services.vouchers.ledger.redemptions import (
+    REDEMPTION_COLUMNS,
+    REVERSAL,
+    USAGE,
+    BookingOutcome,
+    Key,
+    RedemptionRow,
+    redeemed_event_id,
+    refused_event_id,
+)
+from services.vouchers.ledger.sql import insert_rows, lock_rows, writing
 from services.vouchers.models import (
     LedgerEntry,
     Program,
@@ -42,34 +65,6 @@ from services.vouchers.models import (
     Voucher,
 )
 
-USAGE = "usage"
-REVERSAL = "reversal"
-
-# A batch that collides with a competing consumer (a unique violation) is
-# rolled back and booked again this many times before it is split.
-ATTEMPTS = 3
-
-
-@dataclass(frozen=True, slots=True)
-class RedemptionRow:
-    """One row of ``redemptions``, booked now or found booked before."""
-
-    datacenter_id: str
-    record_id: str
-    kind: str  # usage | reversal
-    source_record_id: str  # the record whose arrival wrote the row
-    correction_of: str | None
-    voucher_code: str
-    program_id: str
-    gpu_seconds: int
-    cost_fen: int
-    rate_bp: int
-    subsidy_fen: int
-    event_id: str
-    booked_at: datetime
-
-
-REDEMPTION_COLUMNS = tuple(f.name for f in fields(RedemptionRow))
 _redemption_values = attrgetter(*REDEMPTION_COLUMNS)
 REJECTION_COLUMNS = (
     "datacenter_id",
@@ -80,20 +75,9 @@ REJECTION_COLUMNS = (
     "received_at",
 )
 
-
-@dataclass(frozen=True)
-class BookingOutcome:
-    """What became of one rated record; ``redemptions`` are to be published."""
-
-    redemptions: tuple[RedemptionRow, ...] = ()
-    rejected: str | None = None
-    duplicate: bool = False
-
-
-def redeemed_event_id(city: str, datacenter_id: str, record_id: str, kind: str) -> str:
-    if kind == USAGE:
-        return event_id("voucher_redeemed", city, datacenter_id, record_id)
-    return event_id("voucher_redeemed", city, datacenter_id, record_id, kind)
+# A batch that collides with a competing consumer (a unique violation) is
+# rolled back and booked again this many times before it is split.
+ATTEMPTS = 3
 
 
 def book_usage(
@@ -110,27 +94,26 @@ def book_usage_batch(
     """Book ``records`` in **one** transaction; their outcomes in their order."""
     if not records:
         return []
+
+    def attempt() -> list[BookingOutcome]:
+        try:
+            outcomes = _Batch(session, rules, records).book()
+            session.commit()
+            return outcomes
+        except BaseException:
+            session.rollback()
+            raise
+
     with writing(session):
-        for _attempt in range(ATTEMPTS):
-            try:
-                outcomes = _Batch(session, rules, records).book()
-                session.commit()
-                return outcomes
-            except IntegrityError as exc:
-                # A competing consumer booked a record of this batch between
-                # our look and our insert: nothing was written; look again.
-                session.rollback()
-                collided = exc
-            except BaseException:
-                session.rollback()
+        try:
+            # A competing consumer may book a record of this batch between
+            # our look and our insert: nothing was written; look again.
+            return retry_on_conflict(attempt, ATTEMPTS)
+        except IntegrityError:
+            if len(records) == 1:
                 raise
-        if len(records) == 1:
-            raise collided
         # Still colliding: one record at a time, each in its own transaction.
         return [book_usage(session, rules, record) for record in records]
-
-
-Key = tuple[str, str]  # (datacenter_id, record_id)
 
 
 class _Batch:
@@ -148,9 +131,15 @@ class _Batch:
         self.now = utcnow()
         self.vouchers: dict[str, Voucher] = {}  # locked, by code
         self.programs: dict[str, Program] = {}  # locked, by id
+        # (voucher, data centre, tenant) → when the holder authorised it
+        self.authorised: dict[tuple[str, str, str], datetime] = {}
         self.redemptions: list[RedemptionRow] = []
         self.rejections: list[tuple] = []
         self.entries: list[tuple] = []
+        # Review (arrival.py): replayed records whose refusal was forgotten
+        # (key → the replay's event id); holds that came before their record.
+        self.replayed: dict[Key, str] = {}
+        self.awaiting: dict[Key, dict] = {}
 
     def book(self) -> list[BookingOutcome]:
         session, records = self.session, self.records
@@ -165,7 +154,7 @@ class _Batch:
         # Corrections are rare. Their originals are looked up before the lock
         # too, so that the vouchers they were booked on are locked in the one
         # ordered statement with the batch's own.
-        originals = _originals(session, corrected) if corrected else {}
+        originals = lookups.originals(session, corrected) if corrected else {}
         self.vouchers = lock_rows(
             session,
             Voucher,
@@ -175,7 +164,7 @@ class _Batch:
         )
         if corrected - originals.keys():
             # Booked (and committed by a competitor) since the first look.
-            originals.update(_originals(session, corrected - originals.keys()))
+            originals.update(lookups.originals(session, corrected - originals.keys()))
             self.vouchers.update(
                 lock_rows(
                     session,
@@ -194,16 +183,46 @@ class _Batch:
             {v.program_id for v in self.vouchers.values()},
             key_share=True,
         )
+        # After the voucher locks: a withdrawal (which takes them too) is
+        # either committed and seen here, or waits for this batch.
+        self.authorised = authorised_at(
+            session,
+            {
+                (r["voucher_code"], r["datacenter_id"], r["tenant_id"])
+                for r in records
+                if r.get("voucher_code") in self.vouchers
+            },
+        )
         event_ids = {
             key: redeemed_event_id(self.rules.city, *key, USAGE) for key in first
         }
-        outcomes, superseded = _already_done(session, event_ids)
+        replays = {
+            key: records[n]["event_id"]
+            for key, n in first.items()
+            if records[n].get("replay")
+        }
+        if replays:  # an operator's replay: its refusal is decided again
+            self.replayed = forget_refusals(session, replays, self.now)
+        outcomes, superseded = lookups.already_done(session, event_ids, self.awaiting)
         for key, eid in event_ids.items():
             if key not in outcomes:
                 outcomes[key] = self._book_one(
                     records[first[key]], key, eid, originals, superseded
                 )
+        self.write()
 
+        result = []
+        for n, record in enumerate(records):
+            key = (record["datacenter_id"], record["record_id"])
+            outcome = outcomes[key]
+            if first[key] != n:  # the same record twice in one batch
+                outcome = replace(outcome, duplicate=True)
+            result.append(outcome)
+        return result
+
+    def write(self) -> None:
+        """Insert the rows this batch decided, in its transaction."""
+        session = self.session
         session.flush()  # the balances, before the rows that reference them
         # A unique violation here (a competing consumer, a conflicting
         # duplicate) rolls the whole batch back: book_usage_batch retries.
@@ -217,15 +236,7 @@ class _Batch:
             session, RejectedUsage.__table__, REJECTION_COLUMNS, self.rejections
         )
         insert_rows(session, LedgerEntry.__table__, ENTRY_COLUMNS, self.entries)
-
-        result = []
-        for n, record in enumerate(records):
-            key = (record["datacenter_id"], record["record_id"])
-            outcome = outcomes[key]
-            if first[key] != n:  # the same record twice in one batch
-                outcome = replace(outcome, duplicate=True)
-            result.append(outcome)
-        return result
+        self.redemptions, self.rejections, self.entries = [], [], []
 
     def _book_one(
         self,
@@ -250,6 +261,10 @@ class _Batch:
             record["started_at"],
             dc,
             attributes,
+            ended_at=record["ended_at"],
+            issued_at=voucher.issued_at if voucher is not None else None,
+            authorised_at=self.authorised.get((code, dc, record["tenant_id"])),
+            now=self.now,
         )
         detail = f"voucher {code!r}"
         if problem is None and key in superseded:
@@ -265,7 +280,13 @@ class _Batch:
                     self.now,
                 )
             )
-            return BookingOutcome(rejected=problem)
+            return BookingOutcome(
+                rejected=problem, events=(self._refused(record, problem, detail),)
+            )
+        hold = record.get("hold") or self.awaiting.get(key)
+        if hold:
+            budget = self.programs[voucher.program_id]
+            return hold_on_arrival(self, record, voucher, budget, program, hold)
 
         booked = []
         correction_of = record.get("correction_of") or None
@@ -302,6 +323,9 @@ class _Batch:
         self._redeem(voucher, budget, row)
         originals[key] = row  # a correction later in the batch reverses it
         booked.append(row)
+        if key in self.replayed:  # a refusal undone: say so (arrival.py)
+            event = replayed_event(self, key, voucher.code, subsidy)
+            return BookingOutcome(tuple(booked), events=(event,))
         return BookingOutcome(tuple(booked))
 
     def _redeem(self, voucher: Voucher, budget: Program, row: RedemptionRow) -> None:
@@ -321,16 +345,37 @@ class _Batch:
             )
         )
 
-    def _reverse(self, original: RedemptionRow, source_record_id: str) -> RedemptionRow:
+    def _refused(self, record: Mapping[str, Any], reason: str, detail: str):
+        """The ``usage_refused`` of a record this batch refuses (outbox)."""
+        dc, record_id = record["datacenter_id"], record["record_id"]
+        code = record.get("voucher_code")
+        return write_event(
+            self.session,
+            self.rules.city,
+            "usage_refused",
+            refused_event_id(
+                self.rules.city, dc, record_id, self.replayed.get((dc, record_id))
+            ),
+            record_id=record_id,
+            datacenter_id=dc,
+            voucher_code=code if isinstance(code, str) else None,
+            reason=reason,
+            detail=detail[:512],
+        )
+
+    def _reverse(
+        self, original: RedemptionRow, source_record_id: str, kind: str = REVERSAL
+    ) -> RedemptionRow:
         """The reversal of ``original``, written because ``source_record_id``
-        corrects it."""
+        corrects it (or, with another ``kind``, because a review takes its
+        subsidy back)."""
         voucher = self.vouchers[original.voucher_code]
         budget = self.programs[voucher.program_id]
         dc, record_id = original.datacenter_id, original.record_id
         row = RedemptionRow(
             dc,
             record_id,
-            REVERSAL,
+            kind,
             source_record_id,
             None,
             voucher.code,
@@ -339,7 +384,7 @@ class _Batch:
             -original.cost_fen,
             original.rate_bp,
             -original.subsidy_fen,
-            redeemed_event_id(self.rules.city, dc, record_id, REVERSAL),
+            redeemed_event_id(self.rules.city, dc, record_id, kind),
             self.now,
         )
         if voucher.status == domain.ACTIVE:
@@ -360,7 +405,7 @@ class _Batch:
                 domain.release_entries(
                     voucher.program_id, voucher.code, amount, from_redeemed=True
                 ),
-                f"reversal-release:{dc}:{record_id}",
+                f"{kind}-release:{dc}:{record_id}",
                 self.now,
             )
         )
@@ -370,7 +415,12 @@ class _Batch:
                 self.rules.city,
                 "voucher_released",
                 event_id(
-                    "voucher_released", self.rules.city, voucher.code, dc, record_id
+                    "voucher_released",
+                    self.rules.city,
+                    voucher.code,
+                    dc,
+                    record_id,
+                    *(() if kind == REVERSAL else (kind,)),
                 ),
                 voucher_code=voucher.code,
                 program_id=voucher.program_id,
@@ -380,148 +430,15 @@ class _Batch:
         return row
 
 
-# --------------------------------------------------------------------------
-# What is booked already
-
-
-# Looked up as plain rows (typed, so that times come back in UTC): loading
-# ORM objects only to copy them cost a redelivered batch a quarter more time.
-_TABLE = Redemption.__table__
-_LOOKED_UP = (_TABLE.c.id, *(_TABLE.c[c] for c in REDEMPTION_COLUMNS))
-
-
-def _found(session: Session, statement, params=None) -> list[tuple[int, RedemptionRow]]:
-    """(id, row) of the redemptions ``statement`` selects (``_LOOKED_UP``)."""
-    return [(r[0], RedemptionRow(*r[1:])) for r in session.execute(statement, params)]
-
-
-def _originals(session: Session, corrected: Iterable[Key]) -> dict[Key, RedemptionRow]:
-    """The booked usage rows of the ``corrected`` records not reversed yet."""
-    usage, reversed_ = {}, set()
-    for dc, record_ids in _by_datacenter(corrected).items():
-        statement = select(*_LOOKED_UP).where(
-            _TABLE.c.datacenter_id == dc, _TABLE.c.record_id.in_(record_ids)
-        )
-        for _id, row in _found(session, statement):
-            key = (row.datacenter_id, row.record_id)
-            if row.kind == USAGE:
-                usage[key] = row
-            else:
-                reversed_.add(key)
-    return {key: row for key, row in usage.items() if key not in reversed_}
-
-
-# The lookups of a batch stay index probes per record in any state of the
-# statistics. A fresh city's tables have none until autovacuum analyses them
-# (a minute at least), and without them PostgreSQL's plans (custom or the
-# generic one of a prepared statement) read the whole table, or a data
-# centre's whole prefix of an index, for `… = ANY(ids)`: each batch cost time
-# in proportion to every record booked before it. So on PostgreSQL each
-# lookup is a LATERAL subquery per id, kept by OFFSET 0 from being flattened
-# into a join the planner could misjudge, on a column that only one index
-# leads: a record's own row by its unique event id, its corrections through
-# the corrections-only index, its rejection by the unique key.
-_BOOKED_SQL = text(
-    f"SELECT {', '.join(f'r.{c.name}' for c in _LOOKED_UP)} "
-    "FROM unnest(CAST(:ids AS TEXT[])) AS k(id) CROSS JOIN LATERAL "
-    "(SELECT * FROM redemptions WHERE event_id = k.id OFFSET 0) AS r "
-    "ORDER BY r.id"
-).columns(*_LOOKED_UP)
-_CORRECTIONS_SQL = text(
-    "SELECT r.datacenter_id, r.correction_of, r.record_id "
-    "FROM unnest(CAST(:ids AS TEXT[])) AS k(id) CROSS JOIN LATERAL "
-    "(SELECT id, datacenter_id, correction_of, record_id FROM redemptions "
-    f"WHERE correction_of = k.id AND kind = '{USAGE}' OFFSET 0) AS r "
-    "ORDER BY r.id"
-)
-_REJECTED_SQL = text(
-    "SELECT r.record_id, r.reason FROM unnest(CAST(:ids AS TEXT[])) AS k(id) "
-    "CROSS JOIN LATERAL (SELECT record_id, reason FROM rejected_usage "
-    "WHERE datacenter_id = :dc AND record_id = k.id OFFSET 0) AS r"
-)
-
-
-def _booked(session: Session, event_ids: list[str]) -> list[tuple[int, RedemptionRow]]:
-    if dialect(session) == "postgresql":
-        return _found(session, _BOOKED_SQL, {"ids": event_ids})
-    return _found(
+def locked_batch(session: Session, rules: domain.CityRules, code: str) -> _Batch:
+    """A batch of no records holding the voucher's and its program's locks."""
+    batch = _Batch(session, rules, [])
+    batch.vouchers = lock_rows(session, Voucher, Voucher.code, [code])
+    batch.programs = lock_rows(
         session,
-        select(*_LOOKED_UP)
-        .where(_TABLE.c.event_id.in_(event_ids))
-        .order_by(_TABLE.c.id),
+        Program,
+        Program.id,
+        {v.program_id for v in batch.vouchers.values()},
+        key_share=True,
     )
-
-
-def _corrections(session: Session, record_ids: list[str]):
-    """(datacenter_id, corrected record, correction) of the booked corrections
-    of ``record_ids`` (in any data centre), in booking order."""
-    if dialect(session) == "postgresql":
-        return session.execute(_CORRECTIONS_SQL, {"ids": record_ids}).all()
-    return session.execute(
-        select(Redemption.datacenter_id, Redemption.correction_of, Redemption.record_id)
-        .where(Redemption.correction_of.in_(record_ids), Redemption.kind == USAGE)
-        .order_by(Redemption.id)
-    ).all()
-
-
-def _rejected(session: Session, dc: str, record_ids: list[str]):
-    """(record_id, reason) of those of ``record_ids`` rejected before."""
-    if dialect(session) == "postgresql":
-        return session.execute(_REJECTED_SQL, {"dc": dc, "ids": record_ids}).all()
-    return session.execute(
-        select(RejectedUsage.record_id, RejectedUsage.reason).where(
-            RejectedUsage.datacenter_id == dc,
-            RejectedUsage.record_id.in_(record_ids),
-        )
-    ).all()
-
-
-def _by_datacenter(keys: Iterable[Key]) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = {}
-    for datacenter_id, record_id in keys:
-        grouped.setdefault(datacenter_id, []).append(record_id)
-    return grouped
-
-
-def _already_done(
-    session: Session, event_ids: dict[Key, str]
-) -> tuple[dict[Key, BookingOutcome], dict[Key, str]]:
-    """The outcomes of the records booked or rejected before (their keys → the
-    event ids of their bookings), and which records a booked correction
-    already replaced (record → its latest correction)."""
-    keys = list(event_ids)
-    rows = _booked(session, list(event_ids.values()))
-    # A record whose row has a correction_of was booked as a correction and
-    # wrote a reversal too, under its id as the source: rare, so those are
-    # read again with every row they wrote.
-    again = {
-        (r.datacenter_id, r.source_record_id) for _id, r in rows if r.correction_of
-    }
-    for dc, record_ids in _by_datacenter(again).items():
-        rows += _found(
-            session,
-            select(*_LOOKED_UP).where(
-                _TABLE.c.datacenter_id == dc,
-                _TABLE.c.source_record_id.in_(record_ids),
-                _TABLE.c.kind == REVERSAL,
-            ),
-        )
-    booked: dict[Key, list[RedemptionRow]] = {}
-    for _id, row in sorted(rows, key=lambda r: r[0]) if again else rows:
-        booked.setdefault((row.datacenter_id, row.source_record_id), []).append(row)
-    done = {
-        key: BookingOutcome(tuple(lines), duplicate=True)
-        for key, lines in booked.items()
-    }
-    wanted = set(keys)
-    superseded = {
-        (dc, corrected): correction
-        for dc, corrected, correction in _corrections(
-            session, sorted({r for _dc, r in keys})
-        )
-        if (dc, corrected) in wanted
-    }
-    for dc, record_ids in _by_datacenter(k for k in keys if k not in done).items():
-        for record_id, reason in _rejected(session, dc, record_ids):
-            done[(dc, record_id)] = BookingOutcome(rejected=reason, duplicate=True)
-    return done, superseded
+    return batch

@@ -7,20 +7,29 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from services.common.parking_store import ParkingStore
 from services.vouchers import domain
 from services.vouchers.ledger import (
+    bindings,
     booking,
+    clawback,
     issue,
     lifecycle,
     outbox,
     programs,
     queries,
 )
-from services.vouchers.models import Application, OutboxEvent
+
+# Imported by name: the package's ``review`` is lifecycle's (applications).
+from services.vouchers.ledger.review import decide_held, list_held
+from services.vouchers.models import Application, OutboxEvent, ParkedEvent
 
 
-class CityLedger:
-    """What a worker gets injected: one session and the city's rules."""
+class CityLedger(ParkingStore):
+    """What a worker gets injected: one session and the city's rules (and
+    the usage queue's parked events, ``services/common/parking_store.py``)."""
+
+    parked_model = ParkedEvent
 
     def __init__(self, session: Session, rules: domain.CityRules):
         self.session = session
@@ -40,6 +49,22 @@ class CityLedger:
         self, records: Sequence[Mapping[str, Any]]
     ) -> list[booking.BookingOutcome]:
         return booking.book_usage_batch(self.session, self.rules, records)
+
+    def list_bindings(self, code: str):
+        return bindings.list_bindings(self.session, code)
+
+    def authorise_binding(self, code, datacenter_id, tenant_id, actor):
+        return bindings.authorise(
+            self.session, self.rules, code, datacenter_id, tenant_id, actor
+        )
+
+    def withdraw_binding(self, code, datacenter_id, tenant_id, actor):
+        return bindings.withdraw(
+            self.session, self.rules, code, datacenter_id, tenant_id, actor
+        )
+
+    def apply_binding_requests(self, requests) -> list[OutboxEvent]:
+        return bindings.apply_requests(self.session, self.rules, requests)
 
     def get_voucher(self, code: str):
         return queries.get_voucher(self.session, code)
@@ -91,3 +116,27 @@ class CityLedger:
 
     def totals(self) -> dict[str, Any]:
         return queries.ledger_totals(self.session, self.rules)
+
+    # Review and clawback (ledger/review.py, ledger/clawback.py)
+
+    def hold_booked(self, hold_event: Mapping[str, Any]) -> list[OutboxEvent]:
+        return clawback.hold_booked(self.session, self.rules, hold_event)
+
+    def list_held(self, status=None, limit: int = 100, offset: int = 0):
+        return list_held(self.session, status, limit, offset)
+
+    def decide_held(self, datacenter_id, record_id, decision, reason, actor):
+        return decide_held(
+            self.session, self.rules, datacenter_id, record_id, decision, reason, actor
+        )
+
+    def claw_back(self, datacenter_id, record_id, reason, actor, voucher_code=None):
+        return clawback.claw_back(
+            self.session,
+            self.rules,
+            datacenter_id,
+            record_id,
+            reason,
+            actor,
+            voucher_code,
+        )

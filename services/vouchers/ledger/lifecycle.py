@@ -3,10 +3,10 @@ or revocation (its unspent balance goes back to the program's budget)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from services.common.contracts import event_id
@@ -121,17 +121,19 @@ def expire_due(
     now: datetime | None = None,
     limit: int = 200,
 ) -> list[OutboxEvent]:
-    """Expire up to ``limit`` active vouchers past their date, in one transaction.
+    """Expire up to ``limit`` active vouchers whose grace period is over, in
+    one transaction; until then a voucher stays active, and books the late
+    records of jobs that ended by its expiry.
 
     Vouchers another copy of the service is closing are skipped (SKIP LOCKED).
     """
     now = now or utcnow()
     with transaction(session):
-        # The index on (status, expires_at) finds the candidates;
-        # domain.due_to_expire is the rule.
+        # The index on (status, expires_at) finds the candidates, each
+        # program's by its own grace period; domain.due_to_expire is the rule.
         statement = (
             select(Voucher)
-            .where(Voucher.status == domain.ACTIVE, Voucher.expires_at <= now)
+            .where(Voucher.status == domain.ACTIVE, _past_grace(rules, now))
             .order_by(Voucher.code)
             .limit(limit)
         )
@@ -140,8 +142,32 @@ def expire_due(
         return [
             _close(session, rules, v, domain.EXPIRED, "system", "expired", now)
             for v in session.scalars(statement).all()
-            if domain.due_to_expire(v.status, v.expires_at, now)
+            if domain.due_to_expire(v.status, v.expires_at, _grace(rules, v), now)
         ]
+
+
+def _grace(rules: domain.CityRules, voucher: Voucher) -> int:
+    program = rules.program(voucher.program_id)
+    return program.grace_days if program is not None else domain.DEFAULT_GRACE_DAYS
+
+
+def _past_grace(rules: domain.CityRules, now: datetime):
+    """SQL: the voucher's grace period ended by ``now`` (a program no longer
+    in the rules has the default one)."""
+    ids = [program.id for program in rules.programs]
+    return or_(
+        *(
+            and_(
+                Voucher.program_id == program.id,
+                Voucher.expires_at <= now - timedelta(days=program.grace_days),
+            )
+            for program in rules.programs
+        ),
+        and_(
+            Voucher.program_id.not_in(ids),
+            Voucher.expires_at <= now - timedelta(days=domain.DEFAULT_GRACE_DAYS),
+        ),
+    )
 
 
 def revoke(

@@ -13,9 +13,15 @@ from sqlalchemy.orm import Session
 from services.common.errors import InvalidRequest, NotFound
 from services.common.units import utcnow
 from services.vouchers import domain
-from services.vouchers.ledger.booking import REVERSAL, USAGE
+from services.vouchers.ledger.redemptions import (
+    CLAWBACK,
+    HOLD_REVERSAL,
+    REVERSAL,
+    USAGE,
+)
 from services.vouchers.models import (
     Application,
+    HeldUsage,
     LedgerEntry,
     Program,
     Redemption,
@@ -24,12 +30,16 @@ from services.vouchers.models import (
 )
 
 # A redemption line's status (CONTRACTS.md §7) from what the ledger keeps: a
-# usage row was booked; a reversal row gives back the subsidy of a booked line
-# that a correction superseded; a rejected_usage row naming the voucher was
-# refused (nothing booked, so no GPU-seconds or money on it).
+# usage row (or its booking again on release) was booked; a reversal row
+# gives back the subsidy of a booked line that a correction superseded, a
+# clawback one that a review found wrong; a hold row takes back a booking
+# while it is reviewed; a rejected_usage row naming the voucher was refused
+# (nothing booked, so no GPU-seconds or money on it); a held_usage row still
+# held on arrival is held (rated, not booked: no money on it).
 BOOKED = "booked"
 CLAWED_BACK = "clawed_back"
 REFUSED = "refused"
+HELD = "held"
 
 
 def get_voucher(
@@ -69,7 +79,9 @@ def list_redemptions(
         Redemption.datacenter_id,
         Redemption.kind,
         case(
-            (Redemption.kind == REVERSAL, literal(CLAWED_BACK)), else_=literal(BOOKED)
+            (Redemption.kind.in_((REVERSAL, CLAWBACK)), literal(CLAWED_BACK)),
+            (Redemption.kind == HOLD_REVERSAL, literal(HELD)),
+            else_=literal(BOOKED),
         ).label("status"),
         Redemption.gpu_seconds,
         Redemption.cost_fen,
@@ -91,7 +103,25 @@ def list_redemptions(
         null().cast(BigInteger),
         RejectedUsage.reason,
     ).where(RejectedUsage.voucher_code == code)
-    lines = union_all(booked, refused).subquery()
+    held = select(
+        literal(2),
+        HeldUsage.id,
+        HeldUsage.held_at,
+        HeldUsage.record_id,
+        HeldUsage.datacenter_id,
+        literal(USAGE),
+        literal(HELD),
+        HeldUsage.gpu_seconds,
+        HeldUsage.cost_fen,
+        null().cast(BigInteger),
+        null().cast(BigInteger),
+        HeldUsage.reason,
+    ).where(
+        HeldUsage.voucher_code == code,
+        HeldUsage.status == domain.HELD,
+        HeldUsage.record.is_not(None),
+    )
+    lines = union_all(booked, refused, held).subquery()
     rows = session.execute(
         select(lines)
         .order_by(lines.c.at, lines.c.source, lines.c.id)

@@ -152,6 +152,11 @@ def test_routing_keys_cover_the_registry_events():
         "*.voucher_redeemed",
         "*.voucher_released",
         "*.heartbeat",
+        "*.binding_changed",
+        "*.usage_refused",
+        "*.usage_held",
+        "*.usage_released",
+        "*.voucher_clawed_back",
     ]
 
 
@@ -163,7 +168,7 @@ def test_routing_keys_cover_the_registry_events():
     [
         "national_admin",
         "city_admin:shanghai",
-        "company:shanghai:91310000MA1FL5XX1K",
+        "company:91310000MA1FL5XX1G",
         "datacenter:guian-gov-01",
     ],
 )
@@ -181,10 +186,15 @@ def test_valid_roles_are_accepted(role):
         "city_admin",
         "city_admin:",
         "city_admin:Shanghai",
+        "company",
+        "company:",
         "company:shanghai",
-        "company:shanghai:",
-        "company:shanghai:a:b",
-        "company:shanghai:a b",
+        # the legacy shape with a city, even of a well-formed code
+        "company:shanghai:91310000MA1FL5XX1G",
+        # a wrong check character, lower case (not as the registry spells it)
+        "company:91310000MA1FL5XX1K",
+        "company:91310000ma1fl5xx1g",
+        "company:91310000MA1FL5XX1G:x",
         "datacenter:Guian_01",
         "root",
     ],
@@ -193,6 +203,17 @@ def test_invalid_roles_are_refused(role):
     with pytest.raises(InvalidRequest) as info:
         tokens.validate_role(role)
     assert info.value.code == "invalid_role"
+
+
+def test_a_company_role_is_its_normalised_credit_code():
+    assert tokens.company_role(" 91310000ma1fl5xx1g ") == "company:91310000MA1FL5XX1G"
+
+
+@pytest.mark.parametrize("code", ["91310000MA1FL5XX1K", "9131", None, "C1"])
+def test_a_malformed_credit_code_makes_no_company_role(code):
+    with pytest.raises(InvalidRequest) as info:
+        tokens.company_role(code)
+    assert info.value.code == "invalid_credit_code"
 
 
 def test_tokens_are_random_and_stored_as_sha256():

@@ -15,6 +15,7 @@ from services.city_registry.dependencies import Prefixes, ViewCache
 from services.city_registry.domain import tokens
 from services.city_registry.service import CityRegistryService
 from services.city_registry.store import RegistryStore
+from services.common import creditcode
 from services.common.amqp import RawMessage
 from services.common.contracts import make_event
 from services.common.db import make_engine
@@ -24,6 +25,10 @@ from services.common.vouchercode import generate
 from tests.support.federation_data import program
 
 NOW = datetime(2025, 6, 1, tzinfo=UTC)
+C1, C2 = (
+    creditcode.complete("91310000MA1QA0001"),
+    creditcode.complete("91310000MA1QA0002"),
+)
 
 
 @pytest.fixture
@@ -262,10 +267,10 @@ def test_the_default_expiry_comes_from_the_config(service):
 
 def test_tokens_are_listed_by_id_never_by_secret(service):
     with _at(NOW):
-        token = service.issue_token("company:shanghai:C1")
-        service.issue_token("company:shanghai:C2")
+        token = service.issue_token(f"company:{C1}")
+        service.issue_token(f"company:{C2}")
         service.authenticate(token)
-        listed = service.list_tokens(role="company:shanghai:C1")
+        listed = service.list_tokens(role=f"company:{C1}")
     assert listed["total"] == 1
     (item,) = listed["items"]
     assert set(item) == {
@@ -313,3 +318,38 @@ def test_one_token_is_revoked_and_only_within_a_role(service):
     for wrong in ("tok_0000000000000000", "not-an-id", None, 7):
         with pytest.raises(NotFound):
             service.revoke_token(wrong)
+
+
+def _at_company_tokens(moment):
+    return patch("services.city_registry.company_tokens.utcnow", return_value=moment)
+
+
+def test_a_company_is_issued_its_first_token_once(service):
+    with _at_company_tokens(NOW):
+        first = service.issue_company_token(C1.lower())
+        assert service.issue_company_token(C1) is None
+    assert first["role"] == f"company:{C1}"
+    assert tokens.TOKEN_ID.match(first["id"])
+    assert first["expires_at"] == "2026-05-30T08:00:00Z"  # the default 90 days
+    with _at(NOW):
+        assert service.authenticate(first["token"]) == {"role": f"company:{C1}"}
+
+
+def test_a_reissued_company_token_replaces_the_earlier_ones(service):
+    with _at_company_tokens(NOW):
+        first = service.issue_company_token(C1)
+        again = service.reissue_company_token(C1)
+    assert again["revoked_tokens"] == 1 and again["role"] == f"company:{C1}"
+    with _at(NOW):
+        assert service.authenticate(first["token"]) is None
+        assert service.authenticate(again["token"]) == {"role": f"company:{C1}"}
+
+
+@pytest.mark.parametrize("method", ["issue_company_token", "reissue_company_token"])
+def test_a_malformed_credit_code_gets_no_company_token(service, method):
+    wrong = C1[:17] + ("0" if C1[17] != "0" else "1")
+    with pytest.raises(InvalidRequest) as info:
+        getattr(service, method)(wrong)
+    assert info.value.code == "invalid_credit_code"
+    assert "check character" in info.value.message
+    assert service.list_tokens()["total"] == 0

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from services.city_registry.domain import tokens, views
 from services.city_registry.domain.events import ledger_delta
-from services.city_registry.models import Base
+from services.city_registry.models import Base, City, Datacenter
 from services.city_registry.store import RegistryStore, read_deploy_dir
+from services.common import creditcode
 from services.common.contracts import load_event, make_event
 from services.common.db import make_engine
 from services.common.migrations import upgrade
@@ -23,6 +24,8 @@ from tests.support.federation_data import program
 DEPLOY_DIR = Path(__file__).resolve().parents[3] / "deploy"
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 SHA = "b" * 64
+COMPANY_1 = f"company:{creditcode.complete('91310000MA1QA0001')}"
+COMPANY_2 = f"company:{creditcode.complete('91310000MA1QA0002')}"
 
 
 @pytest.fixture
@@ -156,6 +159,28 @@ def test_duplicate_event_is_applied_once(store):
     assert view["committed_fen"] == 300 and view["vouchers_issued"] == 1
 
 
+def test_binding_changed_is_recorded_once_and_moves_no_figures(store):
+    store.apply_event("program_published", _published(), NOW)
+    store.apply_event("voucher_issued", _issued("i1", 300), NOW)
+    before = _view(store)
+    changed = _event(
+        "binding_changed",
+        "shanghai",
+        "b1",
+        voucher_code="SH-AAAAAAAAAAAA-0",
+        company_id="91310000MA1FL5XX1K",
+        datacenter_id="dc-1",
+        tenant_id="tenant-1",
+        status="authorised",
+        actor="company:91310000MA1FL5XX1K",
+        changed_at=NOW,
+    )
+
+    assert store.apply_event("binding_changed", changed, NOW) is True
+    assert store.apply_event("binding_changed", changed, NOW) is False
+    assert _view(store) == before
+
+
 def test_city_joins_by_its_first_program_published(store):
     store.apply_event(
         "program_published",
@@ -204,9 +229,34 @@ def test_admission_derives_a_unique_prefix_when_the_requested_is_taken(store):
 
 def test_a_refused_admission_reserves_nothing(store):
     store.admit_city("ningbo", "Ningbo", NOW, "NB")
+    store.credentials_delivered(City, "ningbo")
     assert store.admit_city("ningbo", "Ningbo", NOW, "NX") == "exists"
     assert store.voucher_prefix("ningbo") == "NB"
     assert views.voucher_prefixes(store.cities()) == {"NB": "ningbo"}
+
+
+def test_an_admission_whose_credentials_were_never_delivered_is_pending(store):
+    assert store.admit_city("ningbo", "Ningbo", NOW, "NB") == "admitted"
+    # The grant failed: the same admission again is told to complete it,
+    # with the prefix it reserved the first time.
+    assert store.admit_city("ningbo", "Ningbo", NOW, "NX") == "pending"
+    assert store.voucher_prefix("ningbo") == "NB"
+    store.credentials_delivered(City, "ningbo")
+    assert store.admit_city("ningbo", "Ningbo", NOW) == "exists"
+
+
+def test_a_registration_whose_credentials_were_never_delivered_is_pending(store):
+    cities, datacenters = read_deploy_dir(DEPLOY_DIR)
+    first = datacenters[0]
+    store.seed(cities, datacenters)
+    assert store.add_datacenter(first, NOW) == "exists"  # seeded: not pending
+    new = replace(first, id="wuhan-new-01", name="Wuhan New")
+    assert store.add_datacenter(new, NOW) == "added"
+    renamed = replace(new, name="Wuhan New Computing Centre")
+    assert store.add_datacenter(renamed, NOW) == "pending"
+    assert store.datacenter("wuhan-new-01").name == "Wuhan New Computing Centre"
+    store.credentials_delivered(Datacenter, "wuhan-new-01")
+    assert store.add_datacenter(renamed, NOW) == "exists"
 
 
 def test_seeded_cities_get_their_files_prefixes_and_keep_them(store):
@@ -312,9 +362,9 @@ def test_last_use_is_written_at_most_every_few_minutes(store):
 
 
 def test_tokens_are_listed_by_role_without_their_digest(store):
-    mine = _add_token(store, "a", "company:shanghai:C1")
-    _add_token(store, "b", "company:shanghai:C2", now=NOW + timedelta(seconds=1))
-    rows, total = store.tokens("company:shanghai:C1")
+    mine = _add_token(store, "a", COMPANY_1)
+    _add_token(store, "b", COMPANY_2, now=NOW + timedelta(seconds=1))
+    rows, total = store.tokens(COMPANY_1)
     assert (total, [row["id"] for row in rows]) == (1, [mine])
     assert set(rows[0]) == {
         "id",
@@ -326,7 +376,7 @@ def test_tokens_are_listed_by_role_without_their_digest(store):
     }
     everyone, total = store.tokens(limit=1)
     assert total == 2 and len(everyone) == 1
-    assert everyone[0]["role"] == "company:shanghai:C2"  # newest first
+    assert everyone[0]["role"] == COMPANY_2  # newest first
 
 
 def test_one_token_is_revoked_by_id_and_only_in_its_role(store):
@@ -416,3 +466,74 @@ def test_totals_equal_the_sum_of_distinct_events(shared_engine, events, attribut
         if attributed:
             assert view["programs"][0][key] == value
     assert view["available_fen"] + view["committed_fen"] + view["redeemed_fen"] == 10**9
+
+
+def _first_token(store, secret, role=COMPANY_1, now=NOW, **kwargs):
+    return store.add_first_token(
+        tokens.token_digest(secret),
+        role,
+        now,
+        token_id=tokens.new_token_id(),
+        **kwargs,
+    )
+
+
+def test_a_company_gets_a_first_token_only_while_it_has_no_live_one(store):
+    assert _first_token(store, "first", expires_at=NOW + timedelta(days=1))
+    assert not _first_token(store, "second")
+    assert store.role_for(tokens.token_digest("second"), NOW) is None
+    assert _first_token(store, "other", role=COMPANY_2)  # another company
+    # Expired, the first no longer counts: the next voucher brings a token.
+    tomorrow = NOW + timedelta(days=1)
+    assert _first_token(store, "third", now=tomorrow)
+    assert store.role_for(tokens.token_digest("third"), tomorrow) == COMPANY_1
+
+
+def test_a_revoked_token_does_not_count_as_live(store):
+    token_id = _add_token(store, "old", COMPANY_1)
+    store.revoke_token(token_id, NOW)
+    assert _first_token(store, "new")
+
+
+def test_two_first_tokens_at_once_store_one(sqlite_url):
+    """Real threads, a session each, on one SQLite file: the insert takes the
+    database's write lock, so the second counts the first's token."""
+    import threading
+
+    from sqlalchemy.orm import Session
+
+    upgrade("city_registry", sqlite_url)
+    engine = make_engine(sqlite_url)
+    barrier = threading.Barrier(6)
+    outcomes = []
+
+    def race(n):
+        with Session(engine, expire_on_commit=False) as session:
+            barrier.wait()
+            outcomes.append(_first_token(RegistryStore(session), f"t{n}"))
+
+    threads = [threading.Thread(target=race, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with Session(engine) as session:
+        _, total = RegistryStore(session).tokens(COMPANY_1)
+    engine.dispose()
+    assert sorted(outcomes) == [False] * 5 + [True]
+    assert total == 1
+
+
+def test_replacing_a_companys_tokens_revokes_every_earlier_one(store):
+    _add_token(store, "a", COMPANY_1)
+    _add_token(store, "b", COMPANY_1)
+    _add_token(store, "c", COMPANY_2)
+    later = NOW + timedelta(minutes=1)
+    revoked = store.replace_tokens(
+        tokens.token_digest("new"), COMPANY_1, later, token_id=tokens.new_token_id()
+    )
+    assert revoked == 2
+    assert store.role_for(tokens.token_digest("a"), later) is None
+    assert store.role_for(tokens.token_digest("b"), later) is None
+    assert store.role_for(tokens.token_digest("new"), later) == COMPANY_1
+    assert store.role_for(tokens.token_digest("c"), later) == COMPANY_2

@@ -1,5 +1,7 @@
 """The batch consumers' two acking policies, and the publisher's confirm count."""
 
+import amqp
+import amqp.spec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,7 +11,9 @@ from services.common.amqp import RawMessage
 
 
 class _Channel:
-    """Records what a policy sends to the broker, in order."""
+    """Records what a policy sends to the broker, in order. It has what
+    py-amqp's channel has, and no more: no ``basic_nack`` (a nack is sent as
+    its method frame, ``deliveries.basic_nack``)."""
 
     def __init__(self, log: list):
         self.log = log
@@ -17,7 +21,9 @@ class _Channel:
     def basic_ack(self, tag, multiple=False):
         self.log.append(("ack", tag, multiple))
 
-    def basic_nack(self, tag, multiple=False, requeue=True):
+    def send_method(self, sig, format=None, args=None):
+        assert sig == amqp.spec.Basic.Nack and format == "Lbb", sig
+        tag, multiple, requeue = args
         self.log.append(("nack", tag, multiple, requeue))
 
     def basic_reject(self, tag, requeue=True):
@@ -118,6 +124,46 @@ def test_a_failed_or_unconfirmed_worker_is_settled_after_the_batch_before_it():
         ("ack", 2, True),
         ("nack", 4, True, True),
         ("ack", 6, True),
+    ]
+
+
+def test_a_partly_done_batch_acks_its_done_messages_once_confirmed():
+    """A worker that booked its batch one by one (issue 16) names the
+    messages to try again: they are requeued, the others acked, each on its
+    own and only once the done ones' events are confirmed; the next batch's
+    ``multiple`` ack then covers nothing of it."""
+    log = []
+    acks = batching._AckWhenConfirmed(_Channel(log))
+    done = batching.Requeue(frozenset({1}), _Confirmation(log, "first"))
+    acks.done(_batch(1, 3), done, None)
+    assert log == []  # like a confirmation: the next batch is worked on
+    acks.done(_batch(4, 2), _Confirmation(log, "second"), None)
+    acks.close()
+    assert log == [
+        ("wait", "first"),
+        ("ack", 1, False),
+        ("reject", 2, True),
+        ("ack", 3, False),
+        ("wait", "second"),
+        ("ack", 5, True),
+    ]
+
+
+def test_a_partly_done_batch_without_events_or_confirmed_is_settled_so():
+    log = []
+    acks = batching._AckWhenConfirmed(_Channel(log))
+    acks.done(_batch(1, 2), batching.Requeue(frozenset({0})), None)
+    acks.done(
+        _batch(3, 2),
+        batching.Requeue(frozenset({1}), _Confirmation(log, "x", fails=True)),
+        None,
+    )
+    acks.close()
+    assert log == [
+        ("reject", 1, True),
+        ("ack", 2, False),
+        ("wait", "x"),
+        ("nack", 4, True, True),  # unconfirmed: all of it again
     ]
 
 

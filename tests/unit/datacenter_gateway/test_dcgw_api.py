@@ -208,3 +208,27 @@ def test_service_errors_have_the_portals_status(client, error_class, status):
         "message": "what went wrong",
         "details": {"x": 1},
     }
+
+
+def test_gpu_uuids_are_accepted_and_published_as_sent(client, outbox, record_factory):
+    uuids = ["GPU-5c7e1f2a-0b1c-4d2e-8f3a-1b2c3d4e5f60", "MIG-9d03b6e4-77aa"]
+    named = record_factory(gpu_count=2, gpu_seconds=7200, gpu_uuids=uuids)
+    plain = record_factory()
+    response = client.post("/v1/usage", json=[named, plain])
+    assert response.status_code == 202, response.get_json()
+    bodies = stored(outbox)
+    assert bodies[named["record_id"]]["gpu_uuids"] == uuids
+    # a record without them is published as before the field existed
+    assert "gpu_uuids" not in bodies[plain["record_id"]]
+
+
+@pytest.mark.parametrize(
+    "uuids",
+    [["GPU-1"], ["GPU-1", "GPU-1"], ["GPU-1", "nvidia0"], "GPU-1,GPU-2", [1, 2]],
+)
+def test_malformed_gpu_uuids_are_refused(client, outbox, record_factory, uuids):
+    bad = record_factory(gpu_count=2, gpu_seconds=7200, gpu_uuids=uuids)
+    response = client.post("/v1/usage", json=[bad])
+    assert response.status_code == 400
+    assert "gpu_uuids" in response.get_json()["details"]["0"]
+    assert outbox.backlog(fresh=True) == 0

@@ -4,6 +4,7 @@ import json
 from datetime import timedelta
 
 from services.common import signing
+from services.common.backoff import Backoff
 from services.common.contracts import CapacityReportSchema
 from services.common.units import format_ts, utcnow
 from services.datacenter_gateway import domain
@@ -29,11 +30,26 @@ def test_capacity_report_caps_allocation_at_total():
 
 
 def test_backoff_doubles_to_a_cap_and_resets():
-    backoff = domain.Backoff()
+    backoff = Backoff(jitter=False)
     delays = [backoff.next_delay() for _ in range(9)]
     assert delays == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
     backoff.reset()
     assert backoff.next_delay() == 0.5
+
+
+def test_backoff_jitter_spreads_each_step_over_its_upper_half():
+    """1 000 gateways that lost the broker together do not come back together."""
+    import random
+    import statistics
+
+    steps = [0.5, 1, 2, 4, 8, 16, 30, 30]
+    gateways = [Backoff(rng=random.Random(seed)) for seed in range(1000)]
+    for step in steps:
+        delays = [g.next_delay() for g in gateways]
+        assert all(step / 2 <= d <= step for d in delays)
+        # spread over the interval, not bunched: a uniform's deviation is w/√12
+        assert statistics.pstdev(delays) > 0.8 * (step / 2) / 12**0.5
+        assert len(set(delays)) > 990
 
 
 def test_parse_inventory_finds_this_datacenter():

@@ -14,8 +14,13 @@ def sacct(*rows):
     return "JobID|Account|State|Start|End|AllocTRES\n" + "".join(r + "\n" for r in rows)
 
 
+# One end for every job of the module: the same job written twice (the next
+# cron run) must read the same, even across a second's boundary.
+END = (utcnow() - timedelta(hours=2)).replace(microsecond=0, tzinfo=None)
+
+
 def job(job_id, account="acme", state="COMPLETED", hours=1, gpus="gres/gpu:h800=8"):
-    end = (utcnow() - timedelta(hours=2)).replace(microsecond=0, tzinfo=None)
+    end = END
     start = end - timedelta(hours=hours)
     return f"{job_id}|{account}|{state}|{start.isoformat()}|{end.isoformat()}|{gpus}"
 

@@ -51,3 +51,24 @@ def test_a_utilisation_target_sets_the_rate(target):
 def test_a_utilisation_target_needs_counts():
     with pytest.raises(ValueError, match="GPU counts"):
         simulate.rate_for_utilisation(0.3, {"H800": None})
+
+
+def test_no_job_starts_before_the_agent_began_watching():
+    """The demo's vouchers pay only for jobs that started after their tenants
+    were authorised, just before the agents start (DESIGN.md §9)."""
+    from datetime import timedelta
+
+    from services.common.units import utcnow
+
+    rng = random.Random(3)
+    tenant = simulate.Tenant("t", None)
+    since = utcnow().replace(microsecond=0) - timedelta(seconds=30)
+    for _ in range(500):
+        job = simulate.make_job(rng, tenant, INVENTORY, late_s=0, not_before=since)
+        started, ended = parse_ts(job["started_at"]), parse_ts(job["ended_at"])
+        assert started >= since
+        assert ended - started >= timedelta(seconds=simulate.MIN_SEEN_S)
+        assert ended <= utcnow() + timedelta(seconds=simulate.MIN_SEEN_S)
+        assert (
+            job["gpu_seconds"] <= job["gpu_count"] * (ended - started).total_seconds()
+        )

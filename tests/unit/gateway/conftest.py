@@ -6,7 +6,6 @@ security ring: ``tests/support/portal_app.py``.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -45,7 +44,7 @@ def voucher_factory() -> Callable[..., dict]:
             "code": vouchercode.generate("SH"),
             "city": "shanghai",
             "program_id": "sh-compute-2025",
-            "company_id": f"C{uuid.uuid4().hex[:8]}",
+            "company_id": creditcode.generate(),
             "status": "active",
             "face_value_fen": 100_000_000,
             "balance_fen": 100_000_000,

@@ -140,7 +140,7 @@ def test_an_error_is_one_line_with_status_and_code(run, rpc):
 
 
 def test_forbidden_is_reported_with_the_portals_message(run, rpc, tmp_path):
-    rpc.roles["tok-company"] = "company:chengdu:C1"
+    rpc.roles["tok-company"] = "datacenter:dc-1"
     application = tmp_path / "application.json"
     application.write_text(json.dumps({"program_id": "p"}))
 
@@ -164,6 +164,10 @@ def test_apply_uses_the_citys_token_and_shows_the_reasons(
         "rules_version": "v1",
         "voucher": voucher,
     }
+    rpc.replies[("city_registry", "issue_company_token")] = {
+        "token": "first-company-token",
+        "id": "tok_0000000000000001",
+    }
     application = tmp_path / "application.json"
     application.write_text(json.dumps(application_factory()))
 
@@ -171,6 +175,8 @@ def test_apply_uses_the_citys_token_and_shows_the_reasons(
 
     assert result.exit_code == 0, result.output
     assert "approved" in result.output and voucher["code"] in result.output
+    # the company's first token, shown this once: the staff hand it over
+    assert "first-company-token" in result.output
     assert session.requests[-1][2]["Authorization"] == f"Bearer {CITY_TOKEN}"
 
 
@@ -374,3 +380,65 @@ def test_simulate_names_an_unknown_datacenter(credentials):
 
     assert result.exit_code == 1
     assert "no gateway for data centre 'nowhere'" in result.output
+
+
+PARKED = {
+    "id": 3,
+    "routing_key": "shanghai.program_published",
+    "event_id": "sh-poison",
+    "kind": "failed",
+    "reason": "DataError: integer out of range",
+    "attempts": 5,
+    "parked_at": "2026-12-07T08:00:00Z",
+    "replayed_at": None,
+    "outcome": None,
+}
+
+
+def test_parked_list_shows_each_reason(run, rpc):
+    rpc.replies[("city_registry", "list_parked_events")] = lambda **kw: {
+        "items": [PARKED] if kw.get("kind") in (None, "failed") else [],
+        "total": 1 if kw.get("kind") in (None, "failed") else 0,
+    }
+
+    shown = run("parked", "list")
+    only_rejected = run("parked", "list", "--kind", "rejected", "--json")
+
+    assert shown.exit_code == 0, shown.output
+    assert "parked events of registry (1)" in shown.output
+    assert "DataError" in shown.output
+    assert json.loads(only_rejected.output)["items"] == []
+
+
+def test_parked_replay_exits_1_while_it_still_fails(run, rpc):
+    outcomes = iter(["parked_again", "applied"])
+    rpc.replies[("city_registry", "replay_parked_event")] = lambda parked_id: {
+        "id": parked_id,
+        "outcome": next(outcomes),
+        "reason": None,
+    }
+
+    failing = run("parked", "replay", "3")
+    applied = run("parked", "replay", "3")
+
+    assert failing.exit_code == 1 and "parked_again" in failing.output
+    assert applied.exit_code == 0 and "applied" in applied.output
+
+
+def test_parked_service_selects_whose(run, rpc):
+    rpc.replies[("metering", "list_parked_events")] = lambda **kw: {
+        "items": [PARKED],
+        "total": 1,
+    }
+    rpc.replies[("metering", "replay_parked_event")] = lambda parked_id: {
+        "id": parked_id,
+        "outcome": "applied",
+        "reason": None,
+    }
+
+    shown = run("parked", "list", "--service", "metering")
+    applied = run("parked", "replay", "3", "--service", "metering")
+
+    assert shown.exit_code == 0 and "parked events of metering (1)" in shown.output
+    assert applied.exit_code == 0 and "of metering: applied" in applied.output
+    assert rpc.called("metering", "replay_parked_event") == [((3,), {})]

@@ -9,11 +9,14 @@ import re
 import pytest
 
 from tests.support.portal_data import datacenter
+from tests.support.vouchers_data import credit_code
+
+HOLDER, OTHER = credit_code(1), credit_code(2)
 
 
 @pytest.fixture
 def network(rpc, city_factory, voucher_factory):
-    voucher = voucher_factory(company_id="C1")
+    voucher = voucher_factory(company_id=HOLDER)
     city = city_factory(
         programs=[
             {
@@ -106,10 +109,10 @@ def test_voucher_page_needs_its_holder(client, network, token_for):
     url = f"/vouchers/{network['voucher']['code']}"
     assert client.get(url).status_code == 302  # to the sign-in page
 
-    _sign_in(client, token_for, "company:shanghai:C-OTHER")
+    _sign_in(client, token_for, f"company:{OTHER}")
     assert client.get(url).status_code == 404
 
-    _sign_in(client, token_for, "company:shanghai:C1")
+    _sign_in(client, token_for, f"company:{HOLDER}")
     page = client.get(url)
     assert page.status_code == 200
     assert _chart_data(page.get_data(as_text=True))["balance"]["values"][0] == 1e6

@@ -258,7 +258,10 @@ def reference_check(registry, message, index, rated_at):
         hub_region=rating.datacenter["hub_region"],
         chip_origin=rating.datacenter["chip_origin"],
         rated_at=rated_at,
+        hold=None,
     )
+    if row["gpu_uuids"] is not None:  # stored as its canonical JSON array
+        row["gpu_uuids"] = contracts.canonical_json(row["gpu_uuids"]).decode()
     return row, digest, wire, (datacenter_id, record["record_id"])
 
 
@@ -291,6 +294,16 @@ def messages(draw):
         started_at=format_ts(now - timedelta(hours=1)),
         ended_at=format_ts(now),
     )
+    uuids = draw(st.sampled_from(["absent", None, "matching", "one", "bad", "twice"]))
+    count = record["gpu_count"]
+    if uuids != "absent":
+        record["gpu_uuids"] = {
+            None: None,
+            "matching": [f"GPU-{n:04x}" for n in range(count)],
+            "one": ["MIG-0a1b"],
+            "bad": ["gpu-1"] + [f"GPU-{n}" for n in range(count - 1)],
+            "twice": ["GPU-1"] * count,
+        }[uuids]
     kind = draw(st.sampled_from(["usage", "usage", "usage", "capacity", "other"]))
     if kind == "capacity":
         record = {

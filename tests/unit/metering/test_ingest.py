@@ -15,10 +15,12 @@ from services.metering.domain.validation import Reason, Refused
 from services.metering.models import (
     DeadLetter,
     DeliveryAttempt,
+    ParkedEvent,
     UsageRecord,
     UsageRollup,
     UsageTotal,
 )
+from services.metering.parking import MeteringParkingStore
 from services.metering.registry import CachedRegistry, RegistryCacheState
 from tests.support.metering_data import (
     DATACENTER_ID,
@@ -191,25 +193,40 @@ def test_overview_and_listing_validate_their_arguments(session):
     assert reports.usage_overview(session) == {"datacenters": {}}
 
 
-def test_a_message_failing_alone_is_counted_then_a_processing_error(session):
+def test_a_message_failing_alone_is_counted_then_parked(session):
+    """Not a dead letter: it passed every check; the platform failed it
+    (issue 16). Parked whole, with the headers a replay checks again."""
     message = raw_message(usage())
     other = raw_message(usage())
     error = RuntimeError("boom at the database")
     for _ in range(2):
         assert not dead_letters.record_failure(session, message, error, 3)
     assert not dead_letters.record_failure(session, other, error, 3)
-    assert session.scalar(select(DeadLetter)) is None
+    assert session.scalar(select(ParkedEvent)) is None
     assert dead_letters.record_failure(session, message, error, 3)  # the third time
-    letter = session.scalar(select(DeadLetter))
-    assert letter.reason == Reason.PROCESSING_ERROR == "processing_error"
-    assert "RuntimeError: boom at the database" in letter.detail
-    assert letter.body == message.body.decode()
+    assert session.scalar(select(DeadLetter)) is None
+    parked = session.scalar(select(ParkedEvent))
+    assert (parked.kind, parked.attempts) == ("failed", 3)
+    assert parked.reason == "RuntimeError: boom at the database"
+    assert parked.body == message.body.decode()
+    assert parked.headers == message.headers
+    assert (
+        dead_letters.parked_message(
+            MeteringParkingStore(session).parked_event(parked.id)
+        ).body
+        == message.body
+    )
     # Its count is gone (a later copy starts afresh); the other's stays.
     assert [a.attempts for a in session.scalars(select(DeliveryAttempt))] == [1]
     dead_letters.forget_failures(session, other)
     assert session.scalar(select(func.count()).select_from(DeliveryAttempt)) == 0
-    [listed] = reports.list_dead_letters(session, reason="processing_error")
-    assert listed["reason"] == "processing_error"
+
+
+def test_the_brokers_delivery_count_counts_when_it_says_more(session):
+    message = raw_message(usage())
+    message.headers["x-delivery-count"] = 4  # a quorum queue, before a restart
+    assert dead_letters.record_failure(session, message, RuntimeError("x"), 5)
+    assert session.scalar(select(ParkedEvent)).attempts == 5
 
 
 def test_a_failing_batch_leaves_nothing_and_the_connection_usable(

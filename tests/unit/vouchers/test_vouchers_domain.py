@@ -122,23 +122,33 @@ def test_datacenter_scope(city_rules):
     assert listed.admits("dc-a", {}) and not listed.admits("dc-b", {})
 
 
+def _problem(program, status, expires_at, started_at, dc, attributes, **times):
+    """``usage_problem`` of an hour's record, its tenant authorised the hour
+    before it started, decided a second after it ended (``times`` override)."""
+    times = {
+        "ended_at": started_at + timedelta(hours=1),
+        "issued_at": None,
+        "authorised_at": started_at - timedelta(hours=1),
+        **times,
+    }
+    times.setdefault("now", times["ended_at"] + timedelta(seconds=1))
+    return domain.usage_problem(
+        program, status, expires_at, started_at, dc, attributes, **times
+    )
+
+
 def test_usage_problem_reasons(city_rules):
     program = city_rules.program("tc-west")
     now = datetime.now(UTC)
     later = now + timedelta(days=1)
     west = {"hub_region": "west"}
-    assert domain.usage_problem(None, None, None, now, "dc", west) == "unknown_voucher"
-    assert (
-        domain.usage_problem(program, "active", now, now, "dc", west)
-        == "voucher_expired"
+    assert _problem(None, None, None, now, "dc", west) == "unknown_voucher"
+    assert _problem(program, "active", now, now, "dc", west) == "voucher_expired"
+    assert _problem(program, "expired", later, now, "dc", west) == ("voucher_expired")
+    assert _problem(program, "active", later, now, "dc", {"hub_region": "east"}) == (
+        "voucher_wrong_datacenter"
     )
-    assert domain.usage_problem(program, "expired", later, now, "dc", west) == (
-        "voucher_expired"
-    )
-    assert domain.usage_problem(
-        program, "active", later, now, "dc", {"hub_region": "east"}
-    ) == ("voucher_wrong_datacenter")
-    assert domain.usage_problem(program, "active", later, now, "dc", west) is None
+    assert _problem(program, "active", later, now, "dc", west) is None
 
 
 def test_a_company_holds_one_active_voucher_per_program():
@@ -157,19 +167,21 @@ def test_a_voucher_expires_valid_days_after_its_issue():
     # refused with the reason the expiry timer gives the voucher.
     assert not domain.expired(expires, expires - second)
     assert domain.expired(expires, expires)
+    start = expires - second
     assert (
-        domain.usage_problem(None, domain.ACTIVE, expires, expires - second, "dc", {})
+        _problem(None, domain.ACTIVE, expires, start, "dc", {}, ended_at=expires)
         is None
     )
     assert (
-        domain.usage_problem(None, domain.ACTIVE, expires, expires, "dc", {})
+        _problem(None, domain.ACTIVE, expires, expires, "dc", {})
         == domain.VOUCHER_EXPIRED
     )
-    assert not domain.due_to_expire(domain.ACTIVE, expires, expires - second)
-    assert domain.due_to_expire(domain.ACTIVE, expires, expires)
+    # Without grace the timer closes it at its date.
+    assert not domain.due_to_expire(domain.ACTIVE, expires, 0, expires - second)
+    assert domain.due_to_expire(domain.ACTIVE, expires, 0, expires)
     # A voucher closed already is not closed again.
-    assert not domain.due_to_expire(domain.REVOKED, expires, expires + second)
-    assert not domain.due_to_expire(domain.EXPIRED, expires, expires + second)
+    assert not domain.due_to_expire(domain.REVOKED, expires, 0, expires + second)
+    assert not domain.due_to_expire(domain.EXPIRED, expires, 0, expires + second)
 
 
 def test_funds_cover_what_is_drawn_from_them():

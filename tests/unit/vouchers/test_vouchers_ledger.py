@@ -29,7 +29,7 @@ def test_programs_are_funded_once(books, city_rules):
 
 
 def test_issue_commits_face_value(books, city_rules):
-    result = issue(books, city_rules)
+    result = issue(books, city_rules, tenants=())
     voucher = result.voucher
     assert result.application.decision == "approved"
     assert vouchercode.parse(voucher.code) == "TC"

@@ -42,7 +42,7 @@ def test_start_announces_programs_once_through_the_outbox(books, city_rules):
 
 
 def test_issue_writes_its_event_in_the_same_transaction(books, city_rules):
-    result = issue(books, city_rules)
+    result = issue(books, city_rules, tenants=())
     assert [e.event for e in result.events] == ["voucher_issued"]
     pending = ledger.pending_events(books)
     assert [r.event for r in pending] == ["program_published", "voucher_issued"]
@@ -90,7 +90,9 @@ def test_expiry_releases_the_unspent_balance(books, city_rules):
     code = issue(books, city_rules).voucher.code
     ledger.book_usage(books, city_rules, usage(code, 10_000))  # 8 000 redeemed
     assert ledger.expire_due(books, city_rules) == []  # not due yet
-    later = utcnow() + timedelta(days=31)
+    # 30 valid days, then the default 7 days of grace.
+    assert ledger.expire_due(books, city_rules, utcnow() + timedelta(days=36)) == []
+    later = utcnow() + timedelta(days=38)
     events = ledger.expire_due(books, city_rules, later)
     assert [(e.event, e.body["released_fen"], e.body["reason"]) for e in events] == [
         ("voucher_released", 1000_00 - 8_000, "expired")

@@ -9,6 +9,7 @@ from services.common.migrations import upgrade
 from services.vouchers import domain, ledger
 from services.vouchers.models import Base
 from tests.support.schema import schema_drift
+from tests.support.vouchers_books import consent
 from tests.support.vouchers_data import company, usage
 
 
@@ -37,6 +38,7 @@ def test_concurrent_bookings_on_sqlite_lose_nothing(sqlite_url, city_rules):
         1000_00,
         domain.decide(program, applicant),
     ).voucher.code
+    consent(session, city_rules, code)
     session.close()
     errors = []
 

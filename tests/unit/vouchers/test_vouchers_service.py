@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from services.common.config import CITY_CODE, RULES_FILE, VOUCHER_PREFIX, ConfigError
 from services.common.contracts import EVENT_SCHEMAS
 from services.common.units import format_ts
+from services.vouchers.parking import redeemed_body
 from services.vouchers.rules import RulesError
-from services.vouchers.service import build, redeemed_body
+from services.vouchers.service import build
 
 SHANGHAI = Path(__file__).resolve().parents[3] / "deploy" / "cities" / "shanghai.yaml"
 
