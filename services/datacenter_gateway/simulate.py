@@ -215,6 +215,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--flat", action="store_true", help="no day/night pattern in the rate"
     )
     parser.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="first, one short job per tenant, reported once it has run "
+        f"{MIN_SEEN_S} s (a fresh network shows every tenant at once)",
+    )
+    parser.add_argument(
         "--give-up-after",
         type=float,
         default=300.0,
@@ -230,6 +236,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.max_gpus < 1 or args.max_duration < MIN_DURATION_S:
         parser.error(f"--max-gpus ≥ 1 and --max-duration ≥ {MIN_DURATION_S}")
     return args
+
+
+def _post(
+    client: GatewayClient,
+    batch: list[dict[str, Any]],
+    size: int,
+    batch_no: int,
+    sent: int,
+    args: argparse.Namespace,
+) -> bool:
+    """POST one batch (its first ``size`` records new, the rest sent again);
+    False, logged, when the gateway refuses it."""
+    response = client.send(
+        "POST", "/v1/usage", batch, time.monotonic() + args.give_up_after
+    )
+    if response.status_code != 202:
+        log.error(
+            "batch %d refused: %s %s",
+            batch_no,
+            response.status_code,
+            response.text[:500],
+        )
+        return False
+    result = response.json()
+    gpu_h = sum(r["gpu_seconds"] for r in batch[:size]) / SECONDS_PER_HOUR
+    log.info(
+        "batch %d: %d records, accepted=%d dup=%d, %.1f GPU-h, total %d",
+        batch_no,
+        size,
+        result["accepted"],
+        result["duplicates"],
+        gpu_h,
+        sent + size,
+    )
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,6 +321,27 @@ def main(argv: list[str] | None = None) -> int:
                 sum(c for c in gpu_models.values() if c),
             )
         sent = batch_no = 0
+        if args.warm_start:
+            # At night the rate is a job every half minute or so: without
+            # this a fresh `make run` could show no subsidy for a minute.
+            time.sleep(
+                max(0.0, (watching_since - utcnow()).total_seconds() + MIN_SEEN_S)
+            )
+            first = [
+                make_job(
+                    rng,
+                    tenant,
+                    gpu_models,
+                    max_gpus=args.max_gpus,
+                    max_duration_s=MIN_DURATION_S,
+                    not_before=watching_since,
+                )
+                for tenant in tenants[: args.count]
+            ]
+            batch_no += 1
+            if not _post(client, first, len(first), batch_no, sent, args):
+                return 1
+            sent += len(first)
         per_batch = rate * BATCH_INTERVAL_S / 60.0
         carry = 0.0
         resend: list[dict[str, Any]] = []
@@ -312,30 +374,10 @@ def main(argv: list[str] | None = None) -> int:
                     [r for r in batch if rng.random() < args.duplicates],
                 )
                 batch = batch + again
-                response = client.send(
-                    "POST", "/v1/usage", batch, time.monotonic() + args.give_up_after
-                )
                 batch_no += 1
-                if response.status_code != 202:
-                    log.error(
-                        "batch %d refused: %s %s",
-                        batch_no,
-                        response.status_code,
-                        response.text[:500],
-                    )
+                if not _post(client, batch, size, batch_no, sent, args):
                     return 1
-                result = response.json()
                 sent += size
-                gpu_h = sum(r["gpu_seconds"] for r in batch[:size]) / SECONDS_PER_HOUR
-                log.info(
-                    "batch %d: %d records, accepted=%d dup=%d, %.1f GPU-h, total %d",
-                    batch_no,
-                    size,
-                    result["accepted"],
-                    result["duplicates"],
-                    gpu_h,
-                    sent,
-                )
                 if args.count is not None and sent >= args.count:
                     break
             time.sleep(BATCH_INTERVAL_S)

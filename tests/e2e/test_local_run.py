@@ -6,6 +6,7 @@ must hold what CONTRACTS.md §8 promises, and Ctrl-C must stop every process.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -72,9 +73,11 @@ def test_local_network_moves_from_the_first_minute_and_stops_on_ctrl_c(
             return summary
         return None
 
+    waited_from = time.monotonic()
     summary = eventually_over_http(
         moving, 60, "usage and subsidies in the national view"
     )
+    print(f"national view moved after {time.monotonic() - waited_from:.1f} s")
     assert summary["live_cities"] == 3
     assert summary["committed_fen"] > 0
     assert set(summary["regions"]) == {"east", "west"}

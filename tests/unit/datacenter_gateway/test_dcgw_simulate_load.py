@@ -72,3 +72,57 @@ def test_no_job_starts_before_the_agent_began_watching():
         assert (
             job["gpu_seconds"] <= job["gpu_count"] * (ended - started).total_seconds()
         )
+
+
+def test_a_warm_start_reports_one_short_job_per_tenant_first(monkeypatch):
+    """``make run`` moves from the first minute, even at night when the rate
+    is a job every half minute: the first batch holds one job per tenant,
+    each seen to start after the agent began watching and reported only once
+    it has ended."""
+    from datetime import timedelta
+
+    import requests
+
+    from services.common.units import utcnow
+
+    clock = [utcnow()]
+    monkeypatch.setattr(simulate, "utcnow", lambda: clock[0])
+    monkeypatch.setattr(
+        simulate.time,
+        "sleep",
+        lambda s: clock.__setitem__(0, clock[0] + timedelta(seconds=s)),
+    )
+    posted: list[tuple[object, list[dict]]] = []
+
+    def send(self, method, path, body, stop_at):
+        response = requests.Response()
+        if method == "POST":
+            posted.append((clock[0], body))
+            response.status_code = 202
+            response._content = b'{"accepted": %d, "duplicates": 0}' % len(body)
+        else:
+            response.status_code = 200
+            response._content = b"{}"
+        return response
+
+    monkeypatch.setattr(simulate.GatewayClient, "send", send)
+    started_at = clock[0]
+    argv = ["--gateway-url", "http://gw", "--gpu-model", "H800", "--seed", "4"]
+    argv += ["--tenant", "a=SH-1", "--tenant", "b=SH-2"]
+    argv += ["--tenant-without-voucher", "c", "--rate", "1", "--count", "4"]
+    assert simulate.main([*argv, "--warm-start"]) == 0
+
+    (first_at, first), *rest = posted
+    assert sorted(r["tenant_id"] for r in first) == ["a", "b", "c"]
+    for record in first:
+        started, ended = parse_ts(record["started_at"]), parse_ts(record["ended_at"])
+        assert started > started_at
+        assert ended - started >= timedelta(seconds=simulate.MIN_SEEN_S)
+        assert ended <= first_at
+    assert first_at - started_at < timedelta(seconds=simulate.MIN_SEEN_S + 2)
+    assert sum(len(batch) for _, batch in rest) == 1  # --count counts them
+    # Without it, the first record comes at the rate's pace.
+    posted.clear()
+    clock[0] = started_at = utcnow()
+    assert simulate.main([*argv, "--count", "1"]) == 0
+    assert posted[0][0] - started_at > timedelta(seconds=30)
