@@ -37,6 +37,7 @@ from gateway.review_api import review
 from services.common import config as cfg
 from services.common.broker_tls import broker_ssl
 from services.common.http_limits import limit_body_size
+from services.common.log_redaction import redact_handlers
 from services.common.rpc import RpcPool
 from services.common.telemetry import make_exporter, setup_tracing
 
@@ -135,6 +136,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config[cfg.AMQP_SSL] = broker_ssl(config)
     level = str(config.get(LOG_LEVEL, "INFO")).upper()
     logging.getLogger("gateway").setLevel(level)
+    for logger in (logging.getLogger(), logging.getLogger("gunicorn.error")):
+        redact_handlers(logger)
     provider = setup_tracing("gateway", config.get(cfg.TRACING))
     _instrument(app, config.get(cfg.TRACING), provider)
 

@@ -34,6 +34,7 @@ from services.common.config import (  # noqa: E402
     ConfigError,
     load_config,
 )
+from services.common.log_redaction import redact_handlers  # noqa: E402
 from services.common.migrations import SERVICES_DIR, upgrade  # noqa: E402
 from services.common.principals import NATIONAL_BROKER_USERS  # noqa: E402
 from services.common.rpc import node_local_reply_queues, transient_replies  # noqa: E402
@@ -50,6 +51,7 @@ def configure_logging(level: str = "INFO", name: str = "") -> None:
     )
     logging.getLogger("amqp").setLevel(logging.WARNING)
     logging.getLogger("kombu").setLevel(logging.WARNING)
+    redact_handlers()
 
 
 def main(

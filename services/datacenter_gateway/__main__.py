@@ -45,6 +45,7 @@ from services.common.config import (
     load_config,
 )
 from services.common.db import make_engine
+from services.common.log_redaction import redact_handlers
 from services.common.migrations import upgrade
 from services.common.principals import NATIONAL_BROKER_USERS
 from services.common.retention import policy_from_config
@@ -70,6 +71,7 @@ def _configure_logging(level: str, datacenter_id: str) -> None:
     )
     for noisy in ("amqp", "kombu", "werkzeug"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    redact_handlers()
 
 
 def main(argv: list[str] | None = None) -> int:
