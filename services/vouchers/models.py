@@ -170,6 +170,13 @@ class Redemption(Base):
     subsidy_fen: Mapped[int] = mapped_column(BigInteger)
     event_id: Mapped[str] = mapped_column(String(64), unique=True)
     booked_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # The job the subsidy paid for (migration 0008): what a monthly statement
+    # shows a finance department. Null on rows booked before it.
+    tenant_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    gpu_model: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    gpu_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class RejectedUsage(Base):

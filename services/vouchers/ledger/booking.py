@@ -53,6 +53,7 @@ from services.vouchers.ledger.redemptions import (
     BookingOutcome,
     Key,
     RedemptionRow,
+    job_of,
     redeemed_event_id,
     refused_event_id,
 )
@@ -319,6 +320,7 @@ class _Batch:
             subsidy,
             eid,
             self.now,
+            *job_of(record),
         )
         self._redeem(voucher, budget, row)
         originals[key] = row  # a correction later in the batch reverses it
@@ -386,6 +388,7 @@ class _Batch:
             -original.subsidy_fen,
             redeemed_event_id(self.rules.city, dc, record_id, kind),
             self.now,
+            *job_of(original),
         )
         if voucher.status == domain.ACTIVE:
             self._redeem(voucher, budget, row)

@@ -8,8 +8,10 @@ are derived from the record, so that a redelivery publishes the same ids again.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
+from typing import Any
 
 from services.common.contracts import event_id
 from services.vouchers.ledger.outbox import write_event
@@ -46,9 +48,25 @@ class RedemptionRow:
     subsidy_fen: int
     event_id: str
     booked_at: datetime
+    # The job, as the rated record named it (migration 0008), for a voucher's
+    # monthly statement (ledger/statements.py); a reversal carries its
+    # original's. Null on rows booked before 0008.
+    tenant_id: str | None = None
+    gpu_model: str | None = None
+    gpu_count: int | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
 
 
 REDEMPTION_COLUMNS = tuple(f.name for f in fields(RedemptionRow))
+JOB_COLUMNS = ("tenant_id", "gpu_model", "gpu_count", "started_at", "ended_at")
+
+
+def job_of(source: Mapping[str, Any] | RedemptionRow) -> tuple:
+    """The job columns of a row, from a rated record or the row it reverses."""
+    if isinstance(source, RedemptionRow):
+        return tuple(getattr(source, name) for name in JOB_COLUMNS)
+    return tuple(source.get(name) for name in JOB_COLUMNS)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from services.vouchers.ledger.redemptions import (
     RELEASE,
     USAGE,
     RedemptionRow,
+    job_of,
     redeemed_event,
     redeemed_event_id,
     refused_event_id,
@@ -194,6 +195,7 @@ def _release_booked(session, rules, held: HeldUsage, now: datetime):
         amount,
         redeemed_event_id(rules.city, *key, RELEASE),
         now,
+        *job_of(usage),
     )
     batch._redeem(voucher, budget, row)
     batch.write()
