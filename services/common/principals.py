@@ -193,6 +193,8 @@ RPC_CALLERS: dict[str, dict[str, frozenset[str]]] = {
             "authorise_binding",
             "withdraw_binding",
             "voucher_statement",
+            # a voucher's month (issue 17): its holder, its city, national
+            "monthly_statement",
             "program_statement",
             "ledger_totals",
             # the review queue and clawbacks (issue 15)

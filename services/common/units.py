@@ -54,6 +54,15 @@ def format_cny_amount(fen: int) -> str:
     return f"{sign}{whole}.{cents:02d}"
 
 
+def format_gpu_hours(gpu_seconds: int) -> str:
+    """``5400`` → ``'1.50'``: GPU-hours to the hundredth, rounded half up
+    (away from zero for a reversal's negative seconds), integer arithmetic."""
+    sign = "-" if gpu_seconds < 0 else ""
+    hundredths = (abs(gpu_seconds) * 100 + SECONDS_PER_HOUR // 2) // SECONDS_PER_HOUR
+    whole, part = divmod(hundredths, 100)
+    return f"{sign}{whole}.{part:02d}"
+
+
 def format_rate(rate_bp: int) -> str:
     """``8000`` → ``'80 %'``, ``550`` → ``'5.5 %'``, for people only."""
     return f"{rate_bp / 100:g} %"

@@ -178,6 +178,74 @@ class LedgerEntrySchema(Schema):
     created_at = UtcTimestamp()
 
 
+class StatementLineSchema(Schema):
+    """A job of a monthly statement, or (negative) a subsidy given back."""
+
+    record_id = fields.String()
+    datacenter_id = fields.String()
+    kind = fields.String()  # usage | released | clawback | reversal | held
+    tenant_id = fields.String(allow_none=True)
+    gpu_model = fields.String(allow_none=True)
+    gpu_count = fields.Integer(allow_none=True)
+    started_at = UtcTimestamp(allow_none=True)
+    ended_at = UtcTimestamp(allow_none=True)
+    gpu_seconds = fields.Integer()
+    gpu_hours = fields.String()  # for people: 2 decimals, from the seconds
+    cost_fen = fields.Integer()
+    rate_bp = fields.Integer()
+    subsidy_fen = fields.Integer()
+    company_pays_fen = fields.Integer()
+    booked_at = UtcTimestamp()
+
+
+class StatementReleaseSchema(Schema):
+    reason = fields.String()  # expired | revoked | <kind>_after_close
+    released_fen = fields.Integer()
+    released_at = UtcTimestamp()
+    datacenter_id = fields.String(allow_none=True)
+    record_id = fields.String(allow_none=True)
+    reference = fields.String()
+
+
+class StatementTotalsSchema(Schema):
+    jobs = fields.Integer()
+    gpu_seconds = fields.Integer()
+    gpu_hours = fields.String()
+    cost_fen = fields.Integer()
+    subsidies_fen = fields.Integer()
+    company_pays_fen = fields.Integer()
+    clawbacks_fen = fields.Integer()
+    released_fen = fields.Integer()
+    issued_fen = fields.Integer()
+
+
+class MonthlyStatementSchema(Schema):
+    """``monthly_statement``: opening + issued − subsidies + clawbacks −
+    released = closing, every figure from the ledger's postings."""
+
+    voucher_code = fields.String()
+    month = fields.String()
+    period_start = UtcTimestamp()
+    period_end = UtcTimestamp()
+    city = fields.String()
+    city_name = fields.String()
+    program_id = fields.String()
+    program_kind = fields.String(allow_none=True)
+    company_id = fields.String()
+    company_name = fields.String(allow_none=True)
+    face_value_fen = fields.Integer()
+    issued_at = UtcTimestamp()
+    expires_at = UtcTimestamp()
+    status = fields.String()
+    opening_balance_fen = fields.Integer()
+    closing_balance_fen = fields.Integer()
+    jobs = fields.List(fields.Nested(StatementLineSchema))
+    clawbacks = fields.List(fields.Nested(StatementLineSchema))
+    releases = fields.List(fields.Nested(StatementReleaseSchema))
+    totals = fields.Nested(StatementTotalsSchema)
+    reconciled = fields.Boolean()
+
+
 class ProgramTotalsSchema(Schema):
     program_id = fields.String()
     budget_fen = fields.Integer()

@@ -57,6 +57,7 @@ from services.vouchers.schemas import (
     ApplicationSchema,
     LedgerEntrySchema,
     LedgerTotalsSchema,
+    MonthlyStatementSchema,
     ProgramStateSchema,
     RedemptionLineSchema,
     VoucherSchema,
@@ -80,6 +81,7 @@ _APPLICATION = ApplicationSchema()
 _APPLICATION_REQUEST = ApplicationRequestSchema()
 _APPLICATION_RESPONSE = ApplicationResponseSchema()
 _REDEMPTION_LINES = RedemptionLineSchema(many=True)
+_MONTHLY_STATEMENT = MonthlyStatementSchema()
 
 
 def _voucher_body(city: str, voucher, redemptions=(), total: int = 0) -> dict[str, Any]:
@@ -298,6 +300,14 @@ class VouchersService(
             "entries": LedgerEntrySchema(many=True).dump(entries),
             "total": total,
         }
+
+    @rpc(expected_exceptions=EXPECTED)
+    def monthly_statement(self, code: str, month: str) -> dict:
+        """The voucher's statement of a UTC month (``YYYY-MM``), reconciled
+        to its ledger postings (``ledger/statements.py``)."""
+        return _MONTHLY_STATEMENT.dump(
+            self.ledger.monthly_statement(self._code(code), month)
+        )
 
     @rpc(expected_exceptions=EXPECTED)
     def program_statement(

@@ -20,6 +20,7 @@ ledger entries, and commits. Its modules, along the seams of the work:
 - ``clawback``: a booked subsidy taken back (a hold after booking, a clawback);
 - ``lifecycle``: review, expiry and revocation;
 - ``queries``: listings, statements, totals and the reconciliation;
+- ``statements``: a voucher's monthly statement, reconciled to its postings;
 - ``city``: ``CityLedger``, the session and rules a worker gets injected.
 """
 
@@ -46,6 +47,7 @@ from services.vouchers.ledger.redemptions import (
     BookingOutcome,
     RedemptionRow,
 )
+from services.vouchers.ledger.statements import monthly_statement
 
 __all__ = [
     "REVERSAL",
@@ -66,6 +68,7 @@ __all__ = [
     "list_redemptions",
     "list_vouchers",
     "mark_published",
+    "monthly_statement",
     "pending_events",
     "program_statement",
     "program_states",

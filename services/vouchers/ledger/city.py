@@ -18,6 +18,7 @@ from services.vouchers.ledger import (
     outbox,
     programs,
     queries,
+    statements,
 )
 
 # Imported by name: the package's ``review`` is lifecycle's (applications).
@@ -110,6 +111,9 @@ class CityLedger(ParkingStore):
 
     def voucher_statement(self, code: str, limit: int = 1000, offset: int = 0):
         return queries.voucher_statement(self.session, code, limit, offset)
+
+    def monthly_statement(self, code: str, month: str) -> dict[str, Any]:
+        return statements.monthly_statement(self.session, self.rules, code, month)
 
     def program_statement(self, program_id: str, limit: int = 1000, offset: int = 0):
         return queries.program_statement(self.session, program_id, limit, offset)
