@@ -17,11 +17,15 @@ from services.vouchers.models import Binding, LedgerEntry, Redemption, Voucher
 from tests.support.vouchers_books import issue
 
 
+def _utc(year, month):
+    return datetime(year, month, 1, tzinfo=UTC)
+
+
 @pytest.mark.parametrize(
     "month, start, end",
     [
-        ("2026-03", datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC)),
-        ("2025-12", datetime(2025, 12, 1, tzinfo=UTC), datetime(2026, 1, 1, tzinfo=UTC)),
+        ("2026-03", _utc(2026, 3), _utc(2026, 4)),
+        ("2025-12", _utc(2025, 12), _utc(2026, 1)),
     ],
 )
 def test_a_month_is_its_utc_calendar_month(month, start, end):
