@@ -66,6 +66,8 @@ ENDPOINT_ACCESS: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/v1/vouchers/<code>"): _VOUCHER_READERS,
     ("GET", "/api/v1/vouchers/<code>/statement"): _VOUCHER_READERS,
     ("GET", "/api/v1/vouchers/<code>/redemptions"): _VOUCHER_READERS,
+    # a month of it as JSON, CSV or PDF (issue 17)
+    ("GET", "/api/v1/vouchers/<code>/statements/<month>"): _VOUCHER_READERS,
     ("POST", "/api/v1/vouchers/<code>/revoke"): _CITY_STAFF,
     # its holder's consent (issue 15): city staff read, only the company decides
     ("GET", "/api/v1/vouchers/<code>/bindings"): _VOUCHER_READERS,

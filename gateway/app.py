@@ -34,6 +34,7 @@ from gateway.federation_api import federation
 from gateway.integrity import integrity_api
 from gateway.parked_api import parked
 from gateway.review_api import review
+from gateway.statements_api import statements
 from services.common import config as cfg
 from services.common.broker_tls import broker_ssl
 from services.common.http_limits import limit_body_size
@@ -161,4 +162,5 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(bindings)
     app.register_blueprint(integrity_api)
     app.register_blueprint(parked)
+    app.register_blueprint(statements)
     return app

@@ -60,6 +60,22 @@ def csv_response(
     return response
 
 
+def csv_blocks_response(
+    blocks: Iterable[Sequence[Sequence[Any]]], filename: str
+) -> Response:
+    """Several tables in one CSV (a statement's header block, then its
+    lines), a blank row between them, every cell neutralised as above."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    for n, rows in enumerate(blocks):
+        if n:
+            writer.writerow([])
+        writer.writerows([_cell(value) for value in row] for row in rows)
+    response = Response(buffer.getvalue(), mimetype=CSV)
+    response.headers["Content-Disposition"] = f'attachment; filename="{filename}.csv"'
+    return response
+
+
 def columns_of(schema: Schema) -> list[str]:
     return [name for name, field in schema.fields.items() if not field.load_only]
 

@@ -24,6 +24,7 @@ from gateway import (
     parked_api,
     review_api,
     schemas,
+    statements_api,
 )
 from services.common.contracts import UtcTimestamp
 
@@ -409,7 +410,7 @@ _PATHS: dict[str, dict[str, Any]] = {
 }
 
 # The federation endpoints (issue 6), the companies' and the review's (issue
-# 15) declare theirs beside their views.
+# 15), the monthly statements (issue 17) declare theirs beside their views.
 for _module in (
     federation_api,
     companies,
@@ -417,6 +418,7 @@ for _module in (
     bindings_api,
     integrity,
     parked_api,
+    statements_api,
 ):
     for _path, _operations in _module.OPENAPI_PATHS.items():
         _PATHS.setdefault(_path, {}).update(_operations)

@@ -7,11 +7,17 @@ ISO 8601 with ``Z``. Floats never hold money.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
+from typing import Any
+
+from services.common.errors import InvalidRequest
 
 FEN_PER_CNY = 100
 SECONDS_PER_HOUR = 3600
 BP_DENOMINATOR = 10_000
+# A UTC calendar month, as statements name it (issue 17).
+MONTH = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
 
 
 def cny_to_fen(cny: int) -> int:
@@ -45,6 +51,14 @@ def gpu_seconds_of(gpus: int, hours: float) -> int:
     """``gpus`` GPUs for ``hours`` hours (a request, not a record): GPU-seconds,
     rounded to the nearest second."""
     return round(gpus * hours * SECONDS_PER_HOUR)
+
+
+def format_cny_grouped(fen: int) -> str:
+    """``123456789`` → ``'1,234,567.89'``: the amount alone, thousands
+    grouped (a statement's columns), for people only."""
+    sign = "-" if fen < 0 else ""
+    whole, cents = divmod(abs(fen), FEN_PER_CNY)
+    return f"{sign}{whole:,}.{cents:02d}"
 
 
 def format_cny_amount(fen: int) -> str:
@@ -106,3 +120,26 @@ def parse_ts(text: str) -> datetime:
     if moment.tzinfo is None:
         raise ValueError(f"timestamp {text!r} has no timezone; write it in UTC with Z")
     return moment.astimezone(UTC)
+
+
+def month_bounds(month: Any) -> tuple[datetime, datetime]:
+    """``'2026-03'`` → (its first instant, the next month's), UTC.
+
+    ``InvalidRequest invalid_month`` for anything but ``YYYY-MM``."""
+    found = MONTH.fullmatch(month) if isinstance(month, str) else None
+    # Years the ledger can hold, with a next month to end the last one.
+    if found is None or not 1970 <= int(found[1]) <= 9998:
+        raise InvalidRequest(
+            "invalid_month",
+            "month must be YYYY-MM (a UTC calendar month)",
+            {"month": [month if isinstance(month, str) else repr(month)]},
+        )
+    year, number = int(found[1]), int(found[2])
+    start = datetime(year, number, 1, tzinfo=UTC)
+    end = datetime(year + number // 12, number % 12 + 1, 1, tzinfo=UTC)
+    return start, end
+
+
+def month_of(moment: datetime) -> str:
+    """The UTC calendar month of ``moment``, ``YYYY-MM``."""
+    return moment.astimezone(UTC).strftime("%Y-%m")

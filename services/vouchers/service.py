@@ -302,11 +302,14 @@ class VouchersService(
         }
 
     @rpc(expected_exceptions=EXPECTED)
-    def monthly_statement(self, code: str, month: str) -> dict:
+    def monthly_statement(
+        self, code: str, month: str, company_id: str | None = None
+    ) -> dict:
         """The voucher's statement of a UTC month (``YYYY-MM``), reconciled
-        to its ledger postings (``ledger/statements.py``)."""
+        to its ledger postings (``ledger/statements.py``); with
+        ``company_id``, only if that company holds it."""
         return _MONTHLY_STATEMENT.dump(
-            self.ledger.monthly_statement(self._code(code), month)
+            self.ledger.monthly_statement(self._code(code), month, company_id)
         )
 
     @rpc(expected_exceptions=EXPECTED)

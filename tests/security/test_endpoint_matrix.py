@@ -27,6 +27,7 @@ from gateway.access import (
     OWN_DATACENTER,
 )
 from services.common import vouchercode
+from services.common.errors import NotFound
 from tests.security.conftest import HOLDER, OTHER_COMPANY
 
 CODE = vouchercode.generate("SH")  # held by HOLDER, its only voucher (shanghai)
@@ -42,6 +43,7 @@ PATH_VALUES = {
     "refusal_id": "1",
     "record_id": "rec-1",
     "parked_id": "1",
+    "month": "2026-03",
 }
 # role (None: anonymous) → the grants it holds on the paths above
 PRINCIPALS: dict[str | None, set[str]] = {
@@ -67,6 +69,7 @@ READS = {
     "voucher_statement",
     "list_redemptions",
     "list_bindings",
+    "monthly_statement",
 }
 
 
@@ -98,6 +101,22 @@ def _granted(role: str | None, grants: frozenset[str]) -> bool:
     return ANY_ROLE in grants or bool(PRINCIPALS[role] & grants)
 
 
+def monthly_statement(code, month, company_id=None):
+    """The city's answer: its holder's statement, or 404 for another company
+    (as services/vouchers/ledger/statements.py answers)."""
+    if company_id not in (None, HOLDER):
+        raise NotFound("voucher_not_found", f"no voucher {code}")
+    return {
+        "voucher_code": code,
+        "month": month,
+        "company_id": HOLDER,
+        "jobs": [],
+        "clawbacks": [],
+        "releases": [],
+        "totals": {},
+    }
+
+
 @pytest.fixture
 def network(rpc):
     rpc.replies[("city_registry", "list_cities")] = [
@@ -123,6 +142,7 @@ def network(rpc):
             "items": [],
             "total": 0,
         }
+    rpc.replies[("vouchers_shanghai", "monthly_statement")] = monthly_statement
     for city, total in (("shanghai", 1), ("chengdu", 0)):
         rpc.replies[(f"vouchers_{city}", "list_vouchers")] = lambda total=total, **_: {
             "items": [],

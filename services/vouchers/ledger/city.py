@@ -112,8 +112,12 @@ class CityLedger(ParkingStore):
     def voucher_statement(self, code: str, limit: int = 1000, offset: int = 0):
         return queries.voucher_statement(self.session, code, limit, offset)
 
-    def monthly_statement(self, code: str, month: str) -> dict[str, Any]:
-        return statements.monthly_statement(self.session, self.rules, code, month)
+    def monthly_statement(
+        self, code: str, month: str, company_id: str | None = None
+    ) -> dict[str, Any]:
+        return statements.monthly_statement(
+            self.session, self.rules, code, month, company_id=company_id
+        )
 
     def program_statement(self, program_id: str, limit: int = 1000, offset: int = 0):
         return queries.program_statement(self.session, program_id, limit, offset)

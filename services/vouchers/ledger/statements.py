@@ -13,23 +13,22 @@ the lines are the ``redemptions`` rows of the month, so that
 
 is a check of the lines against the postings, to the fen (``reconciled``).
 
-:func:`month_bounds` and :func:`compose` are pure (unit-tested without a
+:func:`compose` is pure (unit-tested without a
 database); :func:`monthly_statement` reads the books.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from services.common.errors import InvalidRequest, NotFound
-from services.common.units import format_gpu_hours, utcnow
+from services.common.errors import NotFound
+from services.common.units import format_gpu_hours, month_bounds, month_of, utcnow
 from services.vouchers import domain
 from services.vouchers.ledger.queries import not_found
 from services.vouchers.ledger.redemptions import BOOKING_KINDS
@@ -38,34 +37,11 @@ from services.vouchers.models import Application, LedgerEntry, Redemption, Vouch
 
 log = logging.getLogger(__name__)
 
-MONTH = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
 # The voucher's accounts (domain.voucher_account): balance = face − the others.
 ACCOUNTS = ("face", "redeemed", "released")
 # What a release's ledger reference starts with (lifecycle._close, and
 # booking._reverse on a closed voucher: "<kind>-release:<dc>:<record>").
 RELEASE_REASONS = {"expired": "expired", "revoked": "revoked"}
-
-
-def month_bounds(month: Any) -> tuple[datetime, datetime]:
-    """``'2026-03'`` → (its first instant, the next month's), UTC.
-
-    ``InvalidRequest invalid_month`` for anything but ``YYYY-MM``."""
-    found = MONTH.fullmatch(month) if isinstance(month, str) else None
-    # Years the ledger can hold, with a next month to end the last one.
-    if found is None or not 1970 <= int(found[1]) <= 9998:
-        raise InvalidRequest(
-            "invalid_month",
-            "month must be YYYY-MM (a UTC calendar month)",
-            {"month": [month if isinstance(month, str) else repr(month)]},
-        )
-    year, number = int(found[1]), int(found[2])
-    start = datetime(year, number, 1, tzinfo=UTC)
-    end = datetime(year + number // 12, number % 12 + 1, 1, tzinfo=UTC)
-    return start, end
-
-
-def month_of(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m")
 
 
 def check_in_range(month: str, issued_at: datetime, now: datetime) -> None:
@@ -208,13 +184,19 @@ def monthly_statement(
     code: str,
     month: str,
     now: datetime | None = None,
+    company_id: str | None = None,
 ) -> dict[str, Any]:
-    """The statement of voucher ``code`` for ``month`` (``YYYY-MM``, UTC)."""
+    """The statement of voucher ``code`` for ``month`` (``YYYY-MM``, UTC).
+
+    With ``company_id`` (the portal's caller is a company) a voucher of
+    another holder is ``voucher_not_found``, before the month is checked
+    against its dates: another company learns nothing, not even when it was
+    issued."""
     start, end = month_bounds(month)
     _read_snapshot(session)
     try:
         voucher = session.get(Voucher, code)
-        if voucher is None:
+        if voucher is None or company_id not in (None, voucher.company_id):
             raise not_found(Voucher, code)
         check_in_range(month, voucher.issued_at, now or utcnow())
         application = session.get(Application, voucher.application_id)

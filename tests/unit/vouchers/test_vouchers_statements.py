@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import select, update
 
 from services.common.errors import InvalidRequest, NotFound
-from services.common.units import format_gpu_hours, utcnow
+from services.common.units import format_gpu_hours, month_bounds, month_of, utcnow
 from services.vouchers import domain, ledger
 from services.vouchers.ledger.clawback import claw_back
-from services.vouchers.ledger.statements import compose, month_bounds, month_of
+from services.vouchers.ledger.statements import compose
 from services.vouchers.models import Binding, LedgerEntry, Redemption, Voucher
 from tests.support.vouchers_books import issue
 
@@ -222,3 +222,18 @@ def test_no_statement_before_the_issue_or_after_this_month(books, city_rules):
     with pytest.raises(NotFound) as err:
         ledger.monthly_statement(books, city_rules, "TC-AAAAAAAAAAAA-0", month_of(now))
     assert err.value.code == "voucher_not_found"
+
+
+def test_another_company_learns_nothing_not_even_the_months(books, city_rules):
+    voucher = issue(books, city_rules, tenants=()).voucher
+    month = month_of(utcnow())
+    for asked in (month, "2001-01"):
+        with pytest.raises(NotFound) as err:
+            ledger.monthly_statement(
+                books, city_rules, voucher.code, asked, company_id="91310000X"
+            )
+        assert err.value.code == "voucher_not_found" and not err.value.details
+    mine = ledger.monthly_statement(
+        books, city_rules, voucher.code, month, company_id=voucher.company_id
+    )
+    assert mine["opening_balance_fen"] == 0
