@@ -28,9 +28,11 @@ from gateway import directory
 from gateway.auth import COMPANY, Role, authenticate_token
 from gateway.companies import company_vouchers, parse_credit_code
 from gateway.integrity import integrity_view
+from gateway.statements_api import months_since, statement_response
+from gateway.vouchers import parse_code
 from services.common import vouchercode
 from services.common.errors import ComputenetError, Forbidden, NotFound
-from services.common.units import format_cny, gpu_hours
+from services.common.units import format_cny, gpu_hours, month_bounds, utcnow
 
 dashboard = Blueprint("dashboard", __name__)
 
@@ -256,8 +258,26 @@ def voucher_page(code: str):
         }
     }
     return render_template(
-        "voucher.html", voucher=voucher, redemptions=redemptions, charts=charts
+        "voucher.html",
+        voucher=voucher,
+        redemptions=redemptions,
+        charts=charts,
+        months=months_since(voucher["issued_at"], utcnow())
+        if voucher.get("issued_at")
+        else [],
     )
+
+
+@dashboard.get("/vouchers/<code>/statements/<month>.<any(pdf, csv):fmt>")
+def voucher_statement(code: str, month: str, fmt: str):
+    """A month's statement for the signed-in reader of the voucher (the API's
+    view and checks: ``gateway/statements_api.py``)."""
+    role = _signed_in()
+    if role is None:
+        return redirect(url_for("dashboard.login", next=request.path))
+    parse_code(code)
+    month_bounds(month)
+    return statement_response(role, code, month, fmt)
 
 
 @dashboard.get("/companies/<credit_code>")

@@ -14,17 +14,18 @@ asked with the caller's credit code, and answers 404 ``voucher_not_found``.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from marshmallow import RAISE, Schema, fields, validate
 
-from gateway.auth import COMPANY, require_role
+from gateway.auth import COMPANY, Role, require_role
 from gateway.listing import CSV, csv_blocks_response
 from gateway.review_api import _err, _param
 from gateway.statement_pdf import render
 from gateway.vouchers import check_holder, parse_code, voucher_city
-from services.common.units import month_bounds
+from services.common.units import month_bounds, month_of, parse_ts
 from services.vouchers.schemas import MonthlyStatementSchema
 
 statements = Blueprint("statements", __name__, url_prefix="/api/v1")
@@ -100,6 +101,20 @@ def _month_and_format(month: str, query: dict) -> tuple[str, str]:
     return month, chosen
 
 
+def months_since(issued_at: str, now: datetime, most: int = 24) -> list[str]:
+    """The months that have a statement, latest first (at most ``most``)."""
+    first = month_of(parse_ts(issued_at))
+    year, number = now.year, now.month
+    months = []
+    while len(months) < most:
+        month = f"{year:04d}-{number:02d}"
+        if month < first:
+            break
+        months.append(month)
+        year, number = (year, number - 1) if number > 1 else (year - 1, 12)
+    return months
+
+
 def statement_csv(statement: dict[str, Any]) -> list[list[Any]]:
     """The lines block of a statement's CSV: jobs, what was given back, and
     what was released, one section column to tell them apart."""
@@ -126,7 +141,12 @@ def monthly_statement(code: str, month: str):
     query = StatementQuerySchema().load(request.args.to_dict())
     month, chosen = _month_and_format(month, query)
     month_bounds(month)  # 400 invalid_month, before anything is asked
-    role = require_role()
+    return statement_response(require_role(), code, month, chosen)
+
+
+def statement_response(role: Role, code: str, month: str, chosen: str) -> Response:
+    """The statement in the ``chosen`` format, for a caller who may read the
+    voucher (the API's bearer, or the dashboard's signed-in user)."""
     code, city = voucher_city(code, role)
     holder = role.company_id if role.kind == COMPANY else None
     found = _rpc(f"vouchers_{city}", "monthly_statement", code, month, holder)

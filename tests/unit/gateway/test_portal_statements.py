@@ -169,3 +169,54 @@ def test_month_out_of_range_comes_through(client, token_for, rpc, served):
     answer = _get(client, token_for, served)
     assert answer.status_code == 404
     assert answer.get_json()["error"] == "month_out_of_range"
+
+
+def _sign_in(client, token_for, role):
+    token = token_for(role)["Authorization"].split()[1]
+    assert client.post("/login", data={"token": token}).status_code == 302
+
+
+def test_the_dashboard_links_each_month_to_its_pdf_and_csv(
+    client, token_for, rpc, served
+):
+    holder = f"company:{served['company_id']}"
+    rpc.replies[("vouchers_testcity", "get_voucher")] = {
+        "code": served["voucher_code"],
+        "company_id": served["company_id"],
+        "issued_at": served["issued_at"],
+        "redemptions": [],
+        **{f"{name}_fen": 0 for name in ("balance", "face_value", "redeemed")},
+        "released_fen": 0,
+    }
+    _sign_in(client, token_for, holder)
+    html = client.get(f"/vouchers/{served['voucher_code']}").get_data(as_text=True)
+    link = f"/vouchers/{served['voucher_code']}/statements/{served['month']}.pdf"
+    assert link in html and link.replace(".pdf", ".csv") in html
+    pdf = client.get(link)
+    assert pdf.status_code == 200 and pdf.mimetype == "application/pdf"
+    assert client.get(link.replace(".pdf", ".csv")).mimetype == "text/csv"
+
+
+def test_the_dashboard_refuses_another_company_and_the_signed_out(
+    client, token_for, served
+):
+    link = f"/vouchers/{served['voucher_code']}/statements/{served['month']}.pdf"
+    assert client.get(link).status_code == 302  # to the sign-in
+    _sign_in(client, token_for, "company:91310000MA1QA0001K")
+    answer = client.get(link)
+    assert answer.status_code == 404 and answer.mimetype != "application/pdf"
+
+
+def test_months_since_the_issue_latest_first():
+    from datetime import UTC, datetime
+
+    from gateway.statements_api import months_since
+
+    now = datetime(2026, 2, 10, tzinfo=UTC)
+    assert months_since("2025-11-30T23:00:00Z", now) == [
+        "2026-02",
+        "2026-01",
+        "2025-12",
+        "2025-11",
+    ]
+    assert len(months_since("2001-01-01T00:00:00Z", now)) == 24
