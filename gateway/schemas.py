@@ -239,15 +239,24 @@ class RedemptionLineSchema(Schema):
     datacenter_id = fields.String()
     tenant_id = fields.String(
         allow_none=True,
-        metadata={"description": "null: the city's ledger does not keep it yet"},
+        metadata={
+            "description": "null on refused and held lines, and on "
+            "lines booked before the ledger kept it (migration 0008)"
+        },
     )
     started_at = UtcTimestamp(
         allow_none=True,
-        metadata={"description": "null: the city's ledger does not keep it yet"},
+        metadata={
+            "description": "null on refused and held lines, and on "
+            "lines booked before the ledger kept it (migration 0008)"
+        },
     )
     ended_at = UtcTimestamp(
         allow_none=True,
-        metadata={"description": "null: the city's ledger does not keep it yet"},
+        metadata={
+            "description": "null on refused and held lines, and on "
+            "lines booked before the ledger kept it (migration 0008)"
+        },
     )
     gpu_seconds = fields.Integer(allow_none=True)
     cost_fen = _fen(allow_none=True)

@@ -58,9 +58,10 @@ class RedemptionSchema(Schema):
 
 class RedemptionLineSchema(Schema):
     """One line of ``list_redemptions``: booked, clawed back (a reversal) or
-    refused. ``tenant_id``, ``started_at`` and ``ended_at`` are in the contract
-    (CONTRACTS.md §7) but the city's ledger does not keep them: always null.
-    A refused line has no GPU-seconds or money (nothing was booked)."""
+    refused. ``tenant_id``, ``started_at`` and ``ended_at`` (CONTRACTS.md §7)
+    are kept on booked rows from migration 0008 on: null on older ones and on
+    refused or held lines. A refused line has no GPU-seconds or money
+    (nothing was booked)."""
 
     record_id = fields.String()
     datacenter_id = fields.String()

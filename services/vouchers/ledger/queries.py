@@ -11,6 +11,7 @@ from sqlalchemy import BigInteger, String, case, func, literal, null, select, un
 from sqlalchemy.orm import Session
 
 from services.common.errors import InvalidRequest, NotFound
+from services.common.sqltypes import UtcDateTime
 from services.common.units import utcnow
 from services.vouchers import domain
 from services.vouchers.ledger.redemptions import (
@@ -40,6 +41,14 @@ BOOKED = "booked"
 CLAWED_BACK = "clawed_back"
 REFUSED = "refused"
 HELD = "held"
+
+
+# A refused or held line's job columns: the ledger keeps no job for them.
+_NO_JOB = (
+    null().cast(String),
+    null().cast(UtcDateTime()),
+    null().cast(UtcDateTime()),
+)
 
 
 def get_voucher(
@@ -88,6 +97,10 @@ def list_redemptions(
         Redemption.rate_bp,
         Redemption.subsidy_fen,
         null().cast(String).label("reason"),
+        # the job (migration 0008; null on older rows)
+        Redemption.tenant_id,
+        Redemption.started_at,
+        Redemption.ended_at,
     ).where(Redemption.voucher_code == code)
     refused = select(
         literal(1),
@@ -102,6 +115,7 @@ def list_redemptions(
         null().cast(BigInteger),
         null().cast(BigInteger),
         RejectedUsage.reason,
+        *_NO_JOB,
     ).where(RejectedUsage.voucher_code == code)
     held = select(
         literal(2),
@@ -116,6 +130,7 @@ def list_redemptions(
         null().cast(BigInteger),
         null().cast(BigInteger),
         HeldUsage.reason,
+        *_NO_JOB,
     ).where(
         HeldUsage.voucher_code == code,
         HeldUsage.status == domain.HELD,
@@ -142,6 +157,9 @@ def list_redemptions(
             "subsidy_fen": row.subsidy_fen,
             "booked_at": row.at,
             "reason": row.reason,
+            "tenant_id": row.tenant_id,
+            "started_at": row.started_at,
+            "ended_at": row.ended_at,
         }
         for row in rows
     ]

@@ -78,5 +78,6 @@ def test_a_line_dumps_the_contract_fields(books, lines_of):
         "subsidy_fen",
         "status",
     } <= set(body)
-    assert body["status"] == "booked" and body["tenant_id"] is None
-    assert body["booked_at"].endswith("Z")
+    assert body["status"] == "booked" and body["tenant_id"] == "tenant-1"
+    assert body["booked_at"].endswith("Z") and body["started_at"].endswith("Z")
+    assert body["started_at"] < body["ended_at"]
