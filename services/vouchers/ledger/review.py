@@ -194,7 +194,9 @@ def _release_booked(session, rules, held: HeldUsage, now: datetime):
         usage.rate_bp,
         amount,
         redeemed_event_id(rules.city, *key, RELEASE),
-        now,
+        # the time of its ledger entries (batch._redeem's): a monthly
+        # statement puts the row and its postings in the same month
+        batch.now,
         *job_of(usage),
     )
     batch._redeem(voucher, budget, row)
